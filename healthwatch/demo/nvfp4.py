@@ -1,0 +1,163 @@
+"""NVFP4 fake quantisation for the demo trainer.
+
+NVFP4 stores each value as a 4-bit E2M1 float, in blocks of 16 elements along the last
+(reduction) dimension. Each block carries a scale in FP8 E4M3, and the whole tensor carries one
+FP32 scale chosen so that the largest block scale lands exactly on the top of the E4M3 range:
+
+    s_tensor = amax(x) / (6 * 448)
+    s_block  = e4m3(amax(block) / 6 / s_tensor) * s_tensor
+    q        = rne_e2m1(x / s_block) * s_block
+
+The functions here *simulate* that format in float32 ("fake quantisation"): values come back
+dequantised, with the same shape and dtype, so the rest of the model runs unchanged and sees
+exactly the rounding error real NVFP4 GEMM inputs would carry. Gradients pass straight through.
+
+What the full NVFP4 training recipe adds and this demo leaves out, because it is about gradient
+noise on very large runs rather than the forward-pass error we want to exhibit: random Hadamard
+transforms on weight-gradient GEMM inputs, stochastic rounding of gradients, and 16x16 2-D block
+scales for weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "BLOCK_SIZE",
+    "E2M1_MAX",
+    "E2M1_VALUES",
+    "E4M3_MAX",
+    "QuantLinear",
+    "fake_quant_nvfp4",
+    "quantize_nvfp4",
+    "round_to_e2m1",
+    "round_to_e4m3",
+]
+
+#: Elements that share one E4M3 block scale.
+BLOCK_SIZE = 16
+#: Non-negative magnitudes an E2M1 value can take.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+#: Largest E2M1 magnitude.
+E2M1_MAX = 6.0
+#: Largest finite FP8 E4M3 (``float8_e4m3fn``) magnitude.
+E4M3_MAX = 448.0
+
+
+def round_to_e2m1(x: Tensor) -> Tensor:
+    """Round ``x`` to the nearest E2M1 value, ties to even, saturating at ±6.
+
+    The E2M1 grid has spacing 0.5 below 2, 1 in [2, 4) and 2 in [4, 6]; within each range it
+    is uniform, so ``torch.round`` (which rounds half to even) on the rescaled value gives IEEE
+    round-to-nearest-even. A tie on a range boundary (e.g. 1.75 between 1.5 and 2) resolves the
+    same way in either range, so picking the range by ``|x| < 2`` is safe.
+    """
+    a = x.abs()
+    q = torch.where(
+        a < 2.0,
+        torch.round(a * 2.0) * 0.5,
+        torch.where(a < 4.0, torch.round(a), torch.round(a * 0.5) * 2.0),
+    )
+    return q.clamp_(max=E2M1_MAX).copysign_(x)
+
+
+def round_to_e4m3(x: Tensor) -> Tensor:
+    """Round non-negative ``x`` to the nearest FP8 E4M3 value (ties to even), in float32.
+
+    Saturates at 448 rather than producing NaN: ``float8_e4m3fn`` has no infinity, and a scale
+    that overflows must clip, not poison the block. Subnormals (down to 2**-9) are kept and
+    smaller scales flush to zero, as the hardware does.
+    """
+    return x.clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def _quantize_blocks(x: Tensor) -> Tensor:
+    """Quantise-dequantise a float32 tensor whose last dim is a multiple of ``BLOCK_SIZE``."""
+    blocks = x.reshape(-1, BLOCK_SIZE)
+    amax_block = blocks.abs().amax(dim=1, keepdim=True)
+    amax = amax_block.max()
+    # An all-zero tensor would give a zero tensor scale and 0/0 below; any positive scale
+    # works there because every block then dequantises to zero anyway.
+    s_tensor = torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
+    s_block = round_to_e4m3(amax_block / (E2M1_MAX * s_tensor)) * s_tensor
+    # A block whose scale underflowed E4M3 (or was all zeros) must flush to zero, never to NaN:
+    # divide by 1 there, and the final multiply by the zero scale zeroes it. Dividing (rather
+    # than multiplying by a reciprocal) keeps exactly representable inputs exact.
+    scaled = blocks / torch.where(s_block > 0, s_block, torch.ones_like(s_block))
+    return (round_to_e2m1(scaled) * s_block).reshape(x.shape)
+
+
+@torch.no_grad()
+def quantize_nvfp4(x: Tensor) -> Tensor:
+    """Return ``x`` rounded through NVFP4 and dequantised (same shape and dtype, no gradient).
+
+    Blocks of 16 run along the last dimension; a last dimension that is not a multiple of 16
+    is zero-padded for the computation (zeros never raise a block's amax) and cut back after.
+    """
+    if x.numel() == 0:
+        return x.clone()
+    xf = x.to(torch.float32)
+    k = xf.shape[-1]
+    pad = (-k) % BLOCK_SIZE
+    if pad:
+        xf = F.pad(xf, (0, pad))
+    q = _quantize_blocks(xf)
+    if pad:
+        q = q[..., :k]
+    return q.to(x.dtype)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Quantise in forward, pass the gradient through unchanged in backward.
+
+    Equivalent to ``x + (quantize_nvfp4(x) - x).detach()`` but records a single autograd node
+    instead of the whole quantiser, which matters for CPU step time at demo sizes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return quantize_nvfp4(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad
+
+
+def fake_quant_nvfp4(x: Tensor) -> Tensor:
+    """NVFP4 fake quantisation with a straight-through estimator: forward rounds, backward is identity."""
+    return _FakeQuantSTE.apply(x)
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` whose GEMM inputs (activations and weight) are NVFP4 fake-quantised when ``quantize``.
+
+    Both operands are quantised along the reduction dimension (``in_features``), matching how an
+    NVFP4 GEMM consumes them. Gradients flow through the straight-through estimator, so the
+    backward GEMMs and the optimizer state stay in high precision. The bias is added in high
+    precision, as it is in real kernels' epilogues.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        quantize: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        #: Whether forward fake-quantises to NVFP4; toggled by ``HybridLM.set_precision``.
+        self.quantize: bool = quantize
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the (optionally NVFP4 fake-quantised) affine map."""
+        if self.quantize:
+            return F.linear(fake_quant_nvfp4(x), fake_quant_nvfp4(self.weight), self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        """Show the quantisation flag next to the usual shape information."""
+        return f"{super().extra_repr()}, quantize={self.quantize}"

@@ -1,0 +1,269 @@
+"""Named, parameterised queries used by the app, the alerts and the CLI.
+
+All downsampling happens in SQL and keeps the minimum *and* the maximum of every bucket, so a
+single-step spike in a million steps survives into a 2,000-point chart. Heatmaps read the
+compaction rollups for the steps they cover and the raw rows after them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import polars as pl
+
+from healthwatch.store import ROLLUP_BUCKETS, Store
+
+Axis = Literal["step", "tokens"]
+
+
+def _where_range(col: str, lo: int | None, hi: int | None, params: list[Any]) -> str:
+    sql = ""
+    if lo is not None:
+        sql += f" AND {col} >= ?"
+        params.append(int(lo))
+    if hi is not None:
+        sql += f" AND {col} <= ?"
+        params.append(int(hi))
+    return sql
+
+
+def series(
+    store: Store,
+    run: str,
+    name: str,
+    *,
+    layer: int | None = None,
+    max_points: int = 2000,
+    step_min: int | None = None,
+    step_max: int | None = None,
+    include_superseded: bool = False,
+) -> pl.DataFrame:
+    """One series as ``(step, tokens, value, attempt, superseded)``, min/max-downsampled to ≤ ``max_points``.
+
+    ``name`` is a scalar name (``loss/train``) or, with ``layer`` given, a layer metric
+    (``resid_rms``). Each bucket contributes the row of its minimum and of its maximum (NaN
+    counts as the maximum, so a non-finite step is never dropped). With
+    ``include_superseded`` the rows of attempts superseded by a rollback are included and flagged.
+    """
+    params: list[Any] = [run, name]
+    if layer is None:
+        src = "scalars_all" if include_superseded else "scalars_effective"
+        cond = "run = ? AND name = ?"
+    else:
+        src = "layer_stats_all" if include_superseded else "layer_stats_effective"
+        cond = "run = ? AND metric = ? AND layer = ?"
+        params.append(int(layer))
+    cond += _where_range("step", step_min, step_max, params)
+    sup = "superseded" if include_superseded else "false AS superseded"
+    nb = max(1, max_points // 2)
+    query = f"""
+    WITH s AS (SELECT step, tokens, value, attempt, {sup} FROM {src} WHERE {cond}),
+    st AS (SELECT count(*) AS n, min(step) AS lo, max(step) AS hi FROM s),
+    b AS (
+        SELECT s.*, st.n,
+               CASE WHEN st.hi = st.lo THEN 0
+                    ELSE floor((s.step - st.lo) * {nb}::DOUBLE / (st.hi - st.lo + 1))::BIGINT END AS bucket,
+               row_number() OVER (PARTITION BY superseded, bucket ORDER BY value ASC NULLS LAST, step) AS rmin,
+               row_number() OVER (PARTITION BY superseded, bucket ORDER BY value DESC NULLS LAST, step) AS rmax
+        FROM s, st
+    )
+    SELECT step, tokens, value, attempt, superseded FROM b
+    WHERE n <= {int(max_points)} OR rmin = 1 OR rmax = 1
+    ORDER BY superseded, step
+    """
+    return store.sql(query, params).pl()
+
+
+def series_many(
+    store: Store, run: str, names: list[str], *, max_points: int = 2000, include_superseded: bool = False
+) -> pl.DataFrame:
+    """Several scalar series at once, each downsampled like :func:`series`; adds a ``name`` column."""
+    frames = []
+    for name in names:
+        df = series(store, run, name, max_points=max_points, include_superseded=include_superseded)
+        frames.append(df.with_columns(pl.lit(name).alias("name")))
+    return pl.concat(frames) if frames else pl.DataFrame()
+
+
+def _rollup_coverage(store: Store, run: str, metric: str, bucket_size: int) -> int | None:
+    row = store.sql(
+        "SELECT max(step_max) FROM layer_stats_rollup WHERE run = ? AND metric = ? AND bucket_size = ?",
+        [run, metric, bucket_size],
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def heatmap(
+    store: Store,
+    run: str,
+    metric: str,
+    *,
+    max_buckets: int = 400,
+    agg: Literal["mean", "max", "min", "last"] = "mean",
+    step_min: int | None = None,
+    step_max: int | None = None,
+) -> pl.DataFrame:
+    """A layer x step-bucket grid of one layer metric as ``(layer, layer_type, step, value)``.
+
+    ``step`` is the first step of each bucket; buckets are at least ``ceil(span/max_buckets)``
+    steps wide. When compaction rollups cover the range with buckets that fit, they are used
+    (≤ 1 % of the raw rows) and only steps after the rollup are read raw.
+    """
+    params: list[Any] = [run, metric]
+    rng = _where_range("step", step_min, step_max, params)
+    lohi = store.sql(
+        f"SELECT min(step), max(step) FROM layer_stats_effective WHERE run = ? AND metric = ?{rng}", params
+    ).fetchone()
+    if lohi is None or lohi[0] is None:
+        return pl.DataFrame(schema={"layer": pl.Int32, "layer_type": pl.Utf8, "step": pl.Int64, "value": pl.Float64})
+    lo, hi = int(lohi[0]), int(lohi[1])
+    width = max(1, math.ceil((hi - lo + 1) / max_buckets))
+    rollup = max((b for b in ROLLUP_BUCKETS if b <= width), default=None)
+    raw_agg = {"mean": "avg(value)", "max": "max(value)", "min": "min(value)", "last": "arg_max(value, step)"}[agg]
+    covered = _rollup_coverage(store, run, metric, rollup) if rollup else None
+    parts: list[str] = []
+    qparams: list[Any] = []
+    if rollup and covered is not None:
+        # Rollup buckets must nest inside display buckets: round the width to a multiple.
+        width = max(rollup, -(-width // rollup) * rollup)
+        # Raw rows take over at the start of the rollup's last (possibly partial) bucket.
+        raw_from = (covered // rollup) * rollup
+        r_agg = {
+            "mean": "sum(vmean * n) / sum(n)",
+            "max": "max(vmax)",
+            "min": "min(vmin)",
+            "last": "arg_max(vlast, step_max)",
+        }[agg]
+        parts.append(
+            f"SELECT layer, any_value(layer_type) AS layer_type, (bucket * {rollup}) // {width} AS b, "
+            f"{r_agg} AS value FROM layer_stats_rollup WHERE run = ? AND metric = ? AND bucket_size = ? "
+            f"AND bucket * {rollup} < ? AND bucket * {rollup} >= ? AND bucket * {rollup} <= ? GROUP BY layer, b"
+        )
+        qparams += [run, metric, rollup, raw_from, lo, hi]
+        raw_lo = max(raw_from, lo)
+    else:
+        raw_lo = lo
+    parts.append(
+        f"SELECT layer, any_value(layer_type) AS layer_type, step // {width} AS b, {raw_agg} AS value "
+        "FROM layer_stats_effective WHERE run = ? AND metric = ? AND step >= ? AND step <= ? GROUP BY layer, b"
+    )
+    qparams += [run, metric, raw_lo, hi]
+    # A display bucket split between rollup and raw is merged again (mean weighting is approximate there).
+    final_agg = {"mean": "avg(value)", "max": "max(value)", "min": "min(value)", "last": "last(value)"}[agg]
+    query = (
+        f"SELECT layer::INTEGER AS layer, any_value(layer_type) AS layer_type, (b * {width})::BIGINT AS step, "
+        f"{final_agg} AS value FROM ({' UNION ALL '.join(parts)}) GROUP BY layer, b ORDER BY layer, step"
+    )
+    return store.sql(query, qparams).pl()
+
+
+def layer_profile(store: Store, run: str, metric: str, step: int) -> pl.DataFrame:
+    """Per-layer values of ``metric`` at the logged step nearest at or before ``step``."""
+    return store.sql(
+        """
+        WITH s AS (SELECT max(step) AS st FROM layer_stats_effective WHERE run = ? AND metric = ? AND step <= ?)
+        SELECT layer, layer_type, step, value FROM layer_stats_effective, s
+        WHERE run = ? AND metric = ? AND step = s.st ORDER BY layer
+        """,
+        [run, metric, int(step), run, metric],
+    ).pl()
+
+
+def layer_metrics(store: Store, run: str) -> pl.DataFrame:
+    """Distinct ``(metric, layer, layer_type)`` logged for a run."""
+    return store.sql(
+        "SELECT DISTINCT metric, layer, layer_type FROM layer_stats WHERE run = ? ORDER BY metric, layer", [run]
+    ).pl()
+
+
+def scalar_names(store: Store, run: str) -> list[str]:
+    """Names of the scalars logged for a run, sorted."""
+    return [r[0] for r in store.sql("SELECT DISTINCT name FROM scalars WHERE run = ? ORDER BY name", [run]).fetchall()]
+
+
+def layer_aggregate(
+    store: Store, run: str, metric: str, agg: Literal["max", "median", "mean", "min"] = "max", max_points: int = 2000
+) -> pl.DataFrame:
+    """Per-step aggregate over layers of one layer metric (e.g. MaxVio max and median) as ``(step, tokens, value)``."""
+    fn = {"max": "max(value)", "median": "median(value)", "mean": "avg(value)", "min": "min(value)"}[agg]
+    df = store.sql(
+        f"SELECT step, any_value(tokens) AS tokens, {fn} AS value FROM layer_stats_effective "
+        "WHERE run = ? AND metric = ? GROUP BY step ORDER BY step",
+        [run, metric],
+    ).pl()
+    if df.height <= max_points:
+        return df
+    nb = max(1, max_points // 2)
+    lo, hi = df["step"].min(), df["step"].max()
+    df = df.with_columns(((pl.col("step") - lo) * nb // (hi - lo + 1)).alias("_b"))
+    keep = pl.concat(
+        [df.sort("value").group_by("_b").first(), df.sort("value").group_by("_b").last()]
+    ).unique(subset=["step"])
+    return keep.drop("_b").sort("step")
+
+
+def expert_load_at(store: Store, run: str, step: int) -> pl.DataFrame:
+    """Full expert-load vectors ``(layer, step, counts)`` at the sampled step nearest at or before ``step``."""
+    return store.sql(
+        """
+        WITH s AS (SELECT max(step) AS st FROM expert_load_effective WHERE run = ? AND step <= ?)
+        SELECT layer, step, tokens, counts FROM expert_load_effective, s WHERE run = ? AND step = s.st ORDER BY layer
+        """,
+        [run, int(step), run],
+    ).pl()
+
+
+def runs_overview(store: Store) -> pl.DataFrame:
+    """One row per run: lineage, precision, attempts, last step/tokens and last write time."""
+    return store.sql(
+        """
+        WITH last AS (
+            SELECT run, max(step) AS last_step, max(tokens) AS last_tokens, max(wall_time) AS last_write,
+                   count(DISTINCT attempt) AS attempts_logged
+            FROM scalars GROUP BY run
+        ),
+        att AS (SELECT run, count(*) AS attempts, max(started_at) AS last_start FROM attempts GROUP BY run)
+        SELECT r.run, r.parent, r.branch_step, r.branch_tokens, r.precision, r.created,
+               coalesce(att.attempts, 0) AS attempts, last.last_step, last.last_tokens, last.last_write
+        FROM runs r LEFT JOIN last USING (run) LEFT JOIN att USING (run)
+        ORDER BY r.created
+        """
+    ).pl()
+
+
+def events(store: Store, run: str, include_superseded: bool = True) -> pl.DataFrame:
+    """Events of a run (checkpoints, rollbacks, notes) with a ``superseded`` flag."""
+    src = "events_all" if include_superseded else "events_effective"
+    sup = "superseded" if include_superseded else "false AS superseded"
+    return store.sql(
+        f"SELECT step, tokens, attempt, kind, message, wall_time, {sup} FROM {src} WHERE run = ? ORDER BY step",
+        [run],
+    ).pl()
+
+
+def lineage(store: Store, run: str) -> pl.DataFrame:
+    """The whole tree containing ``run``: its root ancestor and every descendant, with ``depth``.
+
+    A parent that is named but absent from the store appears with ``missing = true`` so the
+    caller can say so instead of failing.
+    """
+    return store.sql(
+        """
+        WITH RECURSIVE up(run, parent, depth) AS (
+            SELECT run, parent, 0 FROM runs WHERE run = ?
+            UNION ALL
+            SELECT r.run, r.parent, up.depth + 1 FROM runs r JOIN up ON r.run = up.parent WHERE up.depth < 64
+        ),
+        root AS (SELECT run FROM up ORDER BY depth DESC LIMIT 1),
+        down(run, parent, depth) AS (
+            SELECT run, parent, 0 FROM runs WHERE run = (SELECT run FROM root)
+            UNION ALL
+            SELECT r.run, r.parent, down.depth + 1 FROM runs r JOIN down ON r.parent = down.run WHERE down.depth < 64
+        )
+        SELECT d.run, d.parent, d.depth, r.precision, r.branch_step, r.branch_tokens,
+               d.parent IS NOT NULL AND d.parent NOT IN (SELECT run FROM runs) AS missing_parent
+        FROM down d JOIN runs r USING (run) ORDER BY d.depth, d.run
+        """,
+        [run],
+    ).pl()

@@ -1,0 +1,189 @@
+"""Immutable Parquet segments: atomic publish, listing, and crash-safe merging.
+
+Protocol (no cross-process lock is needed to write):
+
+* A segment is written to ``.tmp-<uuid>.partial`` and published with ``os.rename`` to
+  ``<writer>-<seq>-L<level>.parquet``; readers only ever list ``*.parquet`` names that do not
+  start with a dot, so they never see a partial file.
+* A merge writes its target to a temp name, then a manifest ``_merge-<id>.json`` naming the
+  target and its sources, then renames the target into place, deletes the sources and finally
+  the manifest. A lister that sees a manifest whose target exists drops the sources from its
+  listing, so a reader never sees a row twice; a reader whose file vanished between listing and
+  reading retries with a fresh listing.
+* Merges of one (table, run) directory are serialised by a lock file taken with ``O_EXCL``
+  (stale after ``LOCK_STALE_S``); writers never need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+LOCK_NAME = ".compact.lock"
+LOCK_STALE_S = 300.0
+TMP_STALE_S = 3600.0
+MANIFEST_PREFIX = "_merge-"
+
+
+def table_dir(root: Path, table: str, run: str) -> Path:
+    """Directory holding the segments of one table for one run."""
+    return root / f"table={table}" / f"run={run}"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A published segment file: its path, writer id, sequence number and merge level."""
+
+    path: Path
+    writer: str
+    seq: int
+    level: int
+
+
+def parse_segment(path: Path) -> Segment | None:
+    """Parse ``<writer>-<seq>-L<level>.parquet``; foreign names get writer ``""``."""
+    stem = path.name[: -len(".parquet")]
+    parts = stem.rsplit("-", 2)
+    if len(parts) == 3 and parts[2].startswith("L"):
+        try:
+            return Segment(path, parts[0], int(parts[1]), int(parts[2][1:]))
+        except ValueError:
+            pass
+    return Segment(path, "", 0, 0)
+
+
+def write_segment(directory: Path, name: str, table: pa.Table, row_group_size: int = 128_000) -> Path:
+    """Write ``table`` to ``directory/name`` atomically (temp file + rename) and return the path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".tmp-{uuid.uuid4().hex}.partial"
+    try:
+        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+        final = directory / name
+        os.rename(tmp, final)
+        return final
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _read_manifests(directory: Path, names: set[str]) -> set[str]:
+    """Names that are superseded by a published merge target in this directory."""
+    hidden: set[str] = set()
+    for name in names:
+        if not name.startswith(MANIFEST_PREFIX):
+            continue
+        try:
+            manifest = json.loads((directory / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if manifest.get("target") in names:
+            hidden.update(manifest.get("sources", []))
+    return hidden
+
+
+def list_segments(directory: Path) -> list[Path]:
+    """Live segments of one directory: published, not superseded by a completed merge."""
+    try:
+        names = set(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    hidden = _read_manifests(directory, names)
+    return sorted(
+        directory / n
+        for n in names
+        if n.endswith(".parquet") and not n.startswith(".") and n not in hidden
+    )
+
+
+def iter_run_dirs(root: Path, table: str) -> Iterator[tuple[str, Path]]:
+    """Yield ``(run, directory)`` for every run that has a directory for ``table``."""
+    tdir = root / f"table={table}"
+    try:
+        entries = sorted(os.listdir(tdir))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.startswith("run="):
+            yield entry[4:], tdir / entry
+
+
+@contextlib.contextmanager
+def merge_lock(directory: Path, blocking: bool = False, timeout: float = 30.0) -> Iterator[bool]:
+    """Hold the per-directory merge lock; yields False when not acquired (non-blocking mode)."""
+    path = directory / LOCK_NAME
+    deadline = time.monotonic() + timeout
+    acquired = False
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.close(fd)
+            acquired = True
+            break
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                if time.time() - path.stat().st_mtime > LOCK_STALE_S:
+                    path.unlink()  # a merger died holding it
+                    continue
+            if not blocking or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        except OSError:
+            break
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def recover_directory(directory: Path) -> None:
+    """Finish or undo merges interrupted by a crash and remove stale temp files (hold the lock)."""
+    try:
+        names = set(os.listdir(directory))
+    except FileNotFoundError:
+        return
+    now = time.time()
+    for name in names:
+        path = directory / name
+        if name.startswith(MANIFEST_PREFIX):
+            try:
+                manifest = json.loads(path.read_text())
+            except (OSError, ValueError):
+                manifest = {}
+            if manifest.get("target") in names:
+                for src in manifest.get("sources", []):
+                    with contextlib.suppress(OSError):
+                        (directory / src).unlink()
+            with contextlib.suppress(OSError):
+                path.unlink()
+        elif name.startswith(".tmp-"):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > TMP_STALE_S:
+                    path.unlink()
+
+
+def publish_merge(directory: Path, sources: list[Path], tmp_target: Path, target_name: str) -> Path:
+    """Publish ``tmp_target`` as ``target_name`` replacing ``sources`` (caller holds the lock)."""
+    manifest = directory / f"{MANIFEST_PREFIX}{uuid.uuid4().hex}.json"
+    manifest_tmp = directory / f".tmp-{uuid.uuid4().hex}.partial"
+    manifest_tmp.write_text(json.dumps({"target": target_name, "sources": [s.name for s in sources]}))
+    os.rename(manifest_tmp, manifest)
+    final = directory / target_name
+    os.rename(tmp_target, final)
+    for src in sources:
+        with contextlib.suppress(FileNotFoundError):
+            src.unlink()
+    manifest.unlink()
+    return final

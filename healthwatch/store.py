@@ -1,0 +1,499 @@
+"""The store: a directory of Parquet segments per (table, run, writer), queried with DuckDB.
+
+Write side: :class:`StoreWriter` (one per run x attempt x rank) publishes immutable segments and
+merges its own small segments in the background of the writer thread (log-structured levels,
+so a run of a million steps stays at a bounded number of files).
+
+Read side: :func:`open_store` returns a :class:`Store`, a DuckDB connection whose views
+(``runs``, ``attempts``, ``scalars``, ``layer_stats``, ``expert_load``, ``events``, ``alerts``,
+the ``*_effective`` views and the rollups) are rebuilt from a fresh directory listing whenever the
+store changed. Queries retry when compaction retired a file between listing and reading, and skip
+(with one warning naming it) a file that is not a readable segment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from healthwatch.schema import (
+    ATTEMPT_TABLES,
+    SCHEMA_VERSION,
+    SORT_KEYS,
+    TABLES,
+    SchemaError,
+    check_schema_version,
+    validate_run_name,
+)
+from healthwatch.segments import (
+    iter_run_dirs,
+    list_segments,
+    merge_lock,
+    parse_segment,
+    publish_merge,
+    recover_directory,
+    table_dir,
+    write_segment,
+)
+
+log = logging.getLogger("healthwatch.store")
+
+META_FILE = "healthwatch.json"
+ENV_STORE = "HEALTHWATCH_STORE"
+DEFAULT_STORE = "healthwatch-store"
+ROLLUP_BUCKETS = (100, 10_000)
+
+
+def default_store_path(store: str | os.PathLike[str] | None = None) -> Path:
+    """Resolve the store path: explicit argument, then ``$HEALTHWATCH_STORE``, then ``./healthwatch-store``."""
+    if store is not None:
+        return Path(store)
+    return Path(os.environ.get(ENV_STORE) or DEFAULT_STORE)
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _read_meta(root: Path) -> dict[str, Any]:
+    try:
+        return json.loads((root / META_FILE).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise SchemaError(f"{root / META_FILE}: unreadable store metadata ({exc})") from exc
+
+
+def init_store(root: str | os.PathLike[str]) -> Path:
+    """Create the store directory and its metadata file if needed; refuse a newer schema."""
+    root = Path(root)
+    meta = _read_meta(root) if root.exists() else {}
+    check_schema_version(meta.get("schema_version"), f"store {root}")
+    if not meta:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{uuid.uuid4().hex}.partial"
+        tmp.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "format": "healthwatch-segments"}))
+        os.replace(tmp, root / META_FILE)
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# write side
+
+
+class StoreWriter:
+    """Publishes segments of one writer (run x attempt x rank) and merges its own small ones.
+
+    Not thread-safe: one writer belongs to one thread (the Monitor's background writer).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        run: str,
+        attempt: int = 1,
+        rank: int = 0,
+        merge_fanout: int = 8,
+    ) -> None:
+        self.root = Path(root)
+        self.run = validate_run_name(run)
+        self.attempt = attempt
+        self.rank = rank
+        self.writer_id = f"a{attempt:04d}r{rank:05d}x{uuid.uuid4().hex[:8]}"
+        self.merge_fanout = max(2, merge_fanout)
+        self._seq = 0
+        self._initialised = False
+
+    def _ensure_init(self) -> None:
+        if not self._initialised:
+            init_store(self.root)
+            self._initialised = True
+
+    def write(self, table: str, data: pa.Table | dict[str, Sequence[Any]]) -> Path | None:
+        """Publish one segment of ``table`` (an Arrow table or column dict); returns its path."""
+        schema = TABLES[table]
+        if isinstance(data, dict):
+            data = pa.Table.from_pydict({f.name: data[f.name] for f in schema}, schema=schema)
+        else:
+            data = data.select(schema.names).cast(schema)
+        if data.num_rows == 0:
+            return None
+        self._ensure_init()
+        self._seq += 1
+        name = f"{self.writer_id}-{self._seq:09d}-L0.parquet"
+        return write_segment(table_dir(self.root, table, self.run), name, data)
+
+    def compact_own(self, table: str) -> int:
+        """Merge this writer's segments level by level (``merge_fanout`` files of a level -> one).
+
+        Returns the number of merges done. Skips silently when another process holds the lock.
+        """
+        directory = table_dir(self.root, table, self.run)
+        merges = 0
+        with merge_lock(directory, blocking=False) as locked:
+            if not locked:
+                return 0
+            while True:
+                mine = [s for s in map(parse_segment, list_segments(directory)) if s.writer == self.writer_id]
+                by_level: dict[int, list] = {}
+                for seg in mine:
+                    by_level.setdefault(seg.level, []).append(seg)
+                level = next((lv for lv in sorted(by_level) if len(by_level[lv]) >= self.merge_fanout), None)
+                if level is None:
+                    return merges
+                group = sorted(by_level[level], key=lambda s: s.seq)[: self.merge_fanout]
+                target = f"{self.writer_id}-{group[-1].seq:09d}-L{level + 1}.parquet"
+                merge_files(directory, [s.path for s in group], target, table)
+                merges += 1
+
+
+def merge_files(directory: Path, sources: list[Path], target_name: str, table: str) -> Path:
+    """Merge ``sources`` into one sorted segment ``target_name`` (caller holds the merge lock).
+
+    DuckDB does the merge so that a table larger than memory streams and spills instead of
+    being concatenated in RAM.
+    """
+    tmp = directory / f".tmp-{uuid.uuid4().hex}.partial"
+    cols = ", ".join(f'"{c}"' for c in TABLES[table].names)
+    order = ", ".join(f'"{c}"' for c in SORT_KEYS.get(table, []))
+    files = "[" + ", ".join(_sql_str(str(p)) for p in sources) + "]"
+    con = duckdb.connect()
+    try:
+        con.execute("SET preserve_insertion_order = false")
+        con.execute(
+            f"COPY (SELECT {cols} FROM read_parquet({files}, hive_partitioning = false, union_by_name = true)"
+            f"{' ORDER BY ' + order if order else ''}) TO {_sql_str(str(tmp))} "
+            "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)"
+        )
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        con.close()
+    return publish_merge(directory, sources, tmp, target_name)
+
+
+# --------------------------------------------------------------------------------------------
+# read side
+
+
+def _empty_select(table: str) -> str:
+    cols = ["NULL::VARCHAR AS run"]
+    for field in TABLES[table]:
+        cols.append(f'NULL::{_duck_type(field.type)} AS "{field.name}"')
+    return "SELECT " + ", ".join(cols) + " WHERE false"
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_int32(t):
+        return "INTEGER"
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_floating(t):
+        return "DOUBLE"
+    if pa.types.is_list(t):
+        return _duck_type(t.value_type) + "[]"
+    return "VARCHAR"
+
+
+_FILE_IN_ERROR = re.compile(r"""(?:file|File)\s+["']?([^"'\s]+\.parquet)""")
+
+
+class Result:
+    """A lazily executed query; materialise it with :meth:`pl`, :meth:`arrow`, :meth:`fetchall`, :meth:`df`.
+
+    Execution retries when the store changed underneath (a segment retired by compaction).
+    """
+
+    def __init__(self, store: Store, query: str, params: Sequence[Any] | dict[str, Any] | None) -> None:
+        self._store = store
+        self._query = query
+        self._params = params
+
+    def _run(self, fn: str) -> Any:
+        return self._store._execute(self._query, self._params, fn)
+
+    def pl(self) -> Any:
+        """Result as a polars DataFrame."""
+        return self._run("pl")
+
+    def arrow(self) -> pa.Table:
+        """Result as an Arrow table."""
+        return self._run("arrow")
+
+    def df(self) -> Any:
+        """Result as a pandas DataFrame (pandas must be installed)."""
+        return self._run("df")
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        """Result as a list of tuples."""
+        return self._run("fetchall")
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        """First row of the result, or None."""
+        rows = self._run("fetchall")
+        return rows[0] if rows else None
+
+
+class Store:
+    """Read-side handle on a store: a DuckDB connection with views over the live segments.
+
+    Thread-safe: queries are serialised on one connection (DuckDB connections are not
+    re-entrant across threads).
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"no healthwatch store at {self.root} (directory does not exist)")
+        meta = _read_meta(self.root)
+        check_schema_version(meta.get("schema_version"), f"store {self.root}")
+        self.con = duckdb.connect()
+        self._lock = threading.RLock()
+        self._signature: tuple[Any, ...] | None = None
+        self._bad_files: set[str] = set()
+        self._warned: set[str] = set()
+        self.version = 0  # bumps whenever the listing changed; apps cache on it
+        self.refresh()
+
+    # -- listing / views ---------------------------------------------------------------------
+    def _listing(self) -> tuple[dict[str, list[Path]], tuple[Any, ...]]:
+        files: dict[str, list[Path]] = {}
+        sig: list[Any] = []
+        for table in TABLES:
+            tdir = self.root / f"table={table}"
+            try:
+                sig.append((table, tdir.stat().st_mtime_ns))
+            except FileNotFoundError:
+                sig.append((table, None))
+            paths: list[Path] = []
+            for _run, rdir in iter_run_dirs(self.root, table):
+                try:
+                    sig.append((str(rdir), rdir.stat().st_mtime_ns))
+                except FileNotFoundError:
+                    continue
+                paths.extend(p for p in list_segments(rdir) if str(p) not in self._bad_files)
+            files[table] = paths
+        return files, tuple(sig)
+
+    def refresh(self, force: bool = False) -> bool:
+        """Rebuild the views if the store's directories changed; returns True if rebuilt."""
+        with self._lock:
+            files, sig = self._listing()
+            if not force and sig == self._signature:
+                return False
+            self._build_views(files)
+            self._signature = sig
+            self.version += 1
+            return True
+
+    def _build_views(self, files: dict[str, list[Path]]) -> None:
+        for table, paths in files.items():
+            cols = ", ".join(f'"{f.name}"' for f in TABLES[table])
+            if paths:
+                flist = "[" + ", ".join(_sql_str(str(p)) for p in paths) + "]"
+                body = (
+                    f"SELECT run, {cols} FROM read_parquet({flist}, hive_partitioning = true, "
+                    "hive_types = {'run': VARCHAR, 'table': VARCHAR}, union_by_name = true)"
+                )
+            else:
+                body = _empty_select(table)
+            name = f"{table}_raw" if table in ("runs",) else table
+            self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
+        # First definition of a run wins: a resumed attempt does not redefine lineage.
+        self.con.execute(
+            "CREATE OR REPLACE VIEW runs AS SELECT * FROM runs_raw "
+            "QUALIFY row_number() OVER (PARTITION BY run ORDER BY created) = 1"
+        )
+        self.con.execute(
+            "CREATE OR REPLACE VIEW attempt_bounds AS "
+            "SELECT a.run, a.attempt, a.start_step, "
+            "(SELECT min(b.start_step) FROM attempts b WHERE b.run = a.run AND b.attempt > a.attempt) "
+            "AS superseded_from FROM attempts a"
+        )
+        for table in ATTEMPT_TABLES:
+            self.con.execute(
+                f"CREATE OR REPLACE VIEW {table}_all AS SELECT t.*, "
+                "coalesce(t.step >= b.superseded_from, false) AS superseded "
+                f"FROM {table} t LEFT JOIN attempt_bounds b ON t.run = b.run AND t.attempt = b.attempt"
+            )
+            self.con.execute(
+                f"CREATE OR REPLACE VIEW {table}_effective AS SELECT t.* FROM {table} t "
+                "LEFT JOIN attempt_bounds b ON t.run = b.run AND t.attempt = b.attempt "
+                "WHERE b.superseded_from IS NULL OR t.step < b.superseded_from"
+            )
+
+    def files(self, table: str, run: str | None = None) -> list[Path]:
+        """Live segment files of ``table`` (optionally of one run)."""
+        out: list[Path] = []
+        for r, rdir in iter_run_dirs(self.root, table):
+            if run is None or r == run:
+                out.extend(list_segments(rdir))
+        return out
+
+    # -- queries -----------------------------------------------------------------------------
+    def sql(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Result:
+        """A parameterised query over the store's views; call ``.pl()``/``.arrow()``/``.fetchall()``."""
+        return Result(self, query, params)
+
+    def _execute(self, query: str, params: Any, fn: str) -> Any:
+        with self._lock:
+            self.refresh()
+            last: Exception | None = None
+            for _attempt in range(6):
+                try:
+                    if fn == "fetchall":
+                        return self.con.execute(query, params).fetchall()
+                    rel = self.con.sql(query, params=params)
+                    if fn == "pl":
+                        return rel.pl()
+                    if fn == "arrow":
+                        return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+                    return rel.df()
+                except (duckdb.IOException, duckdb.InvalidInputException, duckdb.HTTPException) as exc:
+                    last = exc
+                    self._handle_read_error(exc)
+                    self.refresh(force=True)
+            assert last is not None
+            raise last
+
+    def _handle_read_error(self, exc: Exception) -> None:
+        """Skip a file that exists but is not a readable segment; a vanished one just relists."""
+        msg = str(exc)
+        for match in _FILE_IN_ERROR.finditer(msg):
+            path = match.group(1)
+            if os.path.exists(path) and path not in self._bad_files:
+                self._bad_files.add(path)
+                if path not in self._warned:
+                    self._warned.add(path)
+                    log.warning("skipping unreadable segment %s: %s", path, msg.splitlines()[0][:200])
+
+    @property
+    def bad_files(self) -> set[str]:
+        """Files skipped because they were not readable segments."""
+        return set(self._bad_files)
+
+    def close(self) -> None:
+        """Close the DuckDB connection."""
+        self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_store(path: str | os.PathLike[str] | None = None) -> Store:
+    """Open a store for reading (DuckDB views over its segments). ``None`` uses the default path."""
+    return Store(default_store_path(path))
+
+
+# --------------------------------------------------------------------------------------------
+# compaction
+
+
+def _rollup_sql(table: str, run: str, bucket: int) -> str:
+    if table == "layer_stats":
+        src = "layer_stats_effective"
+        keys = "layer, any_value(layer_type) AS layer_type, metric"
+        group = "bucket, layer, metric"
+    else:
+        src = "scalars_effective"
+        keys = "name"
+        group = "bucket, name"
+    return (
+        f"SELECT {bucket}::BIGINT AS bucket_size, (step // {bucket})::BIGINT AS bucket, {keys}, "
+        "min(step) AS step_min, max(step) AS step_max, min(tokens) AS tokens_min, max(tokens) AS tokens_max, "
+        "count(*) AS n, min(value) AS vmin, max(value) AS vmax, avg(value) AS vmean, "
+        f"arg_max(value, step) AS vlast FROM {src} WHERE run = {_sql_str(run)} GROUP BY {group}"
+    )
+
+
+def compact_run(root: Path, run: str, rollups: bool = True, min_files: int = 2) -> dict[str, int]:
+    """Merge every table of one run into one sorted segment each and rewrite its rollups.
+
+    Returns ``{table: files_before}`` for the tables it merged. Safe to run beside live writers
+    and readers (merges publish first, retire second).
+    """
+    merged: dict[str, int] = {}
+    for table in TABLES:
+        if table.endswith("_rollup"):
+            continue
+        directory = table_dir(root, table, run)
+        if not directory.is_dir():
+            continue
+        with merge_lock(directory, blocking=True) as locked:
+            if not locked:
+                continue
+            recover_directory(directory)
+            sources = list_segments(directory)
+            if len(sources) >= min_files:
+                target = f"compact{uuid.uuid4().hex[:8]}-{int(time.time()):012d}-L99.parquet"
+                merge_files(directory, sources, target, table)
+                merged[table] = len(sources)
+    if rollups:
+        write_rollups(root, run)
+    return merged
+
+
+def write_rollups(root: Path, run: str) -> None:
+    """Recompute the per-bucket min/max/mean/last rollups of one run from its effective rows."""
+    store = Store(root)
+    try:
+        for table in ("layer_stats", "scalars"):
+            if not store.files(table, run):
+                continue
+            rtable = f"{table}_rollup"
+            directory = table_dir(root, rtable, run)
+            directory.mkdir(parents=True, exist_ok=True)
+            with merge_lock(directory, blocking=True) as locked:
+                if not locked:
+                    continue
+                recover_directory(directory)
+                old = list_segments(directory)
+                tmp = directory / f".tmp-{uuid.uuid4().hex}.partial"
+                order = "bucket_size, metric, layer, bucket" if table == "layer_stats" else "bucket_size, name, bucket"
+                union = " UNION ALL ".join(f"({_rollup_sql(table, run, b)})" for b in ROLLUP_BUCKETS)
+                cols = ", ".join(f'"{c}"' for c in TABLES[rtable].names)
+                with store._lock:
+                    store.refresh()
+                    store.con.execute(
+                        f"COPY (SELECT {cols} FROM ({union}) ORDER BY {order}) TO {_sql_str(str(tmp))} "
+                        "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)"
+                    )
+                publish_merge(directory, old, tmp, f"rollup{uuid.uuid4().hex[:8]}-{int(time.time()):012d}-L99.parquet")
+    finally:
+        store.close()
+
+
+def compact_store(root: str | os.PathLike[str], runs: Sequence[str] | None = None, rollups: bool = True) -> dict[str, dict[str, int]]:
+    """Compact every run of a store (or the given runs). Returns ``{run: {table: files_before}}``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no healthwatch store at {root}")
+    check_schema_version(_read_meta(root).get("schema_version"), f"store {root}")
+    found: set[str] = set()
+    for table in TABLES:
+        found.update(r for r, _ in iter_run_dirs(root, table))
+    out: dict[str, dict[str, int]] = {}
+    for run in sorted(found if runs is None else set(runs) & found):
+        out[run] = compact_run(root, run, rollups=rollups)
+    return out
+
+
+def host_name() -> str:
+    """This machine's host name (recorded on every attempt)."""
+    return socket.gethostname()
