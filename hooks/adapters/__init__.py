@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from healthwatch.hooks.adapters.base import (
     Adapter,
     BlockSpec,
@@ -17,6 +15,7 @@ from healthwatch.hooks.adapters.base import (
     topk_of_logits,
 )
 from healthwatch.hooks.adapters.generic import GenericAdapter
+from torch import nn
 
 __all__ = [
     "Adapter",

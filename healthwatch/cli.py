@@ -1,0 +1,214 @@
+"""The ``healthwatch`` command line (typer). It wires the subsystems together; nothing imports it."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from healthwatch import __version__
+from healthwatch.store import default_store_path
+
+app = typer.Typer(
+    name="healthwatch",
+    help="Training-health observability for hybrid Mamba-Transformer MoE pretraining.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+StoreOpt = Annotated[
+    Path | None,
+    typer.Option("--store", "-s", help="Store directory (default: $HEALTHWATCH_STORE or ./healthwatch-store)."),
+]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _store_path(store: Path | None, must_exist: bool = True) -> Path:
+    path = default_store_path(store)
+    if must_exist and not path.is_dir():
+        _fail(f"no healthwatch store at {path} (run `healthwatch demo` to create one, or pass --store)")
+    return path
+
+
+@app.command()
+def version() -> None:
+    """Print the healthwatch version and schema version."""
+    from healthwatch.schema import SCHEMA_VERSION
+
+    console.print(f"healthwatch {__version__} (store schema {SCHEMA_VERSION})")
+
+
+@app.command()
+def runs(store: StoreOpt = None) -> None:
+    """List the runs of a store with lineage, attempts, last step and tokens."""
+    from healthwatch import query
+    from healthwatch.store import open_store
+
+    try:
+        st = open_store(_store_path(store))
+    except Exception as exc:  # noqa: BLE001 - shown to the user as one clear line
+        _fail(str(exc))
+    df = query.runs_overview(st)
+    if df.height == 0:
+        console.print("the store has no runs yet")
+        return
+    table = Table(title=f"runs in {st.root}")
+    for col in ("run", "parent", "branch step", "precision", "attempts", "last step", "last tokens", "last write"):
+        table.add_column(col)
+    for row in df.iter_rows(named=True):
+        last = (
+            _dt.datetime.fromtimestamp(row["last_write"]).strftime("%Y-%m-%d %H:%M:%S")
+            if row["last_write"]
+            else "-"
+        )
+        table.add_row(
+            row["run"],
+            row["parent"] or "-",
+            "-" if row["branch_step"] is None else str(row["branch_step"]),
+            row["precision"] or "-",
+            str(row["attempts"]),
+            "-" if row["last_step"] is None else f"{row['last_step']:,}",
+            "-" if row["last_tokens"] is None else f"{row['last_tokens']:,}",
+            last,
+        )
+    console.print(table)
+
+
+@app.command()
+def compact(
+    store: StoreOpt = None,
+    run: Annotated[list[str] | None, typer.Option("--run", help="Only these runs.")] = None,
+    no_rollups: Annotated[bool, typer.Option("--no-rollups", help="Skip rewriting rollups.")] = False,
+) -> None:
+    """Merge each run's small segments into large sorted ones and rewrite the step rollups."""
+    from rich.progress import Progress
+
+    from healthwatch.store import compact_run
+
+    path = _store_path(store)
+    from healthwatch.schema import TABLES
+    from healthwatch.segments import iter_run_dirs
+
+    found = sorted({r for t in TABLES for r, _ in iter_run_dirs(path, t)})
+    targets = [r for r in found if not run or r in run]
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("compacting", total=len(targets))
+        for r in targets:
+            merged = compact_run(path, r, rollups=not no_rollups)
+            summary = ", ".join(f"{t}: {n}→1" for t, n in merged.items()) or "nothing to merge"
+            console.print(f"[bold]{r}[/]: {summary}")
+            progress.advance(task)
+
+
+@app.command("app")
+def app_cmd(
+    store: StoreOpt = None,
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8501,
+    host: Annotated[str, typer.Option(help="Address to bind (default: loopback only).")] = "127.0.0.1",
+) -> None:
+    """Serve the Streamlit app on a store (binds 127.0.0.1 unless --host says otherwise)."""
+    from healthwatch.app.launch import launch
+
+    raise typer.Exit(launch(_store_path(store, must_exist=False), port=port, host=host))
+
+
+@app.command()
+def demo(
+    store: StoreOpt = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller demo (≤ 60 s).")] = False,
+    no_app: Annotated[bool, typer.Option("--no-app", help="Do not start the app at the end.")] = False,
+    port: Annotated[int, typer.Option(help="Port for the app.")] = 8501,
+) -> None:
+    """Train the reference hybrid MoE with a real injected fault, roll back, branch BF16 ablations, serve the app."""
+    from healthwatch.demo.scenario import run_demo
+
+    path = default_store_path(store)
+    run_demo(path, quick=quick, console=console)
+    console.print(f"\n[bold green]demo store:[/] {path.resolve()}")
+    if not no_app:
+        from healthwatch.app.launch import launch
+
+        raise typer.Exit(launch(path, port=port))
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[str], typer.Option("--runs", help="Runs to compare; the first is the low-precision run.")],
+    out: Annotated[Path, typer.Option("--out", help="Output file: .csv, .parquet, .html or .png.")],
+    store: StoreOpt = None,
+    metric: Annotated[str, typer.Option(help="Scalar to compare.")] = "loss/train",
+) -> None:
+    """Token-aligned comparison of runs and their relative gap, exported to a file."""
+    from healthwatch.compare import export_comparison
+
+    try:
+        path = export_comparison(_store_path(store), list(runs), out, metric=metric)
+    except (ValueError, LookupError) as exc:
+        _fail(str(exc))
+    console.print(f"wrote {path}")
+
+
+import_app = typer.Typer(help="Import runs logged by other tools.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("tensorboard")
+def import_tensorboard_cmd(
+    logdir: Annotated[Path, typer.Argument(help="TensorBoard log directory (event files).")],
+    run: Annotated[str, typer.Option("--run", help="Run name in the store.")],
+    store: StoreOpt = None,
+) -> None:
+    """Turn Megatron-style TensorBoard event files into a healthwatch run."""
+    from healthwatch.tbimport import import_tensorboard
+
+    try:
+        n = import_tensorboard(logdir, run=run, store=_store_path(store, must_exist=False))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print(f"imported {n:,} rows into run {run}")
+
+
+@app.command()
+def bench(quick: Annotated[bool, typer.Option("--quick", help="Small sizes (≤ 2 min).")] = False) -> None:
+    """Run the benchmarks in ./benchmarks and write BENCHMARKS.md."""
+    if not Path("benchmarks/__main__.py").exists():
+        _fail("run `healthwatch bench` from a source checkout (it needs the benchmarks/ folder)")
+    sys.path.insert(0, os.getcwd())
+    mod = importlib.import_module("benchmarks.__main__")
+    raise typer.Exit(mod.main(["--quick"] if quick else []))
+
+
+def _mount_alerts() -> None:
+    try:
+        from healthwatch.alerts.cli import app as alerts_app
+    except ImportError as exc:  # the alerts subsystem failed to import: say so, keep the rest usable
+        broken = typer.Typer(help=f"(unavailable: {exc})")
+        app.add_typer(broken, name="alerts")
+        return
+    app.add_typer(alerts_app, name="alerts", help="Validate, test, watch and backtest alert rules.")
+
+
+_mount_alerts()
+
+
+def main() -> None:
+    """Entry point of the ``healthwatch`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Turn one flushed buffer of step statistics into store rows (runs in the writer thread).
+
+Everything here is NumPy on host memory: MaxVio, dead experts over the trailing window, the
+square roots of squared gradient norms and the per-token averages are computed after the one
+device-to-host copy of the flush, never on the training hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from healthwatch.hooks.collector import Layout
+
+
+@dataclass
+class StepMeta:
+    """Host-side facts about one step, recorded by ``Monitor.step`` without touching the device."""
+
+    step: int
+    tokens: int
+    wall_time: float
+    scalar_names: list[str]
+    host_scalars: dict[str, float]
+    resid_calls: list[int]
+    router_calls: list[int]
+    has_wgrad: bool
+    sum_offset: int
+    sum_len: int
+    max_offset: int
+
+
+@dataclass
+class ExtraMeta:
+    """Scalars logged with ``Monitor.log``: device values are at ``offset`` in the extras region."""
+
+    step: int
+    tokens: int
+    wall_time: float
+    device_names: list[str]
+    host_scalars: dict[str, float]
+    offset: int
+
+
+@dataclass
+class DeadExpertWindow:
+    """Rolling per-router expert counts over the trailing ``window`` steps (for dead experts)."""
+
+    window: int
+    experts: list[int]
+    ring: list[np.ndarray] = field(default_factory=list)
+    total: list[np.ndarray] = field(default_factory=list)
+    pos: int = 0
+    filled: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.ring:
+            self.ring = [np.zeros((self.window, e), dtype=np.float64) for e in self.experts]
+            self.total = [np.zeros(e, dtype=np.float64) for e in self.experts]
+
+    def push(self, counts: list[np.ndarray]) -> list[int]:
+        """Add one step's counts per router; return dead experts per router over the window."""
+        dead = []
+        for r, c in enumerate(counts):
+            self.total[r] += c - self.ring[r][self.pos]
+            self.ring[r][self.pos] = c
+            dead.append(int(np.count_nonzero(self.total[r] <= 0.5)))
+        self.pos = (self.pos + 1) % self.window
+        self.filled = min(self.window, self.filled + 1)
+        return dead
+
+    def state_dict(self) -> dict[str, Any]:
+        """Serializable state (carried through checkpoints)."""
+        return {"window": self.window, "experts": list(self.experts), "ring": [r.copy() for r in self.ring],
+                "pos": self.pos, "filled": self.filled}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict` (ignored if the router layout changed)."""
+        if list(state.get("experts", [])) != list(self.experts) or int(state.get("window", -1)) != self.window:
+            return
+        self.ring = [np.asarray(r, dtype=np.float64).copy() for r in state["ring"]]
+        self.total = [r.sum(0) for r in self.ring]
+        self.pos = int(state["pos"])
+        self.filled = int(state["filled"])
+
+
+def maxvio(counts: np.ndarray) -> float:
+    """``(max_e c_e - mean_e c_e) / mean_e c_e`` with mean = total assignments / E; NaN if none routed."""
+    total = float(counts.sum())
+    if counts.size == 0 or total <= 0:
+        return float("nan")
+    mean = total / counts.size
+    return float((counts.max() - mean) / mean)
+
+
+class RowBuilder:
+    """Accumulates column lists for the scalars, layer_stats and expert_load tables of one flush."""
+
+    def __init__(self, attempt: int) -> None:
+        self.attempt = attempt
+        self.scalars: dict[str, list[Any]] = {k: [] for k in ("attempt", "step", "tokens", "name", "value", "wall_time")}
+        self.layers: dict[str, list[Any]] = {
+            k: [] for k in ("attempt", "step", "tokens", "layer", "layer_type", "metric", "value")
+        }
+        self.load: dict[str, list[Any]] = {k: [] for k in ("attempt", "step", "tokens", "layer", "counts")}
+
+    def scalar(self, step: int, tokens: int, wall: float, name: str, value: float) -> None:
+        """Add one scalar row."""
+        s = self.scalars
+        s["attempt"].append(self.attempt)
+        s["step"].append(step)
+        s["tokens"].append(tokens)
+        s["name"].append(name)
+        s["value"].append(value)
+        s["wall_time"].append(wall)
+
+    def layer_block(self, step: int, tokens: int, layers: list[int], types: list[str], metric: str, values: np.ndarray) -> None:
+        """Add one metric for many layers at one step."""
+        n = len(layers)
+        d = self.layers
+        d["attempt"].extend([self.attempt] * n)
+        d["step"].extend([step] * n)
+        d["tokens"].extend([tokens] * n)
+        d["layer"].extend(layers)
+        d["layer_type"].extend(types)
+        d["metric"].extend([metric] * n)
+        d["value"].extend(values.tolist())
+
+    @property
+    def n_rows(self) -> int:
+        """Rows accumulated so far (all tables)."""
+        return len(self.scalars["step"]) + len(self.layers["step"]) + len(self.load["step"])
+
+
+def build_rows(
+    flat: np.ndarray,
+    steps: list[StepMeta],
+    extras: list[ExtraMeta],
+    extras_offset: int,
+    layout: Layout,
+    block_types: list[str],
+    residual_mask: list[bool],
+    dead: DeadExpertWindow | None,
+    attempt: int,
+    world: int,
+    expert_load_every: int,
+) -> RowBuilder:
+    """Decode a flushed buffer into rows. ``world`` divides summed values back into means."""
+    out = RowBuilder(attempt)
+    nb = layout.num_blocks
+    layers = list(range(nb))
+    r_layers = layout.router_layers
+    r_types = [block_types[i] for i in r_layers]
+    for meta in steps:
+        row = flat[meta.sum_offset : meta.sum_offset + meta.sum_len]
+        mx = flat[meta.max_offset : meta.max_offset + nb]
+        ns = len(meta.scalar_names)
+        st, tk, wt = meta.step, meta.tokens, meta.wall_time
+        for name, v in zip(meta.scalar_names, row[:ns]):
+            out.scalar(st, tk, wt, name, float(v) / world)
+        for name, v in meta.host_scalars.items():
+            out.scalar(st, tk, wt, name, float(v))
+        calls = np.asarray(meta.resid_calls, dtype=np.float64)
+        seen = [i for i in layers if residual_mask[i] and calls[i] > 0]
+        if seen:
+            resid = row[ns : ns + nb][seen] / calls[seen] / world
+            out.layer_block(st, tk, seen, [block_types[i] for i in seen], "resid_rms", resid)
+            out.layer_block(st, tk, seen, [block_types[i] for i in seen], "resid_rms_max", mx[seen])
+        gsq = row[ns + nb : ns + nb + layout.n_groups] / world
+        if meta.has_wgrad:
+            out.layer_block(st, tk, layers, block_types, "wgrad_norm", np.sqrt(gsq[:nb]))
+            for g, name in enumerate(layout.special):
+                out.scalar(st, tk, wt, f"grad_norm/{name}", float(np.sqrt(gsq[nb + g])))
+        if r_layers:
+            base = ns + nb + layout.n_groups
+            counts = row[base:].reshape(len(r_layers), layout.max_experts)
+            per_router = [counts[r, : layout.router_experts[r]] for r in range(len(r_layers))]
+            if any(meta.router_calls):
+                mv = np.array([maxvio(c) for c in per_router])
+                out.layer_block(st, tk, r_layers, r_types, "maxvio", mv)
+                if dead is not None:
+                    out.layer_block(st, tk, r_layers, r_types, "dead_experts", np.asarray(dead.push(per_router), dtype=np.float64))
+                if expert_load_every > 0 and st % expert_load_every == 0:
+                    for r, c in enumerate(per_router):
+                        out.load["attempt"].append(attempt)
+                        out.load["step"].append(st)
+                        out.load["tokens"].append(tk)
+                        out.load["layer"].append(r_layers[r])
+                        out.load["counts"].append(np.rint(c).astype(np.int64).tolist())
+    for meta in extras:
+        vals = flat[extras_offset + meta.offset : extras_offset + meta.offset + len(meta.device_names)]
+        for name, v in zip(meta.device_names, vals):
+            out.scalar(meta.step, meta.tokens, meta.wall_time, name, float(v))
+        for name, v in meta.host_scalars.items():
+            out.scalar(meta.step, meta.tokens, meta.wall_time, name, float(v))
+    return out
