@@ -291,13 +291,21 @@ class Store:
     def refresh(self, force: bool = False) -> bool:
         """Rebuild the views if the store's directories changed; returns True if rebuilt."""
         with self._lock:
-            files, sig = self._listing()
-            if not force and sig == self._signature:
-                return False
-            self._build_views(files)
-            self._signature = sig
-            self.version += 1
-            return True
+            for _try in range(20):
+                files, sig = self._listing()
+                if not force and sig == self._signature:
+                    return False
+                try:
+                    self._build_views(files)
+                except (duckdb.IOException, duckdb.InvalidInputException) as exc:
+                    # A file retired by compaction between listing and binding: list again.
+                    self._handle_read_error(exc)
+                    force = True
+                    continue
+                self._signature = sig
+                self.version += 1
+                return True
+            raise RuntimeError(f"store {self.root} keeps changing; could not build a consistent listing")
 
     def _build_views(self, files: dict[str, list[Path]]) -> None:
         for table, paths in files.items():
@@ -306,7 +314,7 @@ class Store:
                 flist = "[" + ", ".join(_sql_str(str(p)) for p in paths) + "]"
                 body = (
                     f"SELECT run, {cols} FROM read_parquet({flist}, hive_partitioning = true, "
-                    "hive_types = {'run': VARCHAR, 'table': VARCHAR}, union_by_name = true)"
+                    "hive_types = {'run': VARCHAR, 'table': VARCHAR})"
                 )
             else:
                 body = _empty_select(table)

@@ -47,20 +47,23 @@ E4M3_MAX = 448.0
 
 
 def round_to_e2m1(x: Tensor) -> Tensor:
-    """Round ``x`` to the nearest E2M1 value, ties to even, saturating at ±6.
+    """Round ``x`` to the nearest E2M1 value, ties to even, saturating at ±6 (float32 result).
 
-    The E2M1 grid has spacing 0.5 below 2, 1 in [2, 4) and 2 in [4, 6]; within each range it
-    is uniform, so ``torch.round`` (which rounds half to even) on the rescaled value gives IEEE
-    round-to-nearest-even. A tie on a range boundary (e.g. 1.75 between 1.5 and 2) resolves the
-    same way in either range, so picking the range by ``|x| < 2`` is safe.
+    The E2M1 grid is uniform within each binade: spacing 0.5 below 2, 1 in [2, 4), 2 in [4, 6].
+    So ``round(|x| / step) * step``, with ``step`` half the power of two at or below ``|x|``
+    (at least 0.5), is exact IEEE round-to-nearest-even (``torch.round`` rounds half to even,
+    and dividing by a power of two is exact). A tie on a binade edge, such as 1.75, resolves to
+    the same value from either side. The power of two is read straight from the float's
+    exponent bits: ``torch.where`` and ``torch.bucketize`` cost 10-50x more per element on CPU,
+    and this function runs on every GEMM input of every quantised layer.
     """
-    a = x.abs()
-    q = torch.where(
-        a < 2.0,
-        torch.round(a * 2.0) * 0.5,
-        torch.where(a < 4.0, torch.round(a), torch.round(a * 0.5) * 2.0),
-    )
-    return q.clamp_(max=E2M1_MAX).copysign_(x)
+    xf = x.to(torch.float32).contiguous()
+    a = xf.abs()
+    # Keep only the exponent bits: the power of two at or below |x| (0 for 0 and subnormals).
+    pow2 = (a.view(torch.int32) & 0x7F800000).view(torch.float32)
+    step = pow2.clamp_(min=1.0).mul_(0.5)
+    q = torch.round(a.div_(step)).mul_(step).clamp_(max=E2M1_MAX)
+    return q.copysign_(xf)
 
 
 def round_to_e4m3(x: Tensor) -> Tensor:
