@@ -1,0 +1,1 @@
+"""Alert rules on health signals: rule model, detectors, evaluator, sinks, YAML packs."""

@@ -1,0 +1,1 @@
+"""Streamlit multipage app over a healthwatch store (``healthwatch app``)."""

@@ -1,0 +1,52 @@
+"""Both an editable install and a built wheel import every subpackage (checked once, slow)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SUBPACKAGES = [
+    "healthwatch",
+    "healthwatch.hooks",
+    "healthwatch.hooks.adapters",
+    "healthwatch.app",
+    "healthwatch.alerts",
+    "healthwatch.demo",
+    "healthwatch.cli",
+]
+
+
+def test_editable_install_imports_every_subpackage():
+    code = "import importlib; [importlib.import_module(m) for m in %r]; print('ok')" % SUBPACKAGES
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.slow
+def test_built_wheel_contains_and_imports_every_subpackage(tmp_path):
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next(tmp_path.glob("healthwatch-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for pkg in SUBPACKAGES[:-1]:
+        assert f"{pkg.replace('.', '/')}/__init__.py" in names, pkg
+    assert "healthwatch/alerts/packs/default.yaml" in names
+    # Import from the unpacked wheel, not from the source tree (cwd and path point elsewhere).
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    code = (
+        "import sys; sys.path.insert(0, %r); import importlib; "
+        "mods = [importlib.import_module(m) for m in %r]; "
+        "assert all(m.__file__.startswith(%r) for m in mods), [m.__file__ for m in mods]; print('ok')"
+    ) % (str(target), SUBPACKAGES, str(target))
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
