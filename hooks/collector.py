@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from healthwatch.hooks.adapters.base import ModelSpec
 from torch import nn
+
+from healthwatch.hooks.adapters.base import ModelSpec
 
 #: Gradient groups after the per-block norms, in this order.
 SPECIAL_GROUPS = ("total", "output", "embedding", "mtp")

@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
 from healthwatch.hooks.adapters import Adapter, ModelSpec, auto_adapter
 from healthwatch.hooks.collector import StatsCollector
 from healthwatch.hooks.rows import DeadExpertWindow, ExtraMeta, StepMeta, build_rows
-from torch import nn
-
 from healthwatch.schema import SCHEMA_VERSION, validate_metric_name, validate_run_name
 from healthwatch.store import StoreWriter, default_store_path, host_name, init_store
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from healthwatch.hooks.adapters.base import (
     Adapter,
     BlockSpec,
@@ -15,7 +17,6 @@ from healthwatch.hooks.adapters.base import (
     topk_of_logits,
 )
 from healthwatch.hooks.adapters.generic import GenericAdapter
-from torch import nn
 
 __all__ = [
     "Adapter",

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
+
 from healthwatch.hooks.adapters.base import (
     BlockSpec,
     ModelSpec,
@@ -21,7 +23,6 @@ from healthwatch.hooks.adapters.base import (
     UnsupportedModelError,
     params_by_block,
 )
-from torch import nn
 
 _EXPERT_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts", "num_moe_experts", "n_experts")
 _TOPK_ATTRS = ("top_k", "topk", "num_experts_per_tok", "moe_router_topk", "k")

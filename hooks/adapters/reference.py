@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from healthwatch.hooks.adapters.base import BlockSpec, ModelSpec, RouterSpec, output_item, params_by_block, register_adapter
+from healthwatch.hooks.adapters.base import (
+    BlockSpec,
+    ModelSpec,
+    RouterSpec,
+    output_item,
+    params_by_block,
+    register_adapter,
+)
 
 
 class ReferenceAdapter:

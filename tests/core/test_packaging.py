@@ -22,7 +22,7 @@ SUBPACKAGES = [
 
 
 def test_editable_install_imports_every_subpackage():
-    code = "import importlib; [importlib.import_module(m) for m in %r]; print('ok')" % SUBPACKAGES
+    code = f"import importlib; [importlib.import_module(m) for m in {SUBPACKAGES!r}]; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
@@ -44,9 +44,9 @@ def test_built_wheel_contains_and_imports_every_subpackage(tmp_path):
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
     code = (
-        "import sys; sys.path.insert(0, %r); import importlib; "
-        "mods = [importlib.import_module(m) for m in %r]; "
-        "assert all(m.__file__.startswith(%r) for m in mods), [m.__file__ for m in mods]; print('ok')"
-    ) % (str(target), SUBPACKAGES, str(target))
+        f"import sys; sys.path.insert(0, {str(target)!r}); import importlib; "
+        f"mods = [importlib.import_module(m) for m in {SUBPACKAGES!r}]; "
+        f"assert all(m.__file__.startswith({str(target)!r}) for m in mods), [m.__file__ for m in mods]; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

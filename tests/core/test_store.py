@@ -6,8 +6,8 @@ import json
 import math
 import multiprocessing as mp
 import sys
-from pathlib import Path
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,7 +172,6 @@ def test_newer_schema_is_refused(store_dir):
 
 def test_unwritable_store_counts_drops_and_training_continues(tmp_path, caplog):
     import torch
-
     from tests_core_helpers import tiny_model  # type: ignore[import-not-found]
 
     blocker = tmp_path / "file"
