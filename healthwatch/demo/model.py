@@ -164,9 +164,9 @@ class MLP(nn.Module):
         self.down = QuantLinear(ffn, d_model, bias=False)
         self.down.is_residual_out = True  # type: ignore[assignment]
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``down(relu(up(x))**2)``."""
-        return self.down(_relu2(self.up(x)))
+    def forward(self, x: Tensor, input_quantized: bool = False) -> Tensor:
+        """``down(relu(up(x))**2)``; ``input_quantized`` as in :meth:`QuantLinear.forward`."""
+        return self.down(_relu2(self.up(x, input_quantized)))
 
 
 @functools.cache
@@ -325,26 +325,37 @@ class GroupedExperts(nn.Module):
         #: Whether the expert GEMMs are NVFP4 fake-quantised; toggled by ``HybridLM.set_precision``.
         self.quantize: bool = False
 
-    def _gemm(self, x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    def _gemm(self, x: Tensor, w: Tensor, counts: Tensor, quantize_x: bool) -> Tensor:
         """Per-expert ``x_e @ w_e.T`` over the expert-sorted rows of ``x``."""
         if self.quantize:
-            x, w = fake_quant_nvfp4(x), fake_quant_nvfp4(w)
+            w = fake_quant_nvfp4(w)
+            if quantize_x:
+                x = fake_quant_nvfp4(x)
         if _grouped_mm_ok(x, w.shape[2], w.shape[1]):
             offs = torch.cumsum(counts, 0).to(torch.int32)
             return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
         parts = x.split(counts.tolist())
         return torch.cat([p @ w[e].t() for e, p in enumerate(parts)])
 
-    def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
-        """Combine ``sum_k weights[:, k] * expert_{indices[:, k]}(x)``; ``x [T, d_in]``."""
+    def forward(self, x: Tensor, weights: Tensor, indices: Tensor, counts: Tensor | None = None) -> Tensor:
+        """Combine ``sum_k weights[:, k] * expert_{indices[:, k]}(x)``; ``x [T, d_in]``.
+
+        ``counts`` (assignments per expert, int64) may be passed when the caller has them.
+        """
         k = indices.shape[1]
         flat = indices.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token = order // k
-        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
-        counts.scatter_add_(0, flat, torch.ones_like(flat))
-        h = _relu2(self._gemm(x.index_select(0, token), self.w1, counts))
-        out = self._gemm(h, self.w2, counts) * weights.reshape(-1, 1).index_select(0, order).to(h.dtype)
+        if counts is None:
+            counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device)
+            counts.scatter_add_(0, flat, torch.ones_like(flat))
+        if self.quantize:
+            # Quantisation is per row block, so quantising before the gather is identical to
+            # quantising the gathered copy, and k times cheaper.
+            x = fake_quant_nvfp4(x)
+        h = _relu2(self._gemm(x.index_select(0, token), self.w1, counts, quantize_x=False))
+        out = self._gemm(h, self.w2, counts, quantize_x=True)
+        out = out * weights.reshape(-1, 1).index_select(0, order).to(out.dtype)
         return torch.zeros_like(x).index_add(0, token, out)
 
 
@@ -377,9 +388,10 @@ class LatentMoE(nn.Module):
         shape = x.shape
         xt = x.reshape(-1, shape[-1])
         probs, weights, indices = self.router(xt)
-        counts = torch.zeros(self.num_experts, device=x.device, dtype=probs.dtype)
-        counts.scatter_add_(0, indices.reshape(-1), torch.ones_like(indices.reshape(-1), dtype=probs.dtype))
-        frac = counts / indices.numel()
+        flat = indices.reshape(-1)
+        counts = torch.zeros(self.num_experts, device=x.device, dtype=torch.long)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        frac = counts.to(probs.dtype) / flat.numel()
         # Switch-style balance loss: E * sum_e f_e * P_e, 1.0 when perfectly balanced.
         aux = self.aux_loss_coef * self.num_experts * torch.sum(frac * probs.mean(0))
         if self.z_loss_coef > 0 and self.router.last_logits is not None:
@@ -388,9 +400,13 @@ class LatentMoE(nn.Module):
         if self.bias_update_rate > 0 and self.training:
             with torch.no_grad():
                 # Under-loaded experts get a higher selection bias, over-loaded a lower one.
-                self.router.expert_bias.add_(self.bias_update_rate * torch.sign(counts.mean() - counts))
-        routed = self.from_latent(self.experts(self.to_latent(xt), weights, indices))
-        return (routed + self.shared_expert(xt)).view(shape)
+                load = counts.to(probs.dtype)
+                self.router.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
+        # The latent projection and the shared expert read the same input: quantise it once.
+        pre_q = self.to_latent.quantize and self.shared_expert.up.quantize
+        xin = fake_quant_nvfp4(xt) if pre_q else xt
+        routed = self.from_latent(self.experts(self.to_latent(xin, pre_q), weights, indices, counts))
+        return (routed + self.shared_expert(xin, pre_q)).view(shape)
 
 
 class Block(nn.Module):

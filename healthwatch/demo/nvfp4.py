@@ -46,6 +46,14 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 
 
+def _round_e2m1_nonneg_(a: Tensor) -> Tensor:
+    """In place: round a contiguous non-negative float32 tensor (already <= 6) onto the E2M1 grid."""
+    # The power of two at or below each value, read straight from its exponent bits (0 for zero).
+    step = (a.view(torch.int32) & 0x7F800000).view(torch.float32)
+    step.clamp_(min=1.0).mul_(0.5)
+    return a.div_(step).round_().mul_(step)
+
+
 def round_to_e2m1(x: Tensor) -> Tensor:
     """Round ``x`` to the nearest E2M1 value, ties to even, saturating at ±6 (float32 result).
 
@@ -53,17 +61,12 @@ def round_to_e2m1(x: Tensor) -> Tensor:
     So ``round(|x| / step) * step``, with ``step`` half the power of two at or below ``|x|``
     (at least 0.5), is exact IEEE round-to-nearest-even (``torch.round`` rounds half to even,
     and dividing by a power of two is exact). A tie on a binade edge, such as 1.75, resolves to
-    the same value from either side. The power of two is read straight from the float's
-    exponent bits: ``torch.where`` and ``torch.bucketize`` cost 10-50x more per element on CPU,
-    and this function runs on every GEMM input of every quantised layer.
+    the same value from either side. The power of two comes from the float's exponent bits:
+    ``torch.where`` and ``torch.bucketize`` cost 10-50x more per element on CPU, and this runs
+    on every GEMM input of every quantised layer.
     """
     xf = x.to(torch.float32).contiguous()
-    a = xf.abs()
-    # Keep only the exponent bits: the power of two at or below |x| (0 for 0 and subnormals).
-    pow2 = (a.view(torch.int32) & 0x7F800000).view(torch.float32)
-    step = pow2.clamp_(min=1.0).mul_(0.5)
-    q = torch.round(a.div_(step)).mul_(step).clamp_(max=E2M1_MAX)
-    return q.copysign_(xf)
+    return _round_e2m1_nonneg_(xf.abs().clamp_(max=E2M1_MAX)).copysign_(xf)
 
 
 def round_to_e4m3(x: Tensor) -> Tensor:
@@ -77,19 +80,23 @@ def round_to_e4m3(x: Tensor) -> Tensor:
 
 
 def _quantize_blocks(x: Tensor) -> Tensor:
-    """Quantise-dequantise a float32 tensor whose last dim is a multiple of ``BLOCK_SIZE``."""
+    """Quantise-dequantise a contiguous float32 tensor whose last dim is a multiple of ``BLOCK_SIZE``.
+
+    Written as few full-size passes as possible (in place where it can): at demo sizes this
+    function is most of the cost NVFP4 adds to a training step on CPU.
+    """
     blocks = x.reshape(-1, BLOCK_SIZE)
-    amax_block = blocks.abs().amax(dim=1, keepdim=True)
-    amax = amax_block.max()
-    # An all-zero tensor would give a zero tensor scale and 0/0 below; any positive scale
-    # works there because every block then dequantises to zero anyway.
-    s_tensor = torch.where(amax > 0, amax / (E2M1_MAX * E4M3_MAX), torch.ones_like(amax))
-    s_block = round_to_e4m3(amax_block / (E2M1_MAX * s_tensor)) * s_tensor
-    # A block whose scale underflowed E4M3 (or was all zeros) must flush to zero, never to NaN:
-    # divide by 1 there, and the final multiply by the zero scale zeroes it. Dividing (rather
-    # than multiplying by a reciprocal) keeps exactly representable inputs exact.
-    scaled = blocks / torch.where(s_block > 0, s_block, torch.ones_like(s_block))
-    return (round_to_e2m1(scaled) * s_block).reshape(x.shape)
+    scaled = blocks.abs()
+    amax_block = scaled.amax(dim=1, keepdim=True)
+    # The floor keeps an all-zero tensor from dividing 0 by 0 (its blocks all get scale 0);
+    # 1e-30 is far below any real activation yet its tensor scale is still a normal float32.
+    s_tensor = amax_block.max().clamp(min=1e-30) / (E2M1_MAX * E4M3_MAX)
+    s_block = round_to_e4m3(amax_block / (E2M1_MAX * s_tensor)).mul_(s_tensor)
+    # A block whose scale underflowed E4M3 (or is all zeros) must flush to zero, never to NaN:
+    # divide it by 1 instead, then the multiply by its zero scale zeroes it. Dividing (not
+    # multiplying by a reciprocal) keeps exactly representable inputs exact.
+    scaled.div_(torch.where(s_block > 0, s_block, 1.0)).clamp_(max=E2M1_MAX)
+    return _round_e2m1_nonneg_(scaled).mul_(s_block).copysign_(blocks).reshape(x.shape)
 
 
 @torch.no_grad()
@@ -101,7 +108,7 @@ def quantize_nvfp4(x: Tensor) -> Tensor:
     """
     if x.numel() == 0:
         return x.clone()
-    xf = x.to(torch.float32)
+    xf = x.to(torch.float32).contiguous()
     k = xf.shape[-1]
     pad = (-k) % BLOCK_SIZE
     if pad:
@@ -155,10 +162,16 @@ class QuantLinear(nn.Linear):
         #: Whether forward fake-quantises to NVFP4; toggled by ``HybridLM.set_precision``.
         self.quantize: bool = quantize
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Apply the (optionally NVFP4 fake-quantised) affine map."""
+    def forward(self, x: Tensor, input_quantized: bool = False) -> Tensor:
+        """Apply the (optionally NVFP4 fake-quantised) affine map.
+
+        ``input_quantized=True`` says the caller already passed ``x`` through
+        ``fake_quant_nvfp4`` (one input feeding several GEMMs is then quantised once, as a real
+        NVFP4 pipeline would keep one FP4 copy of it).
+        """
         if self.quantize:
-            return F.linear(fake_quant_nvfp4(x), fake_quant_nvfp4(self.weight), self.bias)
+            xq = x if input_quantized else fake_quant_nvfp4(x)
+            return F.linear(xq, fake_quant_nvfp4(self.weight), self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
