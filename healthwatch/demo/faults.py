@@ -9,9 +9,12 @@ stream actually does from its ``onset`` step, and the Monitor measures the conse
   experts: its MaxVio climbs (4.8 → ≈12 in the report) and starved experts die.
 * ``residual_growth`` — the residual branches of the first quarter of the layers are scaled up a
   little more each step: early-layer residual RMS rises long before the loss moves.
-* ``mtp_starvation`` — the shared output layer accumulates its gradient in a low-precision
-  accumulator (a few mantissa bits), so the MTP heads' small (×0.05) contributions round away and
-  the MTP heads lose their output-layer signal: their losses rise before the train loss.
+* ``mtp_starvation`` — the shared output layer and the MTP block share one low-precision
+  gradient bucket with a single scale (as in bucketed low-precision gradient reduction): the
+  output layer accumulates main-first with a few mantissa bits, so the MTP heads' small (×0.05)
+  contributions round away, and MTP-block gradients far below the bucket's largest value
+  underflow to zero. The MTP block stops learning while the trunk under it keeps moving: the MTP
+  losses rise while the train loss still falls.
 * ``ultra`` — the reference case: MTP starvation, residual growth and router collapse from the
   onset, then a learning-rate excursion that diverges the run.
 """
@@ -41,12 +44,13 @@ class Fault:
 
     name: str
     onset: int
-    lr_factor: float = 30.0
+    lr_factor: float = 100.0
     lr_ramp: int = 40
     lr_delay: int = 0
-    collapse_rate: float = 0.08
+    collapse_rate: float = 0.4
     resid_rate: float = 0.02
     accum_bits: int = 3
+    bucket_range: int = 4
     parts: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -79,7 +83,7 @@ class Fault:
                 first = next((r for _b, r in model.routers()), None)
                 if first is not None:
                     bias = torch.zeros_like(first.logit_bias)
-                    bias[: max(1, first.top_k // 2)] = self.collapse_rate * t
+                    bias[: first.top_k] = self.collapse_rate * t
                     first.logit_bias.copy_(bias)
             if "residual_growth" in self.parts:
                 n = max(1, len(model.blocks) // 4)
@@ -112,6 +116,15 @@ def backward_with_fault(
     # The accumulator holds the running sum at low precision: adding a much smaller term
     # to it changes nothing, which is exactly how the report's MTP heads lost their signal.
     weight.grad.copy_(round_mantissa(round_mantissa(g_main, fault.accum_bits) + g_mtp, fault.accum_bits))
+    if model.mtp is None:
+        return
+    # One bucket, one scale: anything below amax * 2^-range underflows in the narrow format.
+    bucket = [weight.grad] + [p.grad for p in model.mtp.parameters() if p.grad is not None]
+    amax = torch.stack([g.abs().max() for g in bucket]).max()
+    floor = amax * 2.0 ** -fault.bucket_range
+    for p in model.mtp.parameters():
+        if p.grad is not None:
+            p.grad.masked_fill_(p.grad.abs() < floor, 0.0)
 
 
 FaultFactory = Callable[[int], Fault]
