@@ -117,9 +117,12 @@ def run_demo(store: Path, quick: bool = False, console: Console | None = None, p
         mon.event("note", step=stop_step, message=f"training stopped: {outcome}")
         mon.close()
         progress.update(task, note=f"{outcome} at step {stop_step}")
-        first_alert = min((int(t.step) for t in stopper.fired), default=stop_step)
-        candidates = [s for s in trainer.checkpoints if s <= min(first_alert, plan.onset + plan.checkpoint_every)]
-        rollback = max(candidates) if candidates else 0
+        first_alert = min((int(t.step) for t in stopper.fired), default=None)
+        # The last checkpoint before the first mover; without an alert, stay three checkpoints
+        # clear of the step where the trainer's own divergence check tripped.
+        limit = first_alert if first_alert is not None else stop_step - 3 * plan.checkpoint_every
+        candidates = [s for s in trainer.checkpoints if s < limit] or [0]
+        rollback = max(candidates)
         summary.update(outcome=outcome, stopped_at=stop_step, first_alert=first_alert, rollback_step=rollback,
                        alerts=[(t.alert, int(t.step)) for t in stopper.fired])
 
@@ -166,7 +169,8 @@ def run_demo(store: Path, quick: bool = False, console: Console | None = None, p
 def _print_summary(store: Path, summary: dict[str, Any], console: Console) -> None:
     console.print(
         f"\n[bold]{summary['main']}[/]: {summary['outcome']} at step {summary['stopped_at']}; "
-        f"first alert at step {summary['first_alert']}; rolled back to step {summary['rollback_step']}"
+        f"first alert at step {summary['first_alert'] if summary['first_alert'] is not None else '-'}; "
+        f"rolled back to step {summary['rollback_step']}"
     )
     if summary["alerts"]:
         names = ", ".join(sorted({a for a, _ in summary["alerts"]}))
