@@ -51,13 +51,12 @@ def test_learning_is_real(tmp_path):
 @pytest.mark.slow
 def test_lr_excursion_raises_loss_and_wgrad_together(tmp_path):
     # The demo's own model: it learns well below the unigram level, so there is room to rise.
-    st = _train(tmp_path, "lr", "lr_excursion", 140, 60, model=HybridConfig(), seq_len=64)
-    # The loss cannot climb far above the unigram entropy on this data; a rise of 0.05 nat is
-    # several times the batch noise of a 20-step mean.
-    before, after = _mean(st, "lr", _scalar("loss/train"), 40, 60), _mean(st, "lr", _scalar("loss/train"), 120, 140)
-    assert after > before + 0.05, (before, after)
-    peak = "SELECT max(value) FROM scalars WHERE run = 'lr' AND name = 'grad_norm/total' AND step >= ? AND step < ?"
-    before, after = st.sql(peak, [30, 60]).fetchone()[0], st.sql(peak, [90, 140]).fetchone()[0]
+    st = _train(tmp_path, "lr", "lr_excursion", 90, 60, model=HybridConfig(), seq_len=64)
+    # While the learning rate ramps up (steps 60-100) loss and gradient norm climb together.
+    before, after = _mean(st, "lr", _scalar("loss/train"), 35, 60), _mean(st, "lr", _scalar("loss/train"), 65, 90)
+    assert after > before + 0.1, (before, after)
+    med = "SELECT median(value) FROM scalars WHERE run = 'lr' AND name = 'grad_norm/total' AND step >= ? AND step < ?"
+    before, after = st.sql(med, [35, 60]).fetchone()[0], st.sql(med, [65, 90]).fetchone()[0]
     assert after > before * 1.5, (before, after)
 
 
