@@ -24,6 +24,7 @@ def lines(frames: dict[str, pl.DataFrame], x: str, y_title: str, title: str, log
                 y = y.rolling_mean(window_size=smooth, min_samples=1)
             fig.add_trace(go.Scattergl(
                 x=part[x].to_list(), y=y.to_list(), mode="lines", name=name + (" (superseded)" if ghost else ""),
+                legendgroup=name, showlegend=not ghost,
                 line={"dash": "dot", "width": 1} if ghost else {"width": 1.6}, opacity=0.45 if ghost else 1.0,
             ))
     fig.update_layout(title=title, xaxis_title=X_TITLES.get(x, x), yaxis_title=y_title, height=330,

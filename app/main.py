@@ -7,9 +7,9 @@ import streamlit as st
 st.set_page_config(page_title="healthwatch", layout="wide")
 
 PAGES = [
-    st.Page("pages/runs.py", title="Runs", icon="🗂️", default=True),
-    st.Page("pages/run.py", title="Run", icon="📈"),
-    st.Page("pages/compare.py", title="Compare", icon="⚖️"),
-    st.Page("pages/alerts.py", title="Alerts", icon="🚨"),
+    st.Page("views/runs.py", title="Runs", default=True),
+    st.Page("views/run.py", title="Run"),
+    st.Page("views/compare.py", title="Compare"),
+    st.Page("views/alerts.py", title="Alerts"),
 ]
 st.navigation(PAGES).run()

@@ -34,8 +34,8 @@ def runs_table() -> None:
             live = row["last_write"] is not None and time.time() - row["last_write"] < LIVE_S
             rows.append({
                 "run": "    " * depth + ("└ " if depth else "") + row["run"],
-                "health": f"🔴 {n_firing} firing" if n_firing else "🟢 ok",
-                "status": "● live" if live else "idle",
+                "health": f"FIRING ({n_firing})" if n_firing else "ok",
+                "status": "live" if live else "idle",
                 "precision": row["precision"],
                 "branch step": row["branch_step"],
                 "attempts": row["attempts"],
