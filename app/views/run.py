@@ -16,7 +16,10 @@ if store is not None and not runs:
     st.info("The store has no runs yet.")
 if runs:
     c1, c2, c3, c4 = st.columns([3, 1, 1, 1])
-    run = c1.selectbox("run", runs, index=0)
+    # The run is also in the URL (?run=…), so a link or a bookmark opens the same run.
+    wanted = st.query_params.get("run")
+    run = c1.selectbox("run", runs, index=runs.index(wanted) if wanted in runs else 0)
+    st.query_params["run"] = run
     x = c2.radio("x axis", ["step", "tokens"], horizontal=True)
     log_y = c3.toggle("log scale")
     smooth = c4.slider("smoothing (points)", 1, 50, 1)
