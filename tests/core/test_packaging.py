@@ -39,7 +39,8 @@ def test_built_wheel_contains_and_imports_every_subpackage(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for pkg in SUBPACKAGES[:-1]:
         assert f"{pkg.replace('.', '/')}/__init__.py" in names, pkg
-    assert "healthwatch/alerts/packs/default.yaml" in names
+    for pack in (ROOT / "alerts" / "packs").glob("*.yaml"):
+        assert f"healthwatch/alerts/packs/{pack.name}" in names, pack.name
     # Import from the unpacked wheel, not from the source tree (cwd and path point elsewhere).
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)
