@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -159,30 +160,78 @@ class StoreWriter:
                 merges += 1
 
 
+#: A merge of more rows than this sorts one chunk of leading sort keys at a time (see merge_files).
+MERGE_CHUNK_ROWS = 4_000_000
+#: Leading sort keys that cut a table into chunks sorted independently (each chunk is one series).
+MERGE_CHUNK_KEYS: dict[str, tuple[str, ...]] = {
+    "layer_stats": ("metric", "layer"),
+    "scalars": ("name",),
+    "expert_load": ("layer",),
+}
+#: Memory DuckDB may use for one merge before it spills to the temp directory.
+MERGE_MEMORY_LIMIT = os.environ.get("HEALTHWATCH_MERGE_MEMORY", "2GB")
+
+
+def _parquet_rows(paths: Sequence[Path]) -> int:
+    import pyarrow.parquet as pq
+
+    total = 0
+    for p in paths:
+        try:
+            total += pq.ParquetFile(p).metadata.num_rows
+        except (OSError, pa.ArrowException):
+            return -1  # unknown: take the general path
+    return total
+
+
 def merge_files(directory: Path, sources: list[Path], target_name: str, table: str) -> Path:
     """Merge ``sources`` into one sorted segment ``target_name`` (caller holds the merge lock).
 
-    DuckDB does the merge so that a table larger than memory streams and spills instead of
-    being concatenated in RAM.
+    DuckDB does the merge with a bounded memory budget (``HEALTHWATCH_MERGE_MEMORY``, spilling to
+    the temp directory beyond it). A large merge of a table with chunk keys (e.g. ``layer_stats``:
+    one chunk per (metric, layer)) sorts and appends one chunk at a time: sources written by
+    earlier merges are already sorted, so each chunk reads only its own row groups, and memory
+    stays at one series instead of the whole table (a single ORDER BY over 3 x 10^8 rows took
+    more than 20 GB).
     """
     tmp = directory / f".tmp-{uuid.uuid4().hex}.partial"
     cols = ", ".join(f'"{c}"' for c in TABLES[table].names)
     order = ", ".join(f'"{c}"' for c in SORT_KEYS.get(table, []))
     files = "[" + ", ".join(_sql_str(str(p)) for p in sources) + "]"
-    con = duckdb.connect()
+    src = f"read_parquet({files}, hive_partitioning = false, union_by_name = true)"
+    spill = Path(tempfile.gettempdir()) / f"healthwatch-duckdb-{os.getpid()}"
+    con = duckdb.connect(config={"memory_limit": MERGE_MEMORY_LIMIT, "temp_directory": str(spill)})
     try:
         con.execute("SET preserve_insertion_order = false")
-        con.execute(
-            f"COPY (SELECT {cols} FROM read_parquet({files}, hive_partitioning = false, union_by_name = true)"
-            f"{' ORDER BY ' + order if order else ''}) TO {_sql_str(str(tmp))} "
-            "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)"
-        )
+        keys = MERGE_CHUNK_KEYS.get(table)
+        if keys and order and _parquet_rows(sources) > MERGE_CHUNK_ROWS:
+            _merge_chunked(con, src, cols, order, keys, tmp, table)
+        else:
+            con.execute(
+                f"COPY (SELECT {cols} FROM {src}{' ORDER BY ' + order if order else ''}) TO {_sql_str(str(tmp))} "
+                "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)"
+            )
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     finally:
         con.close()
     return publish_merge(directory, sources, tmp, target_name)
+
+
+def _merge_chunked(con: Any, src: str, cols: str, order: str, keys: tuple[str, ...], tmp: Path, table: str) -> None:
+    """Write the merge one chunk of ``keys`` at a time, in sort order, into one Parquet file."""
+    import pyarrow.parquet as pq
+
+    klist = ", ".join(f'"{k}"' for k in keys)
+    chunks = con.execute(f"SELECT DISTINCT {klist} FROM {src} ORDER BY {klist}").fetchall()
+    cond = " AND ".join(f'"{k}" IS NOT DISTINCT FROM ?' for k in keys)
+    schema = TABLES[table]
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for key in chunks:
+            rel = con.sql(f"SELECT {cols} FROM {src} WHERE {cond} ORDER BY {order}", params=list(key))
+            for batch in rel.to_arrow_reader(122_880):
+                writer.write_table(pa.Table.from_batches([batch]).cast(schema), row_group_size=122_880)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +310,13 @@ class Store:
         meta = _read_meta(self.root)
         check_schema_version(meta.get("schema_version"), f"store {self.root}")
         self.con = duckdb.connect()
+        try:
+            # DuckDB plans an ASOF join as a nested loop when it guesses the left side is tiny
+            # (≤ 64 rows); its estimates over filtered Parquet views are that low, so a token-aligned
+            # join of 1M x 100k rows became a 10^11-row nested loop. Always use the real ASOF join.
+            self.con.execute("SET asof_loop_join_threshold = 0")
+        except duckdb.Error:  # older DuckDB without the setting: it has no nested-loop ASOF either
+            pass
         self._lock = threading.RLock()
         self._signature: tuple[Any, ...] | None = None
         self._bad_files: set[str] = set()

@@ -157,13 +157,17 @@ class StatsCollector:
                 if self._zero is None:
                     self._zero = torch.zeros(1, device=self.device)
                 g = self._zero
-            grads.append(g.detach())
+            grads.append(g)
         if not grads:
             return
-        with torch.no_grad():
+        with torch.no_grad():  # no graph is recorded, so the grads need no per-tensor detach()
             norms = torch._foreach_norm(grads)
-            sq = torch.stack([n.to(device=self.device, dtype=torch.float64) for n in norms]).pow(2)
-            self.grad_sq.copy_(self._membership @ sq)
+            try:
+                # One stack and one cast instead of a cast per parameter (~2 µs each on the host).
+                stacked = torch.stack(norms).to(device=self.device, dtype=torch.float64)
+            except RuntimeError:  # norms on several devices
+                stacked = torch.stack([n.to(device=self.device, dtype=torch.float64) for n in norms])
+            self.grad_sq.copy_(self._membership @ stacked.pow(2))
         self.has_wgrad = True
 
     # -- per step ----------------------------------------------------------------------------

@@ -33,7 +33,9 @@ def _check_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tup
     if A.shape != (h,):
         raise ValueError(f"A must be [heads] = ({h},), got {tuple(A.shape)}")
     if B.shape != C.shape or B.dim() != 4 or B.shape[:2] != (b, length):
-        raise ValueError(f"B and C must both be [batch, seqlen, groups, state], got {tuple(B.shape)} and {tuple(C.shape)}")
+        raise ValueError(
+            f"B and C must both be [batch, seqlen, groups, state], got {tuple(B.shape)} and {tuple(C.shape)}"
+        )
     g = B.shape[2]
     if h % g:
         raise ValueError(f"heads ({h}) must be a multiple of groups ({g})")
@@ -86,6 +88,8 @@ def ssd_chunked(
     n = B.shape[-1]
     hg = h // g
     q = int(chunk_size)
+    if q < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     pad = (-length) % q
     if pad:
         # Zero dt past the end means no decay and no input there, so padding cannot leak into
@@ -96,40 +100,47 @@ def ssd_chunked(
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
     c = (length + pad) // q
 
-    # Layout [b, chunk, group, head-in-group, step, ...] so every contraction is one batched
-    # matmul and B/C broadcast over the heads of their group without being copied.
-    xdt = (x * dt.unsqueeze(-1)).view(b, c, q, g, hg, p).permute(0, 1, 3, 4, 2, 5)
-    a = (dt * A).view(b, c, q, g, hg).permute(0, 1, 3, 4, 2)  # [b, c, g, hg, q]
-    a_cs = torch.cumsum(a, dim=-1)
-    Bc = B.view(b, c, q, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3)  # [b, c, g, 1, q, n]
-    Cc = C.view(b, c, q, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3)
+    # Mostly the natural [b, chunk, step, group, head-in-group, headdim] layout: heads of a
+    # group then share one GEMM with that group's B/C (M = heads*headdim), instead of many
+    # tiny per-head GEMMs that would need B/C broadcast-copied to every head.
+    xdt = (x * dt.unsqueeze(-1)).view(b, c, q, h, p)
+    a_cs = torch.cumsum((dt * A).view(b, c, q, h), dim=2)  # log-decay from chunk start
+    Bg = B.view(b, c, q, g, n).transpose(2, 3)  # [b, c, g, q, n]
+    Cg = C.view(b, c, q, g, n).transpose(2, 3)
 
     # 1. Within each chunk: masked "attention" (C_l . B_s) * decay(l <- s) applied to x*dt.
-    y = ((Cc @ Bc.transpose(-1, -2)) * _segsum_exp(a_cs)) @ xdt
+    #    The decay differs per head, so this one product runs per head.
+    decay = _segsum_exp(a_cs.transpose(2, 3)).view(b, c, g, hg, q, q)
+    scores = (Cg @ Bg.transpose(-1, -2)).unsqueeze(3) * decay
+    y = scores @ xdt.view(b, c, q, g, hg, p).permute(0, 1, 3, 4, 2, 5)  # [b, c, g, hg, q, p]
+    y = y.permute(0, 1, 4, 2, 3, 5)  # [b, c, q, g, hg, p]
 
-    # 2. State each chunk contributes at its end.
-    decay_to_end = torch.exp(a_cs[..., -1:] - a_cs).unsqueeze(-1)
-    states = (xdt * decay_to_end).transpose(-1, -2) @ Bc  # [b, c, g, hg, p, n]
+    # 2. State each chunk contributes at its end: [b, c, g, n, hg*p].
+    to_end = torch.exp(a_cs[:, :, -1:] - a_cs).unsqueeze(-1)
+    states = Bg.transpose(-1, -2) @ (xdt * to_end).view(b, c, q, g, hg * p).transpose(2, 3)
+    states = states.view(b, c, g, n, hg, p)
 
-    # 3. Recurrence between chunks, as one matmul with the chunk-level decay matrix.
-    states = states.reshape(b, c, h, p * n)
+    # 3. Recurrence between chunks: carry = carry * decay(chunk) + chunk state.
+    chunk_decay = torch.exp(a_cs[:, :, -1]).view(b, c, g, 1, hg, 1)
     if initial_states is None:
-        init = states.new_zeros(b, 1, h, p * n)
+        carry = states.new_zeros(b, g, n, hg, p)
     else:
-        init = initial_states.reshape(b, 1, h, p * n).to(states.dtype)
-    states = torch.cat([init, states], dim=1).transpose(1, 2)  # [b, h, c+1, p*n]
-    chunk_a = F.pad(a_cs[..., -1].reshape(b, c, h).transpose(1, 2), (1, 0))  # [b, h, c+1]
-    states = _segsum_exp(torch.cumsum(chunk_a, dim=-1)) @ states  # state at each chunk boundary
-    final_state = states[:, :, -1].reshape(b, h, p, n)
-    states_in = states[:, :, :-1].transpose(1, 2).reshape(b, c, g, hg, p, n)
+        carry = initial_states.reshape(b, g, hg, p, n).permute(0, 1, 4, 2, 3).to(states.dtype)
+    carried_in = []
+    for z in range(c):
+        carried_in.append(carry)
+        carry = torch.addcmul(states[:, z], carry, chunk_decay[:, z])
+    states_in = torch.stack(carried_in, dim=1).view(b, c, g, n, hg * p)
 
     # 4. Carry-in state read out through C, decayed to each step of the chunk.
-    y = y + (Cc @ states_in.transpose(-1, -2)) * torch.exp(a_cs).unsqueeze(-1)
+    y_off = (Cg @ states_in).view(b, c, g, q, hg, p).transpose(2, 3)  # [b, c, q, g, hg, p]
+    y = y + y_off * torch.exp(a_cs).view(b, c, q, g, hg, 1)
 
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * q, h, p)[:, :length]
+    y = y.reshape(b, c * q, h, p)[:, :length]
     if D is not None:
-        y = y + x[:, :length] * D.view(1, 1, h, 1)
+        y = torch.addcmul(y, x[:, :length], D.view(1, 1, h, 1))
     if return_final_states:
+        final_state = carry.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
         return y, final_state
     return y
 

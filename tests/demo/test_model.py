@@ -6,7 +6,17 @@ import pytest
 import torch
 
 from healthwatch.demo.data import SyntheticTokens
-from healthwatch.demo.model import Block, GroupedExperts, HybridConfig, HybridLM, Router
+from healthwatch.demo.model import (
+    Block,
+    GroupedExperts,
+    HybridConfig,
+    HybridLM,
+    Router,
+    _apply_rope,
+    _causal_depthwise_conv,
+    _relu2,
+    _rope_table,
+)
 from healthwatch.demo.nvfp4 import QuantLinear
 
 
@@ -99,6 +109,33 @@ def test_experts_match_a_naive_loop() -> None:
     torch.testing.assert_close(experts(x, w, idx), want, rtol=1e-4, atol=1e-3)
 
 
+def test_causal_conv_matches_conv1d() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(12, 12, 4, groups=12, padding=3)
+    x = torch.randn(2, 9, 12)
+    want = conv(x.transpose(1, 2))[..., :9].transpose(1, 2)
+    torch.testing.assert_close(_causal_depthwise_conv(x, conv.weight, conv.bias), want)
+
+
+def test_rope_scores_depend_only_on_relative_position() -> None:
+    torch.manual_seed(0)
+    q, k = torch.randn(16), torch.randn(16)
+    rot = _rope_table(40, 16, 10000.0, torch.device("cpu"), False)
+
+    def at(v: torch.Tensor, pos: int) -> torch.Tensor:
+        return _apply_rope(v.expand(1, 40, 1, 16).contiguous(), rot)[0, pos, 0]
+
+    torch.testing.assert_close(at(q, 5) @ at(k, 3), at(q, 25) @ at(k, 23))
+    torch.testing.assert_close(at(q, 7).norm(), q.norm())
+    torch.testing.assert_close(at(q, 0), q)
+
+
+def test_relu2_gradient() -> None:
+    x = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_relu2, (x,))
+    torch.testing.assert_close(_relu2(x), torch.relu(x) ** 2)
+
+
 def test_mtp_heads_share_one_set_of_weights(batch: torch.Tensor) -> None:
     model = _model()
     mtp = model.mtp
@@ -147,6 +184,18 @@ def test_quantize_flags_on_first_85_percent_of_layers() -> None:
     assert not any(_quant_flags(_model(precision="bf16")).values())
     with pytest.raises(ValueError):
         model.set_precision("fp8")
+
+
+def test_fused_weight_quantisation_matches_per_layer(
+    batch: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _model()
+    with torch.no_grad():
+        fused = model(batch)
+        monkeypatch.setattr(HybridLM, "_prequantize_weights", lambda self: [])
+        per_layer = model(batch)
+    assert torch.equal(fused.logits, per_layer.logits)
+    assert all(not m.prequantized for _, m in model.quantizable_modules())
 
 
 def test_nvfp4_and_bf16_differ_slightly(batch: torch.Tensor) -> None:

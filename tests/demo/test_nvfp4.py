@@ -15,7 +15,9 @@ from healthwatch.demo.nvfp4 import (
     E2M1_VALUES,
     QuantLinear,
     fake_quant_nvfp4,
+    fake_quant_nvfp4_many,
     quantize_nvfp4,
+    quantize_nvfp4_many,
     round_to_e2m1,
     round_to_e4m3,
 )
@@ -27,7 +29,9 @@ def _row(values: list[float]) -> torch.Tensor:
 
 
 def test_e2m1_rounding_is_nearest_with_ties_to_even() -> None:
-    x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.3, 1.1, 2.6, 4.9, 5.1, 7.0, 100.0, -0.75, -5.0])
+    x = torch.tensor(
+        [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.3, 1.1, 2.6, 4.9, 5.1, 7.0, 100.0, -0.75, -5.0]
+    )
     want = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 0.5, 1.0, 3.0, 4.0, 6.0, 6.0, 6.0, -1.0, -4.0])
     assert torch.equal(round_to_e2m1(x), want)
 
@@ -156,3 +160,36 @@ def test_scale_invariance_up_to_a_power_of_two(scale: float) -> None:
     x = torch.randn(16, 64)
     p2 = 2.0 ** round(math.log2(scale))
     torch.testing.assert_close(quantize_nvfp4(x * p2), quantize_nvfp4(x) * p2, rtol=0, atol=0)
+
+
+def test_many_tensors_in_one_pass_equal_one_at_a_time() -> None:
+    torch.manual_seed(5)
+    xs = [
+        torch.randn(40, 64),
+        torch.randn(3, 16) * 100,  # its own tensor scale, far from the others'
+        torch.zeros(2, 32),
+        torch.randn(5, 20),  # not a multiple of 16: falls back to the padded path
+        torch.randn(16, 8, 32) * 1e-3,
+    ]
+    for q, x in zip(quantize_nvfp4_many(xs), xs):
+        assert q.shape == x.shape and torch.equal(q, quantize_nvfp4(x))
+    leaves = [x.clone().requires_grad_(True) for x in xs]
+    outs = fake_quant_nvfp4_many(leaves)
+    sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+    for i, leaf in enumerate(leaves):
+        assert torch.equal(leaf.grad, torch.full_like(leaf, float(i + 1)))
+
+
+def test_e2m1_rounding_matches_brute_force_nearest_even() -> None:
+    grid = torch.tensor(E2M1_VALUES)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    near = torch.cat(
+        [torch.nextafter(ties, torch.zeros(7)), ties, torch.nextafter(ties, torch.full((7,), 9.0))]
+    )
+    x = torch.cat([torch.linspace(0, 7, 70001), near, torch.tensor([1e-40, 6.5, 1e30, float("inf")])])
+    x = torch.cat([x, -x])
+    dist = (x.abs().clamp(max=6).unsqueeze(1) - grid).abs()
+    nearest = dist == dist.min(1, keepdim=True).values
+    # Among equally near grid points take the one with an even code (even index in E2M1_VALUES).
+    code = torch.where(nearest, torch.arange(8) % 2 * 10 + torch.arange(8), torch.full((8,), 99)).argmin(1)
+    assert torch.equal(round_to_e2m1(x), grid[code] * x.sign())

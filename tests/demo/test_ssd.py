@@ -89,4 +89,6 @@ def test_matches_mamba_ssm_kernel() -> None:
     want = mamba_chunk_scan_combined(x, dt, A, B, C, 32, D=D)
     got = ssd_chunked(x, dt, A, B, C, 32, D=D)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
-    torch.testing.assert_close(got.cpu(), ssd_reference(*(t.cpu() for t in (x, dt, A, B, C)), D=D.cpu()), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        got.cpu(), ssd_reference(*(t.cpu() for t in (x, dt, A, B, C)), D=D.cpu()), atol=1e-3, rtol=1e-3
+    )
