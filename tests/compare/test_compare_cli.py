@@ -1,0 +1,80 @@
+"""`healthwatch compare --store S --runs A B … --out FILE` writes readable CSV/Parquet/HTML."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from healthwatch.cli import app
+from healthwatch.compare import export_comparison, kaleido_available
+
+runner = CliRunner()
+
+
+def _compare(store, *args: str):
+    return runner.invoke(app, ["compare", "--store", str(store), *args])
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_export_table(gap_store, tmp_path, suffix):
+    out = tmp_path / "out" / f"cmp.{suffix}"
+    res = _compare(gap_store, "--runs", "nvfp4", "--runs", "bf16-s10002", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output
+    df = pl.read_csv(out) if suffix == "csv" else pl.read_parquet(out)
+    assert df.columns == ["low_run", "ref_run", "tokens", "step_low", "step_ref", "low", "ref", "gap", "gap_smooth"]
+    assert set(df["ref_run"]) == {"bf16-s10002"}
+    assert f"{df['gap'].mean():.4g}" == "0.003"
+
+
+def test_export_single_parent_compares_its_branches_and_html(gap_store, tmp_path):
+    out = tmp_path / "cmp.html"
+    res = _compare(gap_store, "--runs", "nvfp4", "--out", str(out), "--metric", "loss/mtp_2")
+    assert res.exit_code == 0, res.output
+    html = out.read_text()
+    assert "<html>" in html[:200] and "plotly" in html.lower()
+    for branch in ("bf16-s5001", "bf16-s10002", "bf16-s16002"):
+        assert branch in html
+    csv = export_comparison(gap_store, ["nvfp4"], tmp_path / "all.csv")
+    assert pl.read_csv(csv)["ref_run"].n_unique() == 3
+
+
+@pytest.mark.skipif(kaleido_available(), reason="kaleido installed: PNG export works")
+def test_png_without_kaleido_is_a_clear_error(gap_store, tmp_path):
+    res = _compare(gap_store, "--runs", "nvfp4", "--out", str(tmp_path / "c.png"))
+    assert res.exit_code != 0
+    assert "kaleido" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.skipif(not kaleido_available(), reason="needs kaleido")
+def test_png_with_kaleido(gap_store, tmp_path):  # pragma: no cover - kaleido is optional
+    res = _compare(gap_store, "--runs", "nvfp4", "--out", str(tmp_path / "c.png"))
+    assert res.exit_code == 0 or "PNG export failed" in res.output
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--runs", "nvfp4", "--runs", "ghost"], "run 'ghost' is not in the store"),
+        (["--runs", "bf16-s5001"], "has no branches"),
+        (["--runs", "nvfp4", "--runs", "bf16-s5001", "--metric", "loss/mtp_7"], "no 'loss/mtp_7' values"),
+    ],
+)
+def test_clear_errors(gap_store, tmp_path, args, needle):
+    res = _compare(gap_store, *args, "--out", str(tmp_path / "x.csv"))
+    assert res.exit_code != 0 and needle in res.output and "Traceback" not in res.output
+
+
+def test_bad_suffix_no_overlap_and_missing_store(store_dir, tmp_path):
+    from tests_compare_store import write_run
+
+    write_run(store_dir, "a", range(0, 50), 1000)
+    write_run(store_dir, "b", range(0, 50), 1000, token_offset=10**9)
+    res = _compare(store_dir, "--runs", "a", "--runs", "b", "--out", str(tmp_path / "x.txt"))
+    assert res.exit_code != 0 and ".csv, .parquet, .html, .png" in res.output
+    res = _compare(store_dir, "--runs", "a", "--runs", "b", "--out", str(tmp_path / "x.csv"))
+    assert res.exit_code != 0 and "no overlapping tokens" in res.output
+    with pytest.raises(LookupError, match="no healthwatch store"):
+        export_comparison(tmp_path / "nowhere", ["a", "b"], tmp_path / "x.csv")
