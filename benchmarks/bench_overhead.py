@@ -59,7 +59,7 @@ MODEL = {
     # No NVFP4 fake quantisation: a faster step makes the overhead ratio larger (conservative).
     "precision": "bf16",
 }
-BATCH, SEQ = 2, 128
+BATCH, SEQ = 4, 128
 BUDGET_PCT = 1.0
 
 
@@ -305,11 +305,11 @@ def run_overhead(params: dict[str, Any]) -> dict[str, Any]:
 TASKS = {"overhead": run_overhead}
 
 
-def jobs(quick: bool, workdir: Path, pairs: int | None = None) -> list[Job]:
+def jobs(quick: bool, workdir: Path, pairs: int | None = None, batch: int | None = None) -> list[Job]:
     """The child tasks of this benchmark."""
-    n = pairs if pairs is not None else (10 if quick else 150)
-    params = {"pairs": n, "warmup": 2 if quick else 3, "attrib_steps": 6 if quick else 30,
-              "sync_steps": 4 if quick else 10, "workdir": str(workdir)}
+    n = pairs if pairs is not None else (8 if quick else 150)
+    params = {"pairs": n, "warmup": 2 if quick else 3, "attrib_steps": 5 if quick else 30,
+              "sync_steps": 3 if quick else 10, "workdir": str(workdir), "batch": batch or (2 if quick else BATCH)}
     return [Job("overhead", "benchmarks.bench_overhead", "overhead", params,
                 f"hook overhead ({n} A/B pairs)", timeout_s=600 if quick else 3600)]
 

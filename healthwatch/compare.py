@@ -234,15 +234,16 @@ def smooth_series(
     Non-finite values are skipped (the smoothed value carries over them) so one NaN step does not
     poison the rest of the series; the raw column keeps them.
     """
-    values = df[column]
-    if smooth is None or df.height == 0:
-        return values.alias(f"{column}_smooth")
+    if smooth is None:
+        return df[column].alias(f"{column}_smooth")
     if smooth not in ("ema", "window"):
         raise ValueError(f"smooth must be None, 'ema' or 'window', got {smooth!r}")
     if unit not in ("points", "tokens", "steps"):
         raise ValueError(f"unit must be 'points', 'tokens' or 'steps', got {unit!r}")
     if not span or span <= 0:
         raise ValueError(f"span must be positive, got {span!r}")
+    if df.height == 0:
+        return df[column].alias(f"{column}_smooth")
     col = pl.when(pl.col(column).is_finite()).then(pl.col(column)).otherwise(None)
     if unit == "points":
         if smooth == "ema":

@@ -11,7 +11,8 @@ Protocol (no cross-process lock is needed to write):
   listing, so a reader never sees a row twice; a reader whose file vanished between listing and
   reading retries with a fresh listing.
 * Merges of one (table, run) directory are serialised by a lock file taken with ``O_EXCL``
-  (stale after ``LOCK_STALE_S``); writers never need it.
+  (stale after ``LOCK_STALE_S``, or at once when its holder was a process of this machine that
+  no longer exists, e.g. a trainer killed with -9 mid-merge); writers never need it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -117,6 +119,92 @@ def iter_run_dirs(root: Path, table: str) -> Iterator[tuple[str, Path]]:
             yield entry[4:], tdir / entry
 
 
+def _machine_id() -> str:
+    """Host, boot and PID namespace of this process: PIDs are comparable only within one."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return "|".join(parts) if len(parts) == 3 else ""
+
+
+def _holder_is_dead(path: Path) -> bool:
+    """True only when the lock at ``path`` was taken by a process of this machine that has exited."""
+    try:
+        pid_text, _, machine = path.read_text().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return False
+    here = _machine_id()
+    if not here or machine.strip() != here or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. EPERM: it exists
+        return False
+    return False
+
+
+def _create_lock(path: Path) -> None:
+    """Create the lock file at ``path`` holding ``"<pid> <machine>"``; ``FileExistsError`` if taken.
+
+    The content is written to a temp file first and hard-linked into place (atomic, fails when the
+    lock exists), so a process killed at any moment never leaves an empty lock whose holder is
+    unknown (such a lock could only expire after ``LOCK_STALE_S``).
+    """
+    content = f"{os.getpid()} {_machine_id()}\n".encode()
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}.partial")
+    try:
+        tmp.write_bytes(content)
+        try:
+            os.link(tmp, path)
+            return
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: exclusive create, then write
+            pass
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, content)
+    finally:
+        os.close(fd)
+
+
+def _lock_is_stale(path: Path) -> bool:
+    """Whether the lock at ``path`` is older than ``LOCK_STALE_S`` or held by a dead local process."""
+    try:
+        return time.time() - path.stat().st_mtime > LOCK_STALE_S or _holder_is_dead(path)
+    except OSError:
+        return False
+
+
+def _break_lock(path: Path) -> bool:
+    """Remove a stale lock without ever removing a live one that replaced it meanwhile.
+
+    The lock is first renamed aside (atomic: exactly one breaker gets it) and checked again there;
+    if what was taken turns out to be live, it is linked back unless a new lock already exists.
+    """
+    grave = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex}")
+    try:
+        os.rename(path, grave)
+    except OSError:
+        return False  # another process broke or released it first: just retry the create
+    try:
+        if not _lock_is_stale(grave):
+            with contextlib.suppress(OSError):
+                os.link(grave, path)  # put a live lock back (fails if a new one exists)
+            return False
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            grave.unlink()
+
+
 @contextlib.contextmanager
 def merge_lock(directory: Path, blocking: bool = False, timeout: float = 30.0) -> Iterator[bool]:
     """Hold the per-directory merge lock; yields False when not acquired (non-blocking mode)."""
@@ -125,16 +213,12 @@ def merge_lock(directory: Path, blocking: bool = False, timeout: float = 30.0) -
     acquired = False
     while True:
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            os.close(fd)
+            _create_lock(path)
             acquired = True
             break
         except FileExistsError:
-            with contextlib.suppress(OSError):
-                if time.time() - path.stat().st_mtime > LOCK_STALE_S:
-                    path.unlink()  # a merger died holding it
-                    continue
+            if _lock_is_stale(path) and _break_lock(path):
+                continue  # a merger died holding it
             if not blocking or time.monotonic() > deadline:
                 break
             time.sleep(0.05)

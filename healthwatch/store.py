@@ -28,6 +28,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from healthwatch.schema import (
     ATTEMPT_TABLES,
@@ -160,9 +161,10 @@ class StoreWriter:
                 merges += 1
 
 
-#: A merge of more rows than this sorts one chunk of leading sort keys at a time (see merge_files).
-MERGE_CHUNK_ROWS = 4_000_000
-#: Leading sort keys that cut a table into chunks sorted independently (each chunk is one series).
+#: A merge of more rows than this sorts one chunk of leading sort keys at a time (see merge_files);
+#: also the target size of a chunk (~1 GB of sort memory at 16M rows).
+MERGE_CHUNK_ROWS = 16_000_000
+#: Leading sort keys that cut a table into chunks sorted independently.
 MERGE_CHUNK_KEYS: dict[str, tuple[str, ...]] = {
     "layer_stats": ("metric", "layer"),
     "scalars": ("name",),
@@ -188,11 +190,11 @@ def merge_files(directory: Path, sources: list[Path], target_name: str, table: s
     """Merge ``sources`` into one sorted segment ``target_name`` (caller holds the merge lock).
 
     DuckDB does the merge with a bounded memory budget (``HEALTHWATCH_MERGE_MEMORY``, spilling to
-    the temp directory beyond it). A large merge of a table with chunk keys (e.g. ``layer_stats``:
-    one chunk per (metric, layer)) sorts and appends one chunk at a time: sources written by
-    earlier merges are already sorted, so each chunk reads only its own row groups, and memory
-    stays at one series instead of the whole table (a single ORDER BY over 3 x 10^8 rows took
-    more than 20 GB).
+    the temp directory beyond it). A merge of more than ``MERGE_CHUNK_ROWS`` rows of a table with
+    chunk keys (``layer_stats``: metric, layer) sorts and appends one chunk of consecutive keys
+    (about ``MERGE_CHUNK_ROWS`` rows) at a time: sources written by earlier merges are already
+    sorted, so a chunk reads mostly its own row groups, and memory stays at one chunk instead of
+    the whole table (one ORDER BY over 3 x 10^8 rows took more than 20 GB).
     """
     tmp = directory / f".tmp-{uuid.uuid4().hex}.partial"
     cols = ", ".join(f'"{c}"' for c in TABLES[table].names)
@@ -219,17 +221,61 @@ def merge_files(directory: Path, sources: list[Path], target_name: str, table: s
     return publish_merge(directory, sources, tmp, target_name)
 
 
+def _merge_chunks(counts: list[tuple[Any, ...]], nkeys: int) -> list[tuple[str, list[Any]]]:
+    """Pack consecutive key groups ``(k1[, k2], rows)`` into chunks of ~MERGE_CHUNK_ROWS rows.
+
+    Returns ``(where_clause, params)`` per chunk, in sort order; a chunk never spans two values of
+    the first key when there are two keys, and NULL keys get chunks of their own.
+    """
+    chunks: list[tuple[str, list[Any]]] = []
+    group: list[tuple[Any, ...]] = []
+    size = 0
+
+    def close() -> None:
+        nonlocal group, size
+        if not group:
+            return
+        if nkeys == 1:
+            vals = [g[0] for g in group]
+            if vals == [None]:
+                chunks.append(("k1 IS NULL", []))
+            else:
+                chunks.append((f"k1 IN ({', '.join('?' * len(vals))})", vals))
+        else:
+            first, vals = group[0][0], [g[1] for g in group]
+            head = "k1 IS NULL" if first is None else "k1 = ?"
+            hp = [] if first is None else [first]
+            if vals == [None]:
+                chunks.append((f"{head} AND k2 IS NULL", hp))
+            else:
+                chunks.append((f"{head} AND k2 IN ({', '.join('?' * len(vals))})", hp + vals))
+        group, size = [], 0
+
+    for row in counts:
+        keys, n = row[:-1], int(row[-1])
+        boundary = group and (
+            (nkeys == 2 and keys[0] != group[-1][0]) or None in keys or None in group[-1]
+            or size + n > MERGE_CHUNK_ROWS
+        )
+        if boundary:
+            close()
+        group.append(keys)
+        size += n
+    close()
+    return chunks
+
+
 def _merge_chunked(con: Any, src: str, cols: str, order: str, keys: tuple[str, ...], tmp: Path, table: str) -> None:
-    """Write the merge one chunk of ``keys`` at a time, in sort order, into one Parquet file."""
+    """Write the merge chunk by chunk, in sort order, into one Parquet file."""
     import pyarrow.parquet as pq
 
     klist = ", ".join(f'"{k}"' for k in keys)
-    chunks = con.execute(f"SELECT DISTINCT {klist} FROM {src} ORDER BY {klist}").fetchall()
-    cond = " AND ".join(f'"{k}" IS NOT DISTINCT FROM ?' for k in keys)
+    counts = con.execute(f"SELECT {klist}, count(*) FROM {src} GROUP BY ALL ORDER BY {klist} NULLS LAST").fetchall()
     schema = TABLES[table]
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for key in chunks:
-            rel = con.sql(f"SELECT {cols} FROM {src} WHERE {cond} ORDER BY {order}", params=list(key))
+        for where, params in _merge_chunks(counts, len(keys)):
+            where = where.replace("k1", f'"{keys[0]}"').replace("k2", f'"{keys[-1]}"')
+            rel = con.sql(f"SELECT {cols} FROM {src} WHERE {where} ORDER BY {order}", params=params)
             for batch in rel.to_arrow_reader(122_880):
                 writer.write_table(pa.Table.from_batches([batch]).cast(schema), row_group_size=122_880)
 
@@ -258,6 +304,73 @@ def _duck_type(t: pa.DataType) -> str:
 
 
 _FILE_IN_ERROR = re.compile(r"""(?:file|File)\s+["']?([^"'\s]+\.parquet)""")
+
+
+#: How often a query is retried when files were retired (or found unreadable) under it.
+_QUERY_TRIES = 20
+
+
+class _Vanished(Exception):
+    """A listed file disappeared before it could be checked (compaction retired it): list again."""
+
+
+def _compatible(found: pa.DataType, expected: pa.DataType) -> bool:
+    """Whether a column of type ``found`` reads as ``expected`` without a lossy or failing cast."""
+    if pa.types.is_integer(expected):
+        return pa.types.is_integer(found) and found.bit_width == expected.bit_width
+    if pa.types.is_floating(expected):
+        return pa.types.is_floating(found)
+    if pa.types.is_string(expected) or pa.types.is_large_string(expected):
+        return pa.types.is_string(found) or pa.types.is_large_string(found)
+    if pa.types.is_list(expected):
+        return (pa.types.is_list(found) or pa.types.is_large_list(found)) and _compatible(
+            found.value_type, expected.value_type
+        )
+    return found.equals(expected)
+
+
+def segment_problem(path: str | os.PathLike[str], table: str) -> str | None:
+    """Why ``path`` is not a readable segment of ``table`` (``None`` when it is one).
+
+    Reads only the Parquet footer. A file that is not Parquet, lacks a column of the table, has a
+    column of an incompatible type, or carries its own ``run`` column (the run comes from the
+    directory) is refused, so a stray or foreign file can neither break a query nor pass its rows
+    off as the table's. Raises ``FileNotFoundError`` when the file vanished.
+    """
+    try:
+        schema = pq.read_schema(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        return f"not a readable Parquet file ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+    if "run" in schema.names:
+        return "has its own 'run' column (a segment's run comes from its directory)"
+    for field in TABLES[table]:
+        idx = schema.get_field_index(field.name)
+        if idx < 0:
+            return f"no column {field.name!r} (not a {table} segment)"
+        found = schema.field(idx).type
+        if not _compatible(found, field.type):
+            return f"column {field.name!r} is {found}, expected {field.type}"
+    return None
+
+
+def _full_read_problem(path: str) -> str | None:
+    """Why a file named in a query error is unreadable (footer, schema and every page), or None."""
+    table_part = Path(path).parent.parent.name
+    table = table_part[len("table="):] if table_part.startswith("table=") else None
+    try:
+        if table in TABLES:
+            problem = segment_problem(path, table)
+            if problem:
+                return problem
+        for _batch in pq.ParquetFile(path).iter_batches(batch_size=65_536):
+            pass
+    except FileNotFoundError:
+        return None
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        return f"unreadable ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+    return None
 
 
 class Result:
@@ -321,13 +434,23 @@ class Store:
         self._signature: tuple[Any, ...] | None = None
         self._bad_files: set[str] = set()
         self._warned: set[str] = set()
+        self._checked: set[str] = set()  # files whose footer was checked (segments are immutable)
+        self._read_ok: set[str] = set()  # files read in full once after a query failed on corrupt data
         self.version = 0  # bumps whenever the listing changed; apps cache on it
         self.refresh()
 
     # -- listing / views ---------------------------------------------------------------------
-    def _listing(self) -> tuple[dict[str, list[Path]], tuple[Any, ...]]:
+    def _listing(self) -> tuple[dict[str, list[Path]], tuple[Any, ...], int]:
+        """Live segments per table, the directories' signature, and how many files were new.
+
+        New files get their footer checked after every directory is listed (see
+        :func:`segment_problem`); the caller lists again when there were any, so that the time
+        between listing and querying stays short while compaction retires files.
+        """
         files: dict[str, list[Path]] = {}
         sig: list[Any] = []
+        seen: set[str] = set()
+        fresh: list[tuple[str, Path]] = []
         for table in TABLES:
             tdir = self.root / f"table={table}"
             try:
@@ -340,15 +463,51 @@ class Store:
                     sig.append((str(rdir), rdir.stat().st_mtime_ns))
                 except FileNotFoundError:
                     continue
-                paths.extend(p for p in list_segments(rdir) if str(p) not in self._bad_files)
+                for p in list_segments(rdir):
+                    key = str(p)
+                    if key in self._bad_files:
+                        continue
+                    if key not in self._checked:
+                        fresh.append((table, p))
+                    seen.add(key)
+                    paths.append(p)
             files[table] = paths
-        return files, tuple(sig)
+        for table, p in fresh:
+            try:
+                problem = segment_problem(p, table)
+            except FileNotFoundError as exc:
+                raise _Vanished(str(p)) from exc
+            if problem:
+                self._skip(str(p), problem)
+                files[table].remove(p)
+            else:
+                self._checked.add(str(p))
+        self._checked &= seen  # forget retired files (a long-lived app sees many come and go)
+        self._read_ok &= seen
+        return files, tuple(sig), len(fresh)
+
+    def _skip(self, path: str, why: str) -> None:
+        """Leave ``path`` out of every view from now on, with one warning naming it."""
+        self._bad_files.add(path)
+        if path not in self._warned:
+            self._warned.add(path)
+            log.warning("skipping unreadable segment %s: %s", path, why)
 
     def refresh(self, force: bool = False) -> bool:
         """Rebuild the views if the store's directories changed; returns True if rebuilt."""
         with self._lock:
-            for _try in range(20):
-                files, sig = self._listing()
+            relisted = False
+            for attempt in range(20):
+                if attempt > 1:  # files keep changing under us: let the writer or compactor finish
+                    time.sleep(min(0.05, 0.002 * attempt))
+                try:
+                    files, sig, fresh = self._listing()
+                except _Vanished:  # compaction retired a file while it was being checked
+                    force = True
+                    continue
+                if fresh and not relisted:  # checking new files took time: list again, quickly
+                    relisted = True
+                    continue
                 if not force and sig == self._signature:
                     return False
                 try:
@@ -416,7 +575,9 @@ class Store:
         with self._lock:
             self.refresh()
             last: Exception | None = None
-            for _attempt in range(6):
+            for attempt in range(_QUERY_TRIES):
+                if attempt:  # a file was retired under us: give the compactor's publish a moment
+                    time.sleep(min(0.05, 0.002 * attempt))
                 try:
                     if fn == "fetchall":
                         return self.con.execute(query, params).fetchall()
@@ -430,19 +591,44 @@ class Store:
                     last = exc
                     self._handle_read_error(exc)
                     self.refresh(force=True)
+                except duckdb.Error as exc:
+                    # A corrupt data page surfaces as a bare duckdb.Error naming no file
+                    # ("TProtocolException: Invalid data"); SQL mistakes have their own subclasses.
+                    if type(exc) is not duckdb.Error or not self._scan_for_corrupt_files(exc):
+                        raise
+                    last = exc
+                    self.refresh(force=True)
             assert last is not None
             raise last
+
+    def _scan_for_corrupt_files(self, exc: Exception) -> bool:
+        """Read every listed file not yet fully read once; skip the unreadable ones. True if any was."""
+        found = False
+        for table in TABLES:
+            for path in self.files(table):
+                key = str(path)
+                if key in self._bad_files or key in self._read_ok:
+                    continue
+                problem = _full_read_problem(key)
+                if problem:
+                    self._skip(key, f"{problem}; {str(exc).splitlines()[0][:200]}")
+                    found = True
+                else:
+                    self._read_ok.add(key)
+        return found
 
     def _handle_read_error(self, exc: Exception) -> None:
         """Skip a file that exists but is not a readable segment; a vanished one just relists."""
         msg = str(exc)
         for match in _FILE_IN_ERROR.finditer(msg):
             path = match.group(1)
-            if os.path.exists(path) and path not in self._bad_files:
-                self._bad_files.add(path)
-                if path not in self._warned:
-                    self._warned.add(path)
-                    log.warning("skipping unreadable segment %s: %s", path, msg.splitlines()[0][:200])
+            if path in self._bad_files or not os.path.exists(path):
+                continue
+            # An error may name a good file too ("... was read from the original file X"):
+            # only a file that really fails to read is skipped.
+            problem = _full_read_problem(path)
+            if problem:
+                self._skip(path, f"{problem}; {msg.splitlines()[0][:200]}")
 
     @property
     def bad_files(self) -> set[str]:
@@ -486,6 +672,21 @@ def _rollup_sql(table: str, run: str, bucket: int) -> str:
     )
 
 
+def _mergeable(paths: list[Path], table: str) -> list[Path]:
+    """The readable segments of ``table`` among ``paths``; a stray or corrupt file is left in place."""
+    out = []
+    for path in paths:
+        try:
+            problem = segment_problem(path, table)
+        except FileNotFoundError:
+            continue
+        if problem:
+            log.warning("compaction leaves %s alone: %s", path, problem)
+            continue
+        out.append(path)
+    return out
+
+
 def compact_run(root: Path, run: str, rollups: bool = True, min_files: int = 2) -> dict[str, int]:
     """Merge every table of one run into one sorted segment each and rewrite its rollups.
 
@@ -503,7 +704,7 @@ def compact_run(root: Path, run: str, rollups: bool = True, min_files: int = 2) 
             if not locked:
                 continue
             recover_directory(directory)
-            sources = list_segments(directory)
+            sources = _mergeable(list_segments(directory), table)
             if len(sources) >= min_files:
                 target = f"compact{uuid.uuid4().hex[:8]}-{int(time.time()):012d}-L99.parquet"
                 merge_files(directory, sources, target, table)

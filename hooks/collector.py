@@ -21,6 +21,15 @@ from healthwatch.hooks.adapters.base import ModelSpec
 SPECIAL_GROUPS = ("total", "output", "embedding", "mtp")
 
 
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass (host-side check, no device sync).
+
+    Forward hooks that fire then come from activation recomputation (``torch.utils.checkpoint``,
+    HF ``gradient_checkpointing``, megatron ``recompute_granularity``) and must not count twice.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
 @dataclass
 class Layout:
     """Where each statistic sits in a step's ``sum`` and ``max`` rows (host-side bookkeeping)."""
@@ -89,8 +98,9 @@ class StatsCollector:
         extract = self.spec.blocks[i].hidden
 
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-            # Evaluation passes would mix validation data into training statistics.
-            if not self.active or not module.training:
+            # Evaluation passes would mix validation data into training statistics; a forward run
+            # inside backward is activation recomputation (checkpointing) of a pass already counted.
+            if not self.active or not module.training or _in_backward():
                 return
             h = extract(module, inputs, output)
             if not isinstance(h, torch.Tensor) or h.dim() == 0:
@@ -108,7 +118,7 @@ class StatsCollector:
         experts = spec.num_experts
 
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-            if not self.active or not module.training:
+            if not self.active or not module.training or _in_backward():
                 return
             with torch.no_grad():
                 decision = spec.extract(module, inputs, output).detach()
@@ -142,8 +152,9 @@ class StatsCollector:
             group = spec.all_params if name == "total" else spec.special_params.get(name, [])
             pairs.extend((spec.num_layers + g, idx(p)) for p in group)
         member = torch.zeros(self.layout.n_groups, max(1, len(params)), dtype=torch.float64)
+        scale = getattr(spec, "grad_scale", None) or {}
         for g, p in pairs:
-            member[g, p] = 1.0
+            member[g, p] = scale.get(id(params[p]), 1.0)
         return params, member.to(self.device)
 
     def after_backward(self) -> None:

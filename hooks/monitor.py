@@ -29,8 +29,8 @@ from torch import nn
 from healthwatch.hooks.adapters import Adapter, ModelSpec, auto_adapter
 from healthwatch.hooks.collector import StatsCollector
 from healthwatch.hooks.rows import DeadExpertWindow, ExtraMeta, StepMeta, build_rows
-from healthwatch.schema import SCHEMA_VERSION, validate_metric_name, validate_run_name
-from healthwatch.store import StoreWriter, default_store_path, host_name, init_store
+from healthwatch.schema import SCHEMA_VERSION, check_schema_version, validate_metric_name, validate_run_name
+from healthwatch.store import META_FILE, StoreWriter, default_store_path, host_name, init_store
 
 log = logging.getLogger("healthwatch.monitor")
 
@@ -50,6 +50,21 @@ class _Flush:
 
 def _is_tensor(v: object) -> bool:
     return isinstance(v, torch.Tensor)
+
+
+def _refuse_newer_schema(root: Path) -> None:
+    """Raise ``NewerSchemaError`` at construction when ``root`` was written by a newer healthwatch.
+
+    Refusing here, before training starts, is the one clear error; found later in the writer
+    thread it would only drop every row. An absent or unreadable metadata file is left to the
+    writer (which reports it as dropped rows) so that a damaged store never stops a run.
+    """
+    try:
+        meta = json.loads((root / META_FILE).read_text())
+        found = meta.get("schema_version") if isinstance(meta, dict) else None
+    except (OSError, ValueError):
+        return
+    check_schema_version(found, f"store {root}")
 
 
 class Monitor:
@@ -107,6 +122,7 @@ class Monitor:
         if (parent is None) != (branch_step is None) and branch_tokens is None:
             raise ValueError("a branch run needs both parent= and branch_step= (or neither)")
         self.root = Path(default_store_path(store))
+        _refuse_newer_schema(self.root)
         self.precision = precision
         self.parent, self.branch_step, self.branch_tokens = parent, branch_step, branch_tokens
         self.config = dict(config or {})
@@ -380,6 +396,8 @@ class Monitor:
         done = threading.Event() if wait else None
         if self.writes or (self.per_rank and steps):
             self._put(_Flush(flat, event, steps, extras, extras_offset, [], done), rows=nrows)
+        elif done is not None:
+            done.set()  # nothing queued on a non-writing rank: waiting would only hit the timeout
         if done is not None and self._thread.is_alive():
             done.wait(timeout=120)
 
@@ -473,30 +491,44 @@ class Monitor:
             [b.layer_type for b in spec.blocks] if spec else [],
             [b.residual for b in spec.blocks] if spec else [],
             self._dead, self.attempt, self.world, self.expert_load_every,
+            [b.index for b in spec.blocks] if spec else None,
         )
-        if self.dropped_rows != self._reported_dropped and item.steps:
+        report = self.dropped_rows != self._reported_dropped and bool(item.steps)
+        count = self.dropped_rows
+        if report:
             last = item.steps[-1]
-            rows.scalar(last.step, last.tokens, last.wall_time, "monitor/dropped_rows", float(self.dropped_rows))
-            self._reported_dropped = self.dropped_rows
+            rows.scalar(last.step, last.tokens, last.wall_time, "monitor/dropped_rows", float(count))
         if self.writes:
-            self._write_tables(writer, rows)
+            written = self._write_tables(writer, rows, own_rows=int(report))
+            if report and "scalars" in written:
+                self._reported_dropped = count  # reported only once it is really in the store
+        elif report:
+            self._reported_dropped = count
         self._after_flush()
 
-    def _write_tables(self, writer: StoreWriter, rows: Any) -> None:
+    def _write_tables(self, writer: StoreWriter, rows: Any, own_rows: int = 0) -> list[str]:
+        """Write one flush's tables; returns those written.
+
+        On a storage error the rows of the tables not written are counted as dropped (the
+        ``own_rows`` report of earlier drops among them excluded: it is re-sent with the new total).
+        """
         written = []
+        tables = (("scalars", rows.scalars), ("layer_stats", rows.layers), ("expert_load", rows.load))
         try:
-            for table, cols in (("scalars", rows.scalars), ("layer_stats", rows.layers), ("expert_load", rows.load)):
+            for table, cols in tables:
                 if cols["step"]:
                     writer.write(table, cols)
                     written.append(table)
         except OSError as exc:
-            self._drop(rows.n_rows, f"cannot write to {self.root}: {exc}")
-            return
+            lost = sum(len(cols["step"]) for table, cols in tables if table not in written)
+            self._drop(lost - (own_rows if "scalars" not in written else 0), f"cannot write to {self.root}: {exc}")
+            return written
         for table in written:
             try:
                 writer.compact_own(table)
             except Exception as exc:  # noqa: BLE001 - merging is an optimisation, never fatal
                 log.debug("self-compaction of %s failed: %s", table, exc)
+        return written
 
     def _after_flush(self) -> None:
         if self._alerts_spec is None or not self.writes:

@@ -146,12 +146,19 @@ def build_rows(
     attempt: int,
     world: int,
     expert_load_every: int,
+    layer_ids: list[int] | None = None,
 ) -> RowBuilder:
-    """Decode a flushed buffer into rows. ``world`` divides summed values back into means."""
+    """Decode a flushed buffer into rows. ``world`` divides summed values back into means.
+
+    ``layer_ids`` gives the stored ``layer`` of each block position (``BlockSpec.index``: the
+    global index, which differs from the position on a pipeline stage); default the position.
+    """
     out = RowBuilder(attempt)
     nb = layout.num_blocks
     layers = list(range(nb))
+    ids = list(layer_ids) if layer_ids is not None else layers
     r_layers = layout.router_layers
+    r_ids = [ids[i] for i in r_layers]
     r_types = [block_types[i] for i in r_layers]
     for meta in steps:
         row = flat[meta.sum_offset : meta.sum_offset + meta.sum_len]
@@ -166,11 +173,12 @@ def build_rows(
         seen = [i for i in layers if residual_mask[i] and calls[i] > 0]
         if seen:
             resid = row[ns : ns + nb][seen] / calls[seen] / world
-            out.layer_block(st, tk, seen, [block_types[i] for i in seen], "resid_rms", resid)
-            out.layer_block(st, tk, seen, [block_types[i] for i in seen], "resid_rms_max", mx[seen])
+            seen_ids = [ids[i] for i in seen]
+            out.layer_block(st, tk, seen_ids, [block_types[i] for i in seen], "resid_rms", resid)
+            out.layer_block(st, tk, seen_ids, [block_types[i] for i in seen], "resid_rms_max", mx[seen])
         gsq = row[ns + nb : ns + nb + layout.n_groups] / world
         if meta.has_wgrad:
-            out.layer_block(st, tk, layers, block_types, "wgrad_norm", np.sqrt(gsq[:nb]))
+            out.layer_block(st, tk, ids, block_types, "wgrad_norm", np.sqrt(gsq[:nb]))
             for g, name in enumerate(layout.special):
                 out.scalar(st, tk, wt, f"grad_norm/{name}", float(np.sqrt(gsq[nb + g])))
         if r_layers:
@@ -179,15 +187,15 @@ def build_rows(
             per_router = [counts[r, : layout.router_experts[r]] for r in range(len(r_layers))]
             if any(meta.router_calls):
                 mv = np.array([maxvio(c) for c in per_router])
-                out.layer_block(st, tk, r_layers, r_types, "maxvio", mv)
+                out.layer_block(st, tk, r_ids, r_types, "maxvio", mv)
                 if dead is not None:
-                    out.layer_block(st, tk, r_layers, r_types, "dead_experts", np.asarray(dead.push(per_router), dtype=np.float64))
+                    out.layer_block(st, tk, r_ids, r_types, "dead_experts", np.asarray(dead.push(per_router), dtype=np.float64))
                 if expert_load_every > 0 and st % expert_load_every == 0:
                     for r, c in enumerate(per_router):
                         out.load["attempt"].append(attempt)
                         out.load["step"].append(st)
                         out.load["tokens"].append(tk)
-                        out.load["layer"].append(r_layers[r])
+                        out.load["layer"].append(r_ids[r])
                         out.load["counts"].append(np.rint(c).astype(np.int64).tolist())
     for meta in extras:
         vals = flat[extras_offset + meta.offset : extras_offset + meta.offset + len(meta.device_names)]

@@ -1,90 +1,273 @@
-"""Run page: losses and MTP heads, grad norms, MaxVio, dead experts, heatmaps, profiles, markers."""
+"""Run page: every health signal of one run, live.
+
+Losses with every MTP head, gradient norms, MaxVio max/median over layers and its layer x step
+heatmap, dead experts, residual-norm and wgrad heatmaps, alert and event markers, superseded
+attempts ghosted; then per-layer residual profiles and the expert-load histogram at chosen steps.
+The charts sit in a fragment that re-runs every few seconds and only reads new rows.
+"""
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
+import re
+import time
+from datetime import datetime
+
 import polars as pl
 import streamlit as st
 
 from healthwatch.app import charts
-from healthwatch.app.data import cached, get_store
+from healthwatch.app.data import (
+    Signal,
+    alert_states,
+    cached_run,
+    expert_load_at,
+    expert_load_steps,
+    get_store,
+    heatmap,
+    is_live,
+    layer_info,
+    layer_profiles,
+    markers,
+    profile_steps,
+    rollup_valid_until,
+    run_names,
+    run_overview,
+    scalar_names,
+    series,
+)
+from healthwatch.store import Store
 
-st.title("Run")
-store = get_store()
-runs = [] if store is None else store.sql("SELECT run FROM runs ORDER BY created").pl()["run"].to_list()
-if store is not None and not runs:
-    st.info("The store has no runs yet.")
-if runs:
-    c1, c2, c3, c4 = st.columns([3, 1, 1, 1])
+LAYER_UNITS = {
+    "maxvio": ("MaxVio", "MaxVio (max−mean)/mean, ratio"),
+    "resid_rms": ("Residual RMS", "RMS of the residual stream (activation units)"),
+    "resid_rms_max": ("Residual RMS, max over tokens", "max-token RMS (activation units)"),
+    "wgrad_norm": ("Weight-gradient norm", "L2 norm of the block's weight grads"),
+    "dead_experts": ("Dead experts", "experts with zero load (count)"),
+}
+EVENT_KINDS = ("rollback", "checkpoint", "note", "alert firing", "alert resolved")
+
+
+def _mtp_order(name: str) -> tuple[int, int, str]:
+    """loss/train first, then the MTP heads in numeric order, then anything else."""
+    if name == "loss/train":
+        return (0, 0, name)
+    m = re.match(r"loss/mtp_(\d+)$", name)
+    return (1, int(m.group(1)), name) if m else (2, 0, name)
+
+
+def _frames(points: pl.DataFrame, names: list[str], labels: dict[str, str] | None = None) -> dict[str, pl.DataFrame]:
+    """Split the long points frame into one frame per signal, in ``names`` order."""
+    out: dict[str, pl.DataFrame] = {}
+    for n in names:
+        part = points.filter(pl.col("sig") == n)
+        if part.height:
+            out[(labels or {}).get(n, n)] = part
+    return out
+
+
+def _header(store: Store, run: str) -> dict:
+    info = cached_run(store, run, run_overview)
+    states = alert_states(store)
+    firing = states.filter((pl.col("run") == run) & (pl.col("state") == "firing")).height if states.height else 0
+    live = is_live(info["last_write"])
+    parts = [f"**{info['precision'] or 'unknown precision'}**"]
+    if info["parent"]:
+        at = f"step {info['branch_step']:,}" if info["branch_step"] is not None else "an unknown step"
+        tok = f" ({charts._si(info['branch_tokens'])} tokens)" if info["branch_tokens"] is not None else ""
+        parts.append(f"branch of **{info['parent']}** at {at}{tok}")
+    if info["attempts"]:
+        parts.append(f"{info['attempts']} attempt{'s' if info['attempts'] != 1 else ''}"
+                     + (f", {info['rollbacks']} rolled back" if info["rollbacks"] else ""))
+    if info["last_step"] is not None:
+        parts.append(f"last step **{info['last_step']:,}** · {charts._si(info['last_tokens'])} tokens")
+    parts.append(":green[live]" if live else "idle")
+    parts.append(f":red[**{firing} alert{'s' if firing != 1 else ''} firing**]" if firing else "no alert firing")
+    st.markdown(" · ".join(parts))
+    info["live"] = live
+    return info
+
+
+def _charts(store: Store, run: str, x: str, log_y: bool, smooth: float) -> None:
+    """Everything that refreshes live. Cached per run; an idle refresh issues no SQL."""
+    t0 = time.perf_counter()
+    info = _header(store, run)
+    if info["last_step"] is None:
+        st.info(f"Run `{run}` has not flushed its first step yet: the charts appear once it has "
+                "(the Monitor flushes every few seconds).")
+        return
+    if not info["several_steps"]:
+        st.info(f"Run `{run}` is in its first step (step {info['last_step']:,}): the charts fill in as steps arrive.")
+    names = cached_run(store, run, scalar_names)
+    layers = cached_run(store, run, layer_info)
+    metrics = set(layers["metric"].to_list()) if layers.height else set()
+    losses = sorted([n for n in names if n.startswith("loss/")], key=_mtp_order)
+    grads = sorted(n for n in names if n.startswith("grad_norm/"))
+    others = [n for n in names if n not in losses and n not in grads]
+    scal = series(store, run, [Signal(n) for n in losses + grads + others])
+    layer_sigs = [Signal(m, a) for m, a in (("maxvio", "max"), ("maxvio", "median"), ("dead_experts", "max"),
+                                            ("dead_experts", "sum")) if m in metrics]
+    agg = series(store, run, layer_sigs) if layer_sigs else scal.head(0)
+    marks = cached_run(store, run, markers, tables=("events", "alerts", "attempts"))
+    ref = scal.filter((pl.col("sig") == (losses[0] if losses else names[0] if names else "")) & ~pl.col("superseded"))
+    rev = f"{run}-{x}"
+
+    if losses:
+        fig = charts.lines(_frames(scal, losses), x, "cross-entropy (nats per token)",
+                           "Train loss and every MTP head", log_y, smooth, height=380, revision=rev + "-loss")
+        charts.add_markers(fig, marks, x)
+        st.plotly_chart(fig, width="stretch", key="chart_losses", config={"displaylogo": False})
+    else:
+        st.info("No losses logged for this run (`loss/train`, `loss/mtp_<k>`).")
+
+    c1, c2 = st.columns(2)
+    with c1:
+        if grads:
+            fig = charts.lines(_frames(scal, grads), x, "L2 norm (before clipping)",
+                               "Gradient norms: total, output, embedding, MTP", log_y, smooth, revision=rev + "-gn")
+            charts.add_markers(fig, marks, x, kinds=("rollback", "alert firing"))
+            st.plotly_chart(fig, width="stretch", key="chart_gradnorm", config={"displaylogo": False})
+        else:
+            st.info("No gradient norms logged (`grad_norm/*`).")
+    moe = "maxvio" in metrics
+    with c2:
+        if moe:
+            fig = charts.lines(_frames(agg, ["maxvio:max", "maxvio:median"],
+                                       {"maxvio:max": "max over layers", "maxvio:median": "median over layers"}),
+                               x, "MaxVio (max−mean)/mean, ratio", "Expert balance: MaxVio over MoE layers",
+                               log_y, smooth, revision=rev + "-mv")
+            charts.add_markers(fig, marks, x, kinds=("rollback", "alert firing"))
+            st.plotly_chart(fig, width="stretch", key="chart_maxvio", config={"displaylogo": False})
+        else:
+            st.info("This run has no MoE layers: no MaxVio, dead-expert or expert-load signals.")
+
+    def heat(metric: str, col: st.delta_generator.DeltaGenerator, key: str) -> None:
+        title, unit = LAYER_UNITS.get(metric, (metric, metric))
+        with col:
+            if metric not in metrics:
+                st.info(f"No `{metric}` logged for this run.")
+                return
+            df = cached_run(store, run, heatmap, metric)
+            if df.height == 0:
+                st.info(f"No `{metric}` rows yet.")
+                return
+            fig = charts.heatmap(df, f"{title} by layer and step", unit, x, ref, log_color=log_y,
+                                 revision=f"{rev}-{key}")
+            st.plotly_chart(fig, width="stretch", key=key, config={"displaylogo": False})
+
+    if moe:
+        h1, h2 = st.columns(2)
+        heat("maxvio", h1, "heat_maxvio")
+        with h2:
+            if "dead_experts" in metrics:
+                fig = charts.lines(_frames(agg, ["dead_experts:max", "dead_experts:sum"],
+                                           {"dead_experts:max": "max over layers", "dead_experts:sum": "total over layers"}),
+                                   x, "experts with zero load (count)",
+                                   "Dead experts (no tokens over the trailing window)", False, 0.0,
+                                   revision=rev + "-dead")
+                charts.add_markers(fig, marks, x, kinds=("rollback", "alert firing"))
+                st.plotly_chart(fig, width="stretch", key="chart_dead", config={"displaylogo": False})
+            else:
+                st.info("No `dead_experts` logged for this run.")
+    if not metrics:
+        st.info("No per-layer metrics logged for this run (residual norms, wgrad norms, MaxVio).")
+    else:
+        r1, r2 = st.columns(2)
+        heat("resid_rms", r1, "heat_resid")
+        heat("wgrad_norm", r2, "heat_wgrad")
+
+    if others:
+        with st.expander(f"Other scalars ({', '.join(others[:6])}{'…' if len(others) > 6 else ''})"):
+            cols = st.columns(2)
+            for i, name in enumerate(others):
+                fig = charts.lines(_frames(scal, [name]), x, name, name, log_y, smooth, height=280,
+                                   revision=f"{rev}-{name}")
+                cols[i % 2].plotly_chart(fig, width="stretch", key=f"chart_other_{name}")
+    n = scal.height + agg.height
+    st.caption(f"{n:,} points drawn (min/max per bucket, ≤ 2,000 per trace) · built in "
+               f"{time.perf_counter() - t0:.2f} s · {datetime.now():%H:%M:%S}")
+
+
+def _at_steps(store: Store, run: str, x: str, log_y: bool) -> None:
+    """Per-layer residual profiles at chosen steps and the expert-load histogram at a chosen step."""
+    info = cached_run(store, run, run_overview)
+    layers = cached_run(store, run, layer_info)
+    if info["last_step"] is None or layers.height == 0:
+        return
+    lo, hi = int(info["first_step"]), int(info["last_step"])
+    st.subheader("At chosen steps")
+    c1, c2 = st.columns(2)
+    with c1:
+        metrics = [m for m in ("resid_rms", "resid_rms_max", "wgrad_norm", "maxvio")
+                   if m in set(layers["metric"].to_list())]
+        if not metrics:
+            st.info("No per-layer profiles to show.")
+        else:
+            metric = st.selectbox("Per-layer profile of", metrics, key="prof_metric",
+                                  format_func=lambda m: LAYER_UNITS.get(m, (m,))[0])
+            marks = cached_run(store, run, markers, tables=("events", "alerts", "attempts"))
+            special = marks.filter(pl.col("kind").is_in(["rollback", "alert firing"]) & ~pl.col("superseded"))
+            until = cached_run(store, run, rollup_valid_until, tables=("layer_stats_rollup", "attempts"))
+            even = profile_steps(lo, hi, until)
+            grid = sorted(set(even) | set(special["step"].to_list()))
+            default = sorted({even[0], even[len(even) // 2], even[-1]})
+            picked = st.multiselect("Steps (type another step and press Enter to add it)", grid, default=default,
+                                    key="prof_steps", accept_new_options=True, max_selections=8)
+            steps = sorted({int(s) for s in picked if str(s).strip().lstrip("-").isdigit()})
+            if not steps:
+                st.info("Pick at least one step.")
+            else:
+                df = cached_run(store, run, layer_profiles, metric, tuple(steps))
+                if df.height == 0:
+                    st.info("No rows at or before those steps.")
+                else:
+                    title, unit = LAYER_UNITS.get(metric, (metric, metric))
+                    st.plotly_chart(charts.profile(df, f"{title} per layer at chosen steps", unit, x, log_y),
+                                    width="stretch", key="chart_profile")
+    with c2:
+        samples = cached_run(store, run, expert_load_steps, tables=("expert_load", "attempts"))
+        if not samples:
+            st.info("No expert-load samples for this run (MoE runs sample every `expert_load_every` steps).")
+            return
+        at = samples[-1]
+        if len(samples) > 1:
+            at = st.slider("Expert load at step (nearest sample at or before)", samples[0], samples[-1], samples[-1],
+                           key="load_step")
+        load = cached_run(store, run, expert_load_at, int(at), tables=("expert_load", "attempts"))
+        if load.height == 0:
+            st.info("No expert-load sample at or before that step.")
+            return
+        layer = st.selectbox("MoE layer", load["layer"].to_list(), key="load_layer")
+        row = load.filter(pl.col("layer") == layer).row(0, named=True)
+        st.plotly_chart(charts.expert_load(row["counts"], layer, row["step"], row["tokens"]), width="stretch",
+                        key="chart_load")
+
+
+def main() -> None:
+    """Draw the page."""
+    st.title("Run")
+    store = get_store()
+    if store is None:
+        return
+    runs = run_names(store)
+    if not runs:
+        st.info("The store has no runs yet. Start one with `hw.Monitor(store=...)` or `healthwatch demo`.")
+        return
+    c1, c2, c3, c4, c5 = st.columns([3, 2, 1, 2, 2])
     # The run is also in the URL (?run=…), so a link or a bookmark opens the same run.
     wanted = st.query_params.get("run")
-    run = c1.selectbox("run", runs, index=runs.index(wanted) if wanted in runs else 0)
+    run = c1.selectbox("Run", runs, index=runs.index(wanted) if wanted in runs else len(runs) - 1, key="run_pick")
     st.query_params["run"] = run
-    x = c2.radio("x axis", ["step", "tokens"], horizontal=True)
-    log_y = c3.toggle("log scale")
-    smooth = c4.slider("smoothing (points)", 1, 50, 1)
+    x = c2.radio("x axis", ["step", "tokens"], horizontal=True, key="x_axis")
+    log_y = c3.toggle("log scale", key="log_y")
+    smooth = c4.slider("smoothing (EMA weight)", 0.0, 0.99, 0.0, 0.01, key="smooth",
+                       help="Exponential moving average of the drawn points; raw points stay faint behind.")
+    live = is_live(cached_run(store, run, run_overview)["last_write"])
+    every = c5.selectbox("live refresh", ["off", "2 s", "5 s", "10 s", "30 s"],
+                         index=2 if live else 0, key=f"refresh_{run}",
+                         help="Re-read new rows every few seconds without reloading the page.")
+    run_every = None if every == "off" else float(every.split()[0])
+    st.fragment(run_every=run_every)(_charts)(store, run, x, log_y, smooth)
+    st.fragment(_at_steps)(store, run, x, log_y)
 
-    @st.fragment(run_every=5)
-    def live(run: str = run) -> None:
-        """Everything that refreshes live; cached on the store version, so idle refreshes read nothing."""
-        store.refresh()
-        names = cached(store, "scalar_names", run)
-        if not names:
-            st.info(f"Run `{run}` has not flushed its first step yet.")
-            return
-        ev = cached(store, "events", run)
 
-        def series(name: str, layer: int | None = None) -> pl.DataFrame:
-            return cached(store, "series", run, name, ("layer", layer), ("include_superseded", True))
-
-        loss_names = [n for n in names if n.startswith("loss/")]
-        fig = charts.lines({n: series(n) for n in loss_names}, x, "cross-entropy (nats)",
-                           "Train loss and MTP heads", log_y, smooth)
-        charts.add_markers(fig, ev, x)
-        st.plotly_chart(fig, width="stretch", key="losses")
-        g1, g2 = st.columns(2)
-        gn = [n for n in names if n.startswith("grad_norm/")]
-        g1.plotly_chart(charts.lines({n: series(n) for n in gn}, x, "L2 norm", "Gradient norms (before clipping)",
-                                     log_y, smooth), width="stretch", key="gnorm")
-        metrics = cached(store, "layer_metrics", run)
-        if "maxvio" not in set(metrics["metric"].to_list()) if metrics.height else True:
-            g2.info("This run has no MoE layers: no MaxVio or dead-expert signals.")
-        else:
-            mx = cached(store, "layer_aggregate", run, "maxvio", "max")
-            md = cached(store, "layer_aggregate", run, "maxvio", "median")
-            f = charts.lines({"max over layers": mx, "median over layers": md}, x, "MaxVio (max−mean)/mean",
-                             "Expert balance (MaxVio)", log_y, smooth)
-            g2.plotly_chart(f, width="stretch", key="maxvio")
-        steps = store.sql("SELECT max(step) FROM layer_stats_effective WHERE run = ?", [run]).fetchone()[0]
-        if steps is None:
-            return
-        h1, h2 = st.columns(2)
-        for i, (metric, unit) in enumerate([("maxvio", "MaxVio"), ("resid_rms", "RMS"), ("wgrad_norm", "L2 norm"),
-                                            ("dead_experts", "experts")]):
-            hm = cached(store, "heatmap", run, metric, ("max_buckets", 200))
-            col = (h1, h2)[i % 2]
-            if hm.height:
-                col.plotly_chart(charts.heatmap(hm, f"{metric} by layer and step", unit), width="stretch",
-                                 key=f"hm-{metric}")
-        st.session_state["hw_last_step"] = int(steps)
-
-    live()
-    last = st.session_state.get("hw_last_step")
-    if last is not None:
-        st.subheader("At a chosen step")
-        at = st.slider("step", 0, max(1, last), last)
-        p1, p2 = st.columns(2)
-        prof = cached(store, "layer_profile", run, "resid_rms", at)
-        if prof.height:
-            fig = go.Figure(go.Bar(x=prof["layer"].to_list(), y=prof["value"].to_list()))
-            fig.update_layout(title=f"Residual RMS per layer at step {prof['step'][0]}", xaxis_title="layer",
-                              yaxis_title="RMS of residual stream", height=320)
-            p1.plotly_chart(fig, width="stretch")
-        load = cached(store, "expert_load_at", run, at)
-        if load.height:
-            layer = p2.selectbox("MoE layer", load["layer"].to_list())
-            counts = load.filter(pl.col("layer") == layer)["counts"][0].to_list()
-            fig = go.Figure(go.Bar(x=list(range(len(counts))), y=counts))
-            fig.update_layout(title=f"Expert load, layer {layer}, step {load['step'][0]}", xaxis_title="expert",
-                              yaxis_title="token assignments", height=320)
-            p2.plotly_chart(fig, width="stretch")
+main()

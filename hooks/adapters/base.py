@@ -92,6 +92,10 @@ class ModelSpec:
     adapter: str = ""
     #: Optional callable returning per-MTP-head losses logged by the framework itself (megatron).
     mtp_loss_reader: Callable[[], Sequence[torch.Tensor]] | None = None
+    #: ``id(param)`` → factor on that parameter's squared gradient norm. Under model parallelism a
+    #: parameter split into N shards across the Monitor's process group needs N, because the group
+    #: reduction averages squared norms over ranks (megatron tensor/expert-parallel weights).
+    grad_scale: dict[int, float] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:

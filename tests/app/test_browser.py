@@ -1,4 +1,5 @@
-"""End to end: the real Streamlit server in a real headless Chromium, including live refresh."""
+"""End to end: the real server (``healthwatch app``) in a real headless Chromium, every page, and
+live refresh while a writer process appends steps."""
 
 from __future__ import annotations
 
@@ -9,36 +10,40 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+DRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
 if not (CHROMIUM and DRIVER):
-    pytest.skip("needs Debian chromium and chromium-driver (apt-get install chromium chromium-driver)",
+    pytest.skip("needs Debian chromium and chromium-driver (apt-get install -y chromium chromium-driver)",
                 allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-WRITER = '''
-import sys, time, torch
-import healthwatch as hw
-sys.path.insert(0, {core!r})
-from toymodel import ToyLM
-m = ToyLM()
-with hw.Monitor(store={store!r}, run="live", flush_every_steps=5, flush_every_s=0.5) as mon:
-    mon.watch(m)
-    for step in range(100000):
-        out = m(torch.randint(0, 32, (1, 8))).sum()
-        out.backward(); mon.after_backward()
-        mon.step(step, tokens=8 * (step + 1), loss=out.detach() * 0 + 1.0 / (step + 1))
-        time.sleep(0.02)
-'''
+# Appends 5 steps of every scalar family to run `live` every 0.3 s through the real StoreWriter.
+WRITER = """
+import sys, time
+import numpy as np
+from healthwatch.store import StoreWriter
+root, step = sys.argv[1], int(sys.argv[2])
+w = StoreWriter(root, "live", attempt=1, rank=1)
+while True:
+    s = np.arange(step, step + 5, dtype=np.int64)
+    names = ["loss/train", "loss/mtp_1"]
+    w.write("scalars", {"attempt": np.ones(10, dtype=np.int32), "step": np.tile(s, 2), "tokens": np.tile(s * 64, 2),
+                        "name": np.repeat(names, 5), "value": np.tile(3.0 - s * 1e-3, 2),
+                        "wall_time": np.full(10, time.time())})
+    step += 5
+    time.sleep(0.3)
+"""
 
 
 def _free_port() -> int:
@@ -47,87 +52,130 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(cond, timeout: float, what: str):
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = cond()
         if value:
             return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-@pytest.fixture
-def server(app_store):
+def start_server(store: Path) -> tuple[subprocess.Popen, str]:
+    """``healthwatch app --store S --port P`` as a subprocess; returns it and its URL once healthy."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "healthwatch.cli", "app", "--store", str(app_store), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "healthwatch.cli", "app", "--store", str(store), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
     def healthy() -> bool:
+        assert proc.poll() is None, f"the app server exited with {proc.returncode}"
         try:
             return urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).status == 200
         except OSError:
             return False
 
     try:
-        _wait(healthy, 60, "the Streamlit server")
-        yield f"http://127.0.0.1:{port}", app_store
-    finally:
+        wait_for(healthy, 90, "the Streamlit server's health endpoint")
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a process we started, and wait for it."""
+    if proc.poll() is None:
         proc.terminate()
-        proc.wait(20)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
-@pytest.fixture
-def browser(tmp_path):
+def chrome(user_data: Path, size: str = "1400,1800") -> webdriver.Chrome:
+    """Headless Chromium with a fresh profile and no background traffic."""
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,2000",
-                f"--user-data-dir={tmp_path / 'chrome'}"):
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                f"--window-size={size}", f"--user-data-dir={user_data}"):
         opts.add_argument(arg)
-    driver = webdriver.Chrome(options=opts, service=Service(DRIVER))
+    return webdriver.Chrome(options=opts, service=Service(DRIVER))
+
+
+@pytest.fixture(scope="module")
+def server(app_store: Path) -> Iterator[str]:
+    proc, url = start_server(app_store)
+    try:
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    driver = chrome(tmp_path_factory.mktemp("chrome"))
     try:
         yield driver
     finally:
         driver.quit()
 
 
-def _plots(driver) -> int:
-    return len(driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot"))
+PLOTS_JS = "return Array.from(document.querySelectorAll('.js-plotly-plot')).filter(p => p.data).length"
+RUNNING_JS = "return !!document.querySelector('[data-testid=\"stStatusWidget\"]')"
 
 
-def _no_exception(driver) -> None:
+def no_exception(driver: webdriver.Chrome) -> None:
+    """No Streamlit exception element and no traceback text on the page."""
     assert not driver.find_elements(By.CSS_SELECTOR, "[data-testid='stException']")
     assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
 
 
-@pytest.mark.parametrize("page,min_plots", [("", 0), ("run", 6), ("alerts", 1), ("compare", 0)])
-def test_every_page_renders(server, browser, page, min_plots):
-    url, _store = server
-    browser.get(f"{url}/{page}")
-    WebDriverWait(browser, 60).until(
-        lambda d: _plots(d) >= max(1, min_plots) if min_plots else d.find_elements(By.CSS_SELECTOR, "h1")
-    )
-    _no_exception(browser)
+@pytest.mark.parametrize("path,title,plots", [
+    ("", "Runs", 1), ("run?run=main", "Run", 10), ("divergence?run=main", "Divergence", 1),
+    ("compare", "Compare", 0), ("alerts", "Alerts", 1),
+])
+def test_every_page_renders(server: str, browser: webdriver.Chrome, path: str, title: str, plots: int) -> None:
+    browser.get(f"{server}/{path}")
+    wait_for(lambda: any(h.text == title for h in browser.find_elements(By.CSS_SELECTOR, "h1")), 60, f"the {title} title")
+    if plots:
+        wait_for(lambda: browser.execute_script(PLOTS_JS) >= plots, 90, f"{plots} plotly charts on {title}")
+    wait_for(lambda: not browser.execute_script(RUNNING_JS), 60, "the script run to finish")
+    no_exception(browser)
 
 
-def test_live_chart_grows_without_reload(server, browser, tmp_path):
-    url, store = server
-    core = str(Path(__file__).resolve().parents[1] / "core")
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER.format(core=core, store=str(store)))
-    writer = subprocess.Popen([sys.executable, str(script)], env=dict(os.environ, PYTHONUNBUFFERED="1"))
+def test_live_chart_grows_without_reload(tmp_path: Path) -> None:
+    store = tmp_path / "live-store"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(store), "0"])
+    proc = driver = None
     try:
-        _wait(lambda: (store / "table=scalars" / "run=live").is_dir(), 60, "the writer's first flush")
-        browser.get(f"{url}/run?run=live")
+        wait_for(lambda: (store / "table=scalars" / "run=live").is_dir(), 60, "the writer's first segment")
+        from healthwatch.store import StoreWriter
+
+        StoreWriter(store, "live").write("runs", {"parent": [None], "branch_step": [None], "branch_tokens": [None],
+                                                  "precision": ["bf16"], "config": ["{}"], "created": [time.time()],
+                                                  "schema_version": ["1.0"]})
+        proc, url = start_server(store)
+        driver = chrome(tmp_path / "chrome")
+        driver.get(f"{url}/run?run=live")
+        # _fullData holds the decoded arrays (figures travel as binary numpy arrays, which stay
+        # {dtype, bdata} objects in `data`).
         count_js = ("const p = document.querySelectorAll('.js-plotly-plot')[0];"
-                    "if (!p || !p.data) return 0; const t = p.data.find(t => t.name === 'loss/train');"
-                    "return t ? t.x.length : 0;")
-        first = _wait(lambda: browser.execute_script(count_js), 60, "the live loss chart")
-        url_before = browser.current_url
-        grown = _wait(lambda: (n := browser.execute_script(count_js)) > first and n, 60, "new points in the live chart")
-        assert grown > first and browser.current_url == url_before
-        _no_exception(browser)
+                    "if (!p || !p._fullData) return 0; const t = p._fullData.find(t => t.name === 'loss/train');"
+                    "return t && t.x ? t.x.length : 0;")
+        first = wait_for(lambda: driver.execute_script(count_js), 90, "the live loss chart")
+        driver.execute_script("window.__hw_marker = 'same page';")  # a reload would wipe it
+        grown = wait_for(lambda: (n := driver.execute_script(count_js)) > first and n, 60,
+                         "new points in the live chart")
+        assert grown > first
+        assert driver.execute_script("return window.__hw_marker") == "same page"
+        no_exception(driver)
     finally:
-        writer.terminate()
-        writer.wait(20)
+        if driver is not None:
+            driver.quit()
+        if proc is not None:
+            stop(proc)
+        stop(writer)

@@ -1,0 +1,287 @@
+"""Faulty storage: read-only and full disks, slow stores, files deleted underneath.
+
+Promise (DESIGN §10): a full or read-only disk never stops training. The Monitor keeps training
+at full speed, drops the rows it cannot write, counts them (``Monitor.dropped_rows``), warns once,
+and, once the fault clears, writes again and reports the count as the scalar
+``monitor/dropped_rows``. No temporary file is left behind and the store stays readable.
+
+Each fault runs on a real small filesystem (a tmpfs made read-only or filled up, when this
+machine lets the test mount one) and with the error injected at the write call (everywhere).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from reliability_helpers import SmallFs, tmp_files, toy_model, train, wait_for
+
+import healthwatch as hw
+from healthwatch import segments
+from healthwatch.store import StoreWriter
+
+RUN = "faulty"
+HEALTHY, FAULT, RECOVERED = range(0, 10), range(10, 30), range(30, 40)
+
+
+class _OsWithFaultyRename:
+    """``os`` as seen by ``healthwatch.segments``, with ``rename`` failing (publish step)."""
+
+    def __init__(self, err: int) -> None:
+        self._err = err
+
+    def rename(self, src: Any, dst: Any) -> None:
+        raise OSError(self._err, os.strerror(self._err), str(dst))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+def _faulty_write_table(err: int) -> Callable[..., None]:
+    """A ``pq.write_table`` that writes a few bytes of the file, then fails like a full disk."""
+
+    def write_table(table: Any, where: Any, *args: Any, **kwargs: Any) -> None:
+        with open(where, "wb") as fh:
+            fh.write(b"PAR1\0\0")
+        raise OSError(err, os.strerror(err), str(where))
+
+    return write_table
+
+
+class Fault:
+    """Switches one storage fault on and off: on a mounted tmpfs or injected at the write call."""
+
+    def __init__(self, kind: str, how: str, monkeypatch: pytest.MonkeyPatch, fs: SmallFs | None) -> None:
+        self.kind, self.how, self.mp, self.fs = kind, how, monkeypatch, fs
+
+    def on(self) -> None:
+        """Start the fault."""
+        err = errno.EROFS if self.kind == "read-only" else errno.ENOSPC
+        if self.how == "mount":
+            assert self.fs is not None
+            if self.kind == "read-only":
+                self.fs.remount_ro()
+            else:
+                self.fs.fill()
+        elif self.how == "write_table":
+            self.mp.setattr(segments.pq, "write_table", _faulty_write_table(err))
+        else:  # rename: the file is written, publishing it fails
+            self.mp.setattr(segments, "os", _OsWithFaultyRename(err))
+
+    def off(self) -> None:
+        """Clear the fault (space returns, the disk is writable again)."""
+        if self.how == "mount":
+            assert self.fs is not None
+            if self.kind == "read-only":
+                self.fs.remount_rw()
+            else:
+                self.fs.free()
+        else:
+            self.mp.undo()
+
+
+@pytest.fixture(params=["mount", "write_table", "rename"])
+def how(request: pytest.FixtureRequest) -> str:
+    """Where the fault happens: a real tmpfs, or injected at ``write_table`` / ``os.rename``."""
+    return str(request.param)
+
+
+@pytest.fixture
+def root(how: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, SmallFs | None]]:
+    """The store directory: on a small tmpfs for the mount variant, else in tmp_path."""
+    if how == "mount":
+        fs: SmallFs = request.getfixturevalue("small_fs")
+        yield fs.path / "store", fs
+    else:
+        yield tmp_path / "store", None
+
+
+def _monitor_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "healthwatch.monitor" and r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("kind", ["read-only", "disk-full"])
+def test_storage_fault_training_continues_drops_counted_and_recovers(
+    kind: str, how: str, root: tuple[Path, SmallFs | None], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Healthy → fault → healthy: every step trains, lost rows are exactly the fault's, reported after."""
+    store, fs = root
+    fault = Fault(kind, how, monkeypatch, fs)
+    model = toy_model()
+    caplog.set_level(logging.WARNING, logger="healthwatch.monitor")
+    mon = hw.Monitor(store=store, run=RUN, flush_every_steps=5, flush_every_s=3600, expert_load_every=0)
+    mon.watch(model)
+    ran = train(mon, model, HEALTHY)
+    mon.flush(wait=True)
+    assert mon.dropped_rows == 0
+
+    fault.on()
+    try:
+        ran += train(mon, model, FAULT)  # never raises into the loop
+        mon.flush(wait=True)
+        dropped_in_fault = mon.dropped_rows
+    finally:
+        fault.off()
+    ran += train(mon, model, RECOVERED)
+    mon.close()
+    assert ran == len(HEALTHY) + len(FAULT) + len(RECOVERED)
+
+    st = hw.open_store(store)
+    steps = [s for (s,) in st.sql("SELECT DISTINCT step FROM scalars WHERE name = 'loss/train' ORDER BY step").fetchall()]
+    assert steps == list(HEALTHY) + list(RECOVERED), "rows after the fault cleared were not written"
+    per_step = sum(st.sql(f"SELECT count(*) FROM {t} WHERE step = 0").fetchone()[0]
+                   for t in ("scalars", "layer_stats", "expert_load"))
+    # Exactly the rows of the 20 faulty steps were dropped, counted and then reported once.
+    assert dropped_in_fault == mon.dropped_rows == per_step * len(FAULT), (dropped_in_fault, per_step)
+    reported = st.sql("SELECT step, value FROM scalars WHERE name = 'monitor/dropped_rows'").fetchall()
+    assert reported and reported[-1][0] in RECOVERED and reported[-1][1] == mon.dropped_rows
+    assert len(_monitor_warnings(caplog)) == 1, _monitor_warnings(caplog)
+    assert not tmp_files(store), tmp_files(store)
+    assert not st.bad_files
+
+
+def test_slow_store_fills_the_queue_training_keeps_pace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A store that hangs: the bounded queue fills, flushes are dropped and counted, training is not slowed."""
+    release = threading.Event()
+    real = segments.pq.write_table
+
+    def hanging_write_table(*args: Any, **kwargs: Any) -> None:
+        release.wait(60)
+        real(*args, **kwargs)
+
+    store = tmp_path / "store"
+    model = toy_model()
+    mon = hw.Monitor(store=store, run=RUN, flush_every_steps=1, queue_size=2, expert_load_every=0)
+    mon.watch(model)
+    train(mon, model, range(0, 3))
+    mon.flush(wait=True)
+    monkeypatch.setattr(segments.pq, "write_table", hanging_write_table)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="healthwatch.monitor"):
+        train(mon, model, range(3, 40))
+    blocked_s = time.monotonic() - t0
+    assert mon.dropped_rows > 0
+    assert blocked_s < 30, "training waited for the store"
+    release.set()
+    monkeypatch.undo()
+    train(mon, model, range(40, 45))
+    mon.close()
+    st = hw.open_store(store)
+    reported = st.sql("SELECT max(value) FROM scalars WHERE name = 'monitor/dropped_rows'").fetchone()[0]
+    assert reported == mon.dropped_rows
+    assert st.sql("SELECT max(step) FROM scalars WHERE name = 'loss/train'").fetchone() == (44,)
+    assert len(_monitor_warnings(caplog)) == 1
+
+
+def _delete_randomly(root: Path, stop: threading.Event, seed: int, counts: dict[str, int]) -> None:
+    """Delete segment files and whole run directories under a live store until ``stop``."""
+    rng = random.Random(seed)
+    while not stop.is_set():
+        files = [p for p in root.rglob("*.parquet")]
+        if files:
+            victim = rng.choice(files)
+            if rng.random() < 0.15:
+                shutil.rmtree(victim.parent, ignore_errors=True)
+                counts["dirs"] += 1
+            else:
+                try:
+                    victim.unlink()
+                    counts["files"] += 1
+                except FileNotFoundError:
+                    pass
+        stop.wait(0.03)
+
+
+def test_files_deleted_underneath_a_writing_monitor(tmp_path: Path) -> None:
+    """Segments and whole directories vanish while the Monitor writes: training goes on, writing resumes."""
+    store = tmp_path / "store"
+    model = toy_model()
+    mon = hw.Monitor(store=store, run=RUN, flush_every_steps=2, expert_load_every=0)
+    mon.watch(model)
+    train(mon, model, range(0, 10))
+    mon.flush(wait=True)
+    stop = threading.Event()
+    counts = {"files": 0, "dirs": 0}
+    deleter = threading.Thread(target=_delete_randomly, args=(store, stop, 1, counts))
+    deleter.start()
+    step = 10
+
+    def churn() -> bool:
+        nonlocal step
+        step += train(mon, model, range(step, step + 2))
+        return counts["files"] >= 10 and counts["dirs"] >= 2
+
+    try:
+        wait_for(churn, 90, "the deleter to delete files and directories during training", interval=0.0)
+        mon.flush(wait=True)
+    finally:
+        stop.set()
+        deleter.join(10)
+    after = step
+    train(mon, model, range(after, after + 10))
+    mon.close()
+    st = hw.open_store(store)
+    last = st.sql("SELECT count(DISTINCT step) FROM scalars WHERE name = 'loss/train' AND step >= ?",
+                  [after]).fetchone()
+    assert last == (10,), "writing did not resume after the deletions stopped"
+    assert not st.bad_files
+    assert counts["files"] + counts["dirs"] >= 10
+
+
+def test_reader_survives_files_deleted_underneath(tmp_path: Path) -> None:
+    """A reader keeps answering while segments are written, deleted and whole runs removed."""
+    store = tmp_path / "store"
+    batch = 50
+
+    def write_batches(run: str, stop: threading.Event) -> None:
+        w = StoreWriter(store, run)
+        i = 0
+        while not stop.is_set():
+            steps = np.arange(i * batch, (i + 1) * batch)
+            w.write("scalars", {"attempt": [1] * batch, "step": steps, "tokens": steps, "name": ["x"] * batch,
+                                "value": steps.astype(float), "wall_time": np.zeros(batch)})
+            i += 1
+            stop.wait(0.02)
+
+    StoreWriter(store, "seed").write("scalars", {"attempt": [1], "step": [0], "tokens": [0], "name": ["x"],
+                                                 "value": [0.0], "wall_time": [0.0]})
+    st = hw.open_store(store)
+    stop = threading.Event()
+    counts = {"files": 0, "dirs": 0}
+    threads = [threading.Thread(target=write_batches, args=(f"r{i}", stop)) for i in range(2)]
+    threads.append(threading.Thread(target=_delete_randomly, args=(store, stop, 2, counts)))
+    for t in threads:
+        t.start()
+    reads = 0
+    try:
+        def enough_reads() -> bool:
+            nonlocal reads
+            for (run, n, s) in st.sql("SELECT run, count(*), sum(step % 50) FROM scalars "
+                                      "WHERE run <> 'seed' GROUP BY run").fetchall():
+                assert n % batch == 0 and s == (n // batch) * sum(range(batch)), (run, n, s)  # whole segments only
+            reads += 1
+            return reads >= 40 and counts["files"] >= 10 and counts["dirs"] >= 1
+
+        wait_for(enough_reads, 90, "40 reads while files and directories are deleted", interval=0.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert not st.bad_files
+    # After the chaos, the store reads exactly what is on disk.
+    on_disk = sum(pq.read_metadata(p).num_rows for p in st.files("scalars"))
+    assert st.sql("SELECT count(*) FROM scalars").fetchone() == (on_disk,)
