@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import polars as pl
 import pytest
 from typer.testing import CliRunner
@@ -48,10 +50,13 @@ def test_png_without_kaleido_is_a_clear_error(gap_store, tmp_path):
     assert not (tmp_path / "c.png").exists()
 
 
-@pytest.mark.skipif(not kaleido_available(), reason="needs kaleido")
-def test_png_with_kaleido(gap_store, tmp_path):  # pragma: no cover - kaleido is optional
+@pytest.mark.skipif(not kaleido_available() or not (shutil.which("chromium") or shutil.which("google-chrome")),
+                    reason="needs kaleido and a Chromium (both installed in CI)")
+def test_png_with_kaleido(gap_store, tmp_path):
     res = _compare(gap_store, "--runs", "nvfp4", "--out", str(tmp_path / "c.png"))
-    assert res.exit_code == 0 or "PNG export failed" in res.output
+    assert res.exit_code == 0, res.output
+    png = (tmp_path / "c.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
 @pytest.mark.parametrize(
