@@ -1,0 +1,146 @@
+"""The default pack on series recorded from the real demo trainer (``tests/alerts/data``).
+
+``diverging``: the reference case's fault (``ultra``) from step 180: MTP starvation, residual
+growth and router collapse at once, then a learning-rate excursion from step 220 that diverges the
+run. ``healthy``: the same model and data without a fault. Both were recorded by
+``tests/alerts/data/make_recorded.py``; nothing is drawn by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from healthwatch.alerts.backtest import BacktestResult, backtest
+from healthwatch.alerts.detectors import NEVER, evaluate
+from healthwatch.alerts.loader import load_pack
+from healthwatch.demo.faults import make_fault
+from healthwatch.schema import SCHEMA_VERSION
+from healthwatch.store import StoreWriter, open_store
+
+DATA = Path(__file__).resolve().parent / "data"
+FAULT_ONSET = 180  # make_recorded.ONSET
+LR_EXCURSION_START = FAULT_ONSET + make_fault("ultra", FAULT_ONSET).lr_delay  # 220
+LOSS_RULES = ("TrainLossRising", "LossSpike", "LossAndGradNormRising")
+
+
+def load_recorded(root: Path, run: str) -> None:
+    """Write a recorded run's Parquet fixtures into a real store as one attempt of ``run``."""
+    w = StoreWriter(root, run, attempt=1)
+    w.write("runs", {"parent": [None], "branch_step": [None], "branch_tokens": [None], "precision": ["nvfp4"],
+                     "config": ["{}"], "created": [0.0], "schema_version": [SCHEMA_VERSION]})
+    w.write("attempts", {"attempt": [1], "start_step": [0], "started_at": [0.0], "host": ["fixture"],
+                         "reason": ["start"], "schema_version": [SCHEMA_VERSION]})
+    s = pq.read_table(DATA / f"{run}.scalars.parquet").to_pydict()
+    w.write("scalars", {**s, "attempt": [1] * len(s["step"]), "wall_time": [0.0] * len(s["step"])})
+    ls = pq.read_table(DATA / f"{run}.layer_stats.parquet").to_pydict()
+    w.write("layer_stats", {**ls, "attempt": [1] * len(ls["step"])})
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding both recorded runs."""
+    root = tmp_path_factory.mktemp("recorded") / "store"
+    for run in ("diverging", "healthy"):
+        load_recorded(root, run)
+    return root
+
+
+@pytest.fixture(scope="module")
+def diverging(store: Path) -> BacktestResult:
+    """The default pack backtested on the diverging run."""
+    return backtest(store, "diverging", "default")
+
+
+def first(result: BacktestResult, alert: str) -> int:
+    """First firing step of ``alert`` (fails when it never fired)."""
+    r = next(r for r in result.rules if r.alert == alert)
+    assert r.first_step is not None, f"{alert} never fired"
+    return r.first_step
+
+
+def test_fixtures_are_small_and_complete() -> None:
+    files = sorted(DATA.glob("*.parquet"))
+    assert {f.name for f in files} == {f"{r}.{t}.parquet" for r in ("diverging", "healthy")
+                                       for t in ("scalars", "layer_stats")}
+    assert sum(f.stat().st_size for f in files) < 1_000_000
+    for run in ("diverging", "healthy"):
+        names = set(pq.read_table(DATA / f"{run}.scalars.parquet").column("name").to_pylist())
+        assert {"loss/train", "loss/mtp_2", "grad_norm/total"} <= names
+
+
+def test_recorded_run_diverges_after_the_fault(diverging: BacktestResult) -> None:
+    """The loss spike (the backtest's fixed definition) comes after the LR excursion starts."""
+    assert diverging.spike is not None
+    assert LR_EXCURSION_START < diverging.spike.step < LR_EXCURSION_START + 40
+    assert diverging.errors == {}
+
+
+def test_divergence_rule_fires_within_its_for_window_after_onset(store: Path, diverging: BacktestResult) -> None:
+    """LossAndGradNormRising: its condition (loss AND grad norm rising) first holds after the LR
+    excursion starts, and the rule fires within its ``for`` window of that onset, close to the spike."""
+    rule = load_pack("default").get("LossAndGradNormRising").rule
+    st = open_store(store)
+    try:
+        obs = evaluate(st, rule.expr, {"diverging": NEVER})
+    finally:
+        st.close()
+    active = obs.filter(obs["active"])["step"].to_list()
+    assert active, "the divergence condition never held"
+    onset = min(active)
+    fired = first(diverging, "LossAndGradNormRising")
+    assert LR_EXCURSION_START <= onset, f"condition held at {onset}, before the fault's LR excursion"
+    assert onset <= fired <= onset + rule.for_, (onset, fired, rule.for_)
+    assert abs(fired - diverging.spike.step) <= 30  # type: ignore[union-attr]
+
+
+def test_mtp_lead_fires_before_the_loss_rules(diverging: BacktestResult) -> None:
+    mtp = first(diverging, "MTPLeadsTrainLoss")
+    assert mtp >= FAULT_ONSET, "fired before the fault: a false alarm"
+    for alert in LOSS_RULES:
+        assert mtp < first(diverging, alert), (alert, mtp, first(diverging, alert))
+    lead = next(r for r in diverging.rules if r.alert == "MTPLeadsTrainLoss").lead_steps
+    assert lead is not None and lead > 0
+
+
+def test_healthy_run_fires_nothing(store: Path) -> None:
+    res = backtest(store, "healthy", "default")
+    assert res.errors == {}
+    fired = {r.alert: r.first_step for r in res.rules if r.firings}
+    assert fired == {}
+    assert [t for t in res.transitions if t.state in ("pending", "firing")] == []
+
+
+def test_backtest_cli_prints_first_firing_and_lead(store: Path, diverging: BacktestResult) -> None:
+    env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1", "TERM": "dumb"}
+    res = subprocess.run([sys.executable, "-m", "healthwatch.cli", "alerts", "backtest", "--store", str(store),
+                          "--run", "diverging"], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    spike = diverging.spike
+    assert spike is not None
+    assert f"diverging: loss spike at step {spike.step:,} (tokens {spike.tokens:,})" in out
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in re.split(r"[│┃]", line)[1:-1]]
+        if len(cells) == 8 and "/" in cells[0]:
+            rows[cells[0].split("/", 1)[1]] = cells
+    assert set(rows) == {r.rule.alert for r in load_pack("default")}
+    for r in diverging.rules:
+        cells = rows[r.alert]
+        if r.first_step is None:
+            assert cells[2:] == ["-", "-", "-", "0", "-", "-"]
+            continue
+        assert cells[1] == r.severity
+        assert cells[2] == f"{r.first_step:,}" and cells[3] == f"{r.first_tokens:,}"
+        assert cells[6] == f"{spike.step - r.first_step:,}"
+    # the early warning is printed first, with a positive lead before the spike
+    first_row = next(line for line in out.splitlines() if "/" in line and "│" in line)
+    assert "mtp/MTPLeadsTrainLoss" in first_row
+    assert int(rows["MTPLeadsTrainLoss"][6].replace(",", "")) > 0
