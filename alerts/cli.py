@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -128,11 +129,18 @@ def watch(
             _print_active(ev)
             return
         stop = threading.Event()
+        # Ctrl-C / SIGTERM finish the evaluation under way, then stop. (A KeyboardInterrupt would
+        # not do: DuckDB turns a SIGINT during a query into RuntimeError("Query interrupted"),
+        # which the evaluator logs as a failed rule and goes on watching.)
+        handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             ev.watch(interval=interval, stop=stop)
         except KeyboardInterrupt:
             stop.set()
-            err.print("stopped")
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        err.print("stopped")
     finally:
         for name, msg in sorted(ev.errors.items()):
             err.print(f"[red]rule {name} failed:[/] {msg}", highlight=False)

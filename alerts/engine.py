@@ -45,7 +45,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import duckdb
 import numpy as np
 import polars as pl
 
@@ -246,8 +245,6 @@ class Evaluator:
         assert self._snapshot is not None
         try:
             frames = evaluate_many(self._snapshot, items)
-        except duckdb.InterruptException:  # Ctrl-C, not a rule error
-            raise
         except Exception:  # noqa: BLE001 - isolate the failing rule below
             out: list[Transition] = []
             for rule in rules:
@@ -264,8 +261,6 @@ class Evaluator:
         cur = {r: cursors.get(r, NEVER) for r in runs}
         try:
             obs = evaluate(store, rule.rule.expr, cur, self.sources, self._snapshot)
-        except duckdb.InterruptException:  # Ctrl-C, not a rule error
-            raise
         except Exception as exc:  # noqa: BLE001 - one broken rule must not stop the others
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if self.errors.get(rule.name) != msg:
@@ -539,8 +534,6 @@ class Evaluator:
             if self.changed() or now - last >= interval:
                 try:
                     self.evaluate_once()
-                except duckdb.InterruptException:  # Ctrl-C inside a query: stop, like anywhere else
-                    raise KeyboardInterrupt from None
                 except Exception as exc:  # noqa: BLE001 - the daemon keeps going; the error is logged
                     log.error("alert evaluation failed: %s", exc)
                 last = time.monotonic()

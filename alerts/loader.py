@@ -71,12 +71,28 @@ def _yaml() -> YAML:
     return y
 
 
-def plain(node: Any) -> Any:
-    """Round-trip nodes -> plain dict/list/str/int/float/bool/None (what pydantic expects)."""
+#: Most values a rule file may expand to: YAML aliases can nest (``&a [*b, *b, …]``), and a
+#: "billion laughs" file of a few hundred bytes would otherwise expand to 10^9 values.
+MAX_NODES = 200_000
+
+
+class _TooManyNodes(ValueError):
+    """The document expands (through aliases) to more than ``MAX_NODES`` values."""
+
+
+def plain(node: Any, _budget: list[int] | None = None) -> Any:
+    """Round-trip nodes -> plain dict/list/str/int/float/bool/None (what pydantic expects).
+
+    Raises ``ValueError`` when the document expands to more than ``MAX_NODES`` values.
+    """
+    budget = [MAX_NODES] if _budget is None else _budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _TooManyNodes(f"rule file expands to more than {MAX_NODES:,} values (nested YAML aliases?)")
     if isinstance(node, dict):
-        return {(plain(k) if not isinstance(k, str) else str(k)): plain(v) for k, v in node.items()}
+        return {(plain(k, budget) if not isinstance(k, str) else str(k)): plain(v, budget) for k, v in node.items()}
     if isinstance(node, list):
-        return [plain(v) for v in node]
+        return [plain(v, budget) for v in node]
     if isinstance(node, bool) or node is None:
         return node
     if isinstance(node, str):
@@ -94,13 +110,15 @@ def _locate(tree: Any, loc: Sequence[Any]) -> tuple[int | None, int | None]:
     line, col = (node.lc.line, node.lc.col) if hasattr(node, "lc") else (None, None)
     for part in loc:
         if isinstance(node, CommentedMap) and part in node:
-            line, col = node.lc.key(part)
+            pos = node.lc.key(part)
             node = node[part]
         elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
-            line, col = node.lc.item(part)
+            pos = node.lc.item(part)
             node = node[part]
         else:
             break
+        if pos:  # a tagged node (e.g. ``!!python/object/apply:…`` kept as data) may have no position
+            line, col = pos
     return line, col
 
 
@@ -216,7 +234,10 @@ def parse_rule_file(text: str, source: str = "<string>") -> RuleFile:
     tree, problems = parse_yaml(text, source)
     if problems:
         raise RuleFileError(problems)
-    data = plain(tree)
+    try:
+        data = plain(tree)
+    except _TooManyNodes as exc:
+        raise RuleFileError([Problem(source, None, None, "", str(exc))]) from None
     extra = data.get("extra_scalars") if isinstance(data, dict) else None
     ctx = {"extra_scalars": tuple(str(x) for x in extra) if isinstance(extra, list) else ()}
     try:

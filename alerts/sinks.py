@@ -31,6 +31,11 @@ class Sink(Protocol):
         """Deliver ``transitions`` (called from the evaluator's thread)."""
 
 
+def _mask_path(path: str) -> str:
+    """``path`` with every segment that looks like a token (8+ letters/digits/``_-``) masked."""
+    return "/".join(re.sub(r"^[A-Za-z0-9_\-]{8,}$", "****", seg) for seg in path.split("/"))
+
+
 def redact_url(url: str) -> str:
     """``url`` with passwords, tokens and query values masked, safe for logs.
 
@@ -43,7 +48,10 @@ def redact_url(url: str) -> str:
 
         obj = apprise.Apprise.instantiate(url, suppress_exceptions=True)
         if obj:
-            return str(obj.url(privacy=True))
+            private = urlsplit(str(obj.url(privacy=True)))
+            # apprise keeps the path of generic webhooks (json://host/<token>/…) as it is: mask
+            # token-like segments there too.
+            return urlunsplit(private._replace(path=_mask_path(private.path)))
     except Exception:  # noqa: BLE001 - fall back to the generic masking
         pass
     try:
@@ -55,7 +63,7 @@ def redact_url(url: str) -> str:
         user, _, host = netloc.rpartition("@")
         name = user.split(":", 1)[0]
         netloc = f"{name}:****@{host}" if ":" in user else f"****@{host}"
-    path = "/".join(re.sub(r"^[A-Za-z0-9_\-]{8,}$", "****", seg) for seg in parts.path.split("/"))
+    path = _mask_path(parts.path)
     query = "&".join(f"{kv.split('=', 1)[0]}=****" if "=" in kv else kv for kv in parts.query.split("&") if kv)
     return urlunsplit((parts.scheme, netloc, path, query, ""))
 

@@ -13,6 +13,8 @@ they survive kill -9):
 
 ``A <attempt> <start>``  the Monitor opened this attempt (fsynced)
 ``S <step>``             about to hand step <step> to the Monitor
+``W <step>``             the Monitor's writer thread finished writing a flush whose last step is
+                         <step> (every table of it is published: a completed flush)
 ``C <step>``             checkpoint: ``Monitor.state_dict()`` returned, so every step up to
                          <step> is written to the store (fsynced)
 ``D``                    ``Monitor.close()`` returned (fsynced)
@@ -50,6 +52,15 @@ def trial(store: str, run: str, logdir: Path, k: int, start: int, steps: int, se
     mon = hw.Monitor(store=store, run=run, flush_every_steps=FLUSH_EVERY_STEPS, flush_every_s=0.2,
                      expert_load_every=EXPERT_LOAD_EVERY, config={"trial": k})
     mon.watch(model)
+    real_write = mon._write
+
+    def write_and_note(item: object) -> None:  # the writer thread: note each completed flush
+        real_write(item)
+        steps = getattr(item, "steps", None)
+        if steps:
+            note(f"W {steps[-1].step}")
+
+    mon._write = write_and_note  # type: ignore[method-assign]
     note(f"A {mon.attempt} {start}", sync=True)
     for step in range(start, start + steps):
         note(f"S {step}")

@@ -178,8 +178,13 @@ def test_slow_store_fills_the_queue_training_keeps_pace(tmp_path: Path, monkeypa
     assert blocked_s < 30, "training waited for the store"
     release.set()
     monkeypatch.undo()
+    # The store is fast again: once the writer has drained the queue, nothing more is dropped.
+    wait_for(lambda: mon._queue.qsize() == 0, 60, "the writer to drain its queue")
+    mon.flush(wait=True)
+    dropped = mon.dropped_rows
     train(mon, model, range(40, 45))
     mon.close()
+    assert mon.dropped_rows == dropped, "rows dropped after the store recovered"
     st = hw.open_store(store)
     reported = st.sql("SELECT max(value) FROM scalars WHERE name = 'monitor/dropped_rows'").fetchone()[0]
     assert reported == mon.dropped_rows
@@ -187,8 +192,10 @@ def test_slow_store_fills_the_queue_training_keeps_pace(tmp_path: Path, monkeypa
     assert len(_monitor_warnings(caplog)) == 1
 
 
-def _delete_randomly(root: Path, stop: threading.Event, seed: int, counts: dict[str, int]) -> None:
-    """Delete segment files and whole run directories under a live store until ``stop``."""
+def _delete_randomly(root: Path, stop: threading.Event, seed: int, counts: dict[str, int],
+                     every_s: float = 0.03) -> None:
+    """Delete segment files and whole run directories under a live store until ``stop``, one
+    every ``every_s`` seconds."""
     rng = random.Random(seed)
     while not stop.is_set():
         files = [p for p in root.rglob("*.parquet")]
@@ -203,7 +210,7 @@ def _delete_randomly(root: Path, stop: threading.Event, seed: int, counts: dict[
                     counts["files"] += 1
                 except FileNotFoundError:
                     pass
-        stop.wait(0.03)
+        stop.wait(every_s)
 
 
 def test_files_deleted_underneath_a_writing_monitor(tmp_path: Path) -> None:
@@ -263,7 +270,9 @@ def test_reader_survives_files_deleted_underneath(tmp_path: Path) -> None:
     stop = threading.Event()
     counts = {"files": 0, "dirs": 0}
     threads = [threading.Thread(target=write_batches, args=(f"r{i}", stop)) for i in range(2)]
-    threads.append(threading.Thread(target=_delete_randomly, args=(store, stop, 2, counts)))
+    # One deletion per 0.1 s: a query lists, checks and binds in well under that even on 2 busy
+    # cores, so each retry has a fair chance (at 0.03 s, 20 retries were all hit now and then).
+    threads.append(threading.Thread(target=_delete_randomly, args=(store, stop, 2, counts, 0.1)))
     for t in threads:
         t.start()
     reads = 0
