@@ -58,7 +58,7 @@ PRECISIONS = ("nvfp4", "bf16")
 
 @dataclass
 class HybridConfig:
-    """Hyper-parameters of :class:`HybridLM`; the defaults are the demo model (~0.5M parameters)."""
+    """Hyper-parameters of :class:`HybridLM`; the defaults are the demo model (~0.9M parameters)."""
 
     vocab_size: int = 256
     d_model: int = 64
@@ -75,9 +75,11 @@ class HybridConfig:
     n_groups: int = 1
     d_conv: int = 4
     chunk_size: int = 16
-    # LatentMoE
-    num_experts: int = 16
-    top_k: int = 4
+    # LatentMoE. 32 experts, top-2: MaxVio is bounded by num_experts/top_k - 1 = 15, so the demo can
+    # show the report's values (healthy median ~1.2, first MoE layer 4.8 -> ~12) and the default
+    # alert pack's MaxVio thresholds (8, 12) are reachable; 16 experts top-4 capped MaxVio at 3.
+    num_experts: int = 32
+    top_k: int = 2
     moe_latent_dim: int = 32
     moe_ffn: int = 64
     shared_expert_ffn: int = 128

@@ -76,7 +76,7 @@ def test_block_structure_for_adapters() -> None:
     routers = [b.router for b in model.blocks if b.layer_type == "moe"]
     assert len(routers) == 4 and all(isinstance(r, Router) for r in routers)
     assert all(b.router is None for b in model.blocks if b.layer_type != "moe")
-    assert routers[0].num_experts == 16 and routers[0].top_k == 4
+    assert routers[0].num_experts == 32 and routers[0].top_k == 2
     assert len(list(model.routers())) == 5  # + the MTP MoE block
 
 
@@ -88,9 +88,10 @@ def test_router_hook_reads_topk_indices(batch: torch.Tensor) -> None:
     model(batch)
     probs, weights, idx = seen[0]
     tokens = batch.shape[0] * (batch.shape[1] - 3)
-    assert probs.shape == (tokens, 16) and weights.shape == (tokens, 4) and idx.shape == (tokens, 4)
+    experts, k = router.num_experts, router.top_k
+    assert probs.shape == (tokens, experts) and weights.shape == (tokens, k) and idx.shape == (tokens, k)
     torch.testing.assert_close(weights.sum(-1), torch.ones(tokens))
-    assert idx.dtype == torch.long and int(idx.max()) < 16
+    assert idx.dtype == torch.long and int(idx.max()) < experts
 
 
 def test_experts_match_a_naive_loop() -> None:
@@ -215,7 +216,7 @@ def test_fault_knobs(batch: torch.Tensor) -> None:
     model = _model()
     block = model.blocks[1]
     router = block.router
-    assert torch.equal(router.logit_bias, torch.zeros(16)) and float(block.residual_scale) == 1.0
+    assert torch.equal(router.logit_bias, torch.zeros(router.num_experts)) and float(block.residual_scale) == 1.0
     seen = []
     router.register_forward_hook(lambda mod, inp, output: seen.append(output[2]))
     with torch.no_grad():
