@@ -7,19 +7,19 @@ A transition is identified by ``(fingerprint, state, step)``: the fingerprint is
 rule, run, layer and labels, and the state machine is a deterministic function of the store's
 effective rows, so every evaluator (a restarted one, a second daemon, the trainer's own) computes
 the same transitions at the same steps. Before recording, an evaluator reads the ``alerts`` table
-and drops transitions already recorded. It then **writes first and reads back**: it notifies only
-if its own row is the earliest ``(wall_time, evaluator)`` among the rows for that transition. Two
-evaluators racing on the same transition both write, and whichever reads last sees both rows, so
-exactly one of them (the earliest writer) notifies.
+and drops transitions already recorded. It then writes its rows and **claims** each transition by
+creating ``<store>/_alert_claims/run=<run>/<fingerprint>-<state>-<step>`` with ``O_CREAT|O_EXCL``:
+the filesystem lets exactly one creator succeed, and only that evaluator notifies. Two evaluators
+racing on the same transition may both write a row, but only one of them notifies. (An earlier
+design compared the ``wall_time`` of read-back rows; that double-notifies when the writer with
+the earlier timestamp publishes its segment after the other one has read back.)
 
 What is left (honestly):
 
 * A crash between writing a row and notifying loses that notification (at-most-once): the row
   says it was handled. Notifying before writing would instead risk duplicates.
-* "Earliest" compares wall clocks; evaluators on different hosts with clocks skewed by more than
-  the write->read-back time (milliseconds) could both consider themselves first.
-* On a shared filesystem without close-to-open consistency a freshly published row may be
-  invisible to another host for a while, widening the race to that delay.
+* Claims rely on ``O_EXCL`` being atomic: true on local filesystems and NFSv3+, not on every
+  network filesystem.
 * Rows of a race are duplicated in the table (both writers keep theirs); readers take the latest
   row per fingerprint, so the state shown is unaffected.
 
@@ -70,6 +70,8 @@ log = logging.getLogger("healthwatch.alerts")
 
 Backfill = Literal["latest", "all", "none"]
 _RANK_RUN = re.compile(r"\.rank\d+$")
+#: Directory (under the store root) of the per-transition claim files: ``run=<run>/<fp>-<state>-<step>``.
+CLAIMS_DIR = "_alert_claims"
 
 
 @dataclass
@@ -145,6 +147,9 @@ class Evaluator:
         self._snapshot: Snapshot | None = None
         self._seen: set[str] = set()
         self._loaded_hi: dict[str, int] = {}
+        #: Transitions the last :meth:`evaluate_once` computed that are news to this process
+        #: (recorded and notified by this evaluator or by another one): what a trainer callback gets.
+        self.last_seen: list[Transition] = []
         #: Steps per chunk of a first evaluation over a long history (bounds memory).
         self.chunk_steps = chunk_steps
         #: How far behind the newest step a rule that never observed anything reads.
@@ -200,6 +205,7 @@ class Evaluator:
         stays bounded.
         """
         with self._lock:
+            self.last_seen = []
             store = self.store
             if store is None:
                 return []
@@ -230,10 +236,17 @@ class Evaluator:
             new.sort(key=lambda t: (t.step, t.run, t.group, t.alert, t.layer if t.layer is not None else -1))
             if self.record:
                 recorded = self._recorded(store, runs)
+                new = self._continuations(new, recorded)
                 new.extend(self._reconcile(recorded, reached, {t.fingerprint for t in new}))
+                done = {(fp, st, int(s)) for fp, st, s in recorded.select("fingerprint", "state", "step").iter_rows()}
                 owned = self._write_and_claim(store, new, recorded)
             else:
+                done = set()
                 owned = new
+            # What this evaluator saw happen, whoever recorded and notified it: the trainer's own
+            # callback must hear of a transition even when a daemon on the same store claimed the
+            # notification first. History already recorded before this evaluator looked is not news.
+            self.last_seen = [t for t in new if not t.backfill or t.key not in done]
             self.history.extend(owned)
             self._notify(owned)
             return owned
@@ -393,6 +406,30 @@ class Evaluator:
             [runs],
         ).pl()
 
+    @staticmethod
+    def _continuations(new: list[Transition], recorded: pl.DataFrame) -> list[Transition]:
+        """Un-mark as backfill the transition that ends an instance the store records as active.
+
+        A restarted evaluator replays history it had not seen in *this* process; the backfill policy
+        (e.g. ``latest``) must not swallow the resolution of an alert whose firing some evaluator
+        already recorded (and so notified): that resolution is news. ``new`` is sorted by step.
+        """
+        if recorded.height == 0 or not any(t.backfill for t in new):
+            return new
+        last = {fp: (int(step), state) for fp, step, state in
+                recorded.sort(["step", "wall_time"]).group_by("fingerprint")
+                .agg(pl.col("step").last(), pl.col("state").last()).iter_rows()}
+        done: set[str] = set()
+        out = []
+        for t in new:
+            rec = last.get(t.fingerprint)
+            if (t.backfill and t.fingerprint not in done and rec is not None and rec[1] in ("pending", "firing")
+                    and t.step > rec[0]):
+                done.add(t.fingerprint)
+                t = replace(t, backfill=False)
+            out.append(t)
+        return out
+
     def _reconcile(self, recorded: pl.DataFrame, reached: dict[tuple[str, str], int], fresh: set[str]) -> list[Transition]:
         """Close instances the store says are active but the effective history no longer supports."""
         if recorded.height == 0:
@@ -464,15 +501,25 @@ class Evaluator:
                 w.compact_own("alerts")
             except Exception as exc:  # noqa: BLE001 - merging is an optimisation only
                 log.debug("compacting alert segments failed: %s", exc)
-        # Read back: the earliest (wall_time, evaluator) row of a transition owns its notification.
-        store.refresh(force=True)
-        back = store.sql(
-            "SELECT fingerprint, state, step, arg_min(evaluator, (wall_time, evaluator)) AS owner FROM alerts "
-            "WHERE list_contains(?::VARCHAR[], fingerprint) GROUP BY fingerprint, state, step",
-            [sorted({t.fingerprint for t in cands})],
-        ).fetchall()
-        owner = {(fp, st, int(s)): ev for fp, st, s, ev in back}
-        return [t for t in cands if owner.get(t.key, self.id) == self.id]
+        # Claim: exactly one evaluator creates the claim file of a transition (O_CREAT|O_EXCL is
+        # atomic), and only that one notifies. (Comparing wall times of read-back rows is not
+        # enough: a writer that took its timestamp earlier but published later makes both notify.)
+        return [t for t in cands if self._claim(t)]
+
+    def _claim(self, t: Transition) -> bool:
+        """Atomically claim the notification of ``t``; False when another evaluator holds it."""
+        d = self.root / CLAIMS_DIR / f"run={t.run}"
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{t.fingerprint}-{t.state}-{int(t.step)}"
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, f"{self.id}\n".encode())
+        finally:
+            os.close(fd)
+        return True
 
     # -- notifying ---------------------------------------------------------------------------
     def _notify(self, owned: list[Transition]) -> None:

@@ -39,7 +39,8 @@ class MonitorEvaluator:
         self._lock = threading.Lock()
 
     def after_flush(self, store_root: str | os.PathLike[str] | None = None, run: str | None = None) -> list[Transition]:
-        """Evaluate the steps flushed since the last call; returns the new transitions (all states)."""
+        """Evaluate the steps flushed since the last call; returns the transitions that are news to the
+        trainer (all states), whichever evaluator recorded them."""
         root = Path(store_root) if store_root is not None else self.store_root
         run = run or self.run
         with self._lock:
@@ -47,7 +48,10 @@ class MonitorEvaluator:
                 if self._ev is not None:
                     self._ev.close()
                 self._ev = Evaluator(root, self.rules, sinks=self.sinks, runs=[run], backfill="all")
-            return self._ev.evaluate_once()
+            self._ev.evaluate_once()
+            # Not only the transitions this evaluator claimed: a daemon (`alerts watch`) on the same
+            # store may have recorded and notified one first, and the trainer must still hear of it.
+            return list(self._ev.last_seen)
 
     @property
     def evaluator(self) -> Evaluator | None:

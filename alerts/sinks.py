@@ -36,13 +36,78 @@ def _mask_path(path: str) -> str:
     return "/".join(re.sub(r"^[A-Za-z0-9_\-]{8,}$", "****", seg) for seg in path.split("/"))
 
 
+_TOKENISH = re.compile(r"^[A-Za-z0-9_\-.~%+=]{8,}$")
+#: Loggers that print notification URLs while sending (apprise at DEBUG, urllib3's request lines).
+_NOISY_LOGGERS = ("apprise", "urllib3.connectionpool")
+
+
+class _SecretFilter(logging.Filter):
+    """Masks registered secrets in records of the loggers apprise and urllib3 write to."""
+
+    def __init__(self) -> None:
+        super().__init__("healthwatch-secrets")
+        self.secrets: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, secrets: Iterable[str]) -> None:
+        with self._lock:
+            self.secrets.update(x for x in secrets if x)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is not ours to fix
+            return True
+        masked = msg
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            if secret in masked:
+                masked = masked.replace(secret, "****")
+        if masked != msg:
+            record.msg, record.args = masked, ()
+        return True
+
+
+_FILTER = _SecretFilter()
+for _name in _NOISY_LOGGERS:
+    logging.getLogger(_name).addFilter(_FILTER)
+
+
+def _secrets_of(url: str) -> list[str]:
+    """The parts of ``url`` that may be credentials: the password, token-like host/path parts and
+    query values (8+ characters), in both their raw and percent-decoded forms."""
+    from urllib.parse import unquote
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return [url]
+    found: list[str] = []
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        if ":" in user:
+            found.append(user.split(":", 1)[1])
+        netloc = host
+    host = netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+    if "." not in host and host != "localhost" and _TOKENISH.match(host):
+        found.append(host)  # slack://T0000/B0000/XXXX: the "host" is a token
+    found += [seg for seg in parts.path.split("/") if _TOKENISH.match(seg)]
+    found += [kv.split("=", 1)[1] for kv in parts.query.split("&") if "=" in kv and len(kv.split("=", 1)[1]) >= 8]
+    return [y for x in found for y in {x, unquote(x)} if len(y) >= 4]
+
+
 def redact_url(url: str) -> str:
     """``url`` with passwords, tokens and query values masked, safe for logs.
 
     Uses apprise's own privacy rendering when it understands the URL (it knows which path parts
     of e.g. a Slack URL are tokens); otherwise masks the password, every path segment that looks
-    like a token (8+ characters of letters/digits) and every query value.
+    like a token (8+ characters of letters/digits) and every query value. The URL's secrets are
+    also registered with a logging filter so that apprise's and urllib3's own debug lines (which
+    print the URL it sends to) show them masked.
     """
+    _FILTER.add(_secrets_of(url))
     try:
         import apprise
 
@@ -143,6 +208,8 @@ class AppriseSink:
         import apprise
 
         self.urls = list(urls)
+        for url in self.urls:
+            _FILTER.add(_secrets_of(url))
         self._apprise = apprise.Apprise()
         self._notify_type = apprise.NotifyType
         bad = []

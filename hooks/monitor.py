@@ -134,6 +134,12 @@ class Monitor:
         self.on_alert = on_alert
         self._alerts_spec = alerts
         self._alerts: Any = None
+        if alerts is not None and not hasattr(alerts, "after_flush"):
+            # Load and validate the rules now: a bad rule file is an error at Monitor(...) time,
+            # not a warning lost in the writer thread.
+            from healthwatch.alerts import monitor_evaluator
+
+            self._alerts = monitor_evaluator(alerts, self.root, self.run)
 
         self._group = process_group
         self._dist = torch.distributed.is_available() and torch.distributed.is_initialized()
