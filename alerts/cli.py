@@ -9,24 +9,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from healthwatch.cli_common import StoreOpt, console, err, fail, new_app
 from healthwatch.store import default_store_path
 
-app = typer.Typer(
-    help="Validate, test, watch and backtest alert rules.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-)
-console = Console()
-err = Console(stderr=True)
+app = new_app("Validate, test, watch and backtest alert rules.")
 
-StoreOpt = Annotated[
-    Path | None,
-    typer.Option("--store", "-s", help="Store directory (default: $HEALTHWATCH_STORE or ./healthwatch-store)."),
-]
 RulesOpt = Annotated[
     list[str] | None,
     typer.Option("--rules", "-r", help="Rule file(s); 'default' is the shipped pack (the default)."),
@@ -34,8 +23,7 @@ RulesOpt = Annotated[
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
+    fail(message, code)
 
 
 def _rules(rules: list[str] | None):  # noqa: ANN202 - returns a RuleSet (import kept lazy)

@@ -10,31 +10,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from healthwatch import __version__
+from healthwatch.cli_common import StoreOpt, console, err, fail, new_app
 from healthwatch.store import default_store_path
 
-app = typer.Typer(
-    name="healthwatch",
-    help="Training-health observability for hybrid Mamba-Transformer MoE pretraining.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_show_locals=False,
-)
-console = Console()
-err = Console(stderr=True)
-
-StoreOpt = Annotated[
-    Path | None,
-    typer.Option("--store", "-s", help="Store directory (default: $HEALTHWATCH_STORE or ./healthwatch-store)."),
-]
-
+app = new_app("Training-health observability for hybrid Mamba-Transformer MoE pretraining.", name="healthwatch")
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+    fail(message, code)
 
 
 def _store_path(store: Path | None, must_exist: bool = True) -> Path:
