@@ -522,7 +522,7 @@ class Monitor:
         tables = (("scalars", rows.scalars), ("layer_stats", rows.layers), ("expert_load", rows.load))
         try:
             for table, cols in tables:
-                if cols["step"]:
+                if len(cols["step"]):
                     writer.write(table, cols)
                     written.append(table)
         except OSError as exc:

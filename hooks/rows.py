@@ -96,11 +96,17 @@ def maxvio(counts: np.ndarray) -> float:
 
 
 class RowBuilder:
-    """Accumulates column lists for the scalars, layer_stats and expert_load tables of one flush."""
+    """Accumulates column lists for the scalars, layer_stats and expert_load tables of one flush.
+
+    Scalars are kept as per-step chunks (names + a float64 vector) and turned into columns once,
+    with numpy: the writer thread holds the GIL while it builds rows, and appending ~30,000
+    logged values one Python object at a time stalled the training thread's own Python.
+    """
 
     def __init__(self, attempt: int) -> None:
         self.attempt = attempt
-        self.scalars: dict[str, list[Any]] = {k: [] for k in ("attempt", "step", "tokens", "name", "value", "wall_time")}
+        self._chunks: list[tuple[int, int, float, list[str], np.ndarray]] = []
+        self._n_scalars = 0
         self.layers: dict[str, list[Any]] = {
             k: [] for k in ("attempt", "step", "tokens", "layer", "layer_type", "metric", "value")
         }
@@ -108,13 +114,30 @@ class RowBuilder:
 
     def scalar(self, step: int, tokens: int, wall: float, name: str, value: float) -> None:
         """Add one scalar row."""
-        s = self.scalars
-        s["attempt"].append(self.attempt)
-        s["step"].append(step)
-        s["tokens"].append(tokens)
-        s["name"].append(name)
-        s["value"].append(value)
-        s["wall_time"].append(wall)
+        self.scalars_block(step, tokens, wall, [name], np.array([value], dtype=np.float64))
+
+    def scalars_block(self, step: int, tokens: int, wall: float, names: list[str], values: np.ndarray) -> None:
+        """Add many scalars of one step at once."""
+        self._chunks.append((step, tokens, wall, list(names), np.asarray(values, dtype=np.float64)))
+        self._n_scalars += len(names)
+
+    @property
+    def scalars(self) -> dict[str, Any]:
+        """The scalars table's columns (numpy arrays; ``name`` a list of str)."""
+        if not self._chunks:
+            return {k: [] for k in ("attempt", "step", "tokens", "name", "value", "wall_time")}
+        sizes = np.fromiter((len(c[3]) for c in self._chunks), dtype=np.int64, count=len(self._chunks))
+        names: list[str] = []
+        for c in self._chunks:
+            names.extend(c[3])
+        return {
+            "attempt": np.full(int(sizes.sum()), self.attempt, dtype=np.int32),
+            "step": np.repeat(np.fromiter((c[0] for c in self._chunks), dtype=np.int64), sizes),
+            "tokens": np.repeat(np.fromiter((c[1] for c in self._chunks), dtype=np.int64), sizes),
+            "name": names,
+            "value": np.concatenate([c[4] for c in self._chunks]),
+            "wall_time": np.repeat(np.fromiter((c[2] for c in self._chunks), dtype=np.float64), sizes),
+        }
 
     def layer_block(self, step: int, tokens: int, layers: list[int], types: list[str], metric: str, values: np.ndarray) -> None:
         """Add one metric for many layers at one step."""
@@ -131,7 +154,7 @@ class RowBuilder:
     @property
     def n_rows(self) -> int:
         """Rows accumulated so far (all tables)."""
-        return len(self.scalars["step"]) + len(self.layers["step"]) + len(self.load["step"])
+        return self._n_scalars + len(self.layers["step"]) + len(self.load["step"])
 
 
 def build_rows(
@@ -198,9 +221,13 @@ def build_rows(
                         out.load["layer"].append(r_ids[r])
                         out.load["counts"].append(np.rint(c).astype(np.int64).tolist())
     for meta in extras:
-        vals = flat[extras_offset + meta.offset : extras_offset + meta.offset + len(meta.device_names)]
-        for name, v in zip(meta.device_names, vals):
-            out.scalar(meta.step, meta.tokens, meta.wall_time, name, float(v))
+        n = len(meta.device_names)
+        if n:
+            # Bulk extends, not a row at a time: this runs in the writer thread while holding the
+            # GIL, and a flush of 100 steps x ~300 logged values one append at a time held it for
+            # ~30 ms, stalling the training thread's own Python (the in-loop p99 of `log`).
+            vals = flat[extras_offset + meta.offset : extras_offset + meta.offset + n]
+            out.scalars_block(meta.step, meta.tokens, meta.wall_time, meta.device_names, vals)
         for name, v in meta.host_scalars.items():
             out.scalar(meta.step, meta.tokens, meta.wall_time, name, float(v))
     return out
