@@ -92,6 +92,7 @@ def watch(
     once: Annotated[bool, typer.Option("--once", help="Evaluate once and exit.")] = False,
     backfill: Annotated[str, typer.Option(help="On start, notify 'latest' (still firing), 'all' or 'none' of the transitions found in history.")] = "latest",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No console sink.")] = False,
+    start: Annotated[str, typer.Option(help="'history': replay each run from its first step (exact, slow on huge runs); 'latest': start at the newest logged step, like Prometheus.")] = "history",
 ) -> None:
     """Alert daemon: evaluate rules on a store as it grows; record transitions; notify sinks."""
     from healthwatch.alerts.engine import Evaluator
@@ -99,6 +100,8 @@ def watch(
 
     if backfill not in ("latest", "all", "none"):
         _fail("--backfill must be latest, all or none")
+    if start not in ("history", "latest"):
+        _fail("--start must be history or latest")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     path = default_store_path(store)
     rs = _rules(rules)
@@ -106,7 +109,8 @@ def watch(
         sinks = make_sinks(notify or [], jsonl, console=not quiet, rich_console=console)
     except ValueError as exc:
         _fail(str(exc))
-    ev = Evaluator(path, rs, sinks=sinks, runs=run or None, backfill=backfill)  # type: ignore[arg-type]
+    ev = Evaluator(path, rs, sinks=sinks, runs=run or None, backfill=backfill,  # type: ignore[arg-type]
+                   start=start)  # type: ignore[arg-type]
     targets = ", ".join(redact_url(u) for u in notify or []) or "console only"
     err.print(f"watching {path} with {len(rs)} rules every ≤{interval:g}s; notifying {targets}", highlight=False)
     try:

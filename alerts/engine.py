@@ -69,6 +69,7 @@ from healthwatch.store import Store, StoreWriter
 log = logging.getLogger("healthwatch.alerts")
 
 Backfill = Literal["latest", "all", "none"]
+Start = Literal["history", "latest"]
 _RANK_RUN = re.compile(r"\.rank\d+$")
 #: Directory (under the store root) of the per-transition claim files: ``run=<run>/<fp>-<state>-<step>``.
 CLAIMS_DIR = "_alert_claims"
@@ -108,6 +109,11 @@ class Evaluator:
             backtest of a superseded attempt).
         history: how many computed transitions to keep in :attr:`history`.
         chunk_steps: steps per chunk when first evaluating a long history.
+        start: ``"history"`` (default) replays each run from its first step, so every evaluator
+            derives the same transitions at the same steps; ``"latest"`` starts at the newest step
+            already logged (like Prometheus, which never looks back): start-up costs one window
+            instead of the whole history (minutes for a million steps x 108 layers), but ``for``
+            durations count from then and history before it is never alerted on.
     """
 
     def __init__(
@@ -120,6 +126,7 @@ class Evaluator:
         evaluator_id: str | None = None,
         record: bool = True,
         backfill: Backfill = "latest",
+        start: Start = "history",
         sources: Sources | None = None,
         history: int = 100_000,
         chunk_steps: int = 20_000,
@@ -133,6 +140,9 @@ class Evaluator:
         if backfill not in ("latest", "all", "none"):
             raise ValueError(f"backfill must be 'latest', 'all' or 'none', got {backfill!r}")
         self.backfill = backfill
+        if start not in ("history", "latest"):
+            raise ValueError(f"start must be 'history' or 'latest', got {start!r}")
+        self.start = start
         self.sources = sources or Sources()
         self.history: deque[Transition] = deque(maxlen=history)
         self.errors: dict[str, str] = {}
@@ -217,6 +227,8 @@ class Evaluator:
                 return []
             first = {r for r in runs if r not in self._seen}
             self._seen.update(first)
+            if self.start == "latest" and first:
+                self._skip_history(store, sorted(first))
             new: list[Transition] = []
             upto, hi = self._first_chunk(store, runs)
             while True:
@@ -291,6 +303,20 @@ class Evaluator:
             for run, last in obs.group_by("run").agg(pl.col("step").max()).iter_rows():
                 cursors[run] = max(int(last), cursors.get(run, NEVER))
         return out
+
+    def _skip_history(self, store: Store, runs: list[str]) -> None:
+        """``start="latest"``: put every rule's cursor of ``runs`` at the newest step logged."""
+        rows = store.sql(
+            "SELECT run, max(step) FROM (SELECT run, step FROM scalars_effective WHERE list_contains($runs, run) "
+            "UNION ALL SELECT run, step FROM layer_stats_effective WHERE list_contains($runs, run)) GROUP BY run",
+            {"runs": runs},
+        ).fetchall()
+        for run, hi in rows:
+            if hi is None:
+                continue
+            for rule in self.rules:
+                self._cursors[rule.name][run] = int(hi)
+            self._loaded_hi[run] = int(hi)
 
     def _first_chunk(self, store: Store, runs: list[str]) -> tuple[int | None, int | None]:
         """``(upto, hi)`` of the first chunk when some run is evaluated for the first time over a

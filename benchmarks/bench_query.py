@@ -287,6 +287,10 @@ def _append_flush(root: Path, first_step: int, layers: int) -> int:
     return FLUSH_STEPS * (per + 3)
 
 
+#: Above this many steps the alert benchmark starts its evaluator at the newest step (see _alert_eval).
+ALERT_HISTORY_MAX_STEPS = 100_000
+
+
 def _alert_eval(root: Path, steps: int, layers: int) -> dict[str, Any]:
     """One backfill and one incremental evaluation of the default rule pack, if the evaluator exists."""
     try:
@@ -294,7 +298,10 @@ def _alert_eval(root: Path, steps: int, layers: int) -> dict[str, Any]:
     except ImportError as exc:
         return {"skipped": f"healthwatch.alerts.engine not importable ({exc})"}
     try:
-        ev = Evaluator(root, "default", runs=[RUN, REF_RUN])
+        # A first evaluation replays the whole history (~0.5M rows/s here: minutes at 1M steps x
+        # 108 layers); a daemon started on a store that large starts at the newest step instead.
+        start = "latest" if steps > ALERT_HISTORY_MAX_STEPS else "history"
+        ev = Evaluator(root, "default", runs=[RUN, REF_RUN], start=start)
         t0 = time.perf_counter()
         ev.evaluate_once()
         backfill = time.perf_counter() - t0
@@ -305,7 +312,7 @@ def _alert_eval(root: Path, steps: int, layers: int) -> dict[str, Any]:
         ev.close()
     except Exception as exc:  # noqa: BLE001 - an evaluator in progress must not sink the benchmark
         return {"error": f"{type(exc).__name__}: {exc}"}
-    return {"backfill_s": backfill, "incremental_s": incremental, "appended_rows": appended}
+    return {"backfill_s": backfill, "incremental_s": incremental, "appended_rows": appended, "start": start}
 
 
 def run_generate(params: dict[str, Any]) -> dict[str, Any]:
@@ -481,7 +488,8 @@ def section(results: dict[str, dict[str, Any]], size_note: str = "") -> Section:
             return "skipped"
         if "error" in a:
             return "error: " + a["error"][:80]
-        return f"{fmt_time(a['incremental_s'])} (backfill {fmt_time(a['backfill_s'])})"
+        first = "first, start=latest" if a.get("start") == "latest" else "first: whole history"
+        return f"{fmt_time(a['incremental_s'])} ({first} {fmt_time(a['backfill_s'])})"
 
     rows = [
         ["store files (layer_stats, this run)", *(cell(p, lambda p: str(p["files"])) for p in phases)],
@@ -530,7 +538,9 @@ def section(results: dict[str, dict[str, Any]], size_note: str = "") -> Section:
                 f"alert latency after a flush (one incremental evaluation, default pack), {name}",
                 "≤ 5 s (one evaluation interval)", fmt_time(a["incremental_s"]),
                 verdict(a["incremental_s"] <= ALERT_BUDGET_S),
-                f"first evaluation (backfill of the newest steps): {fmt_time(a['backfill_s'])}"))
+                (f"first evaluation, start=latest (one window): {fmt_time(a['backfill_s'])}"
+                 if a.get("start") == "latest" else
+                 f"first evaluation (replays the whole history): {fmt_time(a['backfill_s'])}")))
         elif a:
             sec.budgets.append(Budget(f"alert latency after a flush, {name}", "≤ 5 s", a.get("skipped") or
                                       "error", NA, a.get("error", "")[:120]))

@@ -376,3 +376,33 @@ def test_two_evaluator_processes_never_double_notify(tmp_path):
     assert len(sent) == len(set(sent)), "a transition was notified twice"
     assert set(sent) == want, "every transition is notified by exactly one evaluator"
     print(f"\nnotifications: A={len(a)} B={len(b)} total={len(sent)}")
+
+
+def test_start_latest_skips_history_and_reads_one_window(tmp_path: Path) -> None:
+    """``start="latest"``: nothing from history is alerted, only one window is read, new steps fire."""
+    from alerts_helpers import rules_yaml, scalars, writer
+
+    from healthwatch.alerts import Evaluator, load_text
+
+    rules = load_text(rules_yaml("""\
+      - alert: LossHigh
+        expr: {threshold: {metric: loss/train, above: 50}}
+      - alert: LossSpike
+        expr: {spike: {metric: loss/train, method: mad, window: 20, k: 8, min_points: 10}}
+"""))
+    root = tmp_path / "store"
+    w = writer(root, "r")
+    values = [2.0 + 0.01 * (i % 7) for i in range(5000)]
+    values[100] = 99.0  # an old excursion: history
+    scalars(w, "loss/train", range(5000), values)
+    history = Evaluator(root, rules, runs=["r"])
+    assert {t.alert for t in history.evaluate_once() if t.state == "firing"} == {"LossHigh", "LossSpike"}
+    history.close()
+
+    ev = Evaluator(root, rules, runs=["r"], start="latest", record=False)
+    assert ev.evaluate_once() == []
+    assert ev._snapshot is not None and ev._snapshot.rows <= 25  # the spike window, not 5,000 steps
+    scalars(w, "loss/train", range(5000, 5003), [2.0, 99.0, 99.0])
+    fired = [(t.alert, t.step) for t in ev.evaluate_once() if t.state == "firing"]
+    assert ("LossHigh", 5001) in fired and ("LossSpike", 5001) in fired
+    ev.close()
