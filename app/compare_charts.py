@@ -39,7 +39,28 @@ def signal_label(signal: str, agg: str) -> str:
     return f"{signal.removeprefix('layer:')} ({agg} over layers)" if signal.startswith("layer:") else signal
 
 
-def signal_figure(frames: dict[str, pl.DataFrame], title: str, branch_marks: dict[str, int] | None = None) -> go.Figure:
+#: Axis titles with units for the signals the pages know (others are titled with their name).
+UNITS = {
+    "maxvio": "MaxVio (ratio)",
+    "resid_rms": "residual RMS (activation units)",
+    "resid_rms_max": "max-token RMS (activation units)",
+    "wgrad_norm": "weight-gradient L2 norm",
+    "dead_experts": "dead experts (count)",
+}
+
+
+def unit_title(signal: str) -> str:
+    """The y-axis title of ``signal`` with its unit (``loss/*`` in nats per token)."""
+    name = signal.removeprefix("layer:")
+    if name.startswith("loss/"):
+        return f"{name} (nats/token)"
+    if name.startswith("grad_norm/"):
+        return f"{name} (L2 norm)"
+    return UNITS.get(name, name)
+
+
+def signal_figure(frames: dict[str, pl.DataFrame], title: str, branch_marks: dict[str, int] | None = None,
+                  y_title: str | None = None) -> go.Figure:
     """One signal of several runs overlaid on the tokens axis (frames have ``tokens, value``)."""
     fig = go.Figure()
     for run, df in frames.items():
@@ -47,19 +68,19 @@ def signal_figure(frames: dict[str, pl.DataFrame], title: str, branch_marks: dic
             fig.add_trace(go.Scattergl(x=df["tokens"].to_list(), y=df["value"].to_list(), mode="lines", name=run,
                                        line={"width": 1.4}))
     add_branch_marks(fig, branch_marks or {})
-    fig.update_layout(title=title, xaxis_title="tokens consumed", height=300,
+    fig.update_layout(title=title, xaxis_title="tokens consumed", yaxis_title=y_title or "", height=320,
                       margin={"l": 60, "r": 20, "t": 40, "b": 45}, legend={"orientation": "h", "y": -0.3})
     return fig
 
 
 def add_branch_marks(fig: go.Figure, marks: dict[str, int]) -> None:
     """Dotted vertical lines where each branch was cut from its parent (tokens)."""
-    for name, tokens in marks.items():
-        if tokens is None:
-            continue
-        fig.add_vline(x=tokens, line={"color": "gray", "dash": "dot", "width": 1},
-                      annotation_text=f"{name} @ {format_tokens(tokens)}", annotation_position="top left",
-                      annotation_font_size=10)
+    # One label row per branch, so labels of close branch points never overprint each other.
+    for row, (name, tokens) in enumerate((n, t) for n, t in marks.items() if t is not None):
+        fig.add_vline(x=tokens, line={"color": "gray", "dash": "dot", "width": 1})
+        fig.add_annotation(x=tokens, xref="x", y=1.0 - 0.08 * row, yref="paper", yanchor="top", xanchor="left",
+                           text=f"{name} @ {format_tokens(tokens)}", showarrow=False, font={"size": 10},
+                           bgcolor="rgba(255,255,255,0.8)")
 
 
 def summary_table(summary: pl.DataFrame) -> pl.DataFrame:

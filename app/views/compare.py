@@ -21,6 +21,7 @@ from healthwatch.app.compare_charts import (
     signal_label,
     signal_options,
     summary_table,
+    unit_title,
 )
 from healthwatch.app.data import cached, get_store
 from healthwatch.branch import lineage_tree, orphan_branches
@@ -184,6 +185,7 @@ def _body(parent: str | None, branches: list[str], pairs: list[tuple[str, str]],
     runs = list(dict.fromkeys([r for p in pairs for r in p]))
     loss = {r: _series(store, r, metric, agg) for r in runs}
     fig = loss_figure(loss, metric, title=f"{metric} on tokens")
+    fig.update_yaxes(title_text=unit_title(metric))
     add_branch_marks(fig, marks)
     st.plotly_chart(fig, width="stretch", key="cmp_loss")
 
@@ -203,7 +205,7 @@ def _body(parent: str | None, branches: list[str], pairs: list[tuple[str, str]],
         cols = st.columns(2)
         for i, signal in enumerate(signals):
             sig_frames = {r: _series(store, r, signal, agg) for r in runs}
-            cols[i % 2].plotly_chart(signal_figure(sig_frames, signal_label(signal, agg), marks),
+            cols[i % 2].plotly_chart(signal_figure(sig_frames, signal_label(signal, agg), marks, unit_title(signal)),
                                      width="stretch", key=f"cmp_sig_{signal}")
     st.subheader("Export")
     _exports(table, metric, smooth is not None)

@@ -60,6 +60,15 @@ DEFAULTS = ("loss/", "grad_norm/total", "maxvio max", "resid_rms mean, first", "
             "dead_experts max")
 
 
+def _z_text(z: float) -> str:
+    """A z-score for the table: flat trailing windows (MAD 0) give huge z, shown as a bound."""
+    if not np.isfinite(z):
+        return "non-finite value" if np.isinf(z) else "n/a"
+    if abs(z) >= 1e5:
+        return f"{'≥' if z > 0 else '≤'} {'' if z > 0 else '−'}1e5 (flat window)"
+    return f"{z:.3g}"
+
+
 def _paths(store: Store, run: str) -> tuple[list[int | None], dict[int | None, str], int]:
     att = cached_run(store, run, attempts, tables=("attempts",))
     options: list[int | None] = [None]
@@ -140,7 +149,7 @@ def _analysis(store: Store, run: str, attempt: int | None, chosen: dict[str, Sig
             "signal": c.signal,
             "first crossing (step)": c.step,
             "tokens": charts._si(c.tokens) if c.tokens is not None else "",
-            "z at crossing": round(c.z, 2) if np.isfinite(c.z) else c.z,
+            "z at crossing": _z_text(c.z),
             "direction": c.direction,
             "lead over train loss (steps)": (loss.step - c.step) if loss is not None else None,
             "lead (tokens)": charts._si(loss.tokens - c.tokens) if loss is not None and loss.tokens is not None
@@ -201,7 +210,8 @@ def main() -> None:
     buckets = int(min(buckets, hi - lo + 1))
     window = int(min(window, max(2, buckets // 3)))
     st.caption(f"Steps {lo:,}–{hi:,} in {buckets:,} buckets of {max(1, -(-(hi - lo + 1) // buckets)):,} step(s); "
-               f"z against the previous {window} buckets; crossing = |z| ≥ {k:g} for {persist} bucket(s).")
+               f"z = (value − trailing median) / (1.4826·MAD) over the previous {window} buckets; "
+               f"crossing = |z| ≥ {k:g} for {persist} bucket(s).")
     _analysis(store, run, attempt, chosen, lo, hi, buckets, window, float(k), int(persist), x)
 
 

@@ -39,9 +39,9 @@ from healthwatch.store import Store
 
 LAYER_UNITS = {
     "maxvio": ("MaxVio", "MaxVio (max−mean)/mean, ratio"),
-    "resid_rms": ("Residual RMS", "RMS of the residual stream (activation units)"),
+    "resid_rms": ("Residual RMS", "residual RMS (activation units)"),
     "resid_rms_max": ("Residual RMS, max over tokens", "max-token RMS (activation units)"),
-    "wgrad_norm": ("Weight-gradient norm", "L2 norm of the block's weight grads"),
+    "wgrad_norm": ("Weight-gradient norm", "weight-grad L2 norm"),
     "dead_experts": ("Dead experts", "experts with zero load (count)"),
 }
 EVENT_KINDS = ("rollback", "checkpoint", "note", "alert firing", "alert resolved")
@@ -175,13 +175,15 @@ def _charts(store: Store, run: str, x: str, log_y: bool, smooth: float) -> None:
         heat("resid_rms", r1, "heat_resid")
         heat("wgrad_norm", r2, "heat_wgrad")
 
-    if others:
-        with st.expander(f"Other scalars ({', '.join(others[:6])}{'…' if len(others) > 6 else ''})"):
-            cols = st.columns(2)
-            for i, name in enumerate(others):
-                fig = charts.lines(_frames(scal, [name]), x, name, name, log_y, smooth, height=280,
-                                   revision=f"{rev}-{name}")
-                cols[i % 2].plotly_chart(fig, width="stretch", key=f"chart_other_{name}")
+    # A toggle rather than an expander: a collapsed expander still makes the browser draw every
+    # chart inside it (~0.1 s each); these are only built and drawn when asked for.
+    if others and st.toggle(f"Show other scalars ({', '.join(others[:6])}{'…' if len(others) > 6 else ''})",
+                            key="show_other"):
+        cols = st.columns(2)
+        for i, name in enumerate(others):
+            fig = charts.lines(_frames(scal, [name]), x, name, name, log_y, smooth, height=320,
+                               revision=f"{rev}-{name}")
+            cols[i % 2].plotly_chart(fig, width="stretch", key=f"chart_other_{name}")
     n = scal.height + agg.height
     st.caption(f"{n:,} points drawn (min/max per bucket, ≤ 2,000 per trace) · built in "
                f"{time.perf_counter() - t0:.2f} s · {datetime.now():%H:%M:%S}")

@@ -135,7 +135,7 @@ def no_exception(driver: webdriver.Chrome) -> None:
 
 
 @pytest.mark.parametrize("path,title,plots", [
-    ("", "Runs", 1), ("run?run=main", "Run", 10), ("divergence?run=main", "Divergence", 1),
+    ("", "Runs", 1), ("run?run=main", "Run", 9), ("divergence?run=main", "Divergence", 1),
     ("compare", "Compare", 0), ("alerts", "Alerts", 1),
 ])
 def test_every_page_renders(server: str, browser: webdriver.Chrome, path: str, title: str, plots: int) -> None:
@@ -145,6 +145,27 @@ def test_every_page_renders(server: str, browser: webdriver.Chrome, path: str, t
         wait_for(lambda: browser.execute_script(PLOTS_JS) >= plots, 90, f"{plots} plotly charts on {title}")
     wait_for(lambda: not browser.execute_script(RUNNING_JS), 60, "the script run to finish")
     no_exception(browser)
+
+
+def test_divergence_page_in_the_browser(server: str, browser: webdriver.Chrome) -> None:
+    """The Divergence page as a user sees it: the z-score chart drawn with every chosen signal and
+    the band, the first mover named with its lead over the train loss, and a rollback suggestion."""
+    browser.get(f"{server}/divergence?run=main")
+    wait_for(lambda: browser.execute_script(PLOTS_JS) >= 1, 90, "the z-score chart")
+    wait_for(lambda: not browser.execute_script(RUNNING_JS), 60, "the script run to finish")
+    no_exception(browser)
+    chart = browser.execute_script(
+        "const p = document.querySelector('.js-plotly-plot');"
+        "return {title: p.layout.title.text, y: p.layout.yaxis.title.text, x: p.layout.xaxis.title.text,"
+        " names: p._fullData.filter(t => t.showlegend !== false).map(t => t.name),"
+        " shapes: (p.layout.shapes || []).length, labels: (p.layout.annotations || []).map(a => a.text)}")
+    assert "robust z-score" in chart["title"] and "signed log" in chart["y"] and chart["x"] == "training step"
+    assert {"loss/train", "loss/mtp_2"} <= set(chart["names"])
+    assert any(label.startswith("first mover: resid_rms") for label in chart["labels"])
+    assert "rollback point" in chart["labels"] and chart["shapes"] >= 3  # band lines + vertical marks
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert "moved first" in body and "steps" in body and "before the train loss" in body
+    assert "Rollback suggestion: the checkpoint at step 100" in body
 
 
 def test_live_chart_grows_without_reload(tmp_path: Path) -> None:

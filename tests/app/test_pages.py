@@ -86,6 +86,14 @@ def test_run_page_draws_every_signal(app_store: Path, monkeypatch: pytest.Monkey
     assert "2 attempts, 1 rolled back" in _texts(at) and "1 alert firing" in _texts(at)
 
 
+def test_run_page_other_scalars_drawn_only_when_asked(app_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _run("run", app_store, monkeypatch, run="main")
+    assert "lr" not in _specs(at)
+    at = _run("run", app_store, monkeypatch, run="main", setup=lambda a: a.toggle(key="show_other").set_value(True))
+    spec = _specs(at)["lr"]
+    assert spec["layout"]["yaxis"]["title"]["text"] == "lr" and len(_arr(spec["data"][0]["x"])) == 300
+
+
 def test_run_page_tokens_axis_log_scale_and_smoothing(app_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def setup(at: AppTest) -> None:
         at.radio(key="x_axis").set_value("tokens")

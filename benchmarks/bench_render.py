@@ -1,0 +1,351 @@
+"""Run-page render time: the real app server, a real headless Chromium, a large compacted store.
+
+Builds (or reuses) a synthetic store with :mod:`benchmarks.synth_store` (default 1M steps × 108
+layers × 3 layer metrics, compacted, with rollups), starts ``healthwatch app`` on it, opens the
+Run page in headless Chromium and measures the time from navigation until every plotly chart of
+the page is drawn and Streamlit's "Running" status is gone (a JS condition polled every 25 ms).
+
+* **cold**: a fresh server process (empty Streamlit caches, fresh DuckDB connection) and a fresh
+  browser profile; the OS page cache is warm (the store was just written or read).
+* **warm**: the same server and browser, a new page load (a new Streamlit session: the query
+  results come from the server's caches).
+
+The expected number of charts comes from running the same page once with Streamlit's AppTest on
+the same store, so the condition is exact (no "wait a bit and hope").
+
+Usage::
+
+    python -m benchmarks.bench_render                 # 1M steps x 108 layers (minutes to build)
+    python -m benchmarks.bench_render --quick         # 100k steps x 108 layers
+    python -m benchmarks.bench_render --steps 20000 --layers 24 --workdir /tmp/hw-render
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUDGET_S = 3.0
+RUN = "synth"
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+DRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
+
+#: Charts counted as drawn: plotly has laid out the figure (``_fullData``) and drawn its SVG.
+DRAWN_JS = ("return Array.from(document.querySelectorAll('.js-plotly-plot'))"
+            ".filter(p => p._fullData && p._fullData.length && p.querySelector('.main-svg')).length")
+#: Streamlit's status widget ("Running…") is present while a script run is in flight.
+RUNNING_JS = "return !!document.querySelector('[data-testid=\"stStatusWidget\"]')"
+EXCEPTION_JS = "return document.querySelectorAll('[data-testid=\"stException\"]').length"
+TITLE_JS = "return Array.from(document.querySelectorAll('h1')).map(h => h.innerText.trim())"
+
+
+# --------------------------------------------------------------------------------------------
+# store, server, browser
+
+
+def build_store(root: Path, steps: int, layers: int) -> dict[str, Any]:
+    """Write the synthetic store at ``root`` unless a store of the same size is already there.
+
+    Returns ``{"layer_rows", "scalar_rows", "bytes", "build_s", "reused"}``.
+    """
+    from benchmarks.synth_store import generate
+
+    meta_file = root / "bench-render.json"
+    if meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        if meta.get("steps") == steps and meta.get("layers") == layers:
+            meta["reused"] = True
+            meta["bytes"] = store_bytes(root)
+            return meta
+    if root.exists():
+        shutil.rmtree(root)
+    t0 = time.perf_counter()
+    res = generate(root, run=RUN, steps=steps, layers=layers)
+    meta = {"steps": steps, "layers": layers, "layer_rows": int(res["layer_rows"]),
+            "scalar_rows": int(res["scalar_rows"]), "write_s": res["write_s"], "compact_s": res["compact_s"],
+            "build_s": time.perf_counter() - t0}
+    meta_file.write_text(json.dumps(meta))
+    meta["reused"] = False
+    meta["bytes"] = store_bytes(root)
+    return meta
+
+
+def store_bytes(root: Path) -> int:
+    """Bytes of all Parquet files under ``root`` (raw segments and rollups)."""
+    return sum(p.stat().st_size for p in root.rglob("*.parquet"))
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
+    """Poll ``cond`` until it returns something truthy; raise naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@contextmanager
+def app_server(store: Path, log: Path | None = None) -> Iterator[str]:
+    """``healthwatch app --store S --port P`` as a child process; yields its URL once healthy."""
+    port = free_port()
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "healthwatch.cli", "app", "--store", str(store),
+                             "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the app server exited with {proc.returncode}")
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, 120, "the Streamlit server's health endpoint")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        if log:
+            out.close()
+
+
+@contextmanager
+def chromium(size: tuple[int, int] = (1400, 1000), profile: Path | None = None) -> Iterator[Any]:
+    """Headless Chromium (selenium) with a fresh profile and no background traffic."""
+    if not (CHROMIUM and DRIVER):
+        raise RuntimeError("needs Debian chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    tmp = None
+    if profile is None:
+        tmp = tempfile.mkdtemp(prefix="hw-chrome-")
+        profile = Path(tmp)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                "--hide-scrollbars", f"--window-size={size[0]},{size[1]}", f"--user-data-dir={profile}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=Service(DRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def page_ready(driver: Any, title: str, charts: int) -> bool:
+    """The page's title is shown, ``charts`` plotly charts are drawn and no script run is in flight."""
+    return (title in driver.execute_script(TITLE_JS) and driver.execute_script(DRAWN_JS) >= charts
+            and not driver.execute_script(RUNNING_JS))
+
+
+def load(driver: Any, url: str, title: str, charts: int, timeout: float = 300.0) -> float:
+    """Navigate to ``url``; seconds until :func:`page_ready`. Raises on a Streamlit exception."""
+    t0 = time.perf_counter()
+    driver.get(url)
+    wait_for(lambda: page_ready(driver, title, charts) or driver.execute_script(EXCEPTION_JS), timeout,
+             f"{charts} drawn charts on {url}", every=0.025)
+    elapsed = time.perf_counter() - t0
+    if driver.execute_script(EXCEPTION_JS):
+        raise RuntimeError(f"exception on {url}: " + driver.find_element("tag name", "body").text[:2000])
+    return elapsed
+
+
+def expected_charts(store: Path, page: str = "run", run: str = RUN) -> int:
+    """How many plotly charts ``page`` draws for ``run``: the page itself, run once with AppTest."""
+    from streamlit.testing.v1 import AppTest
+
+    old = os.environ.get("HEALTHWATCH_STORE")
+    os.environ["HEALTHWATCH_STORE"] = str(store)
+    try:
+        at = AppTest.from_file(str(REPO_ROOT / "app" / "views" / f"{page}.py"), default_timeout=600)
+        at.query_params["run"] = run
+        at.run()
+        if at.exception:
+            raise RuntimeError(f"the {page} page raised: {[e.value for e in at.exception]}")
+        return len(at.get("plotly_chart"))
+    finally:
+        if old is None:
+            os.environ.pop("HEALTHWATCH_STORE", None)
+        else:
+            os.environ["HEALTHWATCH_STORE"] = old
+
+
+def built_in(driver: Any) -> float | None:
+    """The server-side build time the Run page prints in its caption (``built in X s``)."""
+    text = driver.find_element("tag name", "body").text
+    i = text.find("built in ")
+    if i < 0:
+        return None
+    try:
+        return float(text[i + 9:].split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+#: The framework floor: a page with a title and one tiny plotly chart, served the same way.
+FLOOR_APP = """
+import plotly.graph_objects as go
+import streamlit as st
+st.title("Run")
+st.plotly_chart(go.Figure(go.Scatter(x=[0, 1], y=[0, 1])), key="floor")
+"""
+
+
+@contextmanager
+def floor_server(workdir: Path) -> Iterator[str]:
+    """A trivial Streamlit app (title + one 2-point chart) with the app's server flags."""
+    from healthwatch.app.launch import streamlit_command
+
+    app = workdir / "floor_app.py"
+    app.write_text(FLOOR_APP)
+    port = free_port()
+    cmd = streamlit_command(workdir, port)
+    cmd[cmd.index("run") + 1] = str(app)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _healthy(port, proc), 120, "the floor app's health endpoint")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _healthy(port: int, proc: subprocess.Popen) -> bool:
+    if proc.poll() is not None:
+        raise RuntimeError(f"the server exited with {proc.returncode}")
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def floor(workdir: Path, warm_loads: int = 3) -> tuple[float, float]:
+    """Cold and warm p50 seconds of the trivial page: what Streamlit + Chromium cost on this machine."""
+    with floor_server(workdir) as url, chromium() as driver:
+        cold = load(driver, url + "/", "Run", 1)
+        warm = [load(driver, url + "/", "Run", 1) for _ in range(warm_loads)]
+    return cold, statistics.median(warm)
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def run(quick: bool, workdir: Path, steps: int | None = None, layers: int = 108, cold_loads: int | None = None,
+        warm_loads: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure the Run page's load time; returns seconds (cold/warm p50, every sample) and store facts.
+
+    ``quick`` builds 100k steps (else 1M) unless ``steps`` says otherwise; the store lives in
+    ``workdir/render-store-<steps>x<layers>`` and is reused by later calls.
+    """
+    say = progress or (lambda _msg: None)
+    steps = steps or (100_000 if quick else 1_000_000)
+    cold_n = cold_loads or (2 if quick else 3)
+    warm_n = warm_loads or (3 if quick else 5)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = workdir / f"render-store-{steps}x{layers}"
+    say(f"building the store ({steps:,} steps x {layers} layers)")
+    facts = build_store(store, steps, layers)
+    say("counting the Run page's charts (AppTest)")
+    t0 = time.perf_counter()
+    charts = expected_charts(store)
+    apptest_s = time.perf_counter() - t0
+    url_path = f"/run?run={RUN}"
+    cold: list[float] = []
+    warm: list[float] = []
+    server_build: list[float | None] = []
+    log = workdir / "render-server.log"
+    load_before = os.getloadavg()[0]
+    say("framework floor (a trivial Streamlit page)")
+    floor_cold, floor_warm = floor(workdir)
+    for i in range(cold_n):
+        say(f"cold load {i + 1}/{cold_n}")
+        with app_server(store, log) as url, chromium() as driver:
+            cold.append(load(driver, url + url_path, "Run", charts))
+            server_build.append(built_in(driver))
+            if i == cold_n - 1:
+                for j in range(warm_n):
+                    say(f"warm load {j + 1}/{warm_n}")
+                    warm.append(load(driver, url + url_path, "Run", charts))
+    return {
+        "steps": steps, "layers": layers, "layer_rows": facts["layer_rows"], "scalar_rows": facts["scalar_rows"],
+        "rows": facts["layer_rows"] + facts["scalar_rows"], "store_bytes": facts["bytes"],
+        "store_build_s": None if facts["reused"] else facts["build_s"], "store_reused": facts["reused"],
+        "charts": charts, "apptest_first_run_s": apptest_s,
+        "cold_s": cold, "warm_s": warm, "cold_p50_s": statistics.median(cold), "warm_p50_s": statistics.median(warm),
+        "server_build_cold_s": server_build, "budget_s": BUDGET_S,
+        "floor_cold_s": floor_cold, "floor_warm_p50_s": floor_warm,
+        "load_average": [load_before, os.getloadavg()[0]], "cpus": os.cpu_count(),
+        "within_budget": statistics.median(cold) <= BUDGET_S and statistics.median(warm) <= BUDGET_S,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point: print the numbers (and JSON with ``--json``)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="100k steps instead of 1M")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=108)
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hw-bench-render")
+    ap.add_argument("--cold", type=int, default=None, help="cold loads (each on a fresh server)")
+    ap.add_argument("--warm", type=int, default=None, help="warm loads")
+    ap.add_argument("--json", action="store_true", help="also print the result as JSON")
+    args = ap.parse_args(argv)
+    res = run(args.quick, args.workdir, steps=args.steps, layers=args.layers, cold_loads=args.cold,
+              warm_loads=args.warm, progress=lambda m: print(f"... {m}", file=sys.stderr, flush=True))
+    print(f"store: {res['steps']:,} steps x {res['layers']} layers = {res['layer_rows']:,} layer rows + "
+          f"{res['scalar_rows']:,} scalar rows, {res['store_bytes'] / 2**20:,.0f} MiB of Parquet"
+          + (f" (built in {res['store_build_s']:.0f} s)" if res["store_build_s"] else " (reused)"))
+    print(f"Run page, {res['charts']} charts: cold p50 {res['cold_p50_s']:.2f} s "
+          f"({', '.join(f'{v:.2f}' for v in res['cold_s'])}), warm p50 {res['warm_p50_s']:.2f} s "
+          f"({', '.join(f'{v:.2f}' for v in res['warm_s'])}); budget {res['budget_s']:.0f} s: "
+          f"{'PASS' if res['within_budget'] else 'MISS'}")
+    print(f"server-side build of the charts fragment on the cold loads: {res['server_build_cold_s']}")
+    print(f"framework floor (trivial Streamlit page, 1 chart): cold {res['floor_cold_s']:.2f} s, warm p50 "
+          f"{res['floor_warm_p50_s']:.2f} s; load average {res['load_average'][0]:.1f} -> "
+          f"{res['load_average'][1]:.1f} on {res['cpus']} CPUs")
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
