@@ -416,8 +416,15 @@ class Store:
     re-entrant across threads).
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], auto_refresh: bool = True) -> None:
+        """Open the store at ``root``.
+
+        ``auto_refresh`` re-lists the segment directories before every query (always current).
+        Off, the views change only at :meth:`refresh` (or when a query meets a retired file):
+        an app that refreshes once per page run saves a directory listing per query (~50 a page).
+        """
         self.root = Path(root)
+        self.auto_refresh = auto_refresh
         if not self.root.is_dir():
             raise FileNotFoundError(f"no healthwatch store at {self.root} (directory does not exist)")
         meta = _read_meta(self.root)
@@ -437,6 +444,7 @@ class Store:
         self._checked: set[str] = set()  # files whose footer was checked (segments are immutable)
         self._read_ok: set[str] = set()  # files read in full once after a query failed on corrupt data
         self.version = 0  # bumps whenever the listing changed; apps cache on it
+        self._refreshed_at = float("-inf")
         self.refresh()
 
     # -- listing / views ---------------------------------------------------------------------
@@ -493,9 +501,16 @@ class Store:
             self._warned.add(path)
             log.warning("skipping unreadable segment %s: %s", path, why)
 
+    def refresh_if_older(self, max_age_s: float) -> bool:
+        """:meth:`refresh` unless the last listing is younger than ``max_age_s`` seconds."""
+        if time.monotonic() - self._refreshed_at < max_age_s:
+            return False
+        return self.refresh()
+
     def refresh(self, force: bool = False) -> bool:
         """Rebuild the views if the store's directories changed; returns True if rebuilt."""
         with self._lock:
+            self._refreshed_at = time.monotonic()
             relisted = False
             for attempt in range(20):
                 if attempt > 1:  # files keep changing under us: let the writer or compactor finish
@@ -573,7 +588,8 @@ class Store:
 
     def _execute(self, query: str, params: Any, fn: str) -> Any:
         with self._lock:
-            self.refresh()
+            if self.auto_refresh:
+                self.refresh()
             last: Exception | None = None
             for attempt in range(_QUERY_TRIES):
                 if attempt:  # a file was retired under us: give the compactor's publish a moment
