@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bench_ingest, bench_overhead, bench_peers, bench_query
+from benchmarks import bench_ingest, bench_overhead, bench_peers, bench_query, bench_render
 from benchmarks.bench_common import (
     MISS,
     NA,
@@ -38,7 +38,7 @@ from benchmarks.bench_common import (
     versions,
 )
 
-BENCHES = ("overhead", "peers", "ingest", "query")
+BENCHES = ("overhead", "peers", "ingest", "query", "render")
 
 #: What profiling found and what was changed because of it (kept with the code that measures it).
 FINDINGS = [
@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--loggers", default=",".join(bench_peers.LOGGERS), help="loggers to compare")
     ap.add_argument("--query-steps", type=int, default=None,
                     help="steps of the synthetic store (default 1,000,000; quick 20,000)")
+    ap.add_argument("--render-workdir", type=Path, default=None,
+                    help="where the render benchmark builds (and later reuses) its synthetic store")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     return ap
 
@@ -320,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         wanted = args.query_steps or (20_000 if args.quick else 1_000_000)
         steps, size_note = bench_query.fit_steps(wanted, workdir)
         plan.append(("query", bench_query.jobs(args.quick, workdir, steps)))
+    if "render" in only:
+        plan.append(("render", bench_render.jobs(args.quick, workdir, args.render_workdir)))
 
     results: dict[str, dict[str, Any]] = {}
     progress = _progress(not args.no_progress)
@@ -344,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             sections.append(bench_ingest.section(results))
         elif name == "query":
             sections.append(bench_query.section(results, size_note))
+        elif name == "render":
+            sections.append(bench_render.section(results))
     meta = {
         "command": _command(argv), "started": started, "wall_s": time.perf_counter() - t_start,
         "quick": args.quick, "machine": machine_info(), "versions": versions(),

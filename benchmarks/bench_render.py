@@ -347,5 +347,68 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# `python -m benchmarks` integration: one child job and a report section
+
+
+def run_task(params: dict[str, Any]) -> dict[str, Any]:
+    """Child task for the benchmark runner (``--task render``)."""
+    from benchmarks.bench_common import emit_progress
+
+    stages = iter(range(1, 100))
+    return run(bool(params["quick"]), Path(params["workdir"]), steps=params.get("steps"),
+               layers=int(params.get("layers", 108)), cold_loads=params.get("cold"), warm_loads=params.get("warm"),
+               progress=lambda msg: emit_progress(next(stages), 12, msg))
+
+
+TASKS = {"render": run_task}
+
+
+def jobs(quick: bool, workdir: Path, store_dir: Path | None = None) -> list[Any]:
+    """The render job: 1M steps x 108 layers (quick: 20k x 108, one cold and two warm loads)."""
+    from benchmarks.bench_common import Job
+
+    params: dict[str, Any] = {"quick": quick, "workdir": str(store_dir or (workdir / "render"))}
+    if quick:
+        params.update(steps=20_000, cold=1, warm=2)
+    return [Job("render", "benchmarks.bench_render", "render", params,
+                "Run page render (real server + headless Chromium)", timeout_s=600 if quick else 3600)]
+
+
+def section(results: dict[str, dict[str, Any]]) -> Any:
+    """Budget row and table of the render measurement."""
+    from benchmarks.bench_common import NA, Budget, Section, Table, fmt_bytes, fmt_count, fmt_time, verdict
+
+    sec = Section("render", "5. Run page in the browser")
+    r = results.get("render")
+    if r is None or "error" in r:
+        sec.errors.append((r or {}).get("error", "did not run"))
+        sec.budgets.append(Budget("Run page render", "≤ 3 s", "error", NA))
+        return sec
+    sec.intro = (
+        f"Synthetic store of {r['steps']:,} steps × {r['layers']} layers: {fmt_count(r['rows'])} rows, "
+        f"{fmt_bytes(r['store_bytes'])} of Parquet, compacted with rollups. `healthwatch app` on it; headless "
+        f"Chromium opens the Run page and the clock stops when all {r['charts']} plotly charts are drawn and "
+        "Streamlit's status widget is gone (a JS condition polled every 25 ms). Cold = a fresh server process "
+        "and browser; warm = a new page load on the same server (server-side caches warm)."
+    )
+    sec.tables.append(Table("Run page load", ["", "p50", "samples"], [
+        ["cold (fresh server + browser)", fmt_time(r["cold_p50_s"]), ", ".join(fmt_time(x) for x in r["cold_s"])],
+        ["warm (new page load)", fmt_time(r["warm_p50_s"]), ", ".join(fmt_time(x) for x in r["warm_s"])],
+        ["floor: trivial Streamlit page, cold / warm", f"{fmt_time(r['floor_cold_s'])} / "
+         f"{fmt_time(r['floor_warm_p50_s'])}", "what Streamlit + Chromium cost here with one 2-point chart"],
+    ], f"load average {r['load_average'][0]:.1f} → {r['load_average'][1]:.1f} on {r['cpus']} CPUs"))
+    for kind in ("warm", "cold"):
+        v = r[f"{kind}_p50_s"]
+        sec.budgets.append(Budget(f"Run page render, {kind}, {r['steps']:,} steps × {r['layers']} layers", "≤ 3 s",
+                                  fmt_time(v), verdict(v <= BUDGET_S),
+                                  "includes Streamlit's own cold start (floor above)" if kind == "cold" else ""))
+    return sec
+
+
 if __name__ == "__main__":
+    if "--task" in sys.argv:
+        from benchmarks.bench_common import child_main
+
+        raise SystemExit(child_main(TASKS))
     raise SystemExit(main())
