@@ -480,8 +480,12 @@ class Snapshot:
     def load(self, store: Store, starts: dict[str, int], upto: int | None, sources: Sources) -> None:
         """Copy rows of ``starts``' runs with ``start < step (<= upto)`` from ``sources``."""
         runs = sorted(starts)
-        params: dict[str, Any] = {"runs": runs, "starts": [int(starts[r]) for r in runs]}
-        cond = "t.step > cur.start"
+        params: dict[str, Any] = {"runs": runs, "starts": [int(starts[r]) for r in runs],
+                                  "lo": min((int(v) for v in starts.values()), default=NEVER)}
+        # The constant bounds repeat what the join says, so that DuckDB can skip whole run
+        # directories and Parquet row groups by their statistics: a join condition alone scanned
+        # every row of the store (8.7 s per evaluation at 1M steps x 108 layers before compaction).
+        cond = "t.step > cur.start AND t.step > $lo AND list_contains($runs, t.run)"
         if upto is not None:
             cond += " AND t.step <= $upto"
             params["upto"] = int(upto)

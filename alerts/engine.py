@@ -306,12 +306,19 @@ class Evaluator:
 
     def _skip_history(self, store: Store, runs: list[str]) -> None:
         """``start="latest"``: put every rule's cursor of ``runs`` at the newest step logged."""
-        rows = store.sql(
-            "SELECT run, max(step) FROM (SELECT run, step FROM scalars_effective WHERE list_contains($runs, run) "
-            "UNION ALL SELECT run, step FROM layer_stats_effective WHERE list_contains($runs, run)) GROUP BY run",
+        # The scalars (a few per step) say where a run is; layer stats (hundreds per step) only
+        # for a run that logs no scalars at all.
+        rows = dict(store.sql(
+            "SELECT run, max(step) FROM scalars_effective WHERE list_contains($runs, run) GROUP BY run",
             {"runs": runs},
-        ).fetchall()
-        for run, hi in rows:
+        ).fetchall())
+        missing = [r for r in runs if rows.get(r) is None]
+        if missing:
+            rows.update(store.sql(
+                "SELECT run, max(step) FROM layer_stats_effective WHERE list_contains($runs, run) GROUP BY run",
+                {"runs": missing},
+            ).fetchall())
+        for run, hi in rows.items():
             if hi is None:
                 continue
             for rule in self.rules:

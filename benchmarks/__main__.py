@@ -286,13 +286,35 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--render-workdir", type=Path, default=None,
                     help="where the render benchmark builds (and later reuses) its synthetic store")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--report-from", default=None, metavar="RAW.json",
+                    help="only re-render the report from a --raw file of an earlier run (same numbers)")
     return ap
+
+
+def build_sections(names: Sequence[str], results: dict[str, dict[str, Any]], size_note: str = "") -> list[Section]:
+    """The report sections of the benchmarks ``names``, from their results."""
+    builders = {"overhead": bench_overhead.section, "peers": bench_peers.section, "ingest": bench_ingest.section,
+                "query": lambda r: bench_query.section(r, size_note), "render": bench_render.section}
+    return [builders[name](results) for name in names if name in builders]
+
+
+def report_from_raw(raw: Path, out: Path) -> int:
+    """Re-render the report from a ``--raw`` file: the same measurements, current findings text."""
+    data = json.loads(raw.read_text())
+    meta, results = data["meta"], data["results"]
+    names = meta.get("benches") or [b for b in BENCHES if any(k == b or k.startswith(b + ":") or
+                                                              k.startswith(b + "-") for k in results)]
+    meta["findings"] = FINDINGS
+    out.write_text(render(build_sections(names, results, meta.get("size_note", "")), meta))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the selected benchmarks and write the report; returns the exit status (0 unless a job erred)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.report_from:
+        return report_from_raw(Path(args.report_from), Path(args.out).resolve())
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -338,23 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         if progress is not None:
             progress.stop()
 
-    sections: list[Section] = []
-    for name, _jobs in plan:
-        if name == "overhead":
-            sections.append(bench_overhead.section(results))
-        elif name == "peers":
-            sections.append(bench_peers.section(results))
-        elif name == "ingest":
-            sections.append(bench_ingest.section(results))
-        elif name == "query":
-            sections.append(bench_query.section(results, size_note))
-        elif name == "render":
-            sections.append(bench_render.section(results))
+    sections = build_sections([name for name, _jobs in plan], results, size_note)
     meta = {
         "command": _command(argv), "started": started, "wall_s": time.perf_counter() - t_start,
         "quick": args.quick, "machine": machine_info(), "versions": versions(),
         "load": [_fmt_load(load_start), _fmt_load(load_average())], "timeline": runner.timeline,
-        "findings": FINDINGS,
+        "findings": FINDINGS, "size_note": size_note, "benches": [name for name, _jobs in plan],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(sections, meta))
