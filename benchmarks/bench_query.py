@@ -9,7 +9,7 @@ third of a step so that comparisons need the token-aligned ASOF join).
 "Before compaction" is the layout a live writer leaves: its self-merges (``compact_own``, fan-out
 8, one L0 segment per 100-step flush) leave at most 7 segments per level, each merged segment
 sorted by (metric, layer, step), L0 segments in step order, no rollups. "After compaction" is
-``compact_store``: one sorted segment per table and run, plus rollups of 100 and 10,000 steps.
+``compact_store``: one sorted segment per table and run, plus rollups of 100, 1,000 and 10,000 steps.
 
 Timed with healthwatch's named queries: one downsampled series (``query.series``, ≤ 2,000 points,
 p50/p95 over ≥ 20 calls on random layers), a layer x step heatmap (``query.heatmap``, 400 buckets),

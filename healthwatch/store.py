@@ -55,7 +55,7 @@ log = logging.getLogger("healthwatch.store")
 META_FILE = "healthwatch.json"
 ENV_STORE = "HEALTHWATCH_STORE"
 DEFAULT_STORE = "healthwatch-store"
-ROLLUP_BUCKETS = (100, 10_000)
+ROLLUP_BUCKETS = (100, 1_000, 10_000)
 
 
 def default_store_path(store: str | os.PathLike[str] | None = None) -> Path:
