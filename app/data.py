@@ -268,30 +268,9 @@ def _rollup_cover(store: Store, table: str, run: str) -> int | None:
 
 @_register
 def rollup_valid_until(store: Store, run: str, table: str = "layer_stats") -> int | None:
-    """First step from which ``run``'s 100-step rollups of ``table`` can no longer be used, or None.
-
-    Rollups are written by compaction from the effective rows *at that time*; an attempt started
-    after it (a rollback) supersedes rollup rows from its start step on, so they are only used
-    below that step, and only for complete buckets.
-    """
-    rtable = f"{table}_rollup"
-    files = [f for f in store.files(rtable, run) if f.exists()]
-    if not files:
-        return None
-    written = max(f.stat().st_mtime for f in files)
-    cover = _rollup_cover(store, rtable, run)
-    if cover is None:
-        return None
-    limit = (cover + 1) // ROLLUP_BUCKETS[0] * ROLLUP_BUCKETS[0]  # first step not in a complete bucket
-    att = attempts(store, run)
-    # Only a later attempt can supersede rows: the first attempt never does, however close its
-    # start is to the compaction (the 1 s slack below would otherwise drop fresh rollups).
-    if att.height:
-        att = att.filter(pl.col("attempt") > att["attempt"].min())
-    newer = att.filter(pl.col("started_at") > written - 1.0)
-    if newer.height:
-        limit = min(limit, int(newer["start_step"].min()) // ROLLUP_BUCKETS[0] * ROLLUP_BUCKETS[0])
-    return limit if limit > 0 else None
+    """First step from which ``run``'s 100-step rollups of ``table`` can no longer be used, or None
+    (:func:`healthwatch.query.rollup_valid_until`, cached here on the run's signature)."""
+    return query.rollup_valid_until(store, run, table)
 
 
 @_register

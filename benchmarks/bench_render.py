@@ -26,23 +26,21 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from healthwatch.app.serve import app_server, free_port, headless_chromium, healthy, wait_for
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = 3.0
 RUN = "synth"
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-DRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
 
 #: Charts counted as drawn: plotly has laid out the figure (``_fullData``) and drawn its SVG.
 DRAWN_JS = ("return Array.from(document.querySelectorAll('.js-plotly-plot'))"
@@ -87,82 +85,6 @@ def build_store(root: Path, steps: int, layers: int) -> dict[str, Any]:
 def store_bytes(root: Path) -> int:
     """Bytes of all Parquet files under ``root`` (raw segments and rollups)."""
     return sum(p.stat().st_size for p in root.rglob("*.parquet"))
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
-    """Poll ``cond`` until it returns something truthy; raise naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-@contextmanager
-def app_server(store: Path, log: Path | None = None) -> Iterator[str]:
-    """``healthwatch app --store S --port P`` as a child process; yields its URL once healthy."""
-    port = free_port()
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "healthwatch.cli", "app", "--store", str(store),
-                             "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the app server exited with {proc.returncode}")
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_for(healthy, 120, "the Streamlit server's health endpoint")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        if log:
-            out.close()
-
-
-@contextmanager
-def chromium(size: tuple[int, int] = (1400, 1000), profile: Path | None = None) -> Iterator[Any]:
-    """Headless Chromium (selenium) with a fresh profile and no background traffic."""
-    if not (CHROMIUM and DRIVER):
-        raise RuntimeError("needs Debian chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    tmp = None
-    if profile is None:
-        tmp = tempfile.mkdtemp(prefix="hw-chrome-")
-        profile = Path(tmp)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                "--hide-scrollbars", f"--window-size={size[0]},{size[1]}", f"--user-data-dir={profile}"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(options=opts, service=Service(DRIVER))
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def page_ready(driver: Any, title: str, charts: int) -> bool:
@@ -236,7 +158,7 @@ def floor_server(workdir: Path) -> Iterator[str]:
     cmd[cmd.index("run") + 1] = str(app)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: _healthy(port, proc), 120, "the floor app's health endpoint")
+        wait_for(lambda: healthy(port, proc), 120, "the floor app's health endpoint")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -247,18 +169,9 @@ def floor_server(workdir: Path) -> Iterator[str]:
             proc.wait(10)
 
 
-def _healthy(port: int, proc: subprocess.Popen) -> bool:
-    if proc.poll() is not None:
-        raise RuntimeError(f"the server exited with {proc.returncode}")
-    try:
-        return urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).status == 200
-    except OSError:
-        return False
-
-
 def floor(workdir: Path, warm_loads: int = 3) -> tuple[float, float]:
     """Cold and warm p50 seconds of the trivial page: what Streamlit + Chromium cost on this machine."""
-    with floor_server(workdir) as url, chromium() as driver:
+    with floor_server(workdir) as url, headless_chromium() as driver:
         cold = load(driver, url + "/", "Run", 1)
         warm = [load(driver, url + "/", "Run", 1) for _ in range(warm_loads)]
     return cold, statistics.median(warm)
@@ -298,7 +211,7 @@ def run(quick: bool, workdir: Path, steps: int | None = None, layers: int = 108,
     floor_cold, floor_warm = floor(workdir)
     for i in range(cold_n):
         say(f"cold load {i + 1}/{cold_n}")
-        with app_server(store, log) as url, chromium() as driver:
+        with app_server(store, log) as url, headless_chromium() as driver:
             cold.append(load(driver, url + url_path, "Run", charts))
             server_build.append(built_in(driver))
             if i == cold_n - 1:

@@ -28,40 +28,42 @@ def _where_range(col: str, lo: int | None, hi: int | None, params: list[Any]) ->
     return sql
 
 
-def series(
-    store: Store,
-    run: str,
-    name: str,
-    *,
-    layer: int | None = None,
-    max_points: int = 2000,
-    step_min: int | None = None,
-    step_max: int | None = None,
-    include_superseded: bool = False,
-) -> pl.DataFrame:
-    """One series as ``(step, tokens, value, attempt, superseded)``, min/max-downsampled to ≤ ``max_points``.
+def rollup_valid_until(store: Store, run: str, table: str = "layer_stats") -> int | None:
+    """First step from which ``run``'s 100-step rollups of ``table`` can no longer be used, or None.
 
-    ``name`` is a scalar name (``loss/train``) or, with ``layer`` given, a layer metric
-    (``resid_rms``). Each bucket contributes the row of its minimum and of its maximum (NaN
-    counts as the maximum, so a non-finite step is never dropped). With
-    ``include_superseded`` the rows of attempts superseded by a rollback are included and flagged.
+    Rollups are written by compaction from the effective rows *at that time*; an attempt started
+    after it (a rollback) supersedes rollup rows from its start step on, so they are only used
+    below that step, and only for complete buckets.
     """
-    params: list[Any] = [run, name]
-    if layer is None:
-        src = "scalars_all" if include_superseded else "scalars_effective"
-        cond = "run = ? AND name = ?"
-    else:
-        src = "layer_stats_all" if include_superseded else "layer_stats_effective"
-        cond = "run = ? AND metric = ? AND layer = ?"
-        params.append(int(layer))
-    cond += _where_range("step", step_min, step_max, params)
-    sup = "superseded" if include_superseded else "false AS superseded"
+    rtable = f"{table}_rollup"
+    files = [f for f in store.files(rtable, run) if f.exists()]
+    if not files:
+        return None
+    written = max(f.stat().st_mtime for f in files)
+    row = store.sql(f"SELECT max(step_max) FROM {rtable} WHERE run = ?", [run]).fetchone()
+    if row is None or row[0] is None:
+        return None
+    size = ROLLUP_BUCKETS[0]
+    limit = (int(row[0]) + 1) // size * size  # first step not in a complete bucket
+    att = store.sql("SELECT attempt, start_step, started_at FROM attempts WHERE run = ?", [run]).pl()
+    # Only a later attempt can supersede rows: the first attempt never does, however close its
+    # start is to the compaction (the 1 s slack below would otherwise drop fresh rollups).
+    if att.height:
+        att = att.filter(pl.col("attempt") > att["attempt"].min())
+        newer = att.filter(pl.col("started_at") > written - 1.0)
+        if newer.height:
+            limit = min(limit, int(newer["start_step"].min()) // size * size)
+    return limit if limit > 0 else None
+
+
+def _downsample_sql(source: str, max_points: int) -> str:
+    """Min/max downsampling of ``source`` (columns step, tokens, value, attempt, superseded)."""
     nb = max(1, max_points // 2)
     # One hash aggregation per bucket (arg_min/arg_max) instead of two window sorts of every row:
     # the same rows are picked (minimum: smallest value, NULLs last, then earliest step; maximum:
     # largest value with NaN largest, NULLs last, then earliest step; ties: earliest attempt), ~5x faster.
-    query = f"""
-    WITH s AS MATERIALIZED (SELECT step, tokens, value, attempt, {sup} FROM {src} WHERE {cond}),
+    return f"""
+    WITH s AS MATERIALIZED ({source}),
     st AS (SELECT count(*) AS n, min(step) AS lo, max(step) AS hi FROM s),
     picked AS (
         SELECT s.superseded,
@@ -83,7 +85,57 @@ def series(
     SELECT r.step, r.tokens, r.value, r.attempt, superseded FROM rows
     ORDER BY superseded, step
     """
-    return store.sql(query, params).pl()
+
+
+def series(
+    store: Store,
+    run: str,
+    name: str,
+    *,
+    layer: int | None = None,
+    max_points: int = 2000,
+    step_min: int | None = None,
+    step_max: int | None = None,
+    include_superseded: bool = False,
+    use_rollups: bool = True,
+) -> pl.DataFrame:
+    """One series as ``(step, tokens, value, attempt, superseded)``, min/max-downsampled to ≤ ``max_points``.
+
+    ``name`` is a scalar name (``loss/train``) or, with ``layer`` given, a layer metric
+    (``resid_rms``). Each bucket contributes the row of its minimum and of its maximum (NaN
+    counts as the maximum, so a non-finite step is never dropped). With
+    ``include_superseded`` the rows of attempts superseded by a rollback are included and flagged.
+
+    A whole long series (no step range) of a compacted run reads the 100-step rollups for the
+    steps they validly cover and raw rows after: every extreme is kept exactly, placed at the first
+    step of its 100-step bucket, with ``attempt`` NULL (``use_rollups=False`` reads raw rows only).
+    """
+    params: list[Any] = [run, name]
+    if layer is None:
+        table, key = "scalars", "run = ? AND name = ?"
+    else:
+        table, key = "layer_stats", "run = ? AND metric = ? AND layer = ?"
+        params.append(int(layer))
+    if use_rollups and not include_superseded and step_min is None and step_max is None:
+        until = rollup_valid_until(store, run, table)
+        size = ROLLUP_BUCKETS[0]
+        if until is not None:
+            row = store.sql(f"SELECT sum(n) FROM {table}_rollup WHERE {key} AND bucket_size = ? AND bucket * ? < ?",
+                            [*params, size, size, until]).fetchone()
+            if row is not None and row[0] is not None and int(row[0]) > max_points:
+                source = (
+                    "SELECT step_min AS step, tokens_min AS tokens, unnest([vmin, vmax]) AS value, "
+                    f"NULL::INTEGER AS attempt, false AS superseded FROM {table}_rollup "
+                    f"WHERE {key} AND bucket_size = ? AND bucket * ? < ? "
+                    f"UNION ALL SELECT step, tokens, value, attempt, false AS superseded FROM {table}_effective "
+                    f"WHERE {key} AND step >= ?"
+                )
+                return store.sql(_downsample_sql(source, max_points), [*params, size, size, until, *params, until]).pl()
+    src = f"{table}_all" if include_superseded else f"{table}_effective"
+    cond = key + _where_range("step", step_min, step_max, params)
+    sup = "superseded" if include_superseded else "false AS superseded"
+    return store.sql(_downsample_sql(f"SELECT step, tokens, value, attempt, {sup} FROM {src} WHERE {cond}", max_points),
+                     params).pl()
 
 
 def series_many(
@@ -146,9 +198,15 @@ def heatmap(
         return pl.DataFrame(schema={"layer": pl.Int32, "layer_type": pl.Utf8, "step": pl.Int64, "value": pl.Float64})
     lo, hi = int(lohi[0]), int(lohi[1])
     width = max(1, math.ceil((hi - lo + 1) / max_buckets))
-    rollup = max((b for b in ROLLUP_BUCKETS if b <= width), default=None)
     raw_agg = {"mean": "avg(value)", "max": "max(value)", "min": "min(value)", "last": "arg_max(value, step)"}[agg]
-    covered = _rollup_coverage(store, run, metric, rollup) if rollup else None
+    # The coarsest rollup that fits the display bucket and exists (a store compacted by an older
+    # version has no 1,000-step level; finer levels then stand in).
+    rollup, covered = None, None
+    for size in sorted((b for b in ROLLUP_BUCKETS if b <= width), reverse=True):
+        covered = _rollup_coverage(store, run, metric, size)
+        if covered is not None:
+            rollup = size
+            break
     parts: list[str] = []
     qparams: list[Any] = []
     if rollup and covered is not None:

@@ -437,6 +437,12 @@ class Store:
             self.con.execute("SET asof_loop_join_threshold = 0")
         except duckdb.Error:  # older DuckDB without the setting: it has no nested-loop ASOF either
             pass
+        try:
+            # Segments are immutable (a merge publishes a new name), so caching their Parquet footers
+            # is safe; a compacted 1M-step file has ~2,700 row groups whose metadata cost ~80 ms a query.
+            self.con.execute("SET parquet_metadata_cache = true")
+        except duckdb.Error:  # an older DuckDB without the setting is only slower
+            pass
         self._lock = threading.RLock()
         self._signature: tuple[Any, ...] | None = None
         self._bad_files: set[str] = set()

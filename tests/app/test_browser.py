@@ -3,23 +3,18 @@ live refresh while a writer process appends steps."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-DRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None)
+from healthwatch.app.serve import CHROMIUM, DRIVER  # noqa: E402
+
 if not (CHROMIUM and DRIVER):
     pytest.skip("needs Debian chromium and chromium-driver (apt-get install -y chromium chromium-driver)",
                 allow_module_level=True)
@@ -27,6 +22,8 @@ if not (CHROMIUM and DRIVER):
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+
+from healthwatch.app.serve import start_app, stop, wait_for  # noqa: E402
 
 # Appends 5 steps of every scalar family to run `live` every 0.3 s through the real StoreWriter.
 WRITER = """
@@ -46,53 +43,9 @@ while True:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
-    """Poll ``cond`` until it returns something truthy; fail naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def start_server(store: Path) -> tuple[subprocess.Popen, str]:
     """``healthwatch app --store S --port P`` as a subprocess; returns it and its URL once healthy."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "healthwatch.cli", "app", "--store", str(store), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-
-    def healthy() -> bool:
-        assert proc.poll() is None, f"the app server exited with {proc.returncode}"
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_for(healthy, 90, "the Streamlit server's health endpoint")
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Terminate a process we started, and wait for it."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    return start_app(store, timeout=90)
 
 
 def chrome(user_data: Path, size: str = "1400,1800") -> webdriver.Chrome:

@@ -155,6 +155,52 @@ def test_downsampling_keeps_single_step_spike(store_dir):
     assert df["value"].max() == 50.0 and df["value"].min() == -50.0
 
 
+def test_series_from_rollups_keeps_every_extreme(store_dir):
+    """After compaction a whole long series reads the 100-step rollups (+ raw rows after them):
+    the spike, the dip and a NaN survive, each within its 100-step bucket, and a rollback after
+    the compaction makes the superseded steps come from the raw effective rows again."""
+    w = StoreWriter(store_dir, "long")
+    _meta(w, 1, 0)
+    n = 200_000
+    steps = np.arange(n)
+    values = np.sin(steps / 5000.0)
+    values[150_001], values[12_345], values[99_999] = 50.0, -50.0, np.nan
+    w.write("scalars", {"attempt": np.ones(n, dtype=np.int32), "step": steps, "tokens": steps * 4096,
+                        "name": ["loss/train"] * n, "value": values, "wall_time": np.zeros(n)})
+    compact_store(store_dir)
+    tail = np.arange(n, n + 150)  # logged after the compaction: read raw
+    w.write("scalars", {"attempt": np.ones(tail.size, dtype=np.int32), "step": tail, "tokens": tail * 4096,
+                        "name": ["loss/train"] * tail.size, "value": np.where(tail == n + 77, 60.0, 0.0),
+                        "wall_time": np.zeros(tail.size)})
+    st = hw.open_store(store_dir)
+    raw = query.series(st, "long", "loss/train", max_points=2000, use_rollups=False)
+    fast = query.series(st, "long", "loss/train", max_points=2000)
+    assert fast.height <= 2000 and fast["attempt"].null_count() > 0  # the rollup path was taken
+    for df in (raw, fast):
+        v = df["value"]
+        assert v.is_nan().sum() >= 1 and v.filter(~v.is_nan()).max() == 60.0 and v.min() == -50.0
+    steps_of = {val: fast.filter(fast["value"] == val)["step"].to_list() for val in (50.0, -50.0, 60.0)}
+    assert 150_000 in steps_of[50.0] and 12_300 in steps_of[-50.0] and n + 77 in steps_of[60.0]
+    assert 99_900 in fast.filter(fast["value"].is_nan())["step"].to_list()
+    # A rollback to step 100,000 after the compaction: the rollups stop there; the new attempt's
+    # rows (a dip of -70 at 120,000) replace the superseded ones, which no longer show.
+    time.sleep(1.1)
+    w2 = StoreWriter(store_dir, "long", attempt=2)
+    _meta(w2, 2, 100_000)
+    redo = np.arange(100_000, 130_000)
+    w2.write("scalars", {"attempt": np.full(redo.size, 2, dtype=np.int32), "step": redo, "tokens": redo * 4096,
+                         "name": ["loss/train"] * redo.size, "value": np.where(redo == 120_000, -70.0, 0.5),
+                         "wall_time": np.zeros(redo.size)})
+    st.refresh()
+    assert query.rollup_valid_until(st, "long", "scalars") == 100_000
+    fast = query.series(st, "long", "loss/train", max_points=2000)
+    raw = query.series(st, "long", "loss/train", max_points=2000, use_rollups=False)
+    for df in (raw, fast):
+        assert df["value"].min() == -70.0 and 50.0 not in df["value"].to_list()
+        assert 120_000 in df.filter(df["value"] == -70.0)["step"].to_list()
+    st.close()
+
+
 def test_bad_run_names_refused(store_dir):
     for bad in ["a/b", "..", "x/../y", "a\x00b", "", "x" * 300, "../etc", "ümlaut\udcff"]:
         with pytest.raises(ValueError, match="invalid run name"):

@@ -1,0 +1,121 @@
+"""Run the app server and a headless browser from Python: for screenshots, benchmarks and tests.
+
+>>> from healthwatch.app.serve import app_server, headless_chromium     # doctest: +SKIP
+>>> with app_server("hw-store") as url, headless_chromium() as driver:  # doctest: +SKIP
+...     driver.get(url + "/run?run=main")
+
+The browser needs Debian ``chromium`` + ``chromium-driver`` and ``selenium`` (the ``[dev]`` extra);
+it is imported only when :func:`headless_chromium` is called.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+#: Chromium and its WebDriver as Debian installs them (found on PATH first).
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+DRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
+    """Poll ``cond`` until it returns something truthy and return that; after ``timeout`` seconds
+    raise :class:`TimeoutError` naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def healthy(port: int, proc: subprocess.Popen | None = None) -> bool:
+    """Whether the Streamlit server on ``port`` answers its health check (raises if ``proc`` exited)."""
+    if proc is not None and proc.poll() is not None:
+        raise RuntimeError(f"the app server exited with {proc.returncode}")
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def start_app(store: str | Path, port: int | None = None, log: Path | None = None,
+              timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """Start ``healthwatch app --store S --port P`` as a child process; returns it and its URL once healthy."""
+    port = port or free_port()
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it open
+    proc = subprocess.Popen([sys.executable, "-m", "healthwatch.cli", "app", "--store", str(store),
+                             "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    if log:
+        out.close()  # the child has its own copy of the descriptor
+    try:
+        wait_for(lambda: healthy(port, proc), timeout, "the Streamlit server's health endpoint")
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a process we started (kill it after 20 s) and wait for it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@contextmanager
+def app_server(store: str | Path, log: Path | None = None) -> Iterator[str]:
+    """The app server on ``store`` for the duration of the block; yields its URL."""
+    proc, url = start_app(store, log=log)
+    try:
+        yield url
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def headless_chromium(size: tuple[int, int] = (1400, 1000), profile: Path | None = None) -> Iterator[Any]:
+    """A selenium driver for headless Chromium with a fresh profile (or ``profile``), no background traffic."""
+    if not (CHROMIUM and DRIVER):
+        raise RuntimeError("needs Debian chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    tmp = None
+    if profile is None:
+        tmp = tempfile.mkdtemp(prefix="hw-chrome-")
+        profile = Path(tmp)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                "--hide-scrollbars", f"--window-size={size[0]},{size[1]}", f"--user-data-dir={profile}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=Service(DRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
