@@ -199,36 +199,39 @@ def heatmap(
     lo, hi = int(lohi[0]), int(lohi[1])
     width = max(1, math.ceil((hi - lo + 1) / max_buckets))
     raw_agg = {"mean": "avg(value)", "max": "max(value)", "min": "min(value)", "last": "arg_max(value, step)"}[agg]
-    # The coarsest rollup that fits the display bucket and exists (a store compacted by an older
-    # version has no 1,000-step level; finer levels then stand in).
-    rollup, covered = None, None
+    # Rollup levels that fit the display bucket and exist, coarsest first (a store compacted by an
+    # older version has no 1,000-step level). Each level covers what the coarser ones left, up to
+    # its last complete bucket; raw rows cover the rest. Reading a partial tail raw instead
+    # decodes the tail row group of every layer (~13M rows at 1M steps) for a few thousand rows.
+    levels = []
     for size in sorted((b for b in ROLLUP_BUCKETS if b <= width), reverse=True):
         covered = _rollup_coverage(store, run, metric, size)
         if covered is not None:
-            rollup = size
-            break
+            levels.append((size, (covered + 1) // size * size))
     parts: list[str] = []
     qparams: list[Any] = []
-    if rollup and covered is not None:
+    cursor = lo
+    if levels:
         # Rollup buckets must nest inside display buckets: round the width to a multiple.
-        width = max(rollup, -(-width // rollup) * rollup)
-        # Raw rows take over at the start of the rollup's last (possibly partial) bucket.
-        raw_from = (covered // rollup) * rollup
+        coarsest = levels[0][0]
+        width = max(coarsest, -(-width // coarsest) * coarsest)
         r_agg = {
             "mean": "sum(vmean * n) / sum(n)",
             "max": "max(vmax)",
             "min": "min(vmin)",
             "last": "arg_max(vlast, step_max)",
         }[agg]
-        parts.append(
-            f"SELECT layer, any_value(layer_type) AS layer_type, (bucket * {rollup}) // {width} AS b, "
-            f"{r_agg} AS value FROM layer_stats_rollup WHERE run = ? AND metric = ? AND bucket_size = ? "
-            f"AND bucket * {rollup} < ? AND bucket * {rollup} >= ? AND bucket * {rollup} <= ? GROUP BY layer, b"
-        )
-        qparams += [run, metric, rollup, raw_from, lo, hi]
-        raw_lo = max(raw_from, lo)
-    else:
-        raw_lo = lo
+        for size, end in levels:
+            if end <= cursor:
+                continue
+            parts.append(
+                f"SELECT layer, any_value(layer_type) AS layer_type, (bucket * {size}) // {width} AS b, "
+                f"{r_agg} AS value FROM layer_stats_rollup WHERE run = ? AND metric = ? AND bucket_size = ? "
+                f"AND bucket * {size} >= ? AND bucket * {size} < ? AND bucket * {size} <= ? GROUP BY layer, b"
+            )
+            qparams += [run, metric, size, (cursor // size) * size if cursor == lo else cursor, end, hi]
+            cursor = end
+    raw_lo = max(cursor, lo)
     parts.append(
         f"SELECT layer, any_value(layer_type) AS layer_type, step // {width} AS b, {raw_agg} AS value "
         "FROM layer_stats_effective WHERE run = ? AND metric = ? AND step >= ? AND step <= ? GROUP BY layer, b"
