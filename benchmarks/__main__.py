@@ -57,18 +57,21 @@ FINDINGS = [
     "the app needs `healthwatch compact` (or a periodic compaction) to read rollups for long runs.",
     "Alert evaluation: a rule that had never observed anything (its metric not logged, or its window never "
     "full) re-read a fixed 20,000-step horizon of every layer at each evaluation: 4.0 s per evaluation at 20k "
-    "steps x 108 layers. It now reads only the new steps plus its own lookback (1.1 s). The snapshot load "
-    "also repeats its bounds as constant filters so that Parquet statistics prune row groups: with the bounds "
-    "only in a join condition, an incremental evaluation scanned the whole live 1M-step store (8.7 s).",
+    "steps x 108 layers; it now reads only the new steps plus its own lookback (1.1 s). The snapshot of recent "
+    "rows is now loaded with one query per run with constant bounds: with the bounds in a join condition, or "
+    "one lower bound for all runs, an incremental evaluation scanned the parent run from the branch's steps "
+    "on (8.7-13 s at 1M steps x 108 layers with a branch 400k steps behind).",
     "A first evaluation replays history at ~0.5M rows/s here (minutes at 1M steps x 108 layers); "
     "`Evaluator(start='latest')` / `alerts watch --start latest` start at the newest step instead, and the "
     "query benchmark uses it above 100k steps.",
-    "Heatmaps of a whole 1M-step run read the 100-step rollups (1.08M rows per metric) for 400 display "
-    "buckets: 662 ms. Compaction now also writes 1,000-step rollups (108k rows), which the heatmap picks "
-    "when the display bucket is wide enough.",
-    "`query.series` still reads the raw rows of its series (1M rows at 1M steps: 340-430 ms); the app's "
-    "Run page reads 100-step rollups for long series (warm page 2.6 s). Making `query.series` read rollups "
-    "(exact min/max per bucket, position within 100 steps) is the open fix for the series budget.",
+    "Heatmap of a whole 1M-step run: it read the 100-step rollups (1.08M rows per metric) and then the last "
+    "partial bucket raw, which decodes the tail row group of every layer (~13M rows): 662 ms. Compaction now "
+    "also writes 1,000-step rollups, and each rollup level covers what the coarser ones left, down to raw "
+    "rows only after the last complete 100-step bucket.",
+    "`query.series` read the raw rows of its series (1M rows: 340-430 ms after compaction); a whole long "
+    "series now reads the 100-step rollups for the steps they validly cover (exact min/max per bucket, placed "
+    "at the bucket's first step) and raw rows after. Every `Store` caches Parquet footers (segments are "
+    "immutable): a compacted 1M-step file has ~2,700 row groups whose metadata cost ~80 ms per query.",
     "Hook overhead on a CPU step of 0.47 s is ~2.4 %: forward hooks ~7 ms (RMS over every block's output), "
     "`_foreach_norm` over 13M gradients ~7 ms (memory-bound), writer thread ~4.6 ms of CPU on the same 2 "
     "cores. On a GPU the first two are a few kernels and the writer runs on idle host cores; no GPU was lent "
