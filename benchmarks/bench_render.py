@@ -208,7 +208,7 @@ def run(quick: bool, workdir: Path, steps: int | None = None, layers: int = 108,
     log = workdir / "render-server.log"
     load_before = os.getloadavg()[0]
     say("framework floor (a trivial Streamlit page)")
-    floor_cold, floor_warm = floor(workdir)
+    floor_cold, floor_warm = floor(workdir, warm_loads=1 if quick else 3)
     for i in range(cold_n):
         say(f"cold load {i + 1}/{cold_n}")
         with app_server(store, log) as url, headless_chromium() as driver:

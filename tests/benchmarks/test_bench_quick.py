@@ -23,7 +23,8 @@ def test_quick_benchmarks_run_and_write_a_report(tmp_path: Path) -> None:
     assert out.exists(), proc.stderr[-4000:]
     text = out.read_text()
     assert "## Summary" in text and "| # | what | budget | measured | verdict | note |" in text
-    for heading in ("Hook overhead", "Logging cost against peers", "Ingest into the store", "Queries at scale"):
+    for heading in ("Hook overhead", "Logging cost against peers", "Ingest into the store", "Queries at scale",
+                    "Run page in the browser"):
         assert heading in text, heading
     assert "python -m benchmarks --quick" in text
     # Every benchmark produced numbers, not an error (optional peers may be skipped, never fail).
