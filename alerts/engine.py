@@ -251,7 +251,7 @@ class Evaluator:
                 new = self._continuations(new, recorded)
                 new.extend(self._reconcile(recorded, reached, {t.fingerprint for t in new}))
                 done = {(fp, st, int(s)) for fp, st, s in recorded.select("fingerprint", "state", "step").iter_rows()}
-                owned = self._write_and_claim(store, new, recorded)
+                owned = self._write_and_claim(new, done)
             else:
                 done = set()
                 owned = new
@@ -513,10 +513,8 @@ class Evaluator:
             w = self._writers[run] = StoreWriter(self.root, run, attempt=0, rank=self._rank)
         return w
 
-    def _write_and_claim(self, store: Store, new: list[Transition], recorded: pl.DataFrame) -> list[Transition]:
-        done = set()
-        if recorded.height:
-            done = {(fp, st, int(s)) for fp, st, s in recorded.select("fingerprint", "state", "step").iter_rows()}
+    def _write_and_claim(self, new: list[Transition], done: set[tuple[str, str, int]]) -> list[Transition]:
+        """Record the transitions not in ``done`` (keys already in the store); return those this evaluator claims."""
         cands = [t for t in new if t.key not in done]
         if not cands:
             return []

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from healthwatch.app.serve import app_server, free_port, headless_chromium, healthy, wait_for
+from healthwatch.app.serve import app_server, free_port, headless_chromium, healthy, stop, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = 3.0
@@ -161,12 +161,7 @@ def floor_server(workdir: Path) -> Iterator[str]:
         wait_for(lambda: healthy(port, proc), 120, "the floor app's health endpoint")
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
 
 
 def floor(workdir: Path, warm_loads: int = 3) -> tuple[float, float]:

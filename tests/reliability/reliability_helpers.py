@@ -9,45 +9,25 @@ import errno
 import importlib.util
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from healthwatch.app.serve import free_port, wait_for  # noqa: F401 - shared with the reliability tests
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 CORE_TESTS = REPO / "tests" / "core"
 
-T = TypeVar("T")
 
 #: Patterns that mean a process hit an error, in any process's stderr/stdout.
 ERROR_PATTERNS = re.compile(
     r"Traceback \(most recent call last\)|Could not set lock|Conflicting lock|database is locked"
     r"|IO Error|IOException|TProtocolException|Segmentation fault|core dumped",
 )
-
-
-def wait_for(cond: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll ``cond`` until it returns a truthy value (returned) or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def error_lines(text: str) -> list[str]:

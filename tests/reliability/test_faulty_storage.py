@@ -233,7 +233,7 @@ def test_files_deleted_underneath_a_writing_monitor(tmp_path: Path) -> None:
         return counts["files"] >= 10 and counts["dirs"] >= 2
 
     try:
-        wait_for(churn, 90, "the deleter to delete files and directories during training", interval=0.0)
+        wait_for(churn, 90, "the deleter to delete files and directories during training", every=0.0)
         mon.flush(wait=True)
     finally:
         stop.set()
@@ -285,7 +285,7 @@ def test_reader_survives_files_deleted_underneath(tmp_path: Path) -> None:
             reads += 1
             return reads >= 40 and counts["files"] >= 10 and counts["dirs"] >= 1
 
-        wait_for(enough_reads, 90, "40 reads while files and directories are deleted", interval=0.0)
+        wait_for(enough_reads, 90, "40 reads while files and directories are deleted", every=0.0)
     finally:
         stop.set()
         for t in threads:

@@ -65,7 +65,7 @@ def test_app_listens_on_loopback_only(tmp_path: Path) -> None:
             except OSError:
                 return False
 
-        wait_for(healthy, 90, "the app server's health endpoint", interval=0.2)
+        wait_for(healthy, 90, "the app server's health endpoint", every=0.2)
         addrs = _listening(proc.pid, port)
         assert addrs and set(addrs) == {"127.0.0.1"}, addrs
         # Every non-loopback address of this machine refuses the port.

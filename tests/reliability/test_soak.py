@@ -153,7 +153,7 @@ def test_soak_trainer_app_alerts_and_compaction_together(tmp_path: Path) -> None
     poller = threading.Thread(target=_poll_app, args=(port, stop, stats, failures), daemon=True)
     compactions: list[int] = []
     try:
-        wait_for(healthy, 90, "the app server's health endpoint", interval=0.2)
+        wait_for(healthy, 90, "the app server's health endpoint", every=0.2)
         trainer = Proc("trainer", [sys.executable, "-c", TRAINER, str(store)], logs)
         raw = Proc("raw-writer", [sys.executable, "-c", RAW_WRITER, str(store)], logs)
         procs += [trainer, raw]
