@@ -57,7 +57,7 @@ class Receiver:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def wait_for(self, n: int, timeout: float = 10.0) -> list[dict]:
+    def wait_for(self, n: int, timeout: float = 60.0) -> list[dict]:
         """Block until ``n`` posts arrived (AssertionError after ``timeout``)."""
         with self.cond:
             ok = self.cond.wait_for(lambda: len(self.posts) >= n, timeout)
@@ -119,7 +119,7 @@ def test_console_and_callback_sinks(tmp_path):
 def test_apprise_json_webhook_payload(receiver, caplog):
     url = f"json://alice:{SECRET_PW}@127.0.0.1:{receiver.port}/hooks/{SECRET_TOKEN}"
     caplog.set_level(logging.DEBUG)  # every logger, apprise's and urllib3's included
-    sink = AppriseSink([url], timeout=5)
+    sink = AppriseSink([url], timeout=30)
     sink.send([_t(), _t("resolved", 20, value=1.0, annotations={"summary": "loss back to 1"})])
     posts = receiver.wait_for(2)
     assert all(p["path"] == f"/hooks/{SECRET_TOKEN}" for p in posts)
