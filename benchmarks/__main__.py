@@ -86,9 +86,7 @@ FINDINGS = [
 
 
 def _command(argv: Sequence[str]) -> str:
-    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    head = "healthwatch bench" if prog == "healthwatch" else "python -m benchmarks"
-    return " ".join([head, *argv])
+    return " ".join(["python -m benchmarks", *argv])
 
 
 class _Runner:

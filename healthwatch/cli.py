@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -263,16 +261,6 @@ def export_wandb_cmd(
     except (LookupError, FileNotFoundError, ImportError) as exc:
         _fail(str(exc))
     console.print(f"logged {n:,} values of run {run} to W&B ({mode}) in {where}")
-
-
-@app.command()
-def bench(quick: Annotated[bool, typer.Option("--quick", help="Small sizes (≤ 2 min).")] = False) -> None:
-    """Run the benchmarks in ./benchmarks and write BENCHMARKS.md."""
-    if not Path("benchmarks/__main__.py").exists():
-        _fail("run `healthwatch bench` from a source checkout (it needs the benchmarks/ folder)")
-    sys.path.insert(0, os.getcwd())
-    mod = importlib.import_module("benchmarks.__main__")
-    raise typer.Exit(mod.main(["--quick"] if quick else []))
 
 
 def _mount_alerts() -> None:
