@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-
 import polars as pl
 import pytest
+from _deps import require, require_any
 from typer.testing import CliRunner
 
 from healthwatch.cli import app
-from healthwatch.compare import export_comparison, kaleido_available
+from healthwatch.compare import export_comparison
 
 runner = CliRunner()
 
@@ -42,17 +41,9 @@ def test_export_single_parent_compares_its_branches_and_html(gap_store, tmp_path
     assert pl.read_csv(csv)["ref_run"].n_unique() == 3
 
 
-@pytest.mark.skipif(kaleido_available(), reason="kaleido installed: PNG export works")
-def test_png_without_kaleido_is_a_clear_error(gap_store, tmp_path):
-    res = _compare(gap_store, "--runs", "nvfp4", "--out", str(tmp_path / "c.png"))
-    assert res.exit_code != 0
-    assert "kaleido" in res.output and "Traceback" not in res.output
-    assert not (tmp_path / "c.png").exists()
-
-
-@pytest.mark.skipif(not kaleido_available() or not (shutil.which("chromium") or shutil.which("google-chrome")),
-                    reason="needs kaleido and a Chromium (both installed in CI)")
 def test_png_with_kaleido(gap_store, tmp_path):
+    require("kaleido", "plotly's PNG export (a core dependency)")
+    require_any(["chromium", "google-chrome"], "a Chrome/Chromium for kaleido (apt-get install -y chromium)")
     res = _compare(gap_store, "--runs", "nvfp4", "--out", str(tmp_path / "c.png"))
     assert res.exit_code == 0, res.output
     png = (tmp_path / "c.png").read_bytes()
