@@ -128,9 +128,12 @@ def demo(
         raise typer.Exit(launch(path, port=port))
 
 
-@app.command()
+# `--runs A B` (the form people type) and `--runs A --runs B` both work: click gives an option one
+# value, so the values after the first arrive as extra arguments and are appended in order.
+@app.command(context_settings={"allow_extra_args": True})
 def compare(
-    runs: Annotated[list[str], typer.Option("--runs", help="Runs to compare; the first is the low-precision run.")],
+    ctx: typer.Context,
+    runs: Annotated[list[str], typer.Option("--runs", help="Runs to compare (--runs A B … or --runs A --runs B); the first is the low-precision run.")],
     out: Annotated[Path, typer.Option("--out", help="Output file: .csv, .parquet, .html or .png.")],
     store: StoreOpt = None,
     metric: Annotated[str, typer.Option(help="Scalar to compare.")] = "loss/train",
@@ -139,7 +142,7 @@ def compare(
     from healthwatch.compare import export_comparison
 
     try:
-        path = export_comparison(_store_path(store), list(runs), out, metric=metric)
+        path = export_comparison(_store_path(store), [*runs, *ctx.args], out, metric=metric)
     except (ValueError, LookupError) as exc:
         _fail(str(exc))
     console.print(f"wrote {path}")
