@@ -24,7 +24,7 @@ from healthwatch.schema import SCHEMA_VERSION
 from healthwatch.store import StoreWriter
 
 SCALARS = ("loss/train", "loss/mtp_1", "loss/mtp_2", "grad_norm/total")
-LAYER_METRICS = ("maxvio", "resid_rms_max", "wgrad_norm")
+LAYER_METRICS = ("maxvio", "resid_rms_max", "wgrad_norm", "dead_experts")
 TOKENS_PER_STEP = 4096
 
 
@@ -56,7 +56,7 @@ def scalar_value(run_seed: int, attempt: int, step: int, name: str) -> float:
 
 def layer_value(run_seed: int, attempt: int, step: int, layer: int, metric: str) -> float:
     """The value the test writer logs for one layer metric."""
-    k = {"maxvio": 1.0, "resid_rms_max": 10.0, "wgrad_norm": 0.1}[metric]
+    k = {"maxvio": 1.0, "resid_rms_max": 10.0, "wgrad_norm": 0.1, "dead_experts": 1.0}[metric]
     return k * (1.0 + ((step * 31 + layer * 17 + run_seed * 5 + attempt * 3) % 23) / 7.0)
 
 
