@@ -29,6 +29,20 @@ def test_export_table(gap_store, tmp_path, suffix):
     assert f"{df['gap'].mean():.4g}" == "0.003"
 
 
+def test_runs_as_one_list_or_repeated(gap_store, tmp_path):
+    """`--runs A B` (README's form) and `--runs A --runs B` give the same file; order is kept."""
+    one = tmp_path / "one.csv"
+    rep = tmp_path / "rep.csv"
+    res = _compare(gap_store, "--runs", "nvfp4", "bf16-s10002", "bf16-s5001", "--out", str(one))
+    assert res.exit_code == 0, res.output
+    res = _compare(gap_store, "--runs", "nvfp4", "--runs", "bf16-s10002", "--runs", "bf16-s5001", "--out", str(rep))
+    assert res.exit_code == 0, res.output
+    a, b = pl.read_csv(one), pl.read_csv(rep)
+    assert a.equals(b) and set(a["ref_run"]) == {"bf16-s10002", "bf16-s5001"} and set(a["low_run"]) == {"nvfp4"}
+    res = _compare(gap_store, "--runs", "nvfp4", "bf16-s10002", "--bogus", "--out", str(tmp_path / "x.csv"))
+    assert res.exit_code != 0 and "--bogus" in res.output  # unknown options are still errors
+
+
 def test_export_single_parent_compares_its_branches_and_html(gap_store, tmp_path):
     out = tmp_path / "cmp.html"
     res = _compare(gap_store, "--runs", "nvfp4", "--out", str(out), "--metric", "loss/mtp_2")
