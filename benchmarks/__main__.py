@@ -23,7 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bench_ingest, bench_overhead, bench_peers, bench_query, bench_render
+from benchmarks import (
+    bench_early_warning,
+    bench_ingest,
+    bench_overhead,
+    bench_peers,
+    bench_query,
+    bench_render,
+)
 from benchmarks.bench_common import (
     MISS,
     NA,
@@ -38,7 +45,7 @@ from benchmarks.bench_common import (
     versions,
 )
 
-BENCHES = ("overhead", "peers", "ingest", "query", "render")
+BENCHES = ("overhead", "peers", "ingest", "query", "render", "early-warning")
 
 #: What profiling found and what was changed because of it (kept with the code that measures it).
 FINDINGS = [
@@ -319,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="steps of the synthetic store (default 1,000,000; quick 20,000)")
     ap.add_argument("--render-workdir", type=Path, default=None,
                     help="where the render benchmark builds (and later reuses) its synthetic store")
+    ap.add_argument("--early-warning-data", type=Path, default=None,
+                    help="where the early-warning benchmark keeps its recorded runs (reused: only missing runs train)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--report-from", default=None, metavar="RAW.json",
                     help="only re-render the report from a --raw file of an earlier run (same numbers)")
@@ -330,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
 def build_sections(names: Sequence[str], results: dict[str, dict[str, Any]], size_note: str = "") -> list[Section]:
     """The report sections of the benchmarks ``names``, from their results."""
     builders = {"overhead": bench_overhead.section, "peers": bench_peers.section, "ingest": bench_ingest.section,
-                "query": lambda r: bench_query.section(r, size_note), "render": bench_render.section}
+                "query": lambda r: bench_query.section(r, size_note), "render": bench_render.section,
+                "early-warning": bench_early_warning.section}
     return [builders[name](results) for name in names if name in builders]
 
 
@@ -402,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(("query", bench_query.jobs(args.quick, workdir, steps)))
     if "render" in only:
         plan.append(("render", bench_render.jobs(args.quick, workdir, args.render_workdir)))
+    if "early-warning" in only:
+        plan.append(("early-warning", bench_early_warning.jobs(args.quick, workdir, args.early_warning_data)))
 
     results: dict[str, dict[str, Any]] = {}
     progress = _progress(not args.no_progress)
