@@ -97,6 +97,30 @@ def compact(
             progress.advance(task)
 
 
+@app.command()
+def publish(
+    store: StoreOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Delta tables folder (default: <store>/_delta).")] = None,
+    run: Annotated[list[str] | None, typer.Option("--run", help="Only these runs.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Keep publishing (a daemon) until interrupted.")] = False,
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between cycles with --follow.")] = 10.0,
+) -> None:
+    """Commit the store's sealed segments to Delta Lake tables for Spark, Trino, DuckDB (docs/scale.md)."""
+    from healthwatch.publish import Publisher, PublishError, describe
+
+    try:
+        pub = Publisher(_store_path(store), out=out, runs=run or None)
+        if not follow:
+            console.print(describe(pub.publish_once()), highlight=False)
+            return
+        console.print(f"publishing {pub.store} to {pub.out} every {interval:g} s (Ctrl-C stops)", highlight=False)
+        pub.follow(interval, on_cycle=lambda r: console.print(describe(r), highlight=False))
+    except (PublishError, ImportError, OSError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        return
+
+
 @app.command("app")
 def app_cmd(
     store: StoreOpt = None,
