@@ -192,6 +192,22 @@ def import_tensorboard_cmd(
     console.print(f"imported {n:,} rows into run {run}")
 
 
+@import_app.command("te-debug")
+def import_te_debug_cmd(
+    logdir: Annotated[Path, typer.Argument(help="Transformer Engine precision-debug log directory (nvdlfw_inspect).")],
+    run: Annotated[str, typer.Option("--run", help="Run name in the store (existing: rows are added to it).")],
+    store: StoreOpt = None,
+) -> None:
+    """Add Transformer Engine precision-debug statistics (underflow %, MSE, amax per GEMM) as layer metrics."""
+    from healthwatch.teimport import import_te_debug
+
+    try:
+        n = import_te_debug(logdir, run=run, store=_store_path(store, must_exist=False))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print(f"imported {n:,} layer rows into run {run}")
+
+
 @app.command()
 def metrics(
     store: StoreOpt = None,

@@ -338,7 +338,9 @@ class Monitor:
         """Call :meth:`after_optimizer_step` automatically after every ``optimizer.step()`` (a post-step hook).
 
         The hook runs right after the step, before ``zero_grad`` and before a scheduler changes the
-        learning rate, which is what rebuilding the update from Adam's state needs.
+        learning rate, which is what rebuilding the update from Adam's state needs. ``watch(model)``
+        does this by itself for the first torch optimizer that steps the model's parameters; an
+        explicit :meth:`after_optimizer_step` in the same step is then not computed twice.
         """
         if not hasattr(optimizer, "register_step_post_hook"):
             raise ValueError(f"watch_optimizer needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -354,7 +356,10 @@ class Monitor:
 
         def found(opt: Any, _args: Any, _kwargs: Any) -> None:
             if self._optimizer is None and any(p is probe for g in opt.param_groups for p in g["params"]):
-                self._optimizer = opt
+                # From the next step on its own post-step hook records the update signals; this
+                # first step is recorded here, so a trainer needs no call at all.
+                self.watch_optimizer(opt)
+                self.after_optimizer_step(opt)
             if self._optimizer is not None and self._discovery is not None:
                 self._discovery.remove()
                 self._discovery = None
