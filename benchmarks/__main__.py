@@ -59,7 +59,8 @@ FINDINGS = [
     "On a CPU trainer the Monitor's cost is per step and does not shrink with the batch: the grad norms read "
     "every gradient once (memory-bound: ~4 ms for 13M parameters here), the forward hooks run a few small ops "
     "per block, and the writer thread shares the trainer's cores. Its share of the step therefore falls as "
-    "tokens per step grow; on a GPU the same work is a few kernels plus host work on otherwise idle cores.",
+    "tokens per step grow; on a GPU the same work is a few kernels plus host work on otherwise idle cores "
+    "(an estimate: nothing here ran on a GPU).",
     "Before compaction a live store has no rollups, so a whole-run heatmap scans every raw row of the metric; "
     "the app needs `healthwatch compact` (or a periodic compaction) to read rollups for long runs.",
     "Alert evaluation: a rule that had never observed anything (its metric not logged, or its window never "
@@ -81,8 +82,8 @@ FINDINGS = [
     "immutable): a compacted 1M-step file has ~2,700 row groups whose metadata cost ~80 ms per query.",
     "Hook overhead on a CPU step of 0.47 s is ~2.4 %: forward hooks ~7 ms (RMS over every block's output), "
     "`_foreach_norm` over 13M gradients ~7 ms (memory-bound), writer thread ~4.6 ms of CPU on the same 2 "
-    "cores. On a GPU the first two are a few kernels and the writer runs on idle host cores; no GPU was lent "
-    "to measure it.",
+    "cores. On a GPU the first two are a few kernels and the writer runs on idle host cores (an estimate: no "
+    "GPU was lent to measure it).",
     "In-loop cost of `Monitor.log` with 272 separate 0-d tensors is dominated by one `torch.stack` (~200 µs "
     "here). Values are copied at log time on purpose: keeping references until the flush would record "
     "tensors the trainer mutates after logging. The mean also carries writer-thread contention on 2 cores.",
@@ -224,8 +225,10 @@ def render(sections: list[Section], meta: dict[str, Any]) -> str:
         "",
         f"Written by `{meta['command']}` at commit {m['commit']} (read at the start of the run) on "
         f"{meta['started']} (took {fmt_time(meta['wall_s'])}). "
-        "Every number below is what that command measured and printed on the machine described; "
-        "re-run it to refresh this file, do not edit it by hand. Budgets: DESIGN.md section 9.",
+        "Every number in the summary and the numbered sections is what that command measured and printed on "
+        "the machine described; re-run it to refresh this file, do not edit it by hand. The *Findings* section at "
+        "the end is hand-written (profiling notes kept in `benchmarks/__main__.py`), not measured by this run. "
+        "Budgets: DESIGN.md section 9.",
         "",
     ]
     end_commit = meta.get("commit_at_end")
@@ -272,7 +275,10 @@ def render(sections: list[Section], meta: dict[str, Any]) -> str:
             lines += [f"- {n}"]
         if sec.notes:
             lines.append("")
-    lines += ["## Findings and fixes", ""]
+    lines += ["## Findings and fixes (hand-written)", "",
+              "> Written by hand from profiling sessions at earlier commits. Their figures were measured "
+              "then, by hand, and are not produced or re-checked by the command above; the measured rows "
+              "are the tables above.", ""]
     lines += [f"- {f}" for f in meta["findings"]]
     lines += ["", "## Run log", ""]
     lines += _md_table(["job", "wall", "load average (1 min) start → end", "exit"], [
