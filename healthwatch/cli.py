@@ -108,8 +108,13 @@ def publish(
     """Commit the store's sealed segments to Delta Lake tables for Spark, Trino, DuckDB (docs/scale.md)."""
     from healthwatch.publish import Publisher, PublishError, describe
 
+    raw = str(store) if store is not None else ""
     try:
-        pub = Publisher(_store_path(store), out=out, runs=run or None)
+        if raw.startswith("s3:/"):  # the shared --store option is a Path, which folds "s3://" to "s3:/"
+            target: object = "s3://" + raw[len("s3:/"):].lstrip("/")
+        else:
+            target = _store_path(store)
+        pub = Publisher(target, out=out, runs=run or None)  # type: ignore[arg-type]
         if not follow:
             console.print(describe(pub.publish_once()), highlight=False)
             return

@@ -727,35 +727,54 @@ class S3Tables:
         self.files: dict[str, list[str]] = {}
         self.refresh()
 
-    def _base(self, table: str) -> str:
-        parts = [self.root.prefix] if self.root.prefix else []
-        return self.fs.uri("/".join([*parts, f"table={table}"]))
+    @staticmethod
+    def table_base(fs: S3FS, root: StoreURI, table: str) -> str:
+        """The ``s3://`` folder of one table (above its ``run=`` folders)."""
+        parts = [root.prefix] if root.prefix else []
+        return fs.uri("/".join([*parts, f"table={table}"]))
+
+    @staticmethod
+    def live_listing(fs: S3FS, root: StoreURI, table: str) -> dict[tuple[str, str], str]:
+        """Live segments of ``table`` as ``{(run, name): s3 path}``: one paginated listing, manifests applied.
+
+        Same rules as on disk: temp names are never segments; the sources named by a merge
+        manifest whose target exists are hidden (the merge published its target first).
+        """
+        import json
+
+        listing = [p for p, _size in fs.walk(S3Tables.table_base(fs, root, table))]
+        names = set(listing)
+        hidden: set[str] = set()
+        for p in listing:
+            if p.rsplit("/", 1)[-1].startswith("_merge-") and p.endswith(".json"):
+                try:
+                    manifest = json.loads(fs.read_bytes(p))
+                except (FileNotFoundError, ValueError):
+                    continue
+                directory = p.rsplit("/", 1)[0]
+                if f"{directory}/{manifest.get('target')}" in names:
+                    hidden.update(f"{directory}/{s}" for s in manifest.get("sources", []))
+        out: dict[tuple[str, str], str] = {}
+        for p in live_segments(listing):
+            if p in hidden:
+                continue
+            folder, name = p.rsplit("/", 1)
+            run = folder.rsplit("/", 1)[-1]
+            if run.startswith("run="):
+                out[(run[4:], name)] = p
+        return out
 
     def refresh(self) -> None:
         """List the store again and rebuild the views."""
-        import json
-
         from healthwatch.schema import ATTEMPT_TABLES, TABLES
 
         before = self.fs.stats.snapshot()["list"]
         for table, schema in TABLES.items():
-            listing = [p for p, _size in self.fs.walk(self._base(table))]
-            hidden: set[str] = set()
-            names = set(listing)
-            for p in listing:
-                if p.rsplit("/", 1)[-1].startswith("_merge-") and p.endswith(".json"):
-                    try:
-                        manifest = json.loads(self.fs.read_bytes(p))
-                    except (FileNotFoundError, ValueError):
-                        continue
-                    directory = p.rsplit("/", 1)[0]
-                    if f"{directory}/{manifest.get('target')}" in names:
-                        hidden.update(f"{directory}/{s}" for s in manifest.get("sources", []))
-            paths = [p for p in live_segments(listing) if p not in hidden]
+            paths = sorted(self.live_listing(self.fs, self.root, table).values())
             self.files[table] = paths
             view = "runs_raw" if table == "runs" else table
             if paths:
-                dataset = s3_dataset(self.fs, paths, schema, self._base(table))
+                dataset = s3_dataset(self.fs, paths, schema, self.table_base(self.fs, self.root, table))
                 self.con.register(f"_ds_{table}", dataset)
                 cols = ", ".join(f'"{f.name}"' for f in schema)
                 self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT run, {cols} FROM _ds_{table}")

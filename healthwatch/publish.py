@@ -21,11 +21,13 @@ output location: a second one is refused while the first holds the lock.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -125,13 +127,12 @@ def publisher_lock(out: Path) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def _file_stats(path: Path, table: str) -> str:
-    """Delta ``stats`` JSON (numRecords, min/max of key columns, null counts) from the Parquet footer."""
-    meta = pq.ParquetFile(path).metadata
+def _file_stats(meta: Any) -> str:
+    """Delta ``stats`` JSON (numRecords, min/max of key columns, null counts) from a Parquet footer."""
     stats: dict[str, Any] = {"numRecords": meta.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
     names = meta.schema.to_arrow_schema().names
     for col in STAT_COLUMNS:
-        if col not in names or col not in TABLES[table].names:
+        if col not in names:
             continue
         idx = names.index(col)
         lo = hi = None
@@ -168,6 +169,108 @@ def _place(src: Path, dest: Path) -> None:
     tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}.partial")
     shutil.copyfile(src, tmp)
     os.replace(tmp, dest)
+
+
+class _LocalSource:
+    """Segments of a store on a local/shared file system; Delta tables in a local folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        check_store(root)
+
+    def default_out(self) -> str:
+        return str(self.root / DELTA_DIR)
+
+    def storage_options(self) -> dict[str, str] | None:
+        return None
+
+    def listing(self, table: str) -> dict[tuple[str, str], Any]:
+        return store_listing(self.root, table)
+
+    def place(self, src: Any, table_uri: str, run: str, name: str) -> tuple[int, str]:
+        """Put the segment into the table folder; its size and Delta stats."""
+        dest = Path(table_uri) / f"run={run}" / name
+        _place(src, dest)
+        return dest.stat().st_size, _file_stats(pq.ParquetFile(dest).metadata)
+
+    def ensure_dir(self, uri: str) -> None:
+        Path(uri).mkdir(parents=True, exist_ok=True)
+
+    def lock(self, out: str) -> Any:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        return publisher_lock(Path(out))
+
+
+class _S3Source:
+    """Segments of an ``s3://`` store; Delta tables under the same bucket (server-side copies)."""
+
+    LOCK_STALE_S = 300.0
+
+    def __init__(self, uri: str) -> None:
+        from healthwatch.objectstore import S3FS, parse_store_uri
+
+        self.uri = parse_store_uri(uri)
+        self.fs = S3FS.for_uri(self.uri)
+        self.fs.check_bucket()
+
+    def default_out(self) -> str:
+        return str(self.uri) + "/" + DELTA_DIR
+
+    def storage_options(self) -> dict[str, str]:
+        """delta-rs options: same endpoint and credentials; commits by conditional PUT (no lock service)."""
+        creds = self.fs._session.get_credentials()
+        opts = {"AWS_REGION": self.fs.region, "conditional_put": "etag"}
+        if creds is not None:
+            frozen = creds.get_frozen_credentials()
+            opts.update(AWS_ACCESS_KEY_ID=frozen.access_key, AWS_SECRET_ACCESS_KEY=frozen.secret_key)
+            if frozen.token:
+                opts["AWS_SESSION_TOKEN"] = frozen.token
+        if self.fs.endpoint:
+            opts["AWS_ENDPOINT_URL"] = self.fs.endpoint
+            if self.fs.endpoint.startswith("http://"):
+                opts["AWS_ALLOW_HTTP"] = "true"
+        return opts
+
+    def listing(self, table: str) -> dict[tuple[str, str], Any]:
+        from healthwatch.objectstore import S3Tables
+
+        return S3Tables.live_listing(self.fs, self.uri, table)
+
+    def place(self, src: Any, table_uri: str, run: str, name: str) -> tuple[int, str]:
+        import pyarrow.parquet as pq_
+
+        from healthwatch.objectstore import split_s3
+
+        bucket, key = split_s3(src)
+        dest_bucket, dest_key = split_s3(f"{table_uri}/run={run}/{name}")
+        with self.fs._call("copy", src):
+            self.fs.stats.count("put")
+            self.fs.client.copy_object(Bucket=dest_bucket, Key=dest_key, CopySource={"Bucket": bucket, "Key": key})
+        afs = self.fs.arrow_filesystem()
+        with afs.open_input_file(f"{dest_bucket}/{dest_key}") as fh:
+            meta = pq_.ParquetFile(fh).metadata
+            size = fh.size()
+        return size, _file_stats(meta)
+
+    def ensure_dir(self, uri: str) -> None:
+        pass  # prefixes need no creation
+
+    @contextlib.contextmanager
+    def lock(self, out: str) -> Any:
+        """A lock object created with a create-only PUT; one left by a dead publisher expires."""
+        path = f"{out}/_publisher.lock"
+        body = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "at": time.time()}).encode()
+        taken = self.fs.create_exclusive(path, body)
+        if not taken:
+            mtime = self.fs.mtime_ns(path)
+            if mtime is not None and time.time() - mtime / 1e9 > self.LOCK_STALE_S:
+                self.fs.delete(path)
+                taken = self.fs.create_exclusive(path, body)
+        try:
+            yield taken
+        finally:
+            if taken:
+                self.fs.delete(path)
 
 
 @dataclass
@@ -213,9 +316,12 @@ class Publisher:
         tables: Iterable[str] = PUBLISHED_TABLES,
         runs: Iterable[str] | None = None,
     ) -> None:
-        self.store = Path(store)
-        check_store(self.store)
-        self.out = Path(out) if out is not None else self.store / DELTA_DIR
+        from healthwatch.objectstore import parse_store_uri
+
+        root = parse_store_uri(store)
+        self.source: Any = _S3Source(str(root)) if root.is_s3 else _LocalSource(Path(root.path or store))
+        self.store = str(root) if root.is_s3 else Path(root.path or store)
+        self.out = str(out).rstrip("/") if out is not None else self.source.default_out()
         self.tables = tuple(tables)
         unknown = [t for t in self.tables if t not in TABLES]
         if unknown:
@@ -225,17 +331,22 @@ class Publisher:
 
     def table_uri(self, table: str) -> str:
         """The Delta table location of a store table."""
-        return str(self.out / table)
+        return f"{self.out}/{table}"
+
+    def storage_options(self) -> dict[str, str] | None:
+        """Options that deltalake (and ``DeltaTable(uri, storage_options=...)``) needs to reach the tables."""
+        return self.source.storage_options()
 
     def _open(self, table: str) -> Any:
         from deltalake import DeltaTable
 
         uri = self.table_uri(table)
-        if DeltaTable.is_deltatable(uri):
-            return DeltaTable(uri)
-        Path(uri).mkdir(parents=True, exist_ok=True)
+        opts = self.source.storage_options()
+        if DeltaTable.is_deltatable(uri, storage_options=opts):
+            return DeltaTable(uri, storage_options=opts)
+        self.source.ensure_dir(uri)
         return DeltaTable.create(
-            uri, schema=table_schema(table), partition_by=["run"], mode="ignore",
+            uri, schema=table_schema(table), partition_by=["run"], mode="ignore", storage_options=opts,
             name=f"healthwatch_{table}", description=f"healthwatch store table {table}, published from {self.store}",
         )
 
@@ -244,7 +355,7 @@ class Publisher:
         from deltalake.transaction import AddAction, CommitProperties, RemoveAction
 
         change = TableChange(table)
-        live = {k: p for k, p in store_listing(self.store, table).items() if self.runs is None or k[0] in self.runs}
+        live = {k: p for k, p in self.source.listing(table).items() if self.runs is None or k[0] in self.runs}
         dt = self._open(table)
         acts = pa.table(dt.get_add_actions(flatten=True)).to_pydict()  # arro3 table -> pyarrow via the C stream
         published: dict[tuple[str, str], tuple[str, int, int]] = {}
@@ -260,13 +371,11 @@ class Publisher:
             if (run, name) in published:
                 continue
             rel = f"run={quote(run, safe='')}/{quote(name, safe='')}"
-            dest = Path(self.table_uri(table)) / f"run={run}" / name
             try:
-                _place(src, dest)
+                size, stats = self.source.place(src, self.table_uri(table), run, name)
             except FileNotFoundError:  # retired by a merge after the listing: its target comes next cycle
                 continue
-            stats = _file_stats(dest, table)
-            actions.append(AddAction(rel, dest.stat().st_size, {"run": run}, now_ms, True, stats))
+            actions.append(AddAction(rel, size, {"run": run}, now_ms, True, stats))
             change.added += 1
             change.rows_added += json.loads(stats)["numRecords"]
         for key, (path, size, rows) in sorted(published.items()):
@@ -293,9 +402,8 @@ class Publisher:
     def publish_once(self) -> PublishReport:
         """One cycle over every table, holding the single-committer lock."""
         t0 = time.perf_counter()
-        self.out.mkdir(parents=True, exist_ok=True)
         report = PublishReport()
-        with publisher_lock(self.out) as locked:
+        with self.source.lock(self.out) as locked:
             if not locked:
                 raise PublishError(f"another publisher is committing to {self.out} (one committer per store)")
             for table in self.tables:
@@ -327,11 +435,11 @@ class Publisher:
         return cycles
 
 
-def published_files(table_uri: str) -> list[str]:
+def published_files(table_uri: str, storage_options: dict[str, str] | None = None) -> list[str]:
     """Data files of the current snapshot of a published table (for engines without a Delta reader)."""
     from deltalake import DeltaTable
 
-    return DeltaTable(table_uri).file_uris()
+    return DeltaTable(table_uri, storage_options=storage_options).file_uris()
 
 
 def describe(report: PublishReport) -> str:

@@ -126,8 +126,8 @@ def test_one_committer_and_clear_errors(tmp_path: Path) -> None:
     root = tmp_path / "store"
     write_lineage(root, last_step=990)
     pub = Publisher(root)
-    pub.out.mkdir(parents=True)
-    with publisher_lock(pub.out) as held:
+    Path(pub.out).mkdir(parents=True)
+    with publisher_lock(Path(pub.out)) as held:
         assert held
         with pytest.raises(PublishError, match="another publisher is committing"):
             pub.publish_once()
@@ -150,3 +150,29 @@ def test_publish_cli(tmp_path: Path) -> None:
     assert deltalake.DeltaTable(str(tmp_path / "delta" / "layer_stats")).version() == 1
     bad = CliRunner().invoke(app, ["publish", "--store", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "no healthwatch store" in bad.output
+
+
+def test_publish_an_s3_store_to_delta_on_s3(s3_root: str) -> None:
+    from healthwatch.objectstore import S3FS, S3SegmentWriter
+
+    fs = S3FS.for_uri(s3_root)
+    expected: list[int] = []
+    for rank in range(3):  # three writers (pipeline stages) of one run
+        w = S3SegmentWriter(fs, s3_root, "s3run", rank=rank)
+        w.start()
+        for flush in range(4):
+            s = np.arange(flush * 100 + rank * 10_000, flush * 100 + rank * 10_000 + 100, dtype=np.int64)
+            w.write("scalars", pa.table({"attempt": np.ones(100, np.int32), "step": s, "tokens": s,
+                                         "name": ["loss/train"] * 100, "value": s * 0.5,
+                                         "wall_time": np.zeros(100)}, schema=TABLES["scalars"]))
+            expected += s.tolist()
+    pub = Publisher(s3_root, tables=("scalars",))
+    rep = pub.publish_once()
+    assert rep.changes["scalars"].added == 12 and pub.out == f"{s3_root}/_delta"
+    assert pub.publish_once().committed == 0
+    dt = deltalake.DeltaTable(pub.table_uri("scalars"), storage_options=pub.storage_options())
+    got = dt.to_pyarrow_dataset().to_table()
+    assert sorted(got.column("step").to_pylist()) == sorted(expected)
+    assert set(got.column("run").to_pylist()) == {"s3run"}
+    # The lock object is gone after the cycle; a second publisher may take over.
+    assert not fs.exists(f"{pub.out}/_publisher.lock")
