@@ -26,6 +26,7 @@ from typing import Any
 from benchmarks import (
     bench_early_warning,
     bench_ingest,
+    bench_metrics,
     bench_overhead,
     bench_peers,
     bench_query,
@@ -45,7 +46,7 @@ from benchmarks.bench_common import (
     versions,
 )
 
-BENCHES = ("overhead", "peers", "ingest", "query", "render", "early-warning")
+BENCHES = ("overhead", "peers", "ingest", "query", "render", "early-warning", "metrics")
 
 #: What profiling found and what was changed because of it (kept with the code that measures it).
 FINDINGS = [
@@ -346,7 +347,7 @@ def build_sections(names: Sequence[str], results: dict[str, dict[str, Any]], siz
     """The report sections of the benchmarks ``names``, from their results."""
     builders = {"overhead": bench_overhead.section, "peers": bench_peers.section, "ingest": bench_ingest.section,
                 "query": lambda r: bench_query.section(r, size_note), "render": bench_render.section,
-                "early-warning": bench_early_warning.section}
+                "early-warning": bench_early_warning.section, "metrics": bench_metrics.section}
     return [builders[name](results) for name in names if name in builders]
 
 
@@ -420,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(("render", bench_render.jobs(args.quick, workdir, args.render_workdir)))
     if "early-warning" in only:
         plan.append(("early-warning", bench_early_warning.jobs(args.quick, workdir, args.early_warning_data)))
+    if "metrics" in only:
+        plan.append(("metrics", bench_metrics.jobs(args.quick, workdir)))
 
     results: dict[str, dict[str, Any]] = {}
     progress = _progress(not args.no_progress)

@@ -63,6 +63,7 @@ class TensorBoardExporter:
 
     def export_new(self) -> int:
         """Write every step of the effective path after the last exported one; returns values written."""
+        self.source.refresh()
         after = self._after_rollback()
         pb, spb = self._event_pb2, self._summary_pb2
         if self.last_step is not None and after is not None and after < self.last_step:

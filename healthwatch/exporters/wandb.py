@@ -21,6 +21,7 @@ def export_wandb(store: str | os.PathLike[str] | None, run: str, project: str = 
     """Log ``run`` to W&B; returns (values logged, the W&B run directory)."""
     source = StoreSource(store, runs=[run], per_rank=True)
     try:
+        source.refresh()
         info = source.run_info(run)
         try:
             import wandb
