@@ -211,8 +211,10 @@ def _lead_line(summary: dict[str, Any]) -> str:
 def _print_summary(store: Path, summary: dict[str, Any], console: Console) -> None:
     console.print(
         f"\n[bold]{summary['main']}[/]: {summary['outcome']} at step {summary['stopped_at']}; "
-        f"first alert at step {summary['first_alert'] if summary['first_alert'] is not None else '-'}; "
-        f"rolled back to step {summary['rollback_step']}"
+        + (f"first alert at step {summary['first_alert']}" if summary["first_alert"] is not None
+           else "no alert fired")
+        + (f"; rolled back to step {summary['rollback_step']}" if summary.get("rollback_step") is not None
+           else "; no rollback")
     )
     if summary["alerts"]:
         names = ", ".join(sorted({a for a, _ in summary["alerts"]}))
@@ -225,7 +227,8 @@ def _print_summary(store: Path, summary: dict[str, Any], console: Console) -> No
         st = open_store(store)
         df = gap_summary(st, summary["main"])
         if df is not None and df.height:
-            console.print("NVFP4 vs BF16 relative loss gap per branch:")
-            console.print(df)
+            from healthwatch.demo.summary import gap_table
+
+            console.print(gap_table(df))
     except Exception as exc:  # noqa: BLE001 - the summary is a courtesy
         log.debug("no gap summary: %s", exc)
