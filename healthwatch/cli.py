@@ -231,15 +231,18 @@ def metrics(
 
     path = _store_path(store)
     if once:
-        collector = StoreCollector(StoreSource(path, runs=run))
-        collector.refresh()
+        try:
+            collector = StoreCollector(StoreSource(path, runs=run))
+            collector.refresh()
+        except Exception as exc:  # noqa: BLE001 - an unreadable store is one clear line
+            _fail(f"cannot read store {path}: {exc}")
         sys.stdout.write(render(collector).decode())
         collector.source.close()
         return
-    server = MetricsServer(path, host=host, port=port, interval=interval, runs=run)
     try:
+        server = MetricsServer(path, host=host, port=port, interval=interval, runs=run)
         server.start()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         _fail(str(exc))
     err.print(f"serving {server.url} for {path} (store read every {interval:g}s); Ctrl-C stops", highlight=False)
     stop = threading.Event()
