@@ -236,3 +236,21 @@ def test_real_prometheus_scrapes_and_alerts_on_stall(tmp_path: Path) -> None:
         finally:
             stop.set()
             thread.join(timeout=30)
+
+
+def test_incremental_reads_keep_sparse_scalars(tmp_path: Path) -> None:
+    """A scalar logged once (e.g. every 1,000 steps) keeps its value while later reads only look at new steps."""
+    root = tmp_path / "store"
+    w = RunWriter(root, "r1", layers=3)
+    w.write_steps(range(0, 3), wall=10.0)
+    w.w.write("scalars", {"attempt": [1], "step": [2], "tokens": [2 * 4096], "name": ["eval/loss"], "value": [4.25],
+                          "wall_time": [10.0]})
+    c = _collector(root)
+    assert _get(_samples(render(c).decode()), "healthwatch_scalar", run="r1", name="eval/loss") == 4.25
+    for lo in (3, 6):
+        w.write_steps(range(lo, lo + 3), wall=20.0 + lo)
+        c.refresh()
+        s = _samples(render(c).decode())
+        _check(s, "r1", expected_latest(w.logged))
+        assert _get(s, "healthwatch_scalar", run="r1", name="eval/loss") == 4.25
+    c.source.close()
