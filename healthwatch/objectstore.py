@@ -687,23 +687,23 @@ def live_segments(paths: list[str]) -> list[str]:
     return sorted(p for p in paths if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
 
 
-def s3_dataset(fs: S3FS, paths: list[str], schema: pa.Schema, base: str) -> Any:
-    """A ``pyarrow.dataset`` over ``paths`` (``s3://`` segment files) with the hive ``run`` column.
+def s3_dataset(fs: S3FS, files: list[tuple[str, str, int]], schema: pa.Schema) -> Any:
+    """A ``pyarrow.dataset`` over segment files ``(s3 path, run, size)`` with the ``run`` column.
 
-    ``schema`` is the table's stored schema; ``base`` the ``s3://`` directory above ``run=…``.
+    Fragments are built from the listing (sizes known, ``run`` as each fragment's partition
+    expression), so opening the dataset costs no request per file; DuckDB's scan then reads
+    footers and only the row groups and columns a query needs.
     """
     import pyarrow.dataset as ds
 
-    part = ds.partitioning(pa.schema([("run", pa.string())]), flavor="hive")
-    full = schema.append(pa.field("run", pa.string()))
-    return ds.dataset(
-        [fs.open_input(p) for p in paths],
-        schema=full,
-        format="parquet",
-        filesystem=fs.arrow_filesystem(),
-        partitioning=part,
-        partition_base_dir=fs.open_input(base),
-    )
+    fmt = ds.ParquetFileFormat()
+    afs = fs.arrow_filesystem()
+    fragments = [
+        fmt.make_fragment(fs.open_input(path), filesystem=afs, partition_expression=ds.field("run") == run,
+                          file_size=size)
+        for path, run, size in files
+    ]
+    return ds.FileSystemDataset(fragments, schema.append(pa.field("run", pa.string())), fmt, afs)
 
 
 class S3Tables:
@@ -734,15 +734,19 @@ class S3Tables:
         return fs.uri("/".join([*parts, f"table={table}"]))
 
     @staticmethod
-    def live_listing(fs: S3FS, root: StoreURI, table: str) -> dict[tuple[str, str], str]:
+    def live_listing(fs: S3FS, root: StoreURI, table: str, sizes: dict[str, int] | None = None) -> dict[tuple[str, str], str]:
         """Live segments of ``table`` as ``{(run, name): s3 path}``: one paginated listing, manifests applied.
 
         Same rules as on disk: temp names are never segments; the sources named by a merge
         manifest whose target exists are hidden (the merge published its target first).
+        ``sizes``, when given, receives every listed object's size.
         """
         import json
 
-        listing = [p for p, _size in fs.walk(S3Tables.table_base(fs, root, table))]
+        walked = fs.walk(S3Tables.table_base(fs, root, table))
+        if sizes is not None:
+            sizes.update(walked)
+        listing = [p for p, _size in walked]
         names = set(listing)
         hidden: set[str] = set()
         for p in listing:
@@ -770,11 +774,13 @@ class S3Tables:
 
         before = self.fs.stats.snapshot()["list"]
         for table, schema in TABLES.items():
-            paths = sorted(self.live_listing(self.fs, self.root, table).values())
+            sizes: dict[str, int] = {}
+            live = self.live_listing(self.fs, self.root, table, sizes)
+            paths = sorted(live.values())
             self.files[table] = paths
             view = "runs_raw" if table == "runs" else table
             if paths:
-                dataset = s3_dataset(self.fs, paths, schema, self.table_base(self.fs, self.root, table))
+                dataset = s3_dataset(self.fs, [(p, run, sizes[p]) for (run, _n), p in sorted(live.items())], schema)
                 self.con.register(f"_ds_{table}", dataset)
                 cols = ", ".join(f'"{f.name}"' for f in schema)
                 self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT run, {cols} FROM _ds_{table}")
