@@ -25,6 +25,7 @@ from typing import Any
 
 from benchmarks import (
     bench_early_warning,
+    bench_fleet,
     bench_ingest,
     bench_metrics,
     bench_overhead,
@@ -46,7 +47,7 @@ from benchmarks.bench_common import (
     versions,
 )
 
-BENCHES = ("overhead", "peers", "ingest", "query", "render", "early-warning", "metrics")
+BENCHES = ("overhead", "peers", "ingest", "query", "render", "early-warning", "metrics", "fleet")
 
 #: What profiling found and what was changed because of it (kept with the code that measures it).
 FINDINGS = [
@@ -347,7 +348,8 @@ def build_sections(names: Sequence[str], results: dict[str, dict[str, Any]], siz
     """The report sections of the benchmarks ``names``, from their results."""
     builders = {"overhead": bench_overhead.section, "peers": bench_peers.section, "ingest": bench_ingest.section,
                 "query": lambda r: bench_query.section(r, size_note), "render": bench_render.section,
-                "early-warning": bench_early_warning.section, "metrics": bench_metrics.section}
+                "early-warning": bench_early_warning.section, "metrics": bench_metrics.section,
+                "fleet": bench_fleet.section}
     return [builders[name](results) for name in names if name in builders]
 
 
@@ -368,6 +370,7 @@ def report_from_raw(raw: Path, out: Path, merge: Sequence[Path] = ()) -> int:
     for extra in merge:
         d2 = json.loads(Path(extra).read_text())
         redo = d2["meta"].get("benches") or _benches_in(d2["results"])
+        names = [*names, *(b for b in redo if b not in names)]  # a benchmark the first run did not have
         results = {k: v for k, v in results.items() if k.split(":")[0] not in redo}
         results.update(d2["results"])
         meta["timeline"] = [t for t in meta["timeline"] if t["job"].split(":")[0] not in redo] + d2["meta"]["timeline"]
@@ -423,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(("early-warning", bench_early_warning.jobs(args.quick, workdir, args.early_warning_data)))
     if "metrics" in only:
         plan.append(("metrics", bench_metrics.jobs(args.quick, workdir)))
+    if "fleet" in only:
+        plan.append(("fleet", bench_fleet.jobs(args.quick, workdir)))
 
     results: dict[str, dict[str, Any]] = {}
     progress = _progress(not args.no_progress)
