@@ -143,9 +143,19 @@ def is_object_store(uri: str | os.PathLike[str]) -> bool:
     return parse_store_uri(uri).is_s3
 
 
-def split_s3(path: str) -> tuple[str, str]:
-    """``s3://bucket/key`` (or ``bucket/key``) -> ``(bucket, key)``."""
-    rest = path[5:] if path.startswith("s3://") else path
+def split_s3(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """``s3://bucket/key`` (or ``bucket/key``) -> ``(bucket, key)``.
+
+    Also accepts ``s3:/bucket/key``: what ``pathlib.Path("s3://bucket/key")`` turns the URI into,
+    so store code that joins paths with ``/`` works on S3 roots unchanged.
+    """
+    path = os.fspath(path)
+    if path.startswith("s3://"):
+        rest = path[5:]
+    elif path.startswith("s3:/"):
+        rest = path[4:]
+    else:
+        rest = path
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise StoreURIError(f"{path!r} is not an s3://bucket/key path")
@@ -385,11 +395,20 @@ class S3FS:
         return self._head(path) is not None
 
     def mtime_ns(self, path: str) -> int | None:
-        """Last-modified time of ``path`` in ns, or None if absent."""
+        """A change signature of ``path``: the object's last-modified time in ns, None if absent.
+
+        Object storage has no directories: for a prefix (no object of that name) it is a hash of
+        the listing under it (keys and sizes; costs one paginated LIST), so a reader's "did this
+        folder change" check works unchanged.
+        """
         head = self._head(path)
-        if head is None:
+        if head is not None:
+            return int(head["LastModified"].timestamp() * 1e9)
+        listing = self.walk(path)
+        if not listing:
             return None
-        return int(head["LastModified"].timestamp() * 1e9)
+        digest = hashlib.blake2b(repr(sorted(listing)).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") >> 1
 
     def read_bytes(self, path: str) -> bytes:
         """The whole object (``FileNotFoundError`` when absent)."""

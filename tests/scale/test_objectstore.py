@@ -123,6 +123,21 @@ def test_create_only_put_never_replaces_an_object(s3_root: str) -> None:
     assert fs.delete(path) is True and fs.delete(path) is False and not fs.exists(path)
 
 
+def test_store_code_that_joins_paths_works_on_s3_roots(s3_root: str) -> None:
+    # Store code builds paths with pathlib, which folds "s3://" into "s3:/": both spellings work.
+    fs = S3FS.for_uri(s3_root)
+    directory = Path(s3_root) / "table=scalars" / "run=r"
+    assert fs.mtime_ns(str(directory)) is None  # nothing there yet
+    fs.publish_bytes(str(directory), "a.parquet", b"1")
+    first = fs.mtime_ns(str(directory))  # a prefix: a signature of its listing
+    assert first is not None and fs.list(str(directory)) == ["a.parquet"]
+    assert fs.mtime_ns(str(directory)) == first  # unchanged listing, same signature
+    fs.publish(str(directory), "b.parquet", lambda tmp: Path(tmp).write_bytes(b"22"))
+    assert fs.mtime_ns(str(directory)) != first
+    assert fs.read_bytes(str(directory / "b.parquet")) == b"22"
+    assert fs.open_input(str(directory / "b.parquet")) == f"{BUCKET}/{s3_root[len('s3://' + BUCKET) + 1:]}/table=scalars/run=r/b.parquet"
+
+
 # -- bad input: one clear error each ------------------------------------------------------------
 
 
