@@ -297,7 +297,7 @@ def section(results: dict[str, dict[str, Any]]) -> Section:
         ["reader refreshes (errors)", f"{r['reader_refreshes']} ({r['reader_errors']})"],
         ["LIST calls per reader refresh, median / max",
          f"{r['list_per_refresh_median']} / {r['list_per_refresh_max']} ({r['final_objects']} objects at the end)"],
-        ["reader refresh time, median", fmt_time(r["refresh_s_median"])],
+        ["reader refresh + count(*) over every segment, median", fmt_time(r["refresh_s_median"])],
         ["publisher commits; commit time median / max",
          f"{r['publisher_commits']}; {fmt_time(r['commit_s_median'])} / {fmt_time(r['commit_s_max'])} "
          f"(≤ {r['files_per_commit_max']} files per commit)"],
