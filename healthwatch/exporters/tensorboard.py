@@ -45,55 +45,62 @@ class TensorBoardExporter:
         self.run = run
         self.out = Path(out)
         self._writer, self._event_pb2, self._summary_pb2 = _event_writer(self.out)
-        self.last_step: int | None = None
+        # Per table: the last step exported. The tables of one flush land as separate segments, so
+        # a read may see a step's scalars before its layer stats; each table keeps its own floor.
+        self._after: dict[str, int | None] = {"scalars": None, "layers": None}
         self._attempts = self.source.attempts_signature(run)
         #: Values written so far (scalars, tokens and aggregates).
         self.written = 0
 
-    def _after_rollback(self) -> int | None:
-        """Step after which to export: the last exported one, or earlier when a new attempt restarted before it."""
+    @property
+    def last_step(self) -> int | None:
+        """The newest step exported (any table), or None."""
+        done = [v for v in self._after.values() if v is not None]
+        return max(done) if done else None
+
+    def _check_rollback(self) -> None:
+        """On a new attempt that restarts at or before an exported step: mark the restart, lower the floors."""
         sig = self.source.attempts_signature(self.run)
-        after = self.last_step
-        if sig != self._attempts:
-            new = [start for a, start in sig if (a, start) not in self._attempts]
-            if new and after is not None and min(new) <= after:
-                after = min(new) - 1
-            self._attempts = sig
-        return after
+        if sig == self._attempts:
+            return
+        new = [start for a, start in sig if (a, start) not in self._attempts]
+        self._attempts = sig
+        last = self.last_step
+        if not new or last is None or min(new) > last:
+            return
+        restart = min(new)
+        pb = self._event_pb2
+        # TensorBoard's readers drop every event at steps >= a START marker's step.
+        self._writer.add_event(pb.Event(wall_time=time.time(), step=restart,
+                                        session_log=pb.SessionLog(status=pb.SessionLog.START)))
+        for table, floor in self._after.items():
+            self._after[table] = None if floor is None else min(floor, restart - 1)
 
     def export_new(self) -> int:
         """Write every step of the effective path after the last exported one; returns values written."""
         self.source.refresh()
-        after = self._after_rollback()
+        self._check_rollback()
         pb, spb = self._event_pb2, self._summary_pb2
-        if self.last_step is not None and after is not None and after < self.last_step:
-            restart = pb.Event(wall_time=time.time(), step=after + 1,
-                               session_log=pb.SessionLog(status=pb.SessionLog.START))
-            self._writer.add_event(restart)
         per_step: dict[int, list[tuple[str, float]]] = defaultdict(list)
         wall: dict[int, float] = {}
-        tokens: dict[int, int] = {}
-        for step, tok, name, value, wt in self.source.scalar_rows(self.run, after):
+        for step, tok, name, value, wt in self.source.scalar_rows(self.run, self._after["scalars"]):
+            if not per_step[step]:
+                per_step[step].append(("tokens", float(tok)))
             per_step[step].append((name, value))
-            tokens[step] = tok
             if wt is not None:
                 wall[step] = max(wall.get(step, 0.0), wt)
-        for step, metric, vmax, vmed, argmax in self.source.layer_aggregate_rows(self.run, after):
+            self._after["scalars"] = max(step, self._after["scalars"] or step)
+        for step, metric, vmax, vmed, argmax in self.source.layer_aggregate_rows(self.run, self._after["layers"]):
             per_step[step] += [(f"layers/{metric}/max", vmax), (f"layers/{metric}/median", vmed),
                                (f"layers/{metric}/argmax_layer", float(argmax))]
+            self._after["layers"] = max(step, self._after["layers"] or step)
         n = 0
         now = time.time()
         for step in sorted(per_step):
             values = per_step[step]
-            if step in tokens:
-                values.append(("tokens", float(tokens[step])))
             summary = spb.Summary(value=[spb.Summary.Value(tag=tag, simple_value=v) for tag, v in values])
             self._writer.add_event(pb.Event(wall_time=wall.get(step, now), step=step, summary=summary))
             n += len(values)
-        if per_step:
-            self.last_step = max(per_step)
-        elif after is not None and self.last_step is not None and after < self.last_step:
-            self.last_step = after
         self._writer.flush()
         self.written += n
         return n

@@ -64,6 +64,23 @@ def test_tensorboard_round_trip_through_rollback(tmp_path: Path) -> None:
     assert _read_back(out) == _expected(effective)
 
 
+def test_tensorboard_step_whose_tables_land_apart(tmp_path: Path) -> None:
+    """A flush's scalars and layer stats are separate segments: an export between them must not lose
+    the layer aggregates of that step."""
+    needs("tensorboard")
+    root, out = tmp_path / "store", tmp_path / "tb"
+    w = RunWriter(root, "r", layers=5)
+    w.write_steps(range(0, 3))
+    exp = TensorBoardExporter(root, "r", out)
+    exp.export_new()
+    w.write_steps([3], tables=("scalars",))
+    exp.export_new()
+    w.write_steps([3], tables=("layer_stats",))  # same values: the writer's record is a pure function of step
+    exp.export_new()
+    exp.close()
+    assert _read_back(out) == _expected(w.logged)
+
+
 def test_tensorboard_follow_and_cli(tmp_path: Path) -> None:
     needs("tensorboard")
     root = tmp_path / "store"
