@@ -254,3 +254,35 @@ def test_incremental_reads_keep_sparse_scalars(tmp_path: Path) -> None:
         _check(s, "r1", expected_latest(w.logged))
         assert _get(s, "healthwatch_scalar", run="r1", name="eval/loss") == 4.25
     c.source.close()
+
+
+def test_reads_while_compaction_runs(tmp_path: Path) -> None:
+    """Compaction publishes new files and retires old ones under the exporter: every read succeeds
+    and shows what the writer logged."""
+    root = tmp_path / "store"
+    w = RunWriter(root, "r1", layers=6)
+    for lo in range(0, 40, 2):
+        w.write_steps(range(lo, lo + 2), wall=100.0 + lo)  # 20 small segments per table to merge
+    c = _collector(root)
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def compact() -> None:
+        try:
+            compact_store(root)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failures.append(exc)
+        finally:
+            done.set()
+
+    th = threading.Thread(target=compact)
+    th.start()
+    reads = 0
+    while not done.is_set() or reads < 3:
+        c.refresh()  # raises if a read fails
+        _check(_samples(render(c).decode()), "r1", expected_latest(w.logged))
+        reads += 1
+    th.join(timeout=120)
+    assert not failures and c.errors == 0
+    assert len(list((root / "table=layer_stats" / "run=r1").glob("*.parquet"))) < 20  # compaction did merge
+    c.source.close()
