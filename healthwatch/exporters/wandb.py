@@ -37,8 +37,10 @@ def export_wandb(store: str | os.PathLike[str] | None, run: str, project: str = 
         lineage = {k: info[k] for k in ("parent", "branch_step", "branch_tokens", "precision")}
         directory = Path(directory or "wandb").resolve()
         directory.mkdir(parents=True, exist_ok=True)
+        # silent: the command prints its own one-line result instead of W&B's run summary.
         wb = wandb.init(project=project, name=run, mode=mode, dir=str(directory), reinit="create_new",
-                        config={"healthwatch": {"run": run, **lineage}, **(info["config"] or {})})
+                        config={"healthwatch": {"run": run, **lineage}, **(info["config"] or {})},
+                        settings=wandb.Settings(silent=True, console="off"))
         n = 0
         try:
             for step in sorted(per_step):
