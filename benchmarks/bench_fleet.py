@@ -158,7 +158,7 @@ def run_fleet(params: dict[str, Any]) -> dict[str, Any]:
                         tables.refresh()
                     n = tables.sql("SELECT count(*) FROM layer_stats").fetchone()[0]
                     refresh.append({"lists": tables.last_list_calls, "s": time.perf_counter() - r0, "rows": n,
-                                    "objects": sum(len(v) for v in tables.files.values())})
+                                    "objects": sum(len(v) for v in tables.listed.values())})
                 except Exception as exc:  # noqa: BLE001 - recorded
                     refresh.append({"error": str(exc)[:200]})
                 stop.wait(1.0)
@@ -228,7 +228,7 @@ def run_fleet(params: dict[str, Any]) -> dict[str, Any]:
             "commit_s_median": median([c["commit_s"] for c in commits]) if commits else None,
             "commit_s_max": max((c["commit_s"] for c in commits), default=None),
             "files_per_commit_max": max((c["added"] for c in commits), default=None),
-            "final_objects": sum(len(v) for v in tables.files.values()),
+            "final_objects": sum(len(v) for v in tables.listed.values()),
         })
         tables.close()
         _ = S3FS  # the writers' and reader's client class, imported before forking

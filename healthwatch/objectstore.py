@@ -256,6 +256,8 @@ class S3FS:
         )
         self.client = session.client("s3", endpoint_url=self.endpoint, config=config)
         self.stats = RequestStats()
+        #: Last-modified times (epoch s) seen by :meth:`walk` (no extra request to know a file's age).
+        self.last_modified: dict[str, float] = {}
         self._arrow_fs: Any = None
 
     @classmethod
@@ -372,7 +374,11 @@ class S3FS:
             with self._call("list", directory):
                 self.stats.count("list")
                 page = self.client.list_objects_v2(**kwargs)
-            out.extend((self.uri(o["Key"]), int(o["Size"])) for o in page.get("Contents", ()) if not o["Key"].endswith("/"))
+            for o in page.get("Contents", ()):
+                if not o["Key"].endswith("/"):
+                    out.append((self.uri(o["Key"]), int(o["Size"])))
+                    if "LastModified" in o:
+                        self.last_modified[self.uri(o["Key"])] = o["LastModified"].timestamp()
             if not page.get("IsTruncated"):
                 return out
             token = page.get("NextContinuationToken")
@@ -742,9 +748,33 @@ class S3Tables:
         self.fs = fs or S3FS.for_uri(self.root, settings)
         self.fs.check_bucket()
         self.con = duckdb.connect()
+        self.con.execute("SET asof_loop_join_threshold = 0")  # as the local Store (see store.py)
+        self._lock = threading.RLock()
         self.last_list_calls = 0
-        self.files: dict[str, list[str]] = {}
+        self.listed: dict[str, dict[tuple[str, str], str]] = {}
+        self.version = 0
+        self.auto_refresh = False
+        self._refreshed_at = float("-inf")
         self.refresh()
+
+    # -- the parts of the local Store's read API that healthwatch.query and .compare use -----------
+    def files(self, table: str, run: str | None = None) -> list[S3ObjectRef]:
+        """Live segment objects of ``table`` (optionally of one run), as of the last refresh."""
+        return [S3ObjectRef(p, self.fs) for (r, _n), p in sorted(self.listed.get(table, {}).items())
+                if run is None or r == run]
+
+    def refresh_if_older(self, max_age_s: float) -> bool:
+        """:meth:`refresh` unless the last one is younger than ``max_age_s`` seconds."""
+        import time
+
+        if time.monotonic() - self._refreshed_at < max_age_s:
+            return False
+        self.refresh()
+        return True
+
+    def sql(self, query: str, params: list[Any] | None = None) -> S3Result:
+        """A parameterised query over the views; ``.pl()``/``.arrow()``/``.fetchall()``/``.fetchone()``."""
+        return S3Result(self, query, params)
 
     @staticmethod
     def table_base(fs: S3FS, root: StoreURI, table: str) -> str:
@@ -787,8 +817,17 @@ class S3Tables:
                 out[(run[4:], name)] = p
         return out
 
-    def refresh(self) -> None:
-        """List the store again and rebuild the views."""
+    def refresh(self, force: bool = False) -> bool:
+        """List the store again and rebuild the views (``force`` is accepted for Store compatibility)."""
+        import time
+
+        with self._lock:
+            self._refresh()
+            self._refreshed_at = time.monotonic()
+            self.version += 1
+        return True
+
+    def _refresh(self) -> None:
         from healthwatch.schema import ATTEMPT_TABLES, TABLES
 
         before = self.fs.stats.snapshot()["list"]
@@ -796,7 +835,7 @@ class S3Tables:
             sizes: dict[str, int] = {}
             live = self.live_listing(self.fs, self.root, table, sizes)
             paths = sorted(live.values())
-            self.files[table] = paths
+            self.listed[table] = live
             view = "runs_raw" if table == "runs" else table
             if paths:
                 dataset = s3_dataset(self.fs, [(p, run, sizes[p]) for (run, _n), p in sorted(live.items())], schema)
@@ -817,19 +856,108 @@ class S3Tables:
         )
         for table in ATTEMPT_TABLES:
             self.con.execute(
+                f"CREATE OR REPLACE VIEW {table}_all AS SELECT t.*, "
+                "coalesce(t.step >= b.superseded_from, false) AS superseded "
+                f"FROM {table} t LEFT JOIN attempt_bounds b ON t.run = b.run AND t.attempt = b.attempt"
+            )
+            self.con.execute(
                 f"CREATE OR REPLACE VIEW {table}_effective AS SELECT t.* FROM {table} t "
                 "LEFT JOIN attempt_bounds b ON t.run = b.run AND t.attempt = b.attempt "
                 "WHERE b.superseded_from IS NULL OR t.step < b.superseded_from"
             )
         self.last_list_calls = self.fs.stats.snapshot()["list"] - before
 
-    def sql(self, query: str, params: list[Any] | None = None) -> Any:
-        """Run ``query`` over the views (a DuckDB relation/cursor result)."""
-        return self.con.execute(query, params or [])
-
     def close(self) -> None:
         """Close the DuckDB connection."""
         self.con.close()
+
+    def __enter__(self) -> S3Tables:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class S3Result:
+    """A query of :class:`S3Tables`, run when a result is asked for (same methods as the Store's)."""
+
+    def __init__(self, tables: S3Tables, query: str, params: list[Any] | None) -> None:
+        self._tables, self._query, self._params = tables, query, params or []
+
+    def _run(self, fn: str) -> Any:
+        with self._tables._lock:
+            con = self._tables.con
+            if fn in ("fetchall", "fetchnumpy", "df"):
+                return getattr(con.execute(self._query, self._params), fn)()
+            rel = con.sql(self._query, params=self._params)
+            if fn == "pl":
+                return rel.pl()
+            return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+
+    def pl(self) -> Any:
+        """The result as a polars DataFrame."""
+        return self._run("pl")
+
+    def arrow(self) -> pa.Table:
+        """The result as an Arrow table."""
+        return self._run("arrow")
+
+    def df(self) -> Any:
+        """The result as a pandas DataFrame."""
+        return self._run("df")
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        """All rows."""
+        return self._run("fetchall")
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        """The first row, or None."""
+        rows = self._run("fetchall")
+        return rows[0] if rows else None
+
+    def fetchnumpy(self) -> dict[str, Any]:
+        """Columns as numpy arrays."""
+        return self._run("fetchnumpy")
+
+
+@dataclass(frozen=True)
+class _S3Stat:
+    st_mtime: float
+    st_size: int
+
+
+class S3ObjectRef:
+    """A listed segment object: ``exists()`` and ``stat()`` like a ``pathlib.Path`` (what query reads)."""
+
+    def __init__(self, path: str, fs: S3FS) -> None:
+        self.path = path
+        self._fs = fs
+
+    def __str__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"S3ObjectRef({self.path!r})"
+
+    @property
+    def name(self) -> str:
+        """The object's file name."""
+        return self.path.rsplit("/", 1)[-1]
+
+    def exists(self) -> bool:
+        """Whether the object still exists (one HEAD)."""
+        return self._fs.exists(self.path)
+
+    def stat(self) -> _S3Stat:
+        """Size and last-modified time (from the listing when known, else one HEAD)."""
+        mtime = self._fs.last_modified.get(self.path)
+        head = None if mtime is not None else self._fs._head(self.path)
+        if mtime is None:
+            if head is None:
+                raise FileNotFoundError(self.path)
+            mtime = head["LastModified"].timestamp()
+        size = int(head["ContentLength"]) if head is not None else 0
+        return _S3Stat(mtime, size)
 
 
 def _duck_type(t: pa.DataType) -> str:
