@@ -136,10 +136,13 @@ def _expand_synopsis(span: str) -> list[str]:
     """Concrete command texts for one synopsis span (see the module docstring)."""
     span = span.replace("\\|", "|").replace("…", " ").replace("...", " ")
     words = span.split()
-    # `healthwatch alerts check|test|watch|backtest`: a menu of sub-commands, not one command.
+    # `healthwatch alerts check|test|watch|backtest`: a menu of sub-commands (their `--help`);
+    # `healthwatch export tensorboard|wandb --store S --run R`: one command per sub-command.
     for i, w in enumerate(words):
         if "|" in w and "[" not in w and "]" not in w and i <= 2 and not w.startswith("-"):
-            return [" ".join([*words[:i], alt, "--help"]) for alt in w.split("|")]
+            rest = words[i + 1:]
+            return [out for alt in w.split("|")
+                    for out in _expand_synopsis(" ".join([*words[:i], alt, *(rest or ["--help"])]))]
     span = " ".join(words)
     groups = re.findall(r"\[([^\[\]]+)\]", span)
     bare = re.sub(r"\s*\[[^\[\]]+\]", "", span)
@@ -281,7 +284,8 @@ def _value(opt: str, val: str, sub: str, fx: Fixture, runs_seen: int) -> str:
             return val
         return fx.runs[0] if runs_seen == 0 else fx.runs[min(runs_seen, len(fx.runs) - 1)]
     if opt in ("--out", "--jsonl"):
-        name = Path(val).name if not ph else ("out.csv" if opt == "--out" else "alerts.jsonl")
+        placeholder_names = {"--out": "out.csv", "--jsonl": "alerts.jsonl"}
+        name = Path(val).name if not ph else ("out-dir" if val in ("DIR", "LOGDIR") else placeholder_names[opt])
         return str(fx.scratch / name)
     if opt == "--rules":
         return "alerts/packs/default.yaml" if ph or not Path(fx.scratch, val).exists() else val
