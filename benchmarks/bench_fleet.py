@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_common import (
+    NA,
     REPO_ROOT,
     Budget,
     Job,
@@ -238,13 +239,80 @@ def run_fleet(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-TASKS = {"fleet": run_fleet}
+def _timed(fn: Any, repeat: int) -> dict[str, float]:
+    """First (cold) call and the median / p95 of ``repeat`` further calls, in seconds."""
+    t0 = time.perf_counter()
+    fn()
+    cold = time.perf_counter() - t0
+    warm = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        warm.append(time.perf_counter() - t0)
+    return {"cold_s": cold, "median_s": median(warm), "p95_s": percentile(warm, 95)}
+
+
+def run_s3query(params: dict[str, Any]) -> dict[str, Any]:
+    """Child task: a synthetic run (steps x 108 layers, compacted) on a local S3 server, queried via S3Tables."""
+    srv = _server_module()
+    from benchmarks.synth_store import generate
+    from healthwatch import query
+    from healthwatch.objectstore import S3FS, S3Tables
+    from healthwatch.store import open_store
+
+    steps, layers, repeat = int(params["steps"]), int(params.get("layers", 108)), int(params.get("repeat", 5))
+    work = Path(params["workdir"]) / "s3query"
+    shutil.rmtree(work, ignore_errors=True)
+    root = work / "store"
+    emit_progress(0, 3, "synthetic store")
+    gen = generate(root, run="synth", steps=steps, layers=layers)
+    server = srv.SeaweedS3(work / "seaweed", buckets=(BUCKET,))
+    server.start()
+    os.environ.update(server.env())
+    s3_root = f"s3://{BUCKET}/synth"
+    out: dict[str, Any] = {"steps": steps, "layers": layers, "rows": gen["layer_rows"] + gen["scalar_rows"]}
+    try:
+        emit_progress(1, 3, "upload")
+        fs = S3FS.for_uri(s3_root)
+        n = 0
+        t0 = time.perf_counter()
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if path.is_file() and not path.name.startswith("."):
+                fs.put_create_only(f"{s3_root}/{rel}", path.read_bytes())
+                n += 1
+        out["objects"], out["upload_s"] = n, time.perf_counter() - t0
+        emit_progress(2, 3, "queries")
+        t0 = time.perf_counter()
+        remote = S3Tables(s3_root)
+        out["open_s"] = time.perf_counter() - t0
+        local = open_store(root)
+        for where, st in (("s3", remote), ("local", local)):
+            out[where] = {
+                "series_layer": _timed(lambda st=st: query.series(st, "synth", "resid_rms", layer=3, max_points=2000), repeat),
+                "series_scalar": _timed(lambda st=st: query.series(st, "synth", "loss/train", max_points=2000), repeat),
+                "heatmap": _timed(lambda st=st: query.heatmap(st, "synth", "resid_rms", max_buckets=400), repeat),
+            }
+        remote.close()
+        local.close()
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    emit_progress(3, 3, "done")
+    return out
+
+
+TASKS = {"fleet": run_fleet, "s3query": run_s3query}
 
 
 def jobs(quick: bool, workdir: Path) -> list[Job]:
-    """The child task of this benchmark (quick: 2 flushes per writer; full: 120 = 10 minutes of 5 s flushes)."""
+    """The child tasks (quick: 2 flushes per writer, 5,000 steps; full: 120 flushes = 10 minutes of 5 s flushes,
+    100,000 steps x 108 layers)."""
     params = {"runs": RUNS, "stages": STAGES, "flushes": 2 if quick else 120, "workdir": str(workdir)}
-    return [Job("fleet", "benchmarks.bench_fleet", "fleet", params, "fleet on S3", timeout_s=900 if quick else 3600)]
+    qparams = {"steps": 5_000 if quick else 100_000, "layers": 108, "repeat": 3 if quick else 7, "workdir": str(workdir)}
+    return [Job("fleet", "benchmarks.bench_fleet", "fleet", params, "fleet on S3", timeout_s=900 if quick else 3600),
+            Job("fleet:s3query", "benchmarks.bench_fleet", "s3query", qparams, "queries on S3",
+                timeout_s=900 if quick else 2400)]
 
 
 def extrapolate(writers: int = 1_000, flush_s: float = FLUSH_S, tables_per_flush: int = 2,
@@ -313,6 +381,29 @@ def section(results: dict[str, dict[str, Any]]) -> Section:
         ["LIST calls per reader refresh (~20 live objects per writer and table)", f"{x['list_per_refresh']}"],
         ["LIST/s for one reader refreshing every 5 s", f"{x['list_per_s_one_reader']:.1f} (S3: ~{S3_GET_PER_PREFIX:,}/s)"],
     ], "See docs/scale.md for the derivation and the key layout."))
+    q = results.get("fleet:s3query")
+    if q is not None and "error" not in q:
+        rows = []
+        for key, label in (("series_layer", "one layer series (resid_rms, layer 3)"),
+                           ("series_scalar", "one scalar series (loss/train)"), ("heatmap", "layer x step heatmap")):
+            s3, loc = q["s3"][key], q["local"][key]
+            rows.append([label, fmt_time(s3["cold_s"]), fmt_time(s3["median_s"]), fmt_time(s3["p95_s"]),
+                         fmt_time(loc["median_s"])])
+        sec.tables.append(Table(
+            f"Queries on an s3:// store: {fmt_count(q['steps'])} steps x {q['layers']} layers "
+            f"({fmt_count(q['rows'])} rows, compacted, {q['objects']} objects)",
+            ["query", "S3 first", "S3 median", "S3 p95", "local median"], rows,
+            f"Opening the S3 store (listing + views): {fmt_time(q['open_s'])}. Reads go through pyarrow datasets "
+            "with DuckDB pushdown; the local column is the same store on disk."))
+        for key, label, budget in (("series_layer", "one series on an s3:// store", 0.2),
+                                   ("heatmap", "heatmap on an s3:// store", 0.5)):
+            m = q["s3"][key]
+            sec.budgets.append(Budget(f"{label} ({fmt_count(q['steps'])} steps x {q['layers']} layers)",
+                                      f"≤ {fmt_time(budget)}", f"{fmt_time(m['p95_s'])} p95 (median {fmt_time(m['median_s'])})",
+                                      verdict(m["p95_s"] <= budget) if q["steps"] >= 100_000 else NA,
+                                      "" if q["steps"] >= 100_000 else "quick size: no verdict"))
+    elif q is not None:
+        sec.errors.append(q["error"])
     sec.budgets.append(Budget("fleet on S3: lost or duplicated rows (store and Delta)", "0 (counted)",
                               f"{lost + d_lost} lost, {dup + d_dup} duplicated",
                               verdict(lost == dup == d_lost == d_dup == 0)))

@@ -712,22 +712,30 @@ def live_segments(paths: list[str]) -> list[str]:
     return sorted(p for p in paths if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
 
 
-def s3_dataset(fs: S3FS, files: list[tuple[str, str, int]], schema: pa.Schema) -> Any:
+def s3_dataset(fs: S3FS, files: list[tuple[str, str, int]], schema: pa.Schema,
+               cache: dict[str, Any] | None = None) -> Any:
     """A ``pyarrow.dataset`` over segment files ``(s3 path, run, size)`` with the ``run`` column.
 
     Fragments are built from the listing (sizes known, ``run`` as each fragment's partition
-    expression), so opening the dataset costs no request per file; DuckDB's scan then reads
-    footers and only the row groups and columns a query needs.
+    expression), so opening the dataset costs no request per file; DuckDB's scan then reads only
+    the row groups and columns a query needs. With ``cache`` (path -> fragment, kept by the
+    caller across refreshes), each footer is read once (one GET) and kept: segments are
+    immutable, so every later query prunes row groups by their statistics without refetching it.
     """
     import pyarrow.dataset as ds
 
     fmt = ds.ParquetFileFormat()
     afs = fs.arrow_filesystem()
-    fragments = [
-        fmt.make_fragment(fs.open_input(path), filesystem=afs, partition_expression=ds.field("run") == run,
-                          file_size=size)
-        for path, run, size in files
-    ]
+    fragments = []
+    for path, run, size in files:
+        frag = cache.get(path) if cache is not None else None
+        if frag is None:
+            frag = fmt.make_fragment(fs.open_input(path), filesystem=afs,
+                                     partition_expression=ds.field("run") == run, file_size=size)
+            if cache is not None:
+                frag.ensure_complete_metadata()
+                cache[path] = frag
+        fragments.append(frag)
     return ds.FileSystemDataset(fragments, schema.append(pa.field("run", pa.string())), fmt, afs)
 
 
@@ -752,6 +760,7 @@ class S3Tables:
         self._lock = threading.RLock()
         self.last_list_calls = 0
         self.listed: dict[str, dict[tuple[str, str], str]] = {}
+        self._fragments: dict[str, Any] = {}  # immutable segments: footers read once
         self.version = 0
         self.auto_refresh = False
         self._refreshed_at = float("-inf")
@@ -838,7 +847,8 @@ class S3Tables:
             self.listed[table] = live
             view = "runs_raw" if table == "runs" else table
             if paths:
-                dataset = s3_dataset(self.fs, [(p, run, sizes[p]) for (run, _n), p in sorted(live.items())], schema)
+                dataset = s3_dataset(self.fs, [(p, run, sizes[p]) for (run, _n), p in sorted(live.items())], schema,
+                                     self._fragments)
                 self.con.register(f"_ds_{table}", dataset)
                 cols = ", ".join(f'"{f.name}"' for f in schema)
                 self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT run, {cols} FROM _ds_{table}")
@@ -866,6 +876,9 @@ class S3Tables:
                 "WHERE b.superseded_from IS NULL OR t.step < b.superseded_from"
             )
         self.last_list_calls = self.fs.stats.snapshot()["list"] - before
+        alive = {p for live in self.listed.values() for p in live.values()}
+        for gone in set(self._fragments) - alive:  # retired by merges: forget their footers
+            del self._fragments[gone]
 
     def close(self) -> None:
         """Close the DuckDB connection."""
