@@ -428,7 +428,7 @@ class SyncGuard:
     """
 
     #: Monitor entry points; names a version lacks are skipped, newer ones are covered when present.
-    METHODS = ("after_backward", "step", "log", "after_optimizer_step", "quant_stats")
+    METHODS = ("after_backward", "step", "log", "after_optimizer_step", "quant_stats", "router_drops")
 
     def __init__(self) -> None:
         self.root = _hooks_dir()
@@ -487,17 +487,35 @@ class SyncGuard:
                 torch.cuda.set_sync_debug_mode(prev)
 
         mon.flush = flush
+        self.rescan(model)
+        if not self.wrapped_hooks:
+            raise RuntimeError("no forward hook of healthwatch.hooks found on the model: nothing to check")
+
+    def _wrap_dict(self, hooks: Any) -> None:
+        for key, fn in list((hooks or {}).items()):
+            if getattr(fn, "_hw_guarded", False):
+                continue
+            code = getattr(fn, "__code__", None) or getattr(getattr(fn, "func", None), "__code__", None)
+            if code is not None and code.co_filename.startswith(self.root):
+                wrapped = functools.wraps(fn)(functools.partial(self.call, fn))
+                wrapped._hw_guarded = True  # type: ignore[attr-defined]
+                hooks[key] = wrapped
+                self.wrapped_hooks += 1
+
+    def rescan(self, model: Any, optimizer: Any = None) -> None:
+        """Guard every hook of healthwatch.hooks not guarded yet: module hooks, and optimizer step hooks
+        (the Monitor may register those when it discovers the optimizer, after the first step)."""
+        import torch.optim.optimizer as topt
+
         dicts = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
         for module in model.modules():
             for attr in dicts:
-                hooks = getattr(module, attr, None)
-                for key, fn in list((hooks or {}).items()):
-                    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "func", None), "__code__", None)
-                    if code is not None and code.co_filename.startswith(self.root):
-                        hooks[key] = functools.wraps(fn)(functools.partial(self.call, fn))
-                        self.wrapped_hooks += 1
-        if not self.wrapped_hooks:
-            raise RuntimeError("no forward hook of healthwatch.hooks found on the model: nothing to check")
+                self._wrap_dict(getattr(module, attr, None))
+        self._wrap_dict(getattr(topt, "_global_optimizer_pre_hooks", None))
+        self._wrap_dict(getattr(topt, "_global_optimizer_post_hooks", None))
+        if optimizer is not None:
+            self._wrap_dict(getattr(optimizer, "_optimizer_step_pre_hooks", None))
+            self._wrap_dict(getattr(optimizer, "_optimizer_step_post_hooks", None))
 
     def details(self, steps: int) -> dict[str, Any]:
         """What was checked and what was found."""
@@ -523,6 +541,7 @@ def _train_checked(model: Any, batches: Callable[[int], Any], fwd: Callable[[Any
     losses = []
     for step in range(steps):
         guard.step = step
+        guard.rescan(model, opt)
         batch = batches(step)
         loss, mtp = fwd(model, batch)
         mon.after_backward()
