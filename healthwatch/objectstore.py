@@ -38,6 +38,8 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 
 ENV_ENDPOINT = "HEALTHWATCH_S3_ENDPOINT"
+#: Tables small enough to hold in memory after each listing (a few rows per run and attempt).
+SMALL_TABLES = ("runs", "attempts")
 PROBE_DIR = "_probe"
 DEFAULT_REGION = "us-east-1"
 
@@ -769,7 +771,8 @@ class S3Tables:
     # -- the parts of the local Store's read API that healthwatch.query and .compare use -----------
     def files(self, table: str, run: str | None = None) -> list[S3ObjectRef]:
         """Live segment objects of ``table`` (optionally of one run), as of the last refresh."""
-        return [S3ObjectRef(p, self.fs) for (r, _n), p in sorted(self.listed.get(table, {}).items())
+        live = set(self.listed.get(table, {}).values())
+        return [S3ObjectRef(p, self.fs, live) for (r, _n), p in sorted(self.listed.get(table, {}).items())
                 if run is None or r == run]
 
     def refresh_if_older(self, max_age_s: float) -> bool:
@@ -849,6 +852,10 @@ class S3Tables:
             if paths:
                 dataset = s3_dataset(self.fs, [(p, run, sizes[p]) for (run, _n), p in sorted(live.items())], schema,
                                      self._fragments)
+                if table in SMALL_TABLES:
+                    # A few rows per run, read by nearly every query (attempt bounds, lineage): held in
+                    # memory from the refresh instead of one HTTP scan per query.
+                    dataset = dataset.to_table()
                 self.con.register(f"_ds_{table}", dataset)
                 cols = ", ".join(f'"{f.name}"' for f in schema)
                 self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT run, {cols} FROM _ds_{table}")
@@ -942,9 +949,10 @@ class _S3Stat:
 class S3ObjectRef:
     """A listed segment object: ``exists()`` and ``stat()`` like a ``pathlib.Path`` (what query reads)."""
 
-    def __init__(self, path: str, fs: S3FS) -> None:
+    def __init__(self, path: str, fs: S3FS, listed: set[str] | None = None) -> None:
         self.path = path
         self._fs = fs
+        self._listed = listed
 
     def __str__(self) -> str:
         return self.path
@@ -958,7 +966,12 @@ class S3ObjectRef:
         return self.path.rsplit("/", 1)[-1]
 
     def exists(self) -> bool:
-        """Whether the object still exists (one HEAD)."""
+        """Whether the object exists: as of the listing it came from (no request), else one HEAD.
+
+        The views were built from that same listing, so this is the answer consistent with them.
+        """
+        if self._listed is not None:
+            return self.path in self._listed
         return self._fs.exists(self.path)
 
     def stat(self) -> _S3Stat:
