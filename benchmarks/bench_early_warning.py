@@ -154,7 +154,13 @@ def _load_into_store(root: Path, data: Path, run: str) -> None:
     w.write("attempts", {"attempt": [1], "start_step": [0], "started_at": [0.0], "host": ["bench"],
                          "reason": ["start"], "schema_version": [SCHEMA_VERSION]})
     s = pq.read_table(data / f"{run}.scalars.parquet").to_pydict()
-    w.write("scalars", {**s, "attempt": [1] * len(s["step"]), "wall_time": [0.0] * len(s["step"])})
+    # Stamped "now", as rows a live run has just written (a stall rule reads the heartbeat's age).
+    now = time.time()
+    # The heartbeat's value is the wall time it was logged at: shift it to end now, as live.
+    beats = [v for n, v in zip(s["name"], s["value"]) if n == "monitor/heartbeat"]
+    shift = now - max(beats) if beats else 0.0
+    s["value"] = [v + shift if n == "monitor/heartbeat" else v for n, v in zip(s["name"], s["value"])]
+    w.write("scalars", {**s, "attempt": [1] * len(s["step"]), "wall_time": [now] * len(s["step"])})
     ls = pq.read_table(data / f"{run}.layer_stats.parquet").to_pydict()
     w.write("layer_stats", {**ls, "attempt": [1] * len(ls["step"])})
 
