@@ -363,6 +363,24 @@ def tables(summary: dict[str, Any]) -> list[Table]:
     return out
 
 
+def markdown(saved: dict[str, Any]) -> str:
+    """The Markdown section (BENCHMARKS.md, docs/early-warning.md) of a saved evaluation (``--json``)."""
+    summary = summarize(saved["results"])
+    counts: dict[str, int] = {}
+    for r in saved["results"]:
+        counts[r["scenario"]] = counts.get(r["scenario"], 0) + 1
+    lines = [f"Runs: {saved.get('spec', '?')}. Tuning seeds {saved.get('tuning_seeds')} (not shown); evaluation "
+             f"seeds present: {saved.get('eval_seeds')}; runs per scenario: "
+             + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".", ""]
+    for t in tables(summary):
+        lines += [f"**{t.title}**", "", "| " + " | ".join(t.headers) + " |", "|" + "---|" * len(t.headers)]
+        lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in t.rows]
+        lines.append("")
+        if t.note:
+            lines += [t.note, ""]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------
 # jobs of `python -m benchmarks`
 
@@ -434,11 +452,16 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--data", required=True, type=Path)
     ev.add_argument("--pack", default="default")
     ev.add_argument("--json", type=Path, default=None, help="write the per-run results here")
+    rep = sub.add_parser("report", help="print the Markdown section of a saved evaluation (evaluate --json)")
+    rep.add_argument("saved", type=Path)
     for p in (rec, ev):
         p.add_argument("--seeds", default=",".join(map(str, EVAL_SEEDS)))
         p.add_argument("--scenarios", default=None, help="comma-separated (default: healthy and every fault)")
         p.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    if args.cmd == "report":
+        print(markdown(json.loads(args.saved.read_text())))
+        return 0
     scen = [s for s in (args.scenarios or ",".join(scenarios())).split(",") if s]
     seeds = _ints(args.seeds)
     if args.cmd == "record":
@@ -449,10 +472,14 @@ def main(argv: list[str] | None = None) -> int:
                 meta = record_run(sc, s, args.out, _spec(args.quick))
                 print(f"{sc} seed {s}: {meta['s_per_step']:.3f} s/step", flush=True)
         return 0
-    results = [evaluate_run(args.data, sc, s, args.pack) for s in seeds for sc in scen]
+    # Only runs that were recorded (a partial recording is evaluated as far as it got).
+    results = [evaluate_run(args.data, sc, s, args.pack) for s in seeds for sc in scen
+               if (args.data / f"{_stem(sc, s)}.json").exists()]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps({"spec": _spec(args.quick).describe(), "tuning_seeds": list(TUNING_SEEDS),
+                                         "eval_seeds": sorted({r["seed"] for r in results}), "pack": args.pack,
+                                         "results": results}, indent=1))
     from rich.console import Console
     from rich.table import Table as RichTable
 
