@@ -40,6 +40,9 @@ import pyarrow as pa
 ENV_ENDPOINT = "HEALTHWATCH_S3_ENDPOINT"
 #: Tables small enough to hold in memory after each listing (a few rows per run and attempt).
 SMALL_TABLES = ("runs", "attempts")
+#: A table whose live objects add up to at most this many bytes (compressed) is read into memory at
+#: each refresh that changed it (env ``HEALTHWATCH_S3_MEMORY_BYTES``).
+IN_MEMORY_BYTES = int(os.environ.get("HEALTHWATCH_S3_MEMORY_BYTES", 16 * 2**20))
 PROBE_DIR = "_probe"
 DEFAULT_REGION = "us-east-1"
 
@@ -749,9 +752,12 @@ class S3Tables:
     attempts exactly as the local :class:`healthwatch.store.Store` does.
     """
 
-    def __init__(self, uri: str, fs: S3FS | None = None, settings: S3Settings | None = None) -> None:
+    def __init__(self, uri: str, fs: S3FS | None = None, settings: S3Settings | None = None,
+                 in_memory_bytes: int | None = None) -> None:
         import duckdb
 
+        #: Tables of at most this many (compressed) bytes are read into memory at refresh.
+        self.in_memory_bytes = IN_MEMORY_BYTES if in_memory_bytes is None else in_memory_bytes
         self.root = parse_store_uri(uri)
         if not self.root.is_s3:
             raise StoreURIError(f"{uri} is not an s3:// store root")
@@ -763,6 +769,7 @@ class S3Tables:
         self.last_list_calls = 0
         self.listed: dict[str, dict[tuple[str, str], str]] = {}
         self._fragments: dict[str, Any] = {}  # immutable segments: footers read once
+        self._registered: dict[str, tuple[str, ...]] = {}  # per table: the objects its view reads
         self.version = 0
         self.auto_refresh = False
         self._refreshed_at = float("-inf")
@@ -849,19 +856,25 @@ class S3Tables:
             paths = sorted(live.values())
             self.listed[table] = live
             view = "runs_raw" if table == "runs" else table
+            key = tuple(paths)
+            if paths and self._registered.get(table) == key:
+                continue  # same immutable objects as at the last refresh: the view stands
             if paths:
                 dataset = s3_dataset(self.fs, [(p, run, sizes[p]) for (run, _n), p in sorted(live.items())], schema,
                                      self._fragments)
-                if table in SMALL_TABLES:
-                    # A few rows per run, read by nearly every query (attempt bounds, lineage): held in
-                    # memory from the refresh instead of one HTTP scan per query.
+                if table in SMALL_TABLES or sum(sizes[p] for p in paths) <= self.in_memory_bytes:
+                    # Small tables (runs and attempts: read by nearly every query; rollups: ≤ 1 % of the
+                    # rows; a young run) are held in memory from the refresh instead of one HTTP scan
+                    # per query; the big raw tables stay on S3 and are read with pushdown.
                     dataset = dataset.to_table()
                 self.con.register(f"_ds_{table}", dataset)
+                self._registered[table] = key
                 cols = ", ".join(f'"{f.name}"' for f in schema)
                 self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT run, {cols} FROM _ds_{table}")
             else:
                 cols = ", ".join(f'NULL::{_duck_type(f.type)} AS "{f.name}"' for f in schema)
                 self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT NULL::VARCHAR AS run, {cols} LIMIT 0")
+                self._registered.pop(table, None)
         self.con.execute(
             "CREATE OR REPLACE VIEW runs AS SELECT * FROM runs_raw "
             "QUALIFY row_number() OVER (PARTITION BY run ORDER BY created) = 1"
