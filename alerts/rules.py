@@ -544,6 +544,11 @@ class Rule(_Strict):
     #: The condition is ignored before this step of the run (it cannot go pending): early training,
     #: while routers, norms and losses are still settling, is not what the rule is about.
     min_step: int = Field(0, ge=0, le=1_000_000_000_000)
+    #: Wall-clock seconds without a new Monitor heartbeat (``monitor/heartbeat``, one per flush)
+    #: after which the run counts as stalled: the rule fires on the run (a stall rule, whose expr
+    #: then never fires by value), and the run's other pending/firing instances go to ``no_data``
+    #: instead of silently holding or resolving. A run whose Monitor closed is never stalled.
+    no_data_after_s: float | None = Field(None, gt=0, le=1e9)
 
     @field_validator("alert")
     @classmethod

@@ -618,6 +618,9 @@ class Monitor:
         if self._closed:
             return
         try:
+            if self._first_step is not None:
+                # Says "finished", so that stall rules never take a closed run for a hung one.
+                self.event("close", message="monitor closed")
             self.flush(wait=True)
         finally:
             self._closed = True
