@@ -295,7 +295,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def section(results: dict[str, Any]) -> Section:
     """The report section of ``python -m benchmarks --only early-warning``."""
     res = results.get("early-warning:evaluate") or {}
-    sec = Section(key="early-warning", title="Early warning (DESIGN.md section 11)", intro=(
+    sec = Section(key="early-warning", title="9. Early warning (DESIGN.md section 11)", intro=(
         "Every demo fault and healthy runs, no intervention, the default pack evaluated over each run as "
         "the live evaluator would; leads against the loss's band exit (`healthwatch.band`: first step >= "
         "onset with loss > median of the previous 50 steps + 4 x 1.4826 x MAD). "
