@@ -27,7 +27,7 @@ log = logging.getLogger("healthwatch.monitor")
 SPECIAL_GROUPS = ("total", "output", "embedding", "mtp")
 
 #: Signal families beyond the core five, and whether each is on by default (docs/signals.md).
-FAMILIES = {"quant": True, "router": True, "mamba": True, "update": True}
+FAMILIES = {"quant": True, "router": True, "mamba": True, "update": False}
 _OPERAND = re.compile(r"[^A-Za-z0-9_.:+-]")
 
 
@@ -76,7 +76,7 @@ class StatsCollector:
         self.spec = spec
         self.device = device
         self.active = True
-        fam = set(FAMILIES if families is None else families)
+        fam = {f for f, on in FAMILIES.items() if on} if families is None else set(families)
         unknown = fam - set(FAMILIES)
         if unknown:
             raise ValueError(f"unknown signal families {sorted(unknown)}; known: {sorted(FAMILIES)}")

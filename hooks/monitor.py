@@ -302,7 +302,7 @@ class Monitor:
         self._collector.attach()
         if optimizer is not None:
             self.watch_optimizer(optimizer)
-        elif self._optimizer is None and spec.all_params:
+        elif self._optimizer is None and spec.all_params and "update" in cfg.signals:
             self._discover_optimizer(spec.all_params[0])
         self._decoder = Decoder(
             self._collector.layout, [b.layer_type for b in spec.blocks], [b.residual for b in spec.blocks],
