@@ -298,7 +298,8 @@ class Monitor:
             self.device = torch.device("cpu")
         self.spec = spec
         cfg = self.monitor_config
-        self._collector = StatsCollector(spec, self.device, families=cfg.signals, update_every=cfg.update_every)
+        self._collector = StatsCollector(spec, self.device, families=cfg.signals, update_every=cfg.update_every,
+                                         signals_every=cfg.signals_every)
         self._collector.attach()
         if optimizer is not None:
             self.watch_optimizer(optimizer)

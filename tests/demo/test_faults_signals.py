@@ -18,7 +18,7 @@ STEPS, ONSET = 16, 6
 def _train(root: Path, fault: str) -> dict[tuple[int, int, str], float]:
     cfg = TrainConfig(run=fault, store=root, precision="nvfp4", model=TINY, total_steps=100, batch_size=2,
                       seq_len=16, checkpoint_every=10**9)
-    with hw.Monitor(store=root, run=fault, flush_every_steps=50) as mon:
+    with hw.Monitor(store=root, run=fault, flush_every_steps=50, monitor_config=hw.MonitorConfig(signals_every=1)) as mon:
         Trainer(cfg, mon, make_fault(fault, ONSET)).train(STEPS)
     st = hw.open_store(root)
     rows = st.sql("SELECT step, layer, metric, value FROM layer_stats WHERE run = ?", [fault]).fetchall()
