@@ -198,7 +198,7 @@ def _write_scalar_segment(directory: Path, name: str, a: int, b: int, seed: int,
 def generate_store(root: Path, steps: int, layers: int = 108, seed: int = 0,
                    progress: Any = None) -> dict[str, Any]:
     """Write the synthetic store (see the module docstring); returns sizes and the time taken."""
-    from healthwatch.segments import table_dir
+    from healthwatch.store.segments import table_dir
     from healthwatch.store import StoreWriter, init_store
 
     t0 = time.perf_counter()

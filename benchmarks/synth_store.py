@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from healthwatch.schema import TABLES
-from healthwatch.segments import table_dir
+from healthwatch.store.segments import table_dir
 from healthwatch.store import StoreWriter, compact_store, init_store
 
 DEFAULT_METRICS = ("maxvio", "resid_rms", "wgrad_norm")

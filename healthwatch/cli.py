@@ -86,7 +86,7 @@ def compact(
 
     path = _store_path(store)
     from healthwatch.schema import TABLES
-    from healthwatch.segments import iter_run_dirs
+    from healthwatch.store.segments import iter_run_dirs
 
     found = sorted({r for t in TABLES for r, _ in iter_run_dirs(path, t)})
     targets = [r for r in found if not run or r in run]

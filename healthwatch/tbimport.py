@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from healthwatch.schema import SCHEMA_VERSION, validate_run_name
-from healthwatch.segments import list_segments, table_dir
+from healthwatch.store.segments import list_segments, table_dir
 from healthwatch.store import StoreWriter, default_store_path, host_name, init_store
 
 #: Rows per segment written; large imports become several segments, merged at the end.

@@ -36,7 +36,7 @@ HEALTHY, FAULT, RECOVERED = range(0, 10), range(10, 30), range(30, 40)
 
 
 class _OsWithFaultyRename:
-    """``os`` as seen by ``healthwatch.segments``, with ``rename`` failing (publish step)."""
+    """``os`` as seen by ``healthwatch.store.segments``, with ``rename`` failing (publish step)."""
 
     def __init__(self, err: int) -> None:
         self._err = err

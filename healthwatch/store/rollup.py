@@ -1,0 +1,113 @@
+"""Rollups: per-bucket min/max/mean/last of ``scalars`` and ``layer_stats``, per attempt.
+
+A rollup row summarises the rows of ONE attempt of a run in one bucket of ``bucket_size`` steps
+(100, 1,000 or 10,000). Several rows of the same (attempt, bucket, key) are partial summaries of
+disjoint rows and combine exactly (min of minima, max of maxima, count-weighted mean, last by
+``step_max``), so the writer can publish a bucket's rows as they close and a late row as a small
+extra partial, and merging rollup segments is a plain union of rows.
+
+Because a row belongs to one attempt and records its ``step_max``, the reader decides exactly
+which rollup rows a rollback supersedes (see :mod:`healthwatch.query.rollups`): nothing here
+depends on the order of writes, merges, compactions and rollbacks.
+
+Coverage: an attempt's rollups at one level cover every bucket below its highest rolled-up
+bucket + 1 (the writer closes buckets in step order); rows after that are read raw.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from healthwatch.schema import TABLES
+from healthwatch.store.meta import ROLLUP_BUCKETS
+
+#: Tables that get rollups, with their key columns (besides ``attempt``).
+ROLLUP_KEYS: dict[str, tuple[str, ...]] = {"layer_stats": ("metric", "layer"), "scalars": ("name",)}
+
+
+def rollup_select(table: str, source: str, size: int) -> str:
+    """SQL rolling up ``source`` (rows of ``table``) into buckets of ``size`` steps, per attempt."""
+    if table == "layer_stats":
+        keys, extra = "metric, layer", ", any_value(layer_type) AS layer_type"
+    else:
+        keys, extra = "name", ""
+    return (
+        f"SELECT {int(size)}::BIGINT AS bucket_size, (step // {int(size)})::BIGINT AS bucket, attempt, {keys}{extra}, "
+        "min(step) AS step_min, max(step) AS step_max, min(tokens) AS tokens_min, max(tokens) AS tokens_max, "
+        "count(*)::BIGINT AS n, min(value) AS vmin, max(value) AS vmax, avg(value) AS vmean, "
+        f"arg_max(value, step) AS vlast FROM {source} GROUP BY bucket, attempt, {keys}"
+    )
+
+
+def combine_select(table: str, source: str) -> str:
+    """SQL combining partial rollup rows of ``source`` per (bucket_size, bucket, attempt, key) exactly."""
+    keys = "metric, layer" if table == "layer_stats" else "name"
+    extra = ", any_value(layer_type) AS layer_type" if table == "layer_stats" else ""
+    return (
+        f"SELECT bucket_size, bucket, attempt, {keys}{extra}, min(step_min) AS step_min, max(step_max) AS step_max, "
+        "min(tokens_min) AS tokens_min, max(tokens_max) AS tokens_max, sum(n)::BIGINT AS n, min(vmin) AS vmin, "
+        "max(vmax) AS vmax, sum(vmean * n) / sum(n) AS vmean, arg_max(vlast, step_max) AS vlast "
+        f"FROM {source} GROUP BY bucket_size, bucket, attempt, {keys}"
+    )
+
+
+class RollupAccumulator:
+    """The writer's running rollups of one table: open buckets in memory, closed ones to publish.
+
+    :meth:`add` takes each batch of rows as it is written and returns the rollup rows of the
+    buckets that closed (a row at or beyond a bucket's end was seen) plus partials for rows that
+    arrived for already closed buckets; :meth:`drain` returns every open bucket (at close).
+    """
+
+    def __init__(self, table: str, sizes: tuple[int, ...] = ROLLUP_BUCKETS) -> None:
+        if table not in ROLLUP_KEYS:
+            raise ValueError(f"no rollups for table {table!r} (only {sorted(ROLLUP_KEYS)})")
+        self.table = table
+        self.rtable = f"{table}_rollup"
+        self.sizes = tuple(sorted(sizes))
+        self.schema = TABLES[self.rtable]
+        self._open: pa.Table | None = None  # partial rows of open buckets
+        self._high = -1  # highest step seen: buckets ending at or below it are closed
+        self._con = duckdb.connect()
+
+    def add(self, rows: pa.Table) -> pa.Table | None:
+        """Fold ``rows`` (a batch of ``table``) in; returns the rollup rows to publish now, or None."""
+        if rows.num_rows == 0:
+            return None
+        con = self._con
+        con.register("batch", rows)
+        parts = " UNION ALL ".join(f"({rollup_select(self.table, 'batch', s)})" for s in self.sizes)
+        fresh = con.sql(f"SELECT {', '.join(self.schema.names)} FROM ({parts})").to_arrow_table()
+        con.unregister("batch")
+        self._high = max(self._high, int(pc.max(rows["step"]).as_py()))
+        pending = fresh if self._open is None else pa.concat_tables([self._open, fresh.cast(self.schema)])
+        con.register("pending", pending)
+        combined = con.sql(
+            f"SELECT {', '.join(self.schema.names)} FROM ({combine_select(self.table, 'pending')})"
+        ).to_arrow_table().cast(self.schema)
+        con.unregister("pending")
+        closed_mask = pc.less_equal(
+            pc.multiply(pc.add(combined["bucket"], 1), combined["bucket_size"]), self._high + 1
+        )
+        out = combined.filter(closed_mask)
+        self._open = combined.filter(pc.invert(closed_mask))
+        return out if out.num_rows else None
+
+    def drain(self) -> pa.Table | None:
+        """Every open bucket's rows (the attempt ends: its buckets are as complete as they get)."""
+        out, self._open = self._open, None
+        return out if out is not None and out.num_rows else None
+
+    def close(self) -> None:
+        """Release the accumulator's DuckDB connection."""
+        self._con.close()
+
+
+def describe(row: dict[str, Any]) -> str:
+    """A short text for one rollup row (debugging and error messages)."""
+    key = row.get("name") or f"{row.get('metric')}[{row.get('layer')}]"
+    return f"{key} attempt {row.get('attempt')} bucket {row.get('bucket')}x{row.get('bucket_size')}"
