@@ -29,8 +29,16 @@ from torch import nn
 from healthwatch.hooks.adapters import Adapter, ModelSpec, auto_adapter
 from healthwatch.hooks.collector import StatsCollector
 from healthwatch.hooks.rows import DeadExpertWindow, ExtraMeta, StepMeta, build_rows
-from healthwatch.schema import SCHEMA_VERSION, check_schema_version, validate_metric_name, validate_run_name
-from healthwatch.store import META_FILE, StoreWriter, default_store_path, host_name, init_store
+from healthwatch.schema import check_schema_version, validate_metric_name, validate_run_name
+from healthwatch.store import (
+    END_EVENT,
+    META_FILE,
+    StoreWriter,
+    attempt_row,
+    default_store_path,
+    init_store,
+    run_row,
+)
 
 log = logging.getLogger("healthwatch.monitor")
 
@@ -438,6 +446,11 @@ class Monitor:
         while True:
             item = self._queue.get()
             if item is None:
+                if self._writer is not None and self.writes:
+                    try:  # publish the open rollup buckets: the attempt ends here
+                        self._writer.close()
+                    except Exception as exc:  # noqa: BLE001 - rollups are derived; raw rows are safe
+                        log.warning("healthwatch: closing the store writer failed: %s", exc)
                 return
             try:
                 self._write(item)
@@ -458,18 +471,12 @@ class Monitor:
             return
         now = time.time()
         # Every attempt declares the run; the `runs` view keeps the first declaration.
-        writer.write("runs", {
-            "parent": [self.parent], "branch_step": [self.branch_step], "branch_tokens": [self.branch_tokens],
-            "precision": [self.precision], "config": [json.dumps(self.config, default=str)],
-            "created": [now], "schema_version": [SCHEMA_VERSION],
-        })
+        writer.write("runs", run_row(parent=self.parent, branch_step=self.branch_step, branch_tokens=self.branch_tokens,
+                                     precision=self.precision, config=self.config or {}, created=now))
         start = self.start_step if self.start_step is not None else self._first_step
         if start is None:
             start = min((e["step"] for e in item_events), default=0)
-        writer.write("attempts", {
-            "attempt": [self.attempt], "start_step": [start], "started_at": [now], "host": [host_name()],
-            "reason": [self.reason], "schema_version": [SCHEMA_VERSION],
-        })
+        writer.write("attempts", attempt_row(attempt=self.attempt, start_step=start, started_at=now, reason=self.reason))
         self._meta_written = True
 
     def _write(self, item: _Flush) -> None:
@@ -589,6 +596,8 @@ class Monitor:
             return
         try:
             self.flush(wait=True)
+            if self._last_step >= 0:  # readers show the run as finished, not live
+                self.event(END_EVENT, message="monitor closed")
         finally:
             self._closed = True
             if self._collector is not None:
