@@ -152,7 +152,7 @@ def _ref_heatmap(rows: list[tuple], keep, max_buckets: int, agg: str) -> dict:
     if fits:
         w = -(-w // max(fits)) * max(fits)
     cells: dict = defaultdict(list)
-    for a, s, _t, lay, v in eff:
+    for _a, s, _t, lay, v in eff:
         cells[(lay, (s // w) * w)].append((s, v))
     out = {}
     for k, vs in cells.items():
