@@ -262,13 +262,20 @@ class CallbackSink:
 
 def make_sinks(notify: Iterable[str] = (), jsonl: str | os.PathLike[str] | None = None, console: bool = True,
                rich_console: Console | None = None) -> list[Any]:
-    """Sinks for the CLI: the console, an optional JSON-lines file, and apprise for ``notify`` URLs."""
+    """Sinks for the CLI: the console, an optional JSON-lines file, and apprise for ``notify`` URLs.
+
+    ``alertmanager://host:port[?app_url=…]`` URLs go to an Alertmanager (v2 API) instead of apprise.
+    """
+    from healthwatch.alerts.alertmanager import SCHEMES, AlertmanagerSink
+
     sinks: list[Any] = []
     if console:
         sinks.append(ConsoleSink(rich_console))
     if jsonl:
         sinks.append(JsonlSink(jsonl))
-    urls = [u for u in notify if u]
+    am = [u for u in notify if u and urlsplit(u).scheme in SCHEMES]
+    sinks.extend(AlertmanagerSink(u) for u in am)
+    urls = [u for u in notify if u and u not in am]
     if urls:
         sinks.append(AppriseSink(urls))
     return sinks

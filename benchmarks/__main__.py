@@ -86,9 +86,7 @@ FINDINGS = [
 
 
 def _command(argv: Sequence[str]) -> str:
-    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    head = "healthwatch bench" if prog == "healthwatch" else "python -m benchmarks"
-    return " ".join([head, *argv])
+    return " ".join(["python -m benchmarks", *argv])
 
 
 class _Runner:
@@ -217,11 +215,16 @@ def render(sections: list[Section], meta: dict[str, Any]) -> str:
     lines = [
         "# Benchmarks",
         "",
-        f"Written by `{meta['command']}` on {meta['started']} (took {fmt_time(meta['wall_s'])}). "
+        f"Written by `{meta['command']}` at commit {m['commit']} (read at the start of the run) on "
+        f"{meta['started']} (took {fmt_time(meta['wall_s'])}). "
         "Every number below is what that command measured and printed on the machine described; "
         "re-run it to refresh this file, do not edit it by hand. Budgets: DESIGN.md section 9.",
         "",
     ]
+    end_commit = meta.get("commit_at_end")
+    if end_commit and end_commit != m["commit"]:
+        lines += [f"> The checkout changed during the run: commit {end_commit} at its end. Code measured by a "
+                  "benchmark is the one its child process imported when it started.", ""]
     for r in meta.get("remeasured", []):
         lines += [f"> Re-measured after fixes: **{', '.join(r['benches'])}** by `{r['command']}` on {r['started']} "
                   f"(commit {r['commit']}; load average {r['load'][0] if r.get('load') else '?'} → "
@@ -382,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     started = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     t_start = time.perf_counter()
     load_start = load_average()
+    machine = machine_info()  # the commit is read now, before anything runs: the code measured
 
     size_note = ""
     plan: list[tuple[str, list[Job]]] = []
@@ -415,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = build_sections([name for name, _jobs in plan], results, size_note)
     meta = {
         "command": _command(argv), "started": started, "wall_s": time.perf_counter() - t_start,
-        "quick": args.quick, "machine": machine_info(), "versions": versions(),
+        "quick": args.quick, "machine": machine, "commit_at_end": machine_info()["commit"], "versions": versions(),
         "load": [_fmt_load(load_start), _fmt_load(load_average())], "timeline": runner.timeline,
         "findings": FINDINGS, "size_note": size_note, "benches": [name for name, _jobs in plan],
     }

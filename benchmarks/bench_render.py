@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from healthwatch.app.serve import app_server, free_port, headless_chromium, healthy, stop, wait_for
+from benchmarks.apphost import app_server, free_port, headless_chromium, healthy, stop, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = 3.0

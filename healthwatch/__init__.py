@@ -9,14 +9,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from healthwatch import plugins
 from healthwatch.schema import SCHEMA_VERSION, NewerSchemaError, SchemaError
 from healthwatch.store import Store, StoreWriter, compact_store, open_store
+
+# The wiring between subsystems, as names resolved on first use (nothing is imported here):
+# ``Monitor(alerts=...)`` builds its after-flush evaluator with the alert engine's factory, and
+# ``auto_adapter`` tries the demo model's adapter. The Monitor itself imports neither.
+plugins.register(plugins.AFTER_FLUSH, "rules", "healthwatch.alerts:monitor_evaluator")
+plugins.register(plugins.ADAPTERS, "reference", "healthwatch.demo.adapter:ReferenceAdapter")
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SCHEMA_VERSION",
     "Monitor",
+    "MonitorConfig",
     "NewerSchemaError",
     "SchemaError",
     "Store",
@@ -27,6 +35,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from healthwatch.hooks.config import MonitorConfig
     from healthwatch.hooks.monitor import Monitor
 
 
@@ -36,4 +45,8 @@ def __getattr__(name: str) -> Any:
         from healthwatch.hooks.monitor import Monitor
 
         return Monitor
+    if name == "MonitorConfig":
+        from healthwatch.hooks.config import MonitorConfig
+
+        return MonitorConfig
     raise AttributeError(f"module 'healthwatch' has no attribute {name!r}")

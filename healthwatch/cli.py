@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -130,9 +128,12 @@ def demo(
         raise typer.Exit(launch(path, port=port))
 
 
-@app.command()
+# `--runs A B` (the form people type) and `--runs A --runs B` both work: click gives an option one
+# value, so the values after the first arrive as extra arguments and are appended in order.
+@app.command(context_settings={"allow_extra_args": True})
 def compare(
-    runs: Annotated[list[str], typer.Option("--runs", help="Runs to compare; the first is the low-precision run.")],
+    ctx: typer.Context,
+    runs: Annotated[list[str], typer.Option("--runs", help="Runs to compare (--runs A B … or --runs A --runs B); the first is the low-precision run.")],
     out: Annotated[Path, typer.Option("--out", help="Output file: .csv, .parquet, .html or .png.")],
     store: StoreOpt = None,
     metric: Annotated[str, typer.Option(help="Scalar to compare.")] = "loss/train",
@@ -141,7 +142,7 @@ def compare(
     from healthwatch.compare import export_comparison
 
     try:
-        path = export_comparison(_store_path(store), list(runs), out, metric=metric)
+        path = export_comparison(_store_path(store), [*runs, *ctx.args], out, metric=metric)
     except (ValueError, LookupError) as exc:
         _fail(str(exc))
     console.print(f"wrote {path}")
@@ -168,13 +169,101 @@ def import_tensorboard_cmd(
 
 
 @app.command()
-def bench(quick: Annotated[bool, typer.Option("--quick", help="Small sizes (≤ 2 min).")] = False) -> None:
-    """Run the benchmarks in ./benchmarks and write BENCHMARKS.md."""
-    if not Path("benchmarks/__main__.py").exists():
-        _fail("run `healthwatch bench` from a source checkout (it needs the benchmarks/ folder)")
-    sys.path.insert(0, os.getcwd())
-    mod = importlib.import_module("benchmarks.__main__")
-    raise typer.Exit(mod.main(["--quick"] if quick else []))
+def metrics(
+    store: StoreOpt = None,
+    port: Annotated[int, typer.Option(help="Port to serve /metrics on (0: any free port).")] = 9464,
+    host: Annotated[str, typer.Option(help="Address to bind (default: loopback only).")] = "127.0.0.1",
+    interval: Annotated[float, typer.Option(help="Seconds between reads of the store.", min=0.1)] = 5.0,
+    run: Annotated[list[str] | None, typer.Option("--run", help="Only these runs (default: all but per-rank runs).")] = None,
+    once: Annotated[bool, typer.Option("--once", help="Print the exposition once and exit (no server).")] = False,
+) -> None:
+    """Serve the store's health signals as Prometheus metrics (per-layer aggregates, never per expert)."""
+    import signal
+    import threading
+
+    from healthwatch.exporters.prometheus import MetricsServer, StoreCollector, render
+    from healthwatch.exporters.source import StoreSource
+
+    path = _store_path(store)
+    if once:
+        collector = StoreCollector(StoreSource(path, runs=run))
+        collector.refresh()
+        sys.stdout.write(render(collector).decode())
+        collector.source.close()
+        return
+    server = MetricsServer(path, host=host, port=port, interval=interval, runs=run)
+    try:
+        server.start()
+    except OSError as exc:
+        _fail(str(exc))
+    err.print(f"serving {server.url} for {path} (store read every {interval:g}s); Ctrl-C stops", highlight=False)
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop.wait()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        server.stop()
+
+
+export_app = typer.Typer(help="Mirror runs into other tools (TensorBoard event files, W&B).", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("tensorboard")
+def export_tensorboard_cmd(
+    run: Annotated[str, typer.Option("--run", help="Run to export.")],
+    out: Annotated[Path, typer.Option("--out", help="TensorBoard log directory to write.")],
+    store: StoreOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Keep tailing the live run until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between reads with --follow.", min=0.1)] = 5.0,
+) -> None:
+    """Write a run's scalars and per-layer aggregates (max, median, arg-max layer) as TensorBoard events."""
+    from healthwatch.exporters.tensorboard import TensorBoardExporter
+
+    try:
+        exp = TensorBoardExporter(_store_path(store), run, out)
+    except (LookupError, FileNotFoundError, ImportError) as exc:
+        _fail(str(exc))
+    try:
+        if follow:
+            import signal
+            import threading
+
+            stop = threading.Event()
+            handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+            err.print(f"following {run} into {out} every {interval:g}s; Ctrl-C stops", highlight=False)
+            try:
+                exp.follow(interval=interval, stop=stop)
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+        else:
+            exp.export_new()
+    finally:
+        exp.close()
+    console.print(f"wrote {exp.written:,} values of run {run} to {out}")
+
+
+@export_app.command("wandb")
+def export_wandb_cmd(
+    run: Annotated[str, typer.Option("--run", help="Run to export.")],
+    store: StoreOpt = None,
+    project: Annotated[str, typer.Option(help="W&B project.")] = "healthwatch",
+    mode: Annotated[str, typer.Option(help="W&B mode: offline (sync later with `wandb sync`) or online.")] = "offline",
+    out: Annotated[Path | None, typer.Option("--out", help="W&B directory (default: ./wandb).")] = None,
+) -> None:
+    """Log a run's scalars and per-layer aggregates to W&B, with its lineage as config (optional extra)."""
+    from healthwatch.exporters.wandb import export_wandb
+
+    if mode not in ("offline", "online"):
+        _fail("--mode must be offline or online")
+    try:
+        n, where = export_wandb(_store_path(store), run, project=project, mode=mode, directory=out)
+    except (LookupError, FileNotFoundError, ImportError) as exc:
+        _fail(str(exc))
+    console.print(f"logged {n:,} values of run {run} to W&B ({mode}) in {where}")
 
 
 def _mount_alerts() -> None:

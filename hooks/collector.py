@@ -9,16 +9,26 @@ the step's statistics as device tensors and resets the accumulators in place.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from healthwatch.hooks import signals as sig
 from healthwatch.hooks.adapters.base import ModelSpec
+
+log = logging.getLogger("healthwatch.monitor")
 
 #: Gradient groups after the per-block norms, in this order.
 SPECIAL_GROUPS = ("total", "output", "embedding", "mtp")
+
+#: Signal families beyond the core five, and whether each is on by default (docs/signals.md).
+FAMILIES = {"quant": True, "router": True, "mamba": True, "update": True}
+_OPERAND = re.compile(r"[^A-Za-z0-9_.:+-]")
 
 
 def _in_backward() -> bool:
@@ -40,6 +50,12 @@ class Layout:
     special: list[str]
     max_experts: int
     scalar_names: list[str] = field(default_factory=list)
+    #: Slots of the extra signals (:class:`healthwatch.hooks.signals.SignalBank`), or None.
+    bank: Any = None
+
+    def counts_size(self) -> int:
+        """Entries of the expert-count region of a sum row."""
+        return len(self.router_layers) * self.max_experts
 
     @property
     def n_groups(self) -> int:
@@ -54,10 +70,21 @@ class Layout:
 class StatsCollector:
     """Holds the device accumulators and the hooks for one watched model."""
 
-    def __init__(self, spec: ModelSpec, device: torch.device) -> None:
+    def __init__(
+        self, spec: ModelSpec, device: torch.device, families: Iterable[str] | None = None, update_every: int = 1
+    ) -> None:
         self.spec = spec
         self.device = device
         self.active = True
+        fam = set(FAMILIES if families is None else families)
+        unknown = fam - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"unknown signal families {sorted(unknown)}; known: {sorted(FAMILIES)}")
+        self.families = fam
+        self.update_every = max(1, int(update_every))
+        self.bank = sig.SignalBank(device)
+        self._update_calls = 0
+        self._warned_optim: set[str] = set()
         nb = spec.num_layers
         self.layout = Layout(
             num_blocks=nb,
@@ -65,6 +92,7 @@ class StatsCollector:
             router_experts=[r.num_experts for r in spec.routers],
             special=[g for g in SPECIAL_GROUPS if g == "total" or spec.special_params.get(g)],
             max_experts=max((r.num_experts for r in spec.routers), default=0),
+            bank=self.bank,
         )
         f64 = dict(device=device, dtype=torch.float64)
         self.resid_sum = torch.zeros(nb, **f64)
@@ -78,6 +106,16 @@ class StatsCollector:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._params, self._membership = self._build_membership()
         self._zero: torch.Tensor | None = None
+        self._position = {b.index: i for i, b in enumerate(spec.blocks)}
+        self._module_block: dict[int, int] = {}
+        for i, b in enumerate(spec.blocks):
+            for m in b.module.modules():
+                self._module_block.setdefault(id(m), i)
+        #: (block position, module with ``A_log``) of every Mamba mixer found.
+        self.mamba = self._find_mamba()
+        #: (block position, bias buffer) of routers with an aux-loss-free expert bias.
+        self.expert_bias = self._find_expert_bias()
+        self._observed: list[nn.Module] = []
 
     # -- hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -87,12 +125,142 @@ class StatsCollector:
                 self._handles.append(block.module.register_forward_hook(self._resid_hook(i)))
         for r, router in enumerate(self.spec.routers):
             self._handles.append(router.module.register_forward_hook(self._router_hook(r)))
+        if "mamba" in self.families:
+            for pos, mixer in self.mamba:
+                in_proj = getattr(mixer, "in_proj", None)
+                if isinstance(in_proj, nn.Module):
+                    self._handles.append(in_proj.register_forward_hook(self._dt_hook(pos, mixer)))
+        if "quant" in self.families:
+            # Modules that quantise their GEMM inputs (the demo's QuantLinear, GroupedExperts, or
+            # any module with a ``quant_observer`` attribute) report (operand, x, q) to us.
+            for i, block in enumerate(self.spec.blocks):
+                for m in block.module.modules():
+                    if hasattr(m, "quant_observer") and getattr(m, "quant_observer", None) is None:
+                        m.quant_observer = self._quant_observer(i)
+                        self._observed.append(m)
 
     def detach(self) -> None:
         """Remove every hook this collector registered."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for m in self._observed:
+            m.quant_observer = None
+        self._observed.clear()
+
+    # -- discovery of the extra signals' sources ------------------------------------------------
+    def _find_mamba(self) -> list[tuple[int, nn.Module]]:
+        found = []
+        for i, block in enumerate(self.spec.blocks):
+            for m in block.module.modules():
+                if isinstance(getattr(m, "A_log", None), torch.Tensor):
+                    found.append((i, m))
+                    break
+        return found
+
+    def _find_expert_bias(self) -> list[tuple[int, torch.Tensor]]:
+        found = []
+        pos = {b.index: i for i, b in enumerate(self.spec.blocks)}
+        for r in self.spec.routers:
+            for name in ("expert_bias", "e_score_correction_bias"):
+                b = getattr(r.module, name, None)
+                if isinstance(b, torch.Tensor) and b.numel() > 1:
+                    found.append((pos.get(r.layer, r.layer), b))
+                    break
+        return found
+
+    def block_position(self, layer: int | nn.Module) -> int:
+        """Position in the spec of a block given by its stored layer index or by any module inside it."""
+        if isinstance(layer, nn.Module):
+            found = self._module_block.get(id(layer))
+            if found is None:
+                raise ValueError(f"module {type(layer).__name__} is not inside any watched block")
+            return found
+        found = self._position.get(int(layer))
+        if found is None:
+            raise ValueError(f"layer {layer!r} is not a watched block (layers: {sorted(self._position)})")
+        return found
+
+    # -- extra signals -----------------------------------------------------------------------
+    def quant_stats(self, pos: int, operand: str | None, x: torch.Tensor, q: torch.Tensor) -> None:
+        """Accumulate NVFP4 health of one quantised tensor into block ``pos`` (and ``operand``)."""
+        if not self.active or "quant" not in self.families or _in_backward():
+            return
+        if x.shape != q.shape:
+            raise ValueError(f"quant_stats: x {tuple(x.shape)} and q {tuple(q.shape)} differ in shape")
+        sums, amax = sig.quant_terms(x, q)
+        ratios, maxes = sig.quant_slots(pos, None)
+        self.bank.add(self.bank.group(("quant", pos, None), ratios, maxes), sums, amax)
+        if operand:
+            op = _OPERAND.sub("_", str(operand))[:60]
+            ratios, maxes = sig.quant_slots(pos, op)
+            self.bank.add(self.bank.group(("quant", pos, op), ratios, maxes), sums, amax)
+
+    def _quant_observer(self, pos: int) -> Callable[[str, torch.Tensor, torch.Tensor], None]:
+        def observe(operand: str, x: torch.Tensor, q: torch.Tensor) -> None:
+            self.quant_stats(pos, operand, x, q)
+
+        return observe
+
+    def _dt_hook(self, pos: int, mixer: nn.Module):  # noqa: ANN202 - returns a torch hook
+        heads = int(mixer.A_log.numel())
+
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            if not self.active or not module.training or _in_backward():
+                return
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[-1] < heads:
+                return
+            sums, maxes = sig.dt_terms(out[..., -heads:], getattr(mixer, "dt_bias", None))
+            ratios, mx = sig.dt_slots(pos)
+            self.bank.add(self.bank.group(("dt", pos), ratios, mx), sums, maxes)
+
+        return hook
+
+    def router_ratio(self, pos: int, metric: str, num: torch.Tensor | float, den: torch.Tensor | float) -> None:
+        """Accumulate a ratio statistic (e.g. ``token_drop_rate`` = dropped / routed) of block ``pos``."""
+        if not self.active:
+            return
+        start = self.bank.group(("ratio", pos, metric), [sig.RatioSlot(pos, metric)])
+        vals = [v if isinstance(v, torch.Tensor) else torch.full((), float(v), device=self.device) for v in (num, den)]
+        self.bank.add(start, torch.stack([v.detach().reshape(()).to(self.device, torch.float64) for v in vals]))
+
+    def after_optimizer_step(self, optimizer: Any) -> None:
+        """Accumulate per-block update norm and ``||dθ|| / ||θ||`` of the step just taken (device ops only)."""
+        if not self.active or "update" not in self.families or not self._params:
+            return
+        self._update_calls += 1
+        if (self._update_calls - 1) % self.update_every:
+            return
+        got = sig.adam_update_sq(optimizer, self._params)
+        if got is None:
+            kind = type(optimizer).__name__
+            if kind not in self._warned_optim:
+                self._warned_optim.add(kind)
+                log.warning("healthwatch: update_ratio needs torch Adam/AdamW state; %s is not supported "
+                            "(no update signals are recorded)", kind)
+            return
+        upd, nrm = got
+        nb = self.spec.num_layers
+        with torch.no_grad():
+            member = self._membership[:nb]
+            u_blk = member @ upd.to(self.device, torch.float64)
+            n_blk = member @ nrm.to(self.device, torch.float64)
+            vec = torch.stack([u_blk, torch.ones_like(u_blk), u_blk, n_blk], dim=1).reshape(-1)
+        slots = [s for b in range(nb) for s in sig.update_slots(b)]
+        self.bank.add(self.bank.group(("update",), slots), vec)
+
+    def _param_stats(self) -> None:
+        """Statistics read from parameters and buffers once per recorded step (Mamba decay, expert bias)."""
+        if "mamba" in self.families:
+            for pos, mixer in self.mamba:
+                sums, maxes = sig.decay_terms(mixer.A_log)
+                ratios, mx = sig.decay_slots(pos)
+                self.bank.add(self.bank.group(("decay", pos), ratios, mx), sums, maxes)
+        if "router" in self.families:
+            for pos, bias in self.expert_bias:
+                start = self.bank.group(("bias", pos), [], [sig.MaxSlot(pos, "expert_bias_range")])
+                self.bank.add(start, None, sig.bias_range(bias))
 
     def _resid_hook(self, i: int):  # noqa: ANN202 - returns a torch hook
         extract = self.spec.blocks[i].hidden
@@ -116,6 +284,8 @@ class StatsCollector:
     def _router_hook(self, r: int):  # noqa: ANN202 - returns a torch hook
         spec = self.spec.routers[r]
         experts = spec.num_experts
+        health = "router" in self.families
+        pos = {b.index: i for i, b in enumerate(self.spec.blocks)}.get(spec.layer, spec.layer)
 
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
             if not self.active or not module.training or _in_backward():
@@ -128,9 +298,31 @@ class StatsCollector:
                 else:
                     idx = decision.reshape(-1).to(torch.long)
                     row.index_add_(0, idx, torch.ones(idx.shape, device=idx.device, dtype=torch.float64))
+            if health:
+                logits = self._router_logits(spec, module, inputs, output)
+                if logits is not None:
+                    sums, mx = sig.router_terms(logits)
+                    ratios, maxes = sig.router_slots(pos)
+                    self.bank.add(self.bank.group(("router", pos), ratios, maxes), sums, mx)
             self.router_calls[r] += 1
 
         return hook
+
+    def _router_logits(self, spec: Any, module: nn.Module, inputs: tuple, output: object) -> torch.Tensor | None:
+        """Router logits ``[..., E]``: ``module.last_logits`` (reference model), a ``logits`` extractor
+        on the RouterSpec, or the router's first floating output of width E (HF routers return
+        logits first). Megatron routers return probabilities: no logits, no router health."""
+        experts = spec.num_experts
+        found = getattr(module, "last_logits", None)
+        if found is None and callable(getattr(spec, "logits", None)):
+            found = spec.logits(module, inputs, output)
+        if found is None and self.spec.adapter != "megatron":
+            cand = output[0] if isinstance(output, (tuple, list)) and output else output
+            if isinstance(cand, torch.Tensor) and cand.is_floating_point() and cand.dim() and cand.shape[-1] == experts:
+                found = cand
+        if not isinstance(found, torch.Tensor) or found.dim() == 0 or found.shape[-1] != experts:
+            return None
+        return found
 
     # -- gradients ---------------------------------------------------------------------------
     def _build_membership(self) -> tuple[list[nn.Parameter], torch.Tensor]:
@@ -184,11 +376,18 @@ class StatsCollector:
     # -- per step ----------------------------------------------------------------------------
     def take_row(self, scalars: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int], bool]:
         """The step's (sum row, max row, residual calls, router calls, has_wgrad); resets accumulators."""
+        if self.active:
+            self._param_stats()
         parts = [*(s.reshape(1) for s in scalars), self.resid_sum, self.grad_sq]
         if self.spec.routers:
             parts.append(self.counts.reshape(-1))
+        max_parts = [self.resid_max]
+        if not self.bank.empty:
+            bank_sums, bank_max = self.bank.take()
+            parts.append(bank_sums)
+            max_parts.append(bank_max)
         sum_row = torch.cat(parts)
-        max_row = self.resid_max.clone()
+        max_row = torch.cat(max_parts) if len(max_parts) > 1 else self.resid_max.clone()
         resid_calls, router_calls, has_wgrad = self.resid_calls, self.router_calls, self.has_wgrad
         self.resid_sum.zero_()
         self.resid_max.zero_()

@@ -1,12 +1,16 @@
 """The :class:`Monitor`: the callback a trainer calls to stream health signals into a store.
 
-Hot path (``step``, ``log``, hooks, ``after_backward``): device ops and Python bookkeeping only.
-Flush (every ``flush_every_s`` seconds or ``flush_every_steps`` steps, and at ``close``): one
-concatenation into a flat buffer, the distributed reductions, one non-blocking copy to pinned
-memory, and a hand-off to a background thread through a bounded queue. The background thread
-waits for the copy, decodes rows, writes segments, merges its own small segments and runs the
-alert evaluator. Store failures are logged once and counted as dropped rows; they never reach
-the training loop.
+This module is the training-thread side of the Monitor's queue. Hot path (``step``, ``log``,
+hooks, ``after_backward``): device ops and Python bookkeeping only. Flush (every
+``flush_every_s`` seconds or ``flush_every_steps`` steps, and at ``close``): one concatenation
+into a flat buffer, the distributed reductions, one non-blocking copy to pinned memory, and a
+hand-off through a bounded queue to the writer thread (:mod:`healthwatch.hooks.writer`), which
+decodes rows, writes segments, merges them and calls the after-flush objects. Store failures
+are logged once and counted as dropped rows; they never reach the training loop.
+
+The Monitor imports neither the alert engine nor the demo: ``alerts=`` is turned into an
+after-flush object by the ``"rules"`` factory of :mod:`healthwatch.plugins` (wired in
+``healthwatch/__init__``), and adapters come from :func:`healthwatch.hooks.adapters.auto_adapter`.
 """
 
 from __future__ import annotations
@@ -14,46 +18,40 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from healthwatch import plugins
 from healthwatch.hooks.adapters import Adapter, ModelSpec, auto_adapter
 from healthwatch.hooks.collector import StatsCollector
-from healthwatch.hooks.rows import DeadExpertWindow, ExtraMeta, StepMeta, build_rows
-from healthwatch.schema import check_schema_version, validate_metric_name, validate_run_name
-from healthwatch.store import (
-    END_EVENT,
-    META_FILE,
-    StoreWriter,
-    attempt_row,
-    default_store_path,
-    init_store,
-    run_row,
+from healthwatch.hooks.config import MonitorConfig
+from healthwatch.hooks.rows import DeadExpertWindow, ExtraMeta, StepMeta
+from healthwatch.hooks.writer import (
+    AfterFlush,
+    Decoder,
+    DropCounter,
+    FlushItem,
+    MonitorWriter,
+    RunDeclaration,
+    as_after_flush,
+    estimate_rows,
 )
+from healthwatch.schema import check_schema_version, validate_metric_name, validate_run_name
+from healthwatch.store import END_EVENT, META_FILE, default_store_path
 
 log = logging.getLogger("healthwatch.monitor")
 
 Number = float | int | torch.Tensor
 
-
-@dataclass
-class _Flush:
-    flat: torch.Tensor
-    event: Any
-    steps: list[StepMeta]
-    extras: list[ExtraMeta]
-    extras_offset: int
-    events: list[dict[str, Any]]
-    done: threading.Event | None = None
+#: Keyword arguments of ``Monitor(...)`` that are shorthands for :class:`MonitorConfig` fields.
+_CONFIG_KWARGS = ("log_every", "expert_load_every", "flush_every_s", "flush_every_steps", "dead_window",
+                  "queue_size", "per_rank")
 
 
 def _is_tensor(v: object) -> bool:
@@ -75,6 +73,21 @@ def _refuse_newer_schema(root: Path) -> None:
     check_schema_version(found, f"store {root}")
 
 
+def _after_flush_objects(alerts: Any, after_flush: Sequence[Any] | None, root: Path, run: str) -> list[AfterFlush]:
+    """The writer's after-flush objects: the alert evaluator built from ``alerts``, then ``after_flush``."""
+    objs: list[AfterFlush] = []
+    if alerts is not None:
+        if hasattr(alerts, "after_flush"):
+            objs.append(alerts)
+        else:
+            # Rule files are loaded and validated now: a bad rule file is an error at Monitor(...)
+            # time, not a warning lost in the writer thread.
+            factory = plugins.resolve(plugins.AFTER_FLUSH, "rules")
+            objs.append(factory(alerts, root, run))
+    objs.extend(as_after_flush(o) for o in (after_flush or ()))
+    return objs
+
+
 class Monitor:
     """Streams per-step, per-layer training-health signals of one run into a healthwatch store.
 
@@ -83,22 +96,22 @@ class Monitor:
         run: run name (letters, digits, ``._+-``; becomes a directory name).
         precision: e.g. ``"nvfp4"`` or ``"bf16"``; recorded on the run.
         parent, branch_step, branch_tokens: set for a branch run (e.g. a BF16 ablation).
-        config: run configuration, stored as JSON.
-        log_every: record every N-th step (hooks are idle on other steps).
-        expert_load_every: store the full expert-load vector every N steps.
-        flush_every_s, flush_every_steps: flush cadence (whichever first). In a multi-rank job
-            only the step cadence is used, because every rank must reduce at the same step.
-        dead_window: trailing window (steps) for dead experts.
-        queue_size: bound on flushes waiting for the writer; beyond it rows are dropped and counted.
+        config: the run's configuration (hyperparameters…), stored as JSON on the run.
+        monitor_config: the Monitor's own knobs (:class:`MonitorConfig`; default ``MonitorConfig()``).
+        log_every, expert_load_every, flush_every_s, flush_every_steps, dead_window, queue_size,
+            per_rank: shorthands for the :class:`MonitorConfig` fields of the same names; a value
+            given here overrides ``monitor_config``'s. A bad value raises ``ValueError``.
         process_group: group for the reductions (default: the world when distributed is initialised).
-        per_rank: also write each rank's own stats (as run ``<run>.rank<k>``).
         attempt: force an attempt number (default: one more than the store holds for this run).
         reason: why this attempt started (``start``, ``resume``, ``rollback``, …).
         start_step: first step of this attempt (default: the first step logged); rows of earlier
             attempts at steps ≥ it are superseded.
-        alerts: rules to evaluate after each flush (path(s), ``"default"``, or an evaluator object
-            with ``after_flush(store_root, run)``); ``on_alert`` is called with each transition,
-            in the writer thread.
+        alerts: rules to evaluate after each flush: path(s) or ``"default"`` (built by the alert
+            engine, validated now), or any object with ``after_flush(store_root, run)``.
+        on_alert: called in the writer thread with each transition (each item an after-flush
+            object returns).
+        after_flush: more objects with ``after_flush(store_root, run)`` (or plain functions
+            ``f(store_root, run)``) called by the writer thread, on rank 0, after each flush is written.
     """
 
     def __init__(
@@ -110,20 +123,30 @@ class Monitor:
         branch_step: int | None = None,
         branch_tokens: int | None = None,
         config: Mapping[str, Any] | None = None,
-        log_every: int = 1,
-        expert_load_every: int = 100,
-        flush_every_s: float = 5.0,
-        flush_every_steps: int = 100,
-        dead_window: int = 100,
-        queue_size: int = 64,
+        log_every: int | None = None,
+        expert_load_every: int | None = None,
+        flush_every_s: float | None = None,
+        flush_every_steps: int | None = None,
+        dead_window: int | None = None,
+        queue_size: int | None = None,
         process_group: Any = None,
-        per_rank: bool = False,
+        per_rank: bool | None = None,
         attempt: int | None = None,
         reason: str | None = None,
         start_step: int | None = None,
         alerts: Any = None,
         on_alert: Callable[[Any], None] | None = None,
+        after_flush: Sequence[AfterFlush | Callable[[Path, str], Any]] | None = None,
+        monitor_config: MonitorConfig | None = None,
     ) -> None:
+        if monitor_config is not None and not isinstance(monitor_config, MonitorConfig):
+            raise ValueError(f"monitor_config must be a MonitorConfig, got {type(monitor_config).__name__}")
+        given = {k: v for k, v in zip(_CONFIG_KWARGS, (log_every, expert_load_every, flush_every_s,
+                                                        flush_every_steps, dead_window, queue_size, per_rank))
+                 if v is not None}
+        self.monitor_config: MonitorConfig = (monitor_config or MonitorConfig()).replace(**given)
+        """The Monitor's knobs (validated); ``mon.flush_every_steps = n`` etc. replace fields of it."""
+        cfg = self.monitor_config
         self.run = validate_run_name(run)
         if parent is not None:
             validate_run_name(parent)
@@ -134,39 +157,24 @@ class Monitor:
         self.precision = precision
         self.parent, self.branch_step, self.branch_tokens = parent, branch_step, branch_tokens
         self.config = dict(config or {})
-        self.log_every = max(1, int(log_every))
-        self.expert_load_every = int(expert_load_every)
-        self.flush_every_s = float(flush_every_s)
-        self.flush_every_steps = max(1, int(flush_every_steps))
-        self.dead_window = max(1, int(dead_window))
         self.on_alert = on_alert
-        self._alerts_spec = alerts
-        self._alerts: Any = None
-        if alerts is not None and not hasattr(alerts, "after_flush"):
-            # Load and validate the rules now: a bad rule file is an error at Monitor(...) time,
-            # not a warning lost in the writer thread.
-            from healthwatch.alerts import monitor_evaluator
-
-            self._alerts = monitor_evaluator(alerts, self.root, self.run)
+        after = _after_flush_objects(alerts, after_flush, self.root, self.run)
 
         self._group = process_group
         self._dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = torch.distributed.get_rank(process_group) if self._dist else 0
         self.world = torch.distributed.get_world_size(process_group) if self._dist else 1
-        self.per_rank = per_rank
         self.writes = self.rank == 0
 
-        self.dropped_rows = 0
-        self._reported_dropped = 0
-        self._warned = False
+        self._drops = DropCounter()
         self._closed = False
         self.attempt = attempt if attempt is not None else self._next_attempt()
         self.reason = reason or ("start" if self.attempt == 1 else "resume")
-        self._meta_written = False
         self.start_step = start_step
 
         self.spec: ModelSpec | None = None
         self._collector: StatsCollector | None = None
+        self._decoder = Decoder.empty()
         self.device = torch.device("cpu")
         self._steps: list[StepMeta] = []
         self._sum_rows: list[torch.Tensor] = []
@@ -176,19 +184,70 @@ class Monitor:
         self._extra_tensors: list[torch.Tensor] = []
         self._valid_names: set[str] = set()
         self._extra_len = 0
-        self._events: list[dict[str, Any]] = []
         self._last_step = -1
         self._last_tokens = 0
         self._first_step: int | None = None
         self._last_flush = time.monotonic()
-        self._dead: DeadExpertWindow | None = None
         self._pending_dead_state: dict[str, Any] | None = None
 
-        self._queue: queue.Queue[_Flush | None] = queue.Queue(maxsize=max(1, queue_size))
-        self._writer: StoreWriter | None = None
-        self._rank_writer: StoreWriter | None = None
-        self._thread = threading.Thread(target=self._writer_loop, name=f"healthwatch-writer-{self.run}", daemon=True)
-        self._thread.start()
+        declaration = RunDeclaration(
+            precision=precision, parent=parent, branch_step=branch_step, branch_tokens=self.branch_tokens,
+            config=self.config, start_step=start_step, reason=self.reason,
+        )
+        self.writer = MonitorWriter(
+            self.root, self.run, self.attempt, self.rank, self.world, self.writes, declaration, self._drops,
+            cfg.expert_load_every, cfg.queue_size, per_rank=cfg.per_rank, after_flush=after, on_alert=on_alert,
+        )
+        """The writer thread (:class:`healthwatch.hooks.writer.MonitorWriter`) on the far side of the queue."""
+
+    # -- knobs -------------------------------------------------------------------------------
+    @property
+    def log_every(self) -> int:
+        """``monitor_config.log_every``."""
+        return self.monitor_config.log_every
+
+    @property
+    def expert_load_every(self) -> int:
+        """``monitor_config.expert_load_every``."""
+        return self.monitor_config.expert_load_every
+
+    @property
+    def dead_window(self) -> int:
+        """``monitor_config.dead_window``."""
+        return self.monitor_config.dead_window
+
+    @property
+    def per_rank(self) -> bool:
+        """``monitor_config.per_rank``: this rank also writes its own stats as ``<run>.rank<k>``."""
+        return self.monitor_config.per_rank
+
+    @property
+    def flush_every_s(self) -> float:
+        """``monitor_config.flush_every_s``; settable (validated) between steps."""
+        return self.monitor_config.flush_every_s
+
+    @flush_every_s.setter
+    def flush_every_s(self, value: float) -> None:
+        self.monitor_config = self.monitor_config.replace(flush_every_s=value)
+
+    @property
+    def flush_every_steps(self) -> int:
+        """``monitor_config.flush_every_steps``; settable (validated) between steps."""
+        return self.monitor_config.flush_every_steps
+
+    @flush_every_steps.setter
+    def flush_every_steps(self, value: int) -> None:
+        self.monitor_config = self.monitor_config.replace(flush_every_steps=value)
+
+    @property
+    def dropped_rows(self) -> int:
+        """Rows lost so far (queue full, store unwritable); also written as ``monitor/dropped_rows``."""
+        return self._drops.total
+
+    @property
+    def _queue(self) -> Any:
+        # Kept for tests that watch the queue drain; the queue belongs to the writer thread.
+        return self.writer.queue
 
     # -- setup -------------------------------------------------------------------------------
     def _next_attempt(self) -> int:
@@ -212,7 +271,7 @@ class Monitor:
                     finally:
                         st.close()
             except Exception as exc:  # noqa: BLE001 - an unreadable store must not stop training
-                self._warn(f"could not read store {self.root} to number the attempt: {exc}")
+                self._drops.warn(f"could not read store {self.root} to number the attempt: {exc}")
         if self._dist and self.world > 1:
             box = [found]
             torch.distributed.broadcast_object_list(box, src=torch.distributed.get_global_rank(self._group, 0)
@@ -233,10 +292,21 @@ class Monitor:
         self.spec = spec
         self._collector = StatsCollector(spec, self.device)
         self._collector.attach()
+        self._decoder = Decoder(
+            self._collector.layout, [b.layer_type for b in spec.blocks], [b.residual for b in spec.blocks],
+            [b.index for b in spec.blocks],
+        )
         if spec.routers:
-            self._dead = DeadExpertWindow(self.dead_window, [r.num_experts for r in spec.routers])
-            if self._pending_dead_state:
-                self._dead.load_state_dict(self._pending_dead_state)
+            experts = [r.num_experts for r in spec.routers]
+            # Only the writer thread updates the windows once watching starts (in build_rows).
+            self._decoder.dead = DeadExpertWindow(self.dead_window, experts)
+            if self.per_rank:
+                self._decoder.local_dead = DeadExpertWindow(self.dead_window, experts)
+            pending = self._pending_dead_state or {}
+            if pending.get("dead"):
+                self._decoder.dead.load_state_dict(pending["dead"])
+            if pending.get("dead_local") and self._decoder.local_dead is not None:
+                self._decoder.local_dead.load_state_dict(pending["dead_local"])
         self.config.setdefault("healthwatch", {}).update(
             {"adapter": spec.adapter, "layers": [b.layer_type for b in spec.blocks],
              "experts": [r.num_experts for r in spec.routers]}
@@ -336,7 +406,7 @@ class Monitor:
                 try:
                     validate_metric_name(name)
                 except ValueError as exc:
-                    self._drop(1, str(exc))
+                    self._drops.drop(1, str(exc))
                     continue
                 if len(valid) < 100_000:
                     valid.add(name)
@@ -374,7 +444,7 @@ class Monitor:
             "message": str(message)[:10_000],
             "wall_time": time.time(),
         }
-        self._put(_Flush(torch.zeros(0), None, [], [], 0, [rec]), rows=1)
+        self.writer.put(FlushItem(torch.zeros(0), None, [], [], 0, [rec], self._decoder, self._first_step), rows=1)
 
     # -- flush -------------------------------------------------------------------------------
     def flush(self, wait: bool = False) -> None:
@@ -396,175 +466,32 @@ class Monitor:
             flat = torch.cat([p.to(self.device) for p in parts]) if len(parts) > 1 else parts[0].clone()
         else:
             flat = torch.zeros(0, dtype=torch.float64)
+        # per_rank: keep this rank's own statistics before the in-place reduction (a device copy, no sync).
+        local = flat.clone() if self.per_rank and steps else None
         if self._dist and self.world > 1 and steps:
             torch.distributed.all_reduce(flat[:n_sum], op=torch.distributed.ReduceOp.SUM, group=self._group)
             torch.distributed.all_reduce(flat[n_sum:extras_offset], op=torch.distributed.ReduceOp.MAX, group=self._group)
         event = None
         if flat.is_cuda:
-            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-            host.copy_(flat, non_blocking=True)
+            flat = self._to_pinned(flat)
+            if local is not None:
+                local = self._to_pinned(local)
             event = torch.cuda.Event()
             event.record()
-            flat = host
-        nrows = self._estimate_rows(steps, extras)
-        done = threading.Event() if wait else None
-        if self.writes or (self.per_rank and steps):
-            self._put(_Flush(flat, event, steps, extras, extras_offset, [], done), rows=nrows)
-        elif done is not None:
-            done.set()  # nothing queued on a non-writing rank: waiting would only hit the timeout
-        if done is not None and self._thread.is_alive():
-            done.wait(timeout=120)
+        item = FlushItem(flat, event, steps, extras, extras_offset, [], self._decoder, self._first_step, local,
+                         threading.Event() if wait else None)
+        if self.writes or local is not None:
+            self.writer.put(item, rows=estimate_rows(steps, extras, self._decoder))
+        elif item.done is not None:
+            item.done.set()  # nothing queued on a non-writing rank: waiting would only hit the timeout
+        if item.done is not None and self.writer.is_alive():
+            item.done.wait(timeout=self.monitor_config.close_timeout_s)
 
-    def _estimate_rows(self, steps: list[StepMeta], extras: list[ExtraMeta]) -> int:
-        if self.spec is None:
-            per = 0
-        else:
-            per = 3 * self.spec.num_layers + 2 * len(self.spec.routers) + 4
-        return sum(len(s.scalar_names) + len(s.host_scalars) + per for s in steps) + sum(
-            len(e.device_names) + len(e.host_scalars) for e in extras
-        )
-
-    def _put(self, item: _Flush, rows: int) -> None:
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            self._drop(rows, "writer queue full (store too slow)")
-            if item.done is not None:
-                item.done.set()
-
-    def _drop(self, rows: int, why: str) -> None:
-        self.dropped_rows += rows
-        self._warn(f"dropping rows: {why}")
-
-    def _warn(self, message: str) -> None:
-        if not self._warned:
-            self._warned = True
-            log.warning("healthwatch: %s (further problems are counted in monitor/dropped_rows)", message)
-
-    # -- writer thread -----------------------------------------------------------------------
-    def _writer_loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                if self._writer is not None and self.writes:
-                    try:  # publish the open rollup buckets: the attempt ends here
-                        self._writer.close()
-                    except Exception as exc:  # noqa: BLE001 - rollups are derived; raw rows are safe
-                        log.warning("healthwatch: closing the store writer failed: %s", exc)
-                return
-            try:
-                self._write(item)
-            except Exception as exc:  # noqa: BLE001 - the writer must never die
-                self._drop(self._estimate_rows(item.steps, item.extras) + len(item.events), f"write failed: {exc}")
-            finally:
-                if item.done is not None:
-                    item.done.set()
-
-    def _get_writer(self) -> StoreWriter:
-        if self._writer is None:
-            init_store(self.root)
-            self._writer = StoreWriter(self.root, self.run, attempt=self.attempt, rank=self.rank)
-        return self._writer
-
-    def _write_meta(self, writer: StoreWriter, item_events: list[dict[str, Any]]) -> None:
-        if self._meta_written:
-            return
-        now = time.time()
-        # Every attempt declares the run; the `runs` view keeps the first declaration.
-        writer.write("runs", run_row(parent=self.parent, branch_step=self.branch_step, branch_tokens=self.branch_tokens,
-                                     precision=self.precision, config=self.config or {}, created=now))
-        start = self.start_step if self.start_step is not None else self._first_step
-        if start is None:
-            start = min((e["step"] for e in item_events), default=0)
-        writer.write("attempts", attempt_row(attempt=self.attempt, start_step=start, started_at=now, reason=self.reason))
-        self._meta_written = True
-
-    def _write(self, item: _Flush) -> None:
-        if item.event is not None:
-            item.event.synchronize()
-        writer = self._get_writer()
-        if not item.steps and not item.extras and not item.events:
-            return
-        if self.writes:
-            self._write_meta(writer, item.events)
-        if item.events:
-            ev = item.events
-            writer.write("events", {k: [e[k] for e in ev] for k in ev[0]})
-        if not item.steps and not item.extras:
-            return
-        flat = item.flat.numpy() if item.flat.numel() else np.zeros(0)
-        spec = self.spec
-        layout = self._collector.layout if self._collector is not None else None
-        if layout is None:
-            from healthwatch.hooks.collector import Layout
-
-            layout = Layout(0, [], [], [], 0)
-        rows = build_rows(
-            flat, item.steps, item.extras, item.extras_offset, layout,
-            [b.layer_type for b in spec.blocks] if spec else [],
-            [b.residual for b in spec.blocks] if spec else [],
-            self._dead, self.attempt, self.world, self.expert_load_every,
-            [b.index for b in spec.blocks] if spec else None,
-        )
-        report = self.dropped_rows != self._reported_dropped and bool(item.steps)
-        count = self.dropped_rows
-        if report:
-            last = item.steps[-1]
-            rows.scalar(last.step, last.tokens, last.wall_time, "monitor/dropped_rows", float(count))
-        if self.writes:
-            written = self._write_tables(writer, rows, own_rows=int(report))
-            if report and "scalars" in written:
-                self._reported_dropped = count  # reported only once it is really in the store
-        elif report:
-            self._reported_dropped = count
-        self._after_flush()
-
-    def _write_tables(self, writer: StoreWriter, rows: Any, own_rows: int = 0) -> list[str]:
-        """Write one flush's tables; returns those written.
-
-        On a storage error the rows of the tables not written are counted as dropped (the
-        ``own_rows`` report of earlier drops among them excluded: it is re-sent with the new total).
-        """
-        written = []
-        tables = (("scalars", rows.scalars), ("layer_stats", rows.layers), ("expert_load", rows.load))
-        try:
-            for table, cols in tables:
-                if len(cols["step"]):
-                    writer.write(table, cols)
-                    written.append(table)
-        except OSError as exc:
-            lost = sum(len(cols["step"]) for table, cols in tables if table not in written)
-            self._drop(lost - (own_rows if "scalars" not in written else 0), f"cannot write to {self.root}: {exc}")
-            return written
-        for table in written:
-            try:
-                writer.compact_own(table)
-            except Exception as exc:  # noqa: BLE001 - merging is an optimisation, never fatal
-                log.debug("self-compaction of %s failed: %s", table, exc)
-        return written
-
-    def _after_flush(self) -> None:
-        if self._alerts_spec is None or not self.writes:
-            return
-        try:
-            if self._alerts is None:
-                spec = self._alerts_spec
-                if hasattr(spec, "after_flush"):
-                    self._alerts = spec
-                else:
-                    from healthwatch.alerts import monitor_evaluator
-
-                    self._alerts = monitor_evaluator(spec, self.root, self.run)
-            transitions = self._alerts.after_flush(self.root, self.run) or []
-        except Exception as exc:  # noqa: BLE001 - alerting must not break writing
-            log.warning("healthwatch: alert evaluation failed: %s", exc)
-            return
-        if self.on_alert is not None:
-            for t in transitions:
-                try:
-                    self.on_alert(t)
-                except Exception as exc:  # noqa: BLE001 - a callback bug must not kill the writer
-                    log.warning("healthwatch: on_alert callback raised: %s", exc)
+    @staticmethod
+    def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
 
     # -- lifecycle ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -576,19 +503,25 @@ class Monitor:
             "last_step": self._last_step,
             "last_tokens": self._last_tokens,
             "dropped_rows": self.dropped_rows,
-            "dead": self._dead.state_dict() if self._dead is not None else None,
+            "dead": self._decoder.dead.state_dict() if self._decoder.dead is not None else None,
+            "dead_local": self._decoder.local_dead.state_dict() if self._decoder.local_dead is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore state saved by :meth:`state_dict` (a resume keeps dead-expert windows intact)."""
-        self.dropped_rows = int(state.get("dropped_rows", 0))
-        self._reported_dropped = self.dropped_rows
-        dead = state.get("dead")
-        if dead:
-            if self._dead is not None:
-                self._dead.load_state_dict(dead)
-            else:
-                self._pending_dead_state = dict(dead)
+        with self._drops._lock:
+            self._drops.total = self._drops.reported = int(state.get("dropped_rows", 0))
+        windows = {"dead": self._decoder.dead, "dead_local": self._decoder.local_dead}
+        pending = {}
+        for key, window in windows.items():
+            saved = state.get(key)
+            if not saved:
+                continue
+            if window is not None:
+                window.load_state_dict(saved)
+            else:  # not watching yet: applied by watch()
+                pending[key] = dict(saved)
+        self._pending_dead_state = pending or None
 
     def close(self) -> None:
         """Flush everything, stop the writer thread and remove the hooks. Idempotent."""
@@ -602,11 +535,7 @@ class Monitor:
             self._closed = True
             if self._collector is not None:
                 self._collector.detach()
-            try:
-                self._queue.put(None, timeout=30)
-            except queue.Full:
-                pass
-            self._thread.join(timeout=120)
+            self.writer.stop(self.monitor_config.close_timeout_s)
 
     def __enter__(self) -> Monitor:
         return self

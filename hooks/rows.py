@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from healthwatch.hooks.collector import Layout
+from healthwatch.hooks.signals import decode_bank
 
 
 @dataclass
@@ -183,7 +184,12 @@ def build_rows(
     r_layers = layout.router_layers
     r_ids = [ids[i] for i in r_layers]
     r_types = [block_types[i] for i in r_layers]
-    for meta in steps:
+    # Each step's max row runs to the next step's (or to the extras region): its tail past the
+    # residual maxima holds the extra signals' maxima (docs/signals.md).
+    max_ends = [s.max_offset for s in steps[1:]] + [extras_offset]
+    bank = layout.bank
+    n_counts = layout.counts_size()
+    for meta, max_end in zip(steps, max_ends):
         row = flat[meta.sum_offset : meta.sum_offset + meta.sum_len]
         mx = flat[meta.max_offset : meta.max_offset + nb]
         ns = len(meta.scalar_names)
@@ -206,7 +212,7 @@ def build_rows(
                 out.scalar(st, tk, wt, f"grad_norm/{name}", float(np.sqrt(gsq[nb + g])))
         if r_layers:
             base = ns + nb + layout.n_groups
-            counts = row[base:].reshape(len(r_layers), layout.max_experts)
+            counts = row[base : base + n_counts].reshape(len(r_layers), layout.max_experts)
             per_router = [counts[r, : layout.router_experts[r]] for r in range(len(r_layers))]
             if any(meta.router_calls):
                 mv = np.array([maxvio(c) for c in per_router])
@@ -220,6 +226,17 @@ def build_rows(
                         out.load["tokens"].append(tk)
                         out.load["layer"].append(r_ids[r])
                         out.load["counts"].append(np.rint(c).astype(np.int64).tolist())
+        if bank is not None:
+            extra_sums = row[ns + nb + layout.n_groups + n_counts :]
+            extra_max = flat[meta.max_offset + nb : max_end]
+            by_metric: dict[str, tuple[list[int], list[float]]] = {}
+            for pos, metric, value in decode_bank(extra_sums, extra_max, bank.ratio_slots, bank.max_slots):
+                entry = by_metric.setdefault(metric, ([], []))
+                entry[0].append(pos)
+                entry[1].append(value)
+            for metric, (poss, vals) in by_metric.items():
+                out.layer_block(st, tk, [ids[p] for p in poss], [block_types[p] for p in poss], metric,
+                                np.asarray(vals, dtype=np.float64))
     for meta in extras:
         n = len(meta.device_names)
         if n:

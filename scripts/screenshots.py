@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.apphost import app_server, wait_for  # noqa: E402
+from benchmarks.apphost import headless_chromium as chromium  # noqa: E402
 from benchmarks.bench_render import DRAWN_JS, EXCEPTION_JS, page_ready  # noqa: E402
-from healthwatch.app.serve import app_server, wait_for  # noqa: E402
-from healthwatch.app.serve import headless_chromium as chromium  # noqa: E402
 
 #: (file stem, URL path, page title, minimum number of drawn charts); ``{run}`` is filled in.
 PAGES = (

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from healthwatch.demo.nvfp4 import QuantLinear, fake_quant_nvfp4, fake_quant_nvfp4_many
+from healthwatch.demo.nvfp4 import QuantLinear, fake_quant_nvfp4, fake_quant_nvfp4_many, observe_quant
 from healthwatch.demo.ssd import ssd
 
 __all__ = [
@@ -338,7 +338,12 @@ class Router(QuantLinear):
         w = self.weight
         if self.quantize:
             wq = self.prequantized.get("weight")
-            x, w = fake_quant_nvfp4(x), fake_quant_nvfp4(w) if wq is None else wq
+            xq = fake_quant_nvfp4(x, self.quant_scale)
+            observe_quant(self, "act", x, xq)
+            if wq is None:
+                wq = fake_quant_nvfp4(w, self.quant_scale)
+                observe_quant(self, "weight", w, wq)
+            x, w = xq, wq
         logits = F.linear(x, w, self.logit_bias)
         self.last_logits = logits
         probs = torch.softmax(logits.float(), dim=-1)
@@ -378,15 +383,23 @@ class GroupedExperts(nn.Module):
         self.quantize: bool = False
         #: Already fake-quantised ``w1``/``w2`` for the current forward (see ``QuantLinear.prequantized``).
         self.prequantized: dict[str, Tensor] = {}
+        #: See ``QuantLinear.quant_observer`` / ``QuantLinear.quant_scale``.
+        self.quant_observer = None
+        self.quant_scale: float = 1.0
 
     def _gemm(self, x: Tensor, name: str, counts: Tensor, quantize_x: bool) -> Tensor:
         """Per-expert ``x_e @ w_e.T`` over the expert-sorted rows of ``x``, ``w`` the parameter ``name``."""
         w = getattr(self, name)
         if self.quantize:
             wq = self.prequantized.get(name)
-            w = fake_quant_nvfp4(w) if wq is None else wq
+            if wq is None:
+                wq = fake_quant_nvfp4(w, self.quant_scale)
+                observe_quant(self, "weight", w, wq)
+            w = wq
             if quantize_x:
-                x = fake_quant_nvfp4(x)
+                xq = fake_quant_nvfp4(x, self.quant_scale)
+                observe_quant(self, "act", x, xq)
+                x = xq
         if _grouped_mm_ok(x, w.shape[2], w.shape[1]):
             offs = torch.cumsum(counts, 0).to(torch.int32)
             return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
@@ -408,7 +421,9 @@ class GroupedExperts(nn.Module):
         if self.quantize:
             # Quantisation is per row block, so quantising before the gather is identical to
             # quantising the gathered copy, and k times cheaper.
-            x = fake_quant_nvfp4(x)
+            xq = fake_quant_nvfp4(x, self.quant_scale)
+            observe_quant(self, "act", x, xq)
+            x = xq
         h = _relu2(self._gemm(x.index_select(0, token), "w1", counts, quantize_x=False))
         out = self._gemm(h, "w2", counts, quantize_x=True)
         out = out * weights.reshape(-1, 1).index_select(0, order).to(out.dtype)
@@ -462,7 +477,11 @@ class LatentMoE(nn.Module):
                 self.router.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
         # The latent projection and the shared expert read the same input: quantise it once.
         pre_q = self.to_latent.quantize and self.shared_expert.up.quantize
-        xin = fake_quant_nvfp4(xt) if pre_q else xt
+        if pre_q:
+            xin = fake_quant_nvfp4(xt, self.to_latent.quant_scale)
+            observe_quant(self.to_latent, "act", xt, xin)
+        else:
+            xin = xt
         routed = self.from_latent(self.experts(self.to_latent(xin, pre_q), weights, indices, counts))
         return (routed + self.shared_expert(xin, pre_q)).view(shape)
 
@@ -615,9 +634,11 @@ class HybridLM(nn.Module):
                     m.quantize = True  # type: ignore[assignment]
 
     def reset_faults(self) -> None:
-        """Zero every ``router.logit_bias`` and set every ``block.residual_scale`` back to 1."""
+        """Zero every ``router.logit_bias``, set every ``block.residual_scale`` and NVFP4 ``quant_scale`` back to 1."""
         with torch.no_grad():
             for m in self.modules():
+                if hasattr(m, "quant_scale"):
+                    m.quant_scale = 1.0  # type: ignore[assignment]
                 if isinstance(m, Router):
                     m.logit_bias.zero_()
                 elif isinstance(m, Block):
@@ -664,10 +685,13 @@ class HybridLM(nn.Module):
             slots.extend((m, name) for name in names)
         if not slots:
             return []
-        quantized = fake_quant_nvfp4_many([getattr(m, name) for m, name in slots])
-        for (m, name), q in zip(slots, quantized):
+        # A module with a fault-injected scale quantises on its own (the fused pass uses the recipe's).
+        fused = [(m, n) for m, n in slots if getattr(m, "quant_scale", 1.0) == 1.0]
+        quantized = fake_quant_nvfp4_many([getattr(m, name) for m, name in fused])
+        for (m, name), q in zip(fused, quantized):
             m.prequantized[name] = q  # type: ignore[index]
-        return list({id(m): m for m, _ in slots}.values())
+            observe_quant(m, "weight", getattr(m, name), q)
+        return list({id(m): m for m, _ in fused}.values())
 
     def _forward(self, input_ids: Tensor, seq: int, n_mtp: int) -> ModelOutput:
         """Forward body; see :meth:`forward`."""

@@ -34,6 +34,7 @@ __all__ = [
     "QuantLinear",
     "fake_quant_nvfp4",
     "fake_quant_nvfp4_many",
+    "observe_quant",
     "quantize_nvfp4",
     "quantize_nvfp4_many",
     "round_to_e2m1",
@@ -118,19 +119,25 @@ def _block_amax(abs_blocks: Tensor) -> Tensor:
     return F.max_pool1d(abs_blocks.view(1, 1, -1), BLOCK_SIZE, BLOCK_SIZE).view(-1, 1)
 
 
-def _quantize_blocks(x: Tensor) -> Tensor:
+def _quantize_blocks(x: Tensor, scale: float = 1.0) -> Tensor:
     """Quantise-dequantise a contiguous float32 tensor whose last dim is a multiple of ``BLOCK_SIZE``."""
     blocks = x.reshape(-1, BLOCK_SIZE)
     amax_block = _block_amax(blocks.abs())
-    return _scale_and_round(blocks, amax_block, _tensor_scale(amax_block.max())).reshape(x.shape)
+    s_tensor = _tensor_scale(amax_block.max())
+    if scale != 1.0:
+        s_tensor = s_tensor * scale
+    return _scale_and_round(blocks, amax_block, s_tensor).reshape(x.shape)
 
 
 @torch.no_grad()
-def quantize_nvfp4(x: Tensor) -> Tensor:
+def quantize_nvfp4(x: Tensor, scale: float = 1.0) -> Tensor:
     """Return ``x`` rounded through NVFP4 and dequantised (same shape and dtype, no gradient).
 
     Blocks of 16 run along the last dimension; a last dimension that is not a multiple of 16
     is zero-padded for the computation (zeros never raise a block's amax) and cut back after.
+    ``scale`` multiplies the per-tensor FP32 scale (1 = the recipe's); below 1 it models a stale
+    or wrong amax (e.g. delayed scaling's amax history lagging a growing tensor): block scales
+    that would exceed E4M3's 448 saturate there and their largest values clip at ±6.
     """
     if x.numel() == 0:
         return x.clone()
@@ -139,7 +146,7 @@ def quantize_nvfp4(x: Tensor) -> Tensor:
     pad = (-k) % BLOCK_SIZE
     if pad:
         xf = F.pad(xf, (0, pad))
-    q = _quantize_blocks(xf)
+    q = _quantize_blocks(xf, scale)
     if pad:
         q = q[..., :k]
     return q.to(x.dtype)
@@ -185,12 +192,12 @@ class _FakeQuantSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        return quantize_nvfp4(x)
+    def forward(ctx, x: Tensor, scale: float = 1.0) -> Tensor:  # type: ignore[override]
+        return quantize_nvfp4(x, scale)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        return grad
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad, None
 
 
 class _FakeQuantManySTE(torch.autograd.Function):
@@ -205,9 +212,23 @@ class _FakeQuantManySTE(torch.autograd.Function):
         return grads
 
 
-def fake_quant_nvfp4(x: Tensor) -> Tensor:
-    """NVFP4 fake quantisation with a straight-through estimator: forward rounds, backward is identity."""
-    return _FakeQuantSTE.apply(x)
+def fake_quant_nvfp4(x: Tensor, scale: float = 1.0) -> Tensor:
+    """NVFP4 fake quantisation with a straight-through estimator: forward rounds, backward is identity.
+
+    ``scale`` multiplies the per-tensor scale (see :func:`quantize_nvfp4`).
+    """
+    return _FakeQuantSTE.apply(x, scale) if scale != 1.0 else _FakeQuantSTE.apply(x)
+
+
+def observe_quant(module: nn.Module, operand: str, x: Tensor, q: Tensor) -> None:
+    """Report one quantised GEMM operand to ``module.quant_observer`` when a monitor set one.
+
+    The healthwatch Monitor sets ``quant_observer`` on every module that has the attribute
+    (``QuantLinear``, ``GroupedExperts``); with no monitor this is one attribute read.
+    """
+    observer = getattr(module, "quant_observer", None)
+    if observer is not None:
+        observer(operand, x, q)
 
 
 def fake_quant_nvfp4_many(xs: Sequence[Tensor]) -> list[Tensor]:
@@ -241,6 +262,10 @@ class QuantLinear(nn.Linear):
         #: Already fake-quantised weights for the current forward, by parameter name, filled by
         #: an owner that quantises all its weights in one pass; empty means "quantise here".
         self.prequantized: dict[str, Tensor] = {}
+        #: Called as ``quant_observer(operand, x, q)`` for each quantised operand (set by a monitor).
+        self.quant_observer = None
+        #: Multiplier on the per-tensor NVFP4 scale of this module's operands (fault injection; 1 = recipe).
+        self.quant_scale: float = 1.0
 
     def forward(self, x: Tensor, input_quantized: bool = False) -> Tensor:
         """Apply the (optionally NVFP4 fake-quantised) affine map.
@@ -250,9 +275,16 @@ class QuantLinear(nn.Linear):
         NVFP4 pipeline would keep one FP4 copy of it).
         """
         if self.quantize:
-            xq = x if input_quantized else fake_quant_nvfp4(x)
+            if input_quantized:
+                xq = x
+            else:
+                xq = fake_quant_nvfp4(x, self.quant_scale)
+                observe_quant(self, "act", x, xq)
             wq = self.prequantized.get("weight")
-            return F.linear(xq, fake_quant_nvfp4(self.weight) if wq is None else wq, self.bias)
+            if wq is None:
+                wq = fake_quant_nvfp4(self.weight, self.quant_scale)
+                observe_quant(self, "weight", self.weight, wq)
+            return F.linear(xq, wq, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -66,7 +66,7 @@ def test_on_alert_called_from_writer_thread_after_flush(store_dir, tmp_path, rul
         _train(mon, net, range(6, 9), {7: 1000.0})
         assert not fired.is_set()  # not flushed yet: the evaluator has not seen step 7
         mon.flush(wait=True)
-        assert fired.wait(10), "on_alert was not called after the flush"
+        assert fired.wait(60), "on_alert was not called after the flush"
         main = threading.current_thread().name
         states = [(t.alert, t.state, t.step) for t, _ in got]
         assert states == [("LossExploded", "firing", 7), ("LossExploded", "resolved", 8)]

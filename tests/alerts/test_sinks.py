@@ -1,18 +1,16 @@
 """Sinks against real receivers: JSON-lines files, apprise's generic JSON webhook to a real
 ``http.server`` on 127.0.0.1, URL redaction (also in apprise's/urllib3's own log lines), and the
-flush -> notification latency of a watching evaluator."""
+flush -> notification path of a watching evaluator, counted in evaluation cycles."""
 
 from __future__ import annotations
 
 import base64
 import json
 import logging
-import statistics
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 from alerts_helpers import rules_yaml, scalars, writer
@@ -33,7 +31,7 @@ SECRET_TOKEN = "TOKENabcdef123456"
 
 
 class Receiver:
-    """A real HTTP server on 127.0.0.1 that records each POST with its monotonic arrival time."""
+    """A real HTTP server on 127.0.0.1 that records each POST (in arrival order)."""
 
     def __init__(self) -> None:
         self.posts: list[dict] = []
@@ -43,13 +41,13 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                at = time.monotonic()
-                self.send_response(200)
-                self.end_headers()
+                # Recorded before the response: a sender that got its 200 finds its post here.
                 with outer.cond:
                     outer.posts.append({"path": self.path, "headers": dict(self.headers),
-                                        "json": json.loads(body), "at": at})
+                                        "json": json.loads(body)})
                     outer.cond.notify_all()
+                self.send_response(200)
+                self.end_headers()
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -59,7 +57,7 @@ class Receiver:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def wait_for(self, n: int, timeout: float = 10.0) -> list[dict]:
+    def wait_for(self, n: int, timeout: float = 60.0) -> list[dict]:
         """Block until ``n`` posts arrived (AssertionError after ``timeout``)."""
         with self.cond:
             ok = self.cond.wait_for(lambda: len(self.posts) >= n, timeout)
@@ -121,7 +119,7 @@ def test_console_and_callback_sinks(tmp_path):
 def test_apprise_json_webhook_payload(receiver, caplog):
     url = f"json://alice:{SECRET_PW}@127.0.0.1:{receiver.port}/hooks/{SECRET_TOKEN}"
     caplog.set_level(logging.DEBUG)  # every logger, apprise's and urllib3's included
-    sink = AppriseSink([url], timeout=5)
+    sink = AppriseSink([url], timeout=30)
     sink.send([_t(), _t("resolved", 20, value=1.0, annotations={"summary": "loss back to 1"})])
     posts = receiver.wait_for(2)
     assert all(p["path"] == f"/hooks/{SECRET_TOKEN}" for p in posts)
@@ -186,42 +184,81 @@ LATENCY_RULES = rules_yaml("""\
 """)
 
 
-def test_alert_latency_flush_to_webhook_within_one_interval(tmp_path, receiver):
-    """A bad step is written (one flushed segment); a watching evaluator delivers it to the HTTP
-    receiver. Every flush -> receipt time must be <= one evaluation interval."""
-    interval, trials = 1.0, 10
+class _CycleEvaluator(Evaluator):
+    """An Evaluator that logs, per evaluation cycle, what that cycle saw and what had arrived by its end.
+
+    ``started`` counts cycles as they begin (before the store is listed), so a cycle numbered above
+    the count read right after a flush began after that flush and must see it.
+    """
+
+    def __init__(self, *args, receiver: Receiver, rule: str, run: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.receiver, self.rule_name, self.run_name = receiver, rule, run
+        self.started = 0
+        #: (cycle number, rule cursor after the cycle, posts received by the end of the cycle)
+        self.cycles: list[tuple[int, int, int]] = []
+        self.cycle_lock = threading.Lock()
+
+    def evaluate_once(self):
+        with self.cycle_lock:
+            self.started += 1
+            n = self.started
+        out = super().evaluate_once()
+        cursor = self.cursor(self.rule_name, self.run_name)
+        with self.cycle_lock:
+            self.cycles.append((n, -1 if cursor is None else cursor, len(self.receiver.posts)))
+        return out
+
+    def wait_cycle_reaching(self, step: int, timeout: float = 60.0) -> tuple[int, int, int]:
+        """The first logged cycle whose cursor reached ``step`` (timeout only stops a hung test)."""
+        end = time.monotonic() + timeout
+        while True:
+            with self.cycle_lock:
+                hit = next((c for c in self.cycles if c[1] >= step), None)
+            if hit is not None:
+                return hit
+            assert time.monotonic() < end, f"no evaluation cycle reached step {step}: {self.cycles[-5:]}"
+            time.sleep(0.01)
+
+
+def test_alert_delivered_by_the_first_cycle_that_sees_the_flushed_step(tmp_path, receiver):
+    """A bad step is written (one flushed segment) while an evaluator watches the store: the
+    notification reaches the HTTP receiver by the end of the first evaluation cycle that sees the
+    step, and that cycle is at the latest the first one that began after the flush.
+
+    Logical cycles, not seconds: how long a cycle takes on a busy machine is a benchmark's business
+    (``python -m benchmarks``: alert latency after a flush)."""
+    trials = 10
     root = tmp_path / "s"
     w = writer(root, "r1")
     scalars(w, "loss/train", [0], [1.0])
-    ev = Evaluator(root, load_text(LATENCY_RULES), sinks=[AppriseSink([f"json://127.0.0.1:{receiver.port}/alert"])],
-                   evaluator_id="lat")
+    ev = _CycleEvaluator(root, load_text(LATENCY_RULES),
+                         sinks=[AppriseSink([f"json://127.0.0.1:{receiver.port}/alert"])],
+                         evaluator_id="lat", receiver=receiver, rule="t/LossHigh", run="r1")
     stop = threading.Event()
-    th = threading.Thread(target=ev.watch, kwargs={"interval": interval, "stop": stop}, daemon=True)
+    th = threading.Thread(target=ev.watch, kwargs={"interval": 1.0, "stop": stop}, daemon=True)
     th.start()
-    lat: list[float] = []
     try:
+        ev.wait_cycle_reaching(0)
         step = 0
         for i in range(trials):
             step += 1
-            t0 = time.monotonic()
             scalars(w, "loss/train", [step], [50.0 + i])  # the bad step, flushed
-            posts = receiver.wait_for(i + 1, timeout=10)
-            assert posts[i]["json"]["title"] == "[CRITICAL] LossHigh firing on r1"
-            assert f"at step {step}" in posts[i]["json"]["message"]
-            lat.append(posts[i]["at"] - t0)
+            with ev.cycle_lock:
+                before_flush = ev.started  # cycles numbered above this began after the flush
+            n, _, posts_by_end = ev.wait_cycle_reaching(step)
+            previous = [c for c in ev.cycles if c[0] == n - 1]
+            assert all(c[2] <= i for c in previous), f"trial {i}: notified before a cycle saw step {step}"
+            assert posts_by_end == i + 1, f"trial {i}: cycle {n} saw step {step} but had not delivered it"
+            assert n <= before_flush + 1, f"trial {i}: cycle {n} first saw the flush of cycle {before_flush}"
+            post = receiver.posts[i]
+            assert post["json"]["title"] == "[CRITICAL] LossHigh firing on r1"
+            assert f"at step {step}" in post["json"]["message"]
             step += 1
             scalars(w, "loss/train", [step], [1.0])  # resolves (not notified): wait until evaluated
-            end = time.monotonic() + 10
-            while (ev.cursor("t/LossHigh", "r1") or -1) < step:
-                assert time.monotonic() < end, "evaluator did not catch up"
-                time.sleep(0.01)
+            ev.wait_cycle_reaching(step)
     finally:
         stop.set()
         th.join(10)
         ev.close()
-    med, mx = statistics.median(lat), max(lat)
-    print(f"\nALERT LATENCY flush->webhook: median {med * 1000:.0f} ms, max {mx * 1000:.0f} ms, "
-          f"min {min(lat) * 1000:.0f} ms over {trials} trials; interval {interval * 1000:.0f} ms")
-    Path(tmp_path / "latency.json").write_text(json.dumps({"latencies_s": lat, "interval_s": interval}))
     assert len(receiver.posts) == trials
-    assert mx <= interval, f"latencies {lat} exceed the {interval} s interval"

@@ -13,17 +13,17 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
-from healthwatch.app.serve import CHROMIUM, DRIVER  # noqa: E402
+from _deps import require  # noqa: E402
 
-if not (CHROMIUM and DRIVER):
-    pytest.skip("needs Debian chromium and chromium-driver (apt-get install -y chromium chromium-driver)",
-                allow_module_level=True)
+require("chromium", "Debian chromium (apt-get install -y chromium chromium-driver)")
+require("chromedriver", "Debian chromium-driver (apt-get install -y chromium chromium-driver)")
+require("selenium", "selenium (in the [dev] extra)")
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
-from healthwatch.app.serve import start_app, stop, wait_for  # noqa: E402
+from benchmarks.apphost import CHROMIUM, DRIVER, start_app, stop, wait_for  # noqa: E402
 
 # Appends 5 steps of every scalar family to run `live` every 0.3 s through the real StoreWriter.
 WRITER = """

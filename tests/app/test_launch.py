@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from healthwatch.app.serve import free_port, healthy, wait_for
+from benchmarks.apphost import free_port, healthy, wait_for
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 

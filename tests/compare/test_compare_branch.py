@@ -57,7 +57,8 @@ def test_branch_monitor_kwargs_uses_the_effective_path(store_dir):
 
 
 def test_monitor_records_a_branch_from_the_kwargs(store_dir):
-    torch = pytest.importorskip("torch")
+    import torch
+
     from healthwatch.hooks.monitor import Monitor
 
     write_run(store_dir, "main", range(0, 200, 10), 1000, config={"precision": "nvfp4", "opt": {"lr": 3e-4}})

@@ -39,6 +39,10 @@ def test_built_wheel_contains_and_imports_every_subpackage(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for pkg in SUBPACKAGES[:-1]:
         assert f"{pkg.replace('.', '/')}/__init__.py" in names, pkg
+    # The demo model's adapter ships with the demo; the browser/server test harness does not ship.
+    assert "healthwatch/demo/adapter.py" in names
+    assert not [n for n in names if n.endswith(("app/serve.py", "adapters/reference.py", "apphost.py"))]
+    assert not [n for n in names if n.startswith(("benchmarks/", "tests/"))]
     for pack in (ROOT / "alerts" / "packs").glob("*.yaml"):
         assert f"healthwatch/alerts/packs/{pack.name}" in names, pack.name
     # Import from the unpacked wheel, not from the source tree (cwd and path point elsewhere).
@@ -51,3 +55,17 @@ def test_built_wheel_contains_and_imports_every_subpackage(tmp_path):
     )
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+    # auto_adapter finds the demo's adapter from the wheel too (through healthwatch.plugins), and a
+    # Monitor(alerts="default") builds the alert evaluator without the hooks importing alerts.
+    code = (
+        f"import sys; sys.path.insert(0, {str(target)!r}); import healthwatch as hw; "
+        "from healthwatch.demo.model import HybridConfig, HybridLM; "
+        "from healthwatch.hooks.adapters import auto_adapter; "
+        "a = auto_adapter(HybridLM(HybridConfig())); assert type(a).__module__ == 'healthwatch.demo.adapter', a; "
+        f"m = hw.Monitor(store={str(tmp_path / 'store')!r}, run='w', alerts='default'); "
+        "assert [type(o).__name__ for o in m.writer.after_flush] == ['MonitorEvaluator']; m.close(); "
+        "from healthwatch.cli import app; "
+        "assert 'bench' not in [c.name or c.callback.__name__ for c in app.registered_commands]; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -89,7 +89,9 @@ def main() -> None:
     torch.manual_seed(0)  # same weights on every rank, as DDP would broadcast
     model = TinyLM()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = hw.Monitor(store=store, run="dist", flush_every_steps=2, expert_load_every=1, flush_every_s=1e9)
+    # HW_PER_RANK=1 (test_per_rank.py): every rank also writes its own stats as ``dist.rank<k>``.
+    mon = hw.Monitor(store=store, run="dist", flush_every_steps=2, expert_load_every=1, flush_every_s=1e9,
+                     per_rank=os.environ.get("HW_PER_RANK") == "1")
     spec = mon.watch(model)
     seen: dict[str, dict] = {"counts": {}, "loss": {}, "resid_mean": {}, "resid_max": {}, "wgrad": {},
                              "layers": [b.layer_type for b in spec.blocks]}

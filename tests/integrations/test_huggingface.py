@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _deps import require
 
-pytest.importorskip("transformers")
+require("transformers", "Hugging Face hybrid MoE models (in the [dev] extra)")
 
 from hf_models import FAMILIES, VOCAB  # noqa: E402
 

@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 
 import pytest
+from _deps import require
 
-pytest.importorskip("tensorboard")
+require("tensorboard", "TensorBoard event files (in the [dev] extra)")
 
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402

@@ -52,7 +52,7 @@ def trial(store: str, run: str, logdir: Path, k: int, start: int, steps: int, se
     mon = hw.Monitor(store=store, run=run, flush_every_steps=FLUSH_EVERY_STEPS, flush_every_s=0.2,
                      expert_load_every=EXPERT_LOAD_EVERY, config={"trial": k})
     mon.watch(model)
-    real_write = mon._write
+    real_write = mon.writer.write
 
     def write_and_note(item: object) -> None:  # the writer thread: note each completed flush
         real_write(item)
@@ -60,7 +60,7 @@ def trial(store: str, run: str, logdir: Path, k: int, start: int, steps: int, se
         if steps:
             note(f"W {steps[-1].step}")
 
-    mon._write = write_and_note  # type: ignore[method-assign]
+    mon.writer.write = write_and_note  # type: ignore[method-assign]
     note(f"A {mon.attempt} {start}", sync=True)
     for step in range(start, start + steps):
         note(f"S {step}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from healthwatch.app.serve import free_port, wait_for  # noqa: F401 - shared with the reliability tests
+from benchmarks.apphost import free_port, wait_for  # noqa: F401 - shared with the reliability tests
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

@@ -248,7 +248,9 @@ def test_kill9_at_random_moments_loses_only_unflushed_rows(tmp_path: Path) -> No
     assert all(n == 1 for _, n in eff), "a step is effective twice"
     before = store.sql("SELECT count(*), bit_xor(hash(step, name, attempt, value)) FROM scalars_all WHERE run = ?", [RUN]).fetchone()
 
-    # Compaction must not wait for (or be stopped by) a merge lock left by a killed process.
+    # Compaction must not be stopped by a merge lock left by a killed process: every table ends in
+    # one file and no lock is left (that a dead holder's lock is taken over without waiting is
+    # the next test's; the duration printed below is for the record, never asserted).
     c0 = time.monotonic()
     compact_store(root)
     compact_s = time.monotonic() - c0
@@ -268,7 +270,6 @@ def test_kill9_at_random_moments_loses_only_unflushed_rows(tmp_path: Path) -> No
         f"attempts={final.attempt} final_steps={end + 1} compact_s={compact_s:.1f} elapsed_s={elapsed:.0f}"
     )
     print(summary)  # the figures quoted in RELIABILITY.md (pytest -rP shows them)
-    assert compact_s < 60
 
 
 def test_merge_lock_of_a_killed_process_is_taken_over_at_once(tmp_path: Path) -> None:
@@ -288,11 +289,9 @@ def test_merge_lock_of_a_killed_process_is_taken_over_at_once(tmp_path: Path) ->
             assert not ok, "a live holder's lock must be respected"
         holder.send_signal(signal.SIGKILL)
         holder.wait(10)
-        t0 = time.monotonic()
-        with merge_lock(directory, blocking=True, timeout=10) as ok:
-            assert ok
-            waited = time.monotonic() - t0
-        assert waited < 2.0, f"waited {waited:.1f}s for a dead process's lock"
+        # Taken over at once: a single non-blocking attempt (no retry, no waiting) gets it.
+        with merge_lock(directory, blocking=False) as ok:
+            assert ok, "a dead process's lock was not taken over by a non-blocking attempt"
     finally:
         if holder.poll() is None:
             holder.kill()

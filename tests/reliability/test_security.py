@@ -566,11 +566,11 @@ def test_failing_apprise_send_logs_no_secret(caplog: pytest.LogCaptureFixture, c
             f"json://127.0.0.1:{port}/{SECRET}/x"]
     caplog.set_level(logging.DEBUG)
     try:
-        sink = AppriseSink(urls, timeout=5)
+        sink = AppriseSink(urls, timeout=30)
         t = Transition(alert="LossSpike", group="g", state="firing", previous="pending", severity="critical",
                        run="r", step=10, tokens=100, layer=None, value=3.0)
         sink.send([t])
-        wait_for(lambda: len(_Failing.hits) >= 2, 10, "both notifications to reach the receiver")
+        wait_for(lambda: len(_Failing.hits) >= 2, 60, "both notifications to reach the receiver")
         with pytest.raises(ValueError) as info:
             AppriseSink([f"nosuchscheme://user:{SECRET}@host/"])
         assert SECRET not in str(info.value)

@@ -1,6 +1,10 @@
 """Run the app server and a headless browser from Python: for screenshots, benchmarks and tests.
 
->>> from healthwatch.app.serve import app_server, headless_chromium     # doctest: +SKIP
+A harness, not part of the app: it lives in the source checkout's ``benchmarks/`` (not in the
+wheel) and starts the app only as a user would, through ``python -m healthwatch.cli app``.
+Importable as ``benchmarks.apphost`` from the repository root (pytest adds it to ``sys.path``).
+
+>>> from benchmarks.apphost import app_server, headless_chromium       # doctest: +SKIP
 >>> with app_server("hw-store") as url, headless_chromium() as driver:  # doctest: +SKIP
 ...     driver.get(url + "/run?run=main")
 

@@ -1,4 +1,9 @@
-"""Adapter for the reference trainer's model (:class:`healthwatch.demo.model.HybridLM`)."""
+"""Adapter for the reference trainer's model (:class:`healthwatch.demo.model.HybridLM`).
+
+It lives with the demo because it knows the demo model; the hooks never import it. ``auto_adapter``
+finds it through the ``"reference"`` entry of :data:`healthwatch.plugins.ADAPTERS` (wired in
+``healthwatch/__init__``), so ``mon.watch(HybridLM(...))`` needs no ``adapter=``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,6 @@ from healthwatch.hooks.adapters.base import (
     RouterSpec,
     output_item,
     params_by_block,
-    register_adapter,
 )
 
 
@@ -52,5 +56,3 @@ class ReferenceAdapter:
         return ModelSpec(blocks=blocks, routers=routers, special_params=special,
                          all_params=[p for p in model.parameters() if p.requires_grad], adapter=self.name)
 
-
-register_adapter(ReferenceAdapter, first=True)

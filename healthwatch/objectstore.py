@@ -1,0 +1,800 @@
+"""Stores on S3-compatible object storage: root URIs, a create-only S3 file system, and a reader.
+
+A store root is a URI: a local path (``runs/store``, ``file:///data/store``) or
+``s3://bucket/prefix`` on any S3-compatible endpoint. On object storage there is no atomic
+rename, so a segment is published with **one create-only PUT** (``If-None-Match: *``) to a key
+that cannot collide (writer id + sequence, as on disk). Several S3 emulators accept that header
+and ignore it; :meth:`S3FS.probe` PUTs a probe key twice at start and refuses a server that does
+not answer the second PUT with ``412 Precondition Failed``.
+
+:class:`S3FS` implements the store's small file-system interface (``healthwatch.store.fs``:
+``list``, ``exists``, ``mtime_ns``, ``read_bytes``, ``open_input``, ``publish``,
+``publish_bytes``, ``create_exclusive``, ``delete``) so that the segment protocol runs unchanged
+on S3. Paths are ``s3://bucket/key`` strings; "directories" are key prefixes ending in ``/``.
+
+Reads go through pyarrow's S3 file system and datasets (:func:`s3_dataset`,
+:class:`S3Tables`): DuckDB scans them with column and row-filter pushdown, without its own S3
+extension (which downloads at run time and is not available offline).
+
+Credentials come from the standard AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+``AWS_PROFILE``, config files); the endpoint from ``HEALTHWATCH_S3_ENDPOINT``, then
+``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` (unset: AWS itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+
+ENV_ENDPOINT = "HEALTHWATCH_S3_ENDPOINT"
+PROBE_DIR = "_probe"
+DEFAULT_REGION = "us-east-1"
+
+
+# --------------------------------------------------------------------------------------------
+# errors: one clear message per way object storage can refuse us
+
+
+class StoreURIError(ValueError):
+    """A store root that is neither a local path nor an ``s3://bucket/prefix`` URI."""
+
+
+class ObjectStoreError(RuntimeError):
+    """Object storage refused or failed a request; the message says which endpoint and why."""
+
+
+class EndpointUnreachableError(ObjectStoreError, ConnectionError):
+    """No S3 server answers at the configured endpoint."""
+
+
+class CredentialsError(ObjectStoreError):
+    """No credentials were found, or the server does not accept them."""
+
+
+class AccessDeniedError(ObjectStoreError, PermissionError):
+    """The credentials are valid but lack a permission the store needs (e.g. PutObject)."""
+
+
+class BucketNotFoundError(ObjectStoreError, FileNotFoundError):
+    """The bucket of an ``s3://`` store does not exist."""
+
+
+class ConditionalWriteUnsupportedError(ObjectStoreError):
+    """The server ignores ``If-None-Match: *``: writers could silently overwrite each other."""
+
+
+class KeyCollisionError(ObjectStoreError, FileExistsError):
+    """A create-only PUT met an existing object with other content (412)."""
+
+
+# --------------------------------------------------------------------------------------------
+# root URIs
+
+
+@dataclass(frozen=True)
+class StoreURI:
+    """A parsed store root: ``scheme`` is ``"file"`` (``path`` set) or ``"s3"`` (``bucket``, ``prefix``)."""
+
+    scheme: str
+    path: Path | None = None
+    bucket: str = ""
+    prefix: str = ""
+
+    @property
+    def is_s3(self) -> bool:
+        """Whether the store lives on object storage."""
+        return self.scheme == "s3"
+
+    def __str__(self) -> str:
+        if self.is_s3:
+            return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        return str(self.path)
+
+
+def parse_store_uri(uri: str | os.PathLike[str]) -> StoreURI:
+    """Parse a store root: a local path, ``file://`` URI or ``s3://bucket[/prefix]``.
+
+    Raises :class:`StoreURIError` for another scheme (``gs://``, ``http://``, …) or an ``s3://``
+    URI without a bucket, naming what was given and what is accepted.
+    """
+    if isinstance(uri, os.PathLike):
+        return StoreURI("file", path=Path(uri))
+    text = str(uri).strip()
+    if not text:
+        raise StoreURIError("empty store root: give a directory or s3://bucket/prefix")
+    # A Windows drive letter ("C:\\x") or a plain path has no "://".
+    if "://" not in text:
+        return StoreURI("file", path=Path(text))
+    parsed = urlparse(text)
+    scheme = parsed.scheme.lower()
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise StoreURIError(f"file URI {text!r} names host {parsed.netloc!r}: use file:///absolute/path")
+        return StoreURI("file", path=Path(unquote(parsed.path)))
+    if scheme in ("s3", "s3a"):
+        bucket = parsed.netloc
+        if not bucket:
+            raise StoreURIError(f"store URI {text!r} has no bucket: use s3://bucket/prefix")
+        if not (3 <= len(bucket) <= 63):
+            raise StoreURIError(f"store URI {text!r}: bucket name {bucket!r} must be 3-63 characters")
+        prefix = parsed.path.strip("/")
+        if any(part in (".", "..") for part in prefix.split("/")):
+            raise StoreURIError(f"store URI {text!r}: '.' and '..' are not allowed in the prefix")
+        return StoreURI("s3", bucket=bucket, prefix=prefix)
+    raise StoreURIError(
+        f"unsupported store URI scheme {parsed.scheme!r} in {text!r}: use a local directory, "
+        "file:///path or s3://bucket/prefix"
+    )
+
+
+def is_object_store(uri: str | os.PathLike[str]) -> bool:
+    """Whether ``uri`` names an object-storage store (``s3://``)."""
+    return parse_store_uri(uri).is_s3
+
+
+def split_s3(path: str) -> tuple[str, str]:
+    """``s3://bucket/key`` (or ``bucket/key``) -> ``(bucket, key)``."""
+    rest = path[5:] if path.startswith("s3://") else path
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StoreURIError(f"{path!r} is not an s3://bucket/key path")
+    return bucket, key
+
+
+# --------------------------------------------------------------------------------------------
+# settings
+
+
+def endpoint_from_env() -> str | None:
+    """The S3 endpoint: ``HEALTHWATCH_S3_ENDPOINT``, ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, or None (AWS)."""
+    for name in (ENV_ENDPOINT, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+@dataclass
+class S3Settings:
+    """How to reach the server. Unset fields come from the standard AWS chain and the environment."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = None
+    session_token: str | None = None
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 60.0
+    max_attempts: int = 3
+
+    def resolved_endpoint(self) -> str | None:
+        """The endpoint URL used (explicit, else from the environment)."""
+        return self.endpoint_url or endpoint_from_env()
+
+    def resolved_region(self) -> str:
+        """Region: explicit, ``AWS_REGION``, ``AWS_DEFAULT_REGION``, else us-east-1."""
+        return self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+
+
+@dataclass
+class RequestStats:
+    """Requests made by one :class:`S3FS` (the fleet benchmark reports them)."""
+
+    put: int = 0
+    list: int = 0
+    get: int = 0
+    head: int = 0
+    delete: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, kind: str, n: int = 1) -> None:
+        """Add ``n`` requests of ``kind``."""
+        with self._lock:
+            setattr(self, kind, getattr(self, kind) + n)
+
+    def snapshot(self) -> dict[str, int]:
+        """The counters as a dict."""
+        with self._lock:
+            return {k: getattr(self, k) for k in ("put", "list", "get", "head", "delete")}
+
+
+# --------------------------------------------------------------------------------------------
+# the file system
+
+
+class S3FS:
+    """The store's file-system interface on one S3 bucket (create-only PUTs, no renames).
+
+    Thread-safe (boto3 clients are). Paths are ``s3://bucket/key``; a directory is a key prefix.
+    """
+
+    def __init__(self, bucket: str, settings: S3Settings | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.settings = settings or S3Settings()
+        self.endpoint = self.settings.resolved_endpoint()
+        self.region = self.settings.resolved_region()
+        session = boto3.session.Session(
+            profile_name=self.settings.profile,
+            aws_access_key_id=self.settings.access_key,
+            aws_secret_access_key=self.settings.secret_key,
+            aws_session_token=self.settings.session_token,
+            region_name=self.region,
+        )
+        self._session = session
+        # Few, short retries: the writer thread must get back to its queue (drop, never block).
+        config = Config(
+            connect_timeout=self.settings.connect_timeout_s,
+            read_timeout=self.settings.read_timeout_s,
+            retries={"max_attempts": self.settings.max_attempts, "mode": "standard"},
+            s3={"addressing_style": "path"},
+            max_pool_connections=32,
+        )
+        self.client = session.client("s3", endpoint_url=self.endpoint, config=config)
+        self.stats = RequestStats()
+        self._arrow_fs: Any = None
+
+    @classmethod
+    def for_uri(cls, uri: str | StoreURI, settings: S3Settings | None = None) -> S3FS:
+        """An :class:`S3FS` for the bucket of an ``s3://`` store root."""
+        parsed = uri if isinstance(uri, StoreURI) else parse_store_uri(uri)
+        if not parsed.is_s3:
+            raise StoreURIError(f"{uri!s} is not an s3:// store root")
+        return cls(parsed.bucket, settings)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def where(self) -> str:
+        """The endpoint, for messages."""
+        return self.endpoint or f"AWS S3 ({self.region})"
+
+    def _key(self, path: str) -> str:
+        bucket, key = split_s3(path)
+        if bucket != self.bucket:
+            raise StoreURIError(f"{path!r} is not in bucket {self.bucket!r}")
+        return key
+
+    def uri(self, key: str) -> str:
+        """``s3://bucket/key`` for a key of this bucket."""
+        return f"s3://{self.bucket}/{key}"
+
+    def _error(self, exc: BaseException, op: str, path: str) -> ObjectStoreError:
+        """Translate a botocore error into one clear :class:`ObjectStoreError`."""
+        from botocore import exceptions as bx
+
+        where = self.where()
+        if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+            return CredentialsError(
+                f"no AWS credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "or AWS_PROFILE (what failed: " + op + f" {path})"
+            )
+        if isinstance(exc, bx.ProfileNotFound):
+            return CredentialsError(f"AWS profile not found: {exc}")
+        if isinstance(exc, bx.EndpointConnectionError | bx.ConnectTimeoutError | bx.ConnectionClosedError):
+            return EndpointUnreachableError(
+                f"cannot reach the S3 endpoint {where} ({exc}); check {ENV_ENDPOINT} / AWS_ENDPOINT_URL "
+                f"and that the server is running (what failed: {op} {path})"
+            )
+        if isinstance(exc, bx.ReadTimeoutError):
+            return EndpointUnreachableError(f"the S3 endpoint {where} stopped answering during {op} {path} ({exc})")
+        if isinstance(exc, bx.ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchBucket",) or (code in ("404", "NotFound") and op == "head_bucket"):
+                return BucketNotFoundError(f"bucket {self.bucket!r} does not exist at {where}: create it first")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId"):
+                return CredentialsError(
+                    f"{where} rejected the credentials ({code}): check AWS_ACCESS_KEY_ID / "
+                    f"AWS_SECRET_ACCESS_KEY / AWS_PROFILE (what failed: {op} {path})"
+                )
+            if code in ("AccessDenied", "AllAccessDisabled", "403") or status == 403:
+                return AccessDeniedError(
+                    f"{where} denied {op} on {path} ({code}): the credentials lack this permission "
+                    "(a writer needs s3:PutObject, s3:GetObject, s3:ListBucket and s3:DeleteObject on the prefix)"
+                )
+            return ObjectStoreError(f"{op} {path} failed at {where}: {code} {err.get('Message', '')} (HTTP {status})")
+        if isinstance(exc, bx.BotoCoreError):
+            return ObjectStoreError(f"{op} {path} failed at {where}: {exc}")
+        return ObjectStoreError(f"{op} {path} failed at {where}: {exc!r}")
+
+    @contextlib.contextmanager
+    def _call(self, op: str, path: str) -> Iterator[None]:
+        from botocore import exceptions as bx
+
+        try:
+            yield
+        except (bx.BotoCoreError, bx.ClientError) as exc:
+            raise self._error(exc, op, path) from exc
+
+    @staticmethod
+    def _status(exc: BaseException) -> int | None:
+        from botocore import exceptions as bx
+
+        if isinstance(exc, bx.ClientError):
+            return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return None
+
+    # -- the FileSystem interface -----------------------------------------------------------------
+    def list(self, directory: str) -> list[str]:
+        """Names directly under ``directory`` (objects and sub-prefixes); ``[]`` when there are none."""
+        prefix = self._key(directory).rstrip("/")
+        prefix = prefix + "/" if prefix else ""
+        names: list[str] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
+            if token:
+                kwargs["ContinuationToken"] = token
+            with self._call("list", directory):
+                self.stats.count("list")
+                page = self.client.list_objects_v2(**kwargs)
+            # Some servers list a directory marker (the prefix itself, or a key ending in "/"): skip it.
+            names.extend(o["Key"][len(prefix):] for o in page.get("Contents", ()) if not o["Key"].endswith("/"))
+            names.extend(p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", ()))
+            if not page.get("IsTruncated"):
+                return names
+            token = page.get("NextContinuationToken")
+
+    def walk(self, directory: str) -> list[tuple[str, int]]:
+        """Every object under ``directory`` as ``(path, size)``: one paginated listing, no delimiter."""
+        prefix = self._key(directory).rstrip("/")
+        prefix = prefix + "/" if prefix else ""
+        out: list[tuple[str, int]] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            with self._call("list", directory):
+                self.stats.count("list")
+                page = self.client.list_objects_v2(**kwargs)
+            out.extend((self.uri(o["Key"]), int(o["Size"])) for o in page.get("Contents", ()) if not o["Key"].endswith("/"))
+            if not page.get("IsTruncated"):
+                return out
+            token = page.get("NextContinuationToken")
+
+    def _head(self, path: str) -> dict[str, Any] | None:
+        from botocore import exceptions as bx
+
+        try:
+            self.stats.count("head")
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(path))
+        except bx.ClientError as exc:
+            if self._status(exc) == 404:
+                return None
+            raise self._error(exc, "head", path) from exc
+        except bx.BotoCoreError as exc:
+            raise self._error(exc, "head", path) from exc
+
+    def exists(self, path: str) -> bool:
+        """Whether the object ``path`` exists."""
+        return self._head(path) is not None
+
+    def mtime_ns(self, path: str) -> int | None:
+        """Last-modified time of ``path`` in ns, or None if absent."""
+        head = self._head(path)
+        if head is None:
+            return None
+        return int(head["LastModified"].timestamp() * 1e9)
+
+    def read_bytes(self, path: str) -> bytes:
+        """The whole object (``FileNotFoundError`` when absent)."""
+        from botocore import exceptions as bx
+
+        try:
+            self.stats.count("get")
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(path))["Body"].read()
+        except bx.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(path) from exc
+            raise self._error(exc, "get", path) from exc
+        except bx.BotoCoreError as exc:
+            raise self._error(exc, "get", path) from exc
+
+    def open_input(self, path: str) -> str:
+        """The ``bucket/key`` path that :meth:`arrow_filesystem` opens (DuckDB reads via pyarrow)."""
+        return f"{self.bucket}/{self._key(path)}"
+
+    def put_create_only(self, path: str, data: bytes) -> None:
+        """One PUT with ``If-None-Match: *``: the object appears whole, or the call fails.
+
+        A 412 on a key that already holds exactly ``data`` is success (a retry of a PUT whose
+        answer was lost); on other content it raises :class:`KeyCollisionError`.
+        """
+        from botocore import exceptions as bx
+
+        key = self._key(path)
+        try:
+            self.stats.count("put")
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+            return
+        except bx.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if self._status(exc) not in (412, 409) and code not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise self._error(exc, "put", path) from exc
+            first = exc
+        except bx.BotoCoreError as exc:
+            raise self._error(exc, "put", path) from exc
+        head = self._head(path)
+        if head is not None and head.get("ContentLength") == len(data):
+            etag = str(head.get("ETag", "")).strip('"')
+            if etag == hashlib.md5(data, usedforsecurity=False).hexdigest():
+                return
+        raise KeyCollisionError(
+            f"{path} already exists at {self.where()} (create-only PUT refused with 412): two writers "
+            "chose the same key, which writer ids + sequence numbers are meant to prevent"
+        ) from first
+
+    def publish(self, directory: str, name: str, write: Callable[[str], None]) -> str:
+        """``write(tmp)`` fills a local temp file, then one create-only PUT publishes it whole."""
+        fd, tmp = tempfile.mkstemp(prefix=".hw-", suffix=".partial")
+        os.close(fd)
+        try:
+            write(tmp)
+            with open(tmp, "rb") as fh:
+                data = fh.read()
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        return self.publish_bytes(directory, name, data)
+
+    def publish_bytes(self, directory: str, name: str, data: bytes) -> str:
+        """Publish ``data`` as ``directory/name`` with one create-only PUT."""
+        path = directory.rstrip("/") + "/" + name
+        self.put_create_only(path, data)
+        return path
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create ``path`` holding ``data`` unless it exists (False then)."""
+        try:
+            self.put_create_only(path, data)
+            return True
+        except KeyCollisionError:
+            return False
+
+    def delete(self, path: str) -> bool:
+        """Remove ``path``; False when it was already gone (S3 DELETE itself does not say)."""
+        if self._head(path) is None:
+            return False
+        with self._call("delete", path):
+            self.stats.count("delete")
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(path))
+        return True
+
+    # -- startup checks ---------------------------------------------------------------------------
+    def check_bucket(self) -> None:
+        """Raise a clear error unless the bucket exists and the credentials may read it."""
+        with self._call("head_bucket", f"s3://{self.bucket}"):
+            self.client.head_bucket(Bucket=self.bucket)
+
+    def probe(self, prefix: str = "") -> None:
+        """Require the server to enforce ``If-None-Match: *`` before any segment is written.
+
+        PUTs one fresh probe key twice; the second PUT must be refused with 412. A server that
+        accepts it would let two writers overwrite each other's objects without anyone noticing,
+        so it is refused with :class:`ConditionalWriteUnsupportedError` naming the endpoint.
+        """
+        from botocore import exceptions as bx
+
+        self.check_bucket()
+        key = "/".join(p for p in (prefix.strip("/"), PROBE_DIR, f"{uuid.uuid4().hex}.probe") if p)
+        path = self.uri(key)
+        with self._call("put (probe)", path):
+            try:
+                self.stats.count("put")
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=b"1", IfNoneMatch="*")
+            except bx.ClientError as exc:
+                if self._status(exc) in (400, 501):
+                    raise ConditionalWriteUnsupportedError(
+                        f"S3 endpoint {self.where()} rejects conditional PUTs (If-None-Match: *): "
+                        f"{exc.response.get('Error', {}).get('Code')}; healthwatch needs create-only writes"
+                    ) from exc
+                raise
+        try:
+            try:
+                self.stats.count("put")
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=b"2", IfNoneMatch="*")
+            except bx.ClientError as exc:
+                if self._status(exc) in (412, 409):
+                    return  # enforced
+                raise self._error(exc, "put (probe)", path) from exc
+            except bx.BotoCoreError as exc:
+                raise self._error(exc, "put (probe)", path) from exc
+            raise ConditionalWriteUnsupportedError(
+                f"S3 endpoint {self.where()} ignores If-None-Match: a second create-only PUT of the probe "
+                f"key {path} succeeded instead of failing with 412 Precondition Failed. Writers there could "
+                "silently overwrite each other's segments, so healthwatch refuses to write to it; use AWS S3 "
+                "or a server that enforces conditional writes (e.g. SeaweedFS)"
+            )
+        finally:
+            with contextlib.suppress(ObjectStoreError, OSError):
+                self.delete(path)
+
+    # -- reading --------------------------------------------------------------------------------
+    def arrow_filesystem(self) -> Any:
+        """A ``pyarrow.fs.S3FileSystem`` with the same endpoint and credentials."""
+        if self._arrow_fs is None:
+            import pyarrow.fs as pafs
+
+            creds = self._session.get_credentials()
+            if creds is None:
+                raise CredentialsError(
+                    f"no AWS credentials for {self.where()}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+                )
+            frozen = creds.get_frozen_credentials()
+            kwargs: dict[str, Any] = {
+                "access_key": frozen.access_key,
+                "secret_key": frozen.secret_key,
+                "session_token": frozen.token,
+                "region": self.region,
+                "connect_timeout": self.settings.connect_timeout_s,
+                "request_timeout": self.settings.read_timeout_s,
+            }
+            if self.endpoint:
+                parsed = urlparse(self.endpoint)
+                kwargs["endpoint_override"] = parsed.netloc or self.endpoint
+                kwargs["scheme"] = parsed.scheme or "https"
+            self._arrow_fs = pafs.S3FileSystem(**kwargs)
+        return self._arrow_fs
+
+
+# --------------------------------------------------------------------------------------------
+# writing segments: keys that cannot collide, spread over the key space
+
+
+def new_writer_id(attempt: int, rank: int) -> str:
+    """Writer id in the store's format (``a<attempt>r<rank>x<random>``): unique per process start."""
+    return f"a{attempt:04d}r{rank:05d}x{uuid.uuid4().hex[:8]}"
+
+
+def segment_key(root: StoreURI, table: str, run: str, writer_id: str, seq: int, level: int = 0) -> str:
+    """The key of one segment: ``<prefix>/table=<t>/run=<r>/<writer>-<seq>-L<level>.parquet``.
+
+    Same layout as on disk (hive partitions read by DuckDB, Spark, Trino). The file name starts
+    with the writer id, so the writers of one run occupy distinct key ranges that S3 can split
+    into separate partitions when the request rate of a run's prefix grows (see docs/scale.md).
+    """
+    parts = [root.prefix] if root.prefix else []
+    parts += [f"table={table}", f"run={run}", f"{writer_id}-{seq:09d}-L{level}.parquet"]
+    return "/".join(parts)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """A table as Parquet bytes (zstd), as the store writes segments."""
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd", row_group_size=128_000)
+    return sink.getvalue().to_pybytes()
+
+
+class S3SegmentWriter:
+    """Publishes the segments of one writer (run x attempt x rank) to an ``s3://`` store.
+
+    Each :meth:`write` is one create-only PUT of a new key (writer id + sequence number). Call
+    :meth:`start` once (bucket check + conditional-write probe) before the first write.
+    """
+
+    def __init__(self, fs: S3FS, root: str | StoreURI, run: str, attempt: int = 1, rank: int = 0) -> None:
+        from healthwatch.schema import validate_run_name
+
+        self.fs = fs
+        self.root = root if isinstance(root, StoreURI) else parse_store_uri(root)
+        self.run = validate_run_name(run)
+        self.writer_id = new_writer_id(attempt, rank)
+        self.seq = 0
+
+    def start(self) -> None:
+        """Check the bucket and that the server enforces create-only PUTs (raises a clear error if not)."""
+        self.fs.probe(self.root.prefix)
+
+    def write(self, table: str, data: pa.Table) -> str | None:
+        """Publish ``data`` (schema of ``table``) as one new segment; returns its ``s3://`` path."""
+        from healthwatch.schema import TABLES
+
+        data = data.select(TABLES[table].names).cast(TABLES[table])
+        if data.num_rows == 0:
+            return None
+        self.seq += 1
+        key = segment_key(self.root, table, self.run, self.writer_id, self.seq)
+        path = self.fs.uri(key)
+        self.fs.put_create_only(path, table_bytes(data))
+        return path
+
+
+class BackgroundUploader:
+    """A bounded queue and one thread that uploads: :meth:`submit` never blocks the caller.
+
+    This is the Monitor writer's contract (drop, count, never block) for an ``s3://`` writer:
+    when the queue is full, or an upload fails (server down, timeouts), the rows of that flush
+    are counted in :attr:`dropped_rows` and writing goes on with the next flush.
+    """
+
+    def __init__(self, writer: S3SegmentWriter, max_queue: int = 8) -> None:
+        import queue
+
+        self.writer = writer
+        self._queue: queue.Queue[tuple[str, pa.Table] | None] = queue.Queue(maxsize=max_queue)
+        self.dropped_rows = 0
+        self.written_rows = 0
+        self.failures = 0
+        self.last_error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="healthwatch-s3-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, table: str, data: pa.Table) -> bool:
+        """Queue one flush; False (rows counted as dropped) when the queue is full."""
+        import queue
+
+        try:
+            self._queue.put_nowait((table, data))
+            return True
+        except queue.Full:
+            with self._lock:
+                self.dropped_rows += data.num_rows
+            return False
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            table, data = item
+            try:
+                self.writer.write(table, data)
+                with self._lock:
+                    self.written_rows += data.num_rows
+            except (ObjectStoreError, OSError) as exc:
+                with self._lock:
+                    self.dropped_rows += data.num_rows
+                    self.failures += 1
+                    self.last_error = exc
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Upload what is queued (within ``timeout``) and stop the thread."""
+        import queue
+
+        with contextlib.suppress(queue.Full):  # a wedged upload: the daemon thread dies with the process
+            self._queue.put(None, timeout=timeout)
+        self._thread.join(timeout)
+
+
+# --------------------------------------------------------------------------------------------
+# reading: pyarrow datasets that DuckDB scans with pushdown
+
+
+def live_segments(paths: list[str]) -> list[str]:
+    """The published, not-superseded segment paths among a listing (same rules as on disk).
+
+    Temp names (starting with ``.``) are never listed as segments; merge manifests are applied by
+    the caller that can read them (see :meth:`S3Tables.refresh`).
+    """
+    return sorted(p for p in paths if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
+
+
+def s3_dataset(fs: S3FS, paths: list[str], schema: pa.Schema, base: str) -> Any:
+    """A ``pyarrow.dataset`` over ``paths`` (``s3://`` segment files) with the hive ``run`` column.
+
+    ``schema`` is the table's stored schema; ``base`` the ``s3://`` directory above ``run=…``.
+    """
+    import pyarrow.dataset as ds
+
+    part = ds.partitioning(pa.schema([("run", pa.string())]), flavor="hive")
+    full = schema.append(pa.field("run", pa.string()))
+    return ds.dataset(
+        [fs.open_input(p) for p in paths],
+        schema=full,
+        format="parquet",
+        filesystem=fs.arrow_filesystem(),
+        partitioning=part,
+        partition_base_dir=fs.open_input(base),
+    )
+
+
+class S3Tables:
+    """DuckDB views over an ``s3://`` store, read through pyarrow (interim read path).
+
+    ``refresh()`` lists every table with one paginated ``ListObjectsV2`` each (counted in
+    :attr:`last_list_calls`) and re-registers the tables; ``*_effective`` views hide superseded
+    attempts exactly as the local :class:`healthwatch.store.Store` does.
+    """
+
+    def __init__(self, uri: str, fs: S3FS | None = None, settings: S3Settings | None = None) -> None:
+        import duckdb
+
+        self.root = parse_store_uri(uri)
+        if not self.root.is_s3:
+            raise StoreURIError(f"{uri} is not an s3:// store root")
+        self.fs = fs or S3FS.for_uri(self.root, settings)
+        self.fs.check_bucket()
+        self.con = duckdb.connect()
+        self.last_list_calls = 0
+        self.files: dict[str, list[str]] = {}
+        self.refresh()
+
+    def _base(self, table: str) -> str:
+        parts = [self.root.prefix] if self.root.prefix else []
+        return self.fs.uri("/".join([*parts, f"table={table}"]))
+
+    def refresh(self) -> None:
+        """List the store again and rebuild the views."""
+        import json
+
+        from healthwatch.schema import ATTEMPT_TABLES, TABLES
+
+        before = self.fs.stats.snapshot()["list"]
+        for table, schema in TABLES.items():
+            listing = [p for p, _size in self.fs.walk(self._base(table))]
+            hidden: set[str] = set()
+            names = set(listing)
+            for p in listing:
+                if p.rsplit("/", 1)[-1].startswith("_merge-") and p.endswith(".json"):
+                    try:
+                        manifest = json.loads(self.fs.read_bytes(p))
+                    except (FileNotFoundError, ValueError):
+                        continue
+                    directory = p.rsplit("/", 1)[0]
+                    if f"{directory}/{manifest.get('target')}" in names:
+                        hidden.update(f"{directory}/{s}" for s in manifest.get("sources", []))
+            paths = [p for p in live_segments(listing) if p not in hidden]
+            self.files[table] = paths
+            view = "runs_raw" if table == "runs" else table
+            if paths:
+                dataset = s3_dataset(self.fs, paths, schema, self._base(table))
+                self.con.register(f"_ds_{table}", dataset)
+                cols = ", ".join(f'"{f.name}"' for f in schema)
+                self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT run, {cols} FROM _ds_{table}")
+            else:
+                cols = ", ".join(f'NULL::{_duck_type(f.type)} AS "{f.name}"' for f in schema)
+                self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT NULL::VARCHAR AS run, {cols} LIMIT 0")
+        self.con.execute(
+            "CREATE OR REPLACE VIEW runs AS SELECT * FROM runs_raw "
+            "QUALIFY row_number() OVER (PARTITION BY run ORDER BY created) = 1"
+        )
+        self.con.execute(
+            "CREATE OR REPLACE VIEW attempt_bounds AS SELECT a.run, a.attempt, a.start_step, "
+            "(SELECT min(b.start_step) FROM attempts b WHERE b.run = a.run AND b.attempt > a.attempt) "
+            "AS superseded_from FROM attempts a"
+        )
+        for table in ATTEMPT_TABLES:
+            self.con.execute(
+                f"CREATE OR REPLACE VIEW {table}_effective AS SELECT t.* FROM {table} t "
+                "LEFT JOIN attempt_bounds b ON t.run = b.run AND t.attempt = b.attempt "
+                "WHERE b.superseded_from IS NULL OR t.step < b.superseded_from"
+            )
+        self.last_list_calls = self.fs.stats.snapshot()["list"] - before
+
+    def sql(self, query: str, params: list[Any] | None = None) -> Any:
+        """Run ``query`` over the views (a DuckDB relation/cursor result)."""
+        return self.con.execute(query, params or [])
+
+    def close(self) -> None:
+        """Close the DuckDB connection."""
+        self.con.close()
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_int32(t):
+        return "INTEGER"
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_floating(t):
+        return "DOUBLE"
+    if pa.types.is_list(t):
+        return _duck_type(t.value_type) + "[]"
+    return "VARCHAR"

@@ -1,0 +1,84 @@
+"""The Monitor's tuning knobs as one validated value: :class:`MonitorConfig`.
+
+A bad value is an error at ``Monitor(...)`` time naming the field and the value, never
+silently clamped: ``log_every=0`` used to become 1, which hid a bug in the caller's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    # bool is an int subclass: per_rank=True passed positionally to log_every must not pass as 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"MonitorConfig.{name} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"MonitorConfig.{name} must be >= {low}, got {value!r}")
+
+
+def _positive_seconds(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"MonitorConfig.{name} must be a number of seconds > 0, got {value!r}")
+    if math.isnan(value) or value <= 0:
+        raise ValueError(f"MonitorConfig.{name} must be > 0 seconds (inf = never), got {value!r}")
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """How often the Monitor records, flushes and writes; validated on construction.
+
+    Raises ``ValueError`` naming the field and the bad value. Build a variant with
+    :meth:`replace` (validated too). ``Monitor(log_every=..., ...)`` keyword arguments are a
+    shorthand for the fields of this class.
+    """
+
+    log_every: int = 1
+    """Record every N-th step (N >= 1); hooks stay idle on the other steps."""
+
+    expert_load_every: int = 100
+    """Store the full per-expert load vector every N recorded steps; 0 = never."""
+
+    flush_every_s: float = 5.0
+    """Flush at least every this many seconds (> 0; ``math.inf`` = only by steps). Ignored in a
+    multi-rank job: every rank must reduce at the same step, so only ``flush_every_steps`` counts."""
+
+    flush_every_steps: int = 100
+    """Flush after this many recorded steps (>= 1), whichever of the two cadences comes first."""
+
+    dead_window: int = 100
+    """Trailing window in steps (>= 1) over which an expert with no tokens counts as dead."""
+
+    queue_size: int = 64
+    """Flushes that may wait for the writer thread (>= 1). Beyond it a flush is dropped and its rows
+    are counted in ``monitor/dropped_rows``: a slow store never blocks training."""
+
+    per_rank: bool = False
+    """Also write each rank's own, unreduced statistics as run ``<run>.rank<k>`` (k = rank in the
+    Monitor's process group), beside the global run that rank 0 writes. For finding the one rank
+    whose routing or gradients differ; alert rules skip these runs by default."""
+
+    close_timeout_s: float = 120.0
+    """How long ``close()`` (and ``flush(wait=True)``) waits for the writer thread (> 0)."""
+
+    def __post_init__(self) -> None:
+        _int_at_least("log_every", self.log_every, 1)
+        _int_at_least("expert_load_every", self.expert_load_every, 0)
+        _positive_seconds("flush_every_s", self.flush_every_s)
+        _int_at_least("flush_every_steps", self.flush_every_steps, 1)
+        _int_at_least("dead_window", self.dead_window, 1)
+        _int_at_least("queue_size", self.queue_size, 1)
+        if not isinstance(self.per_rank, bool):
+            raise ValueError(f"MonitorConfig.per_rank must be True or False, got {self.per_rank!r}")
+        _positive_seconds("close_timeout_s", self.close_timeout_s)
+
+    def replace(self, **changes: Any) -> MonitorConfig:
+        """A copy with ``changes`` applied (validated; an unknown field name is a ``ValueError``)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"MonitorConfig has no field(s) {unknown}; known: {sorted(known)}")
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,139 @@
+"""Router and Mamba health equal hand-computed numbers (docs/signals.md), through a Monitor and the store."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import healthwatch as hw
+from healthwatch.hooks.adapters import GenericAdapter
+from healthwatch.hooks.signals import decay_terms, dt_terms, router_terms
+
+LN3, LN4, LN6 = math.log(3), math.log(4), math.log(6)
+
+
+def test_router_terms_by_hand():
+    # Token 1: uniform over 4 experts (entropy 1, logsumexp ln 4). Token 2: logits [ln 3, 0, 0, 0]
+    # -> p = [1/2, 1/6, 1/6, 1/6], logsumexp = ln 6.
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [LN3, 0.0, 0.0, 0.0]])
+    sums, mx = router_terms(logits)
+    h2 = -(0.5 * math.log(0.5) + 3 * (1 / 6) * math.log(1 / 6)) / LN4
+    assert sums[0].item() / sums[1].item() == pytest.approx((1.0 + h2) / 2)
+    assert sums[2].item() / sums[3].item() == pytest.approx((LN4**2 + LN6**2) / 2)
+    assert mx.item() == pytest.approx(LN3)
+
+
+def test_mamba_terms_by_hand():
+    sums, maxes = decay_terms(torch.log(torch.tensor([1.0, 2.0, 4.0])))
+    assert sums[0].item() / sums[1].item() == pytest.approx(7 / 3)
+    assert (-maxes[0].item(), maxes[1].item()) == pytest.approx((1.0, 4.0))
+    # dt = softplus(raw + bias): softplus(0) = ln 2, softplus(ln(e - 1)) = 1.
+    sums, maxes = dt_terms(torch.zeros(3, 2), torch.tensor([0.0, math.log(math.e - 1)]))
+    assert sums[0].item() / sums[1].item() == pytest.approx((math.log(2) + 1) / 2)
+    assert maxes[0].item() == pytest.approx(1.0) and -maxes[1].item() == pytest.approx(math.log(2))
+
+
+class Router(nn.Module):
+    """Returns fixed logits (first output, as HF routers do), plus an aux-loss-free expert bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = 4, 1
+        self.w = nn.Linear(4, 4, bias=False)
+        self.register_buffer("expert_bias", torch.tensor([0.5, -0.25, 0.0, 0.1]))
+
+    def forward(self, x: torch.Tensor):
+        logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [LN3, 0.0, 0.0, 0.0]]) + 0.0 * self.w(x[:2])
+        return logits, torch.ones(2, 1), torch.tensor([[0], [1]])
+
+
+class MoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = Router()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.router(h.reshape(-1, 4))
+        return h
+
+
+class Mixer(nn.Module):
+    """Mamba-2-shaped: ``in_proj`` output ends with the dt columns (one per head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.A_log = nn.Parameter(torch.log(torch.tensor([1.0, 2.0, 4.0])))
+        self.dt_bias = nn.Parameter(torch.tensor([0.0, math.log(math.e - 1), 0.0]))
+        self.in_proj = nn.Linear(4, 7, bias=False)
+        nn.init.zeros_(self.in_proj.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + 0.0 * self.in_proj(h)[..., :4]
+
+
+class MambaBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mixer = Mixer()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mixer(h)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([MambaBlock(), MoE(), nn.Linear(4, 4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_router_and_mamba_health_end_to_end(store_dir):
+    net = Net()
+    with hw.Monitor(store=store_dir, run="rm") as mon:
+        spec = mon.watch(net, adapter=GenericAdapter(blocks=r"^layers\.\d+$", routers=r"\.router$",
+                                                      layer_types={r"^layers\.0$": "mamba"}))
+        assert [b.layer_type for b in spec.blocks][:2] == ["mamba", "moe"]
+        for step in range(2):                    # two microbatches in step 1: averages unchanged
+            net(torch.zeros(1, 2, 4))
+            if step == 1:
+                net(torch.zeros(1, 2, 4))
+            mon.step(step, loss=1.0)
+    st = hw.open_store(store_dir)
+    got = {(s, layer, m): v for s, layer, m, v in st.sql("SELECT step, layer, metric, value FROM layer_stats").fetchall()}
+    h2 = -(0.5 * math.log(0.5) + 0.5 * math.log(1 / 6)) / LN4
+    for s in (0, 1):
+        assert got[(s, 1, "router_entropy")] == pytest.approx((1 + h2) / 2)
+        assert got[(s, 1, "router_zloss")] == pytest.approx((LN4**2 + LN6**2) / 2)
+        assert got[(s, 1, "router_max_logit")] == pytest.approx(LN3)
+        assert got[(s, 1, "expert_bias_range")] == pytest.approx(0.75)
+        assert got[(s, 0, "ssm_decay_min")] == pytest.approx(1.0)
+        assert got[(s, 0, "ssm_decay_mean")] == pytest.approx(7 / 3)
+        assert got[(s, 0, "ssm_decay_max")] == pytest.approx(4.0)
+        # dt over heads (bias 0, ln(e-1), 0) on zero input: ln 2, 1, ln 2.
+        assert got[(s, 0, "ssm_dt_mean")] == pytest.approx((2 * math.log(2) + 1) / 3)
+        assert got[(s, 0, "ssm_dt_max")] == pytest.approx(1.0)
+        assert got[(s, 0, "ssm_dt_min")] == pytest.approx(math.log(2))
+    # A plain Linear block has neither: no rows, no error.
+    assert not [k for k in got if k[1] == 2 and (k[2].startswith("router") or k[2].startswith("ssm"))]
+
+
+def test_families_can_be_turned_off_and_unknown_ones_are_refused():
+    from healthwatch.hooks.collector import StatsCollector
+
+    net = Net()
+    spec = GenericAdapter(blocks=r"^layers\.\d+$", routers=r"\.router$").inspect(net)
+    with pytest.raises(ValueError, match="unknown signal families"):
+        StatsCollector(spec, torch.device("cpu"), families={"quant", "bogus"})
+    col = StatsCollector(spec, torch.device("cpu"), families=set())
+    col.attach()
+    net(torch.zeros(1, 2, 4))
+    col.take_row([])
+    assert col.bank.empty
+    col.detach()

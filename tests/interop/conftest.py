@@ -1,0 +1,8 @@
+"""Interop tests: make the helper modules next to the tests importable by name."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
