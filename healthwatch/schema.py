@@ -137,6 +137,10 @@ TABLES: dict[str, pa.Schema] = {
             ("vmax", pa.float64()),
             ("vmean", pa.float64()),
             ("vlast", pa.float64()),
+            ("step_vmin", pa.int64()),
+            ("tokens_vmin", pa.int64()),
+            ("step_vmax", pa.int64()),
+            ("tokens_vmax", pa.int64()),
         ]
     ),
     "scalars_rollup": pa.schema(
@@ -154,6 +158,10 @@ TABLES: dict[str, pa.Schema] = {
             ("vmax", pa.float64()),
             ("vmean", pa.float64()),
             ("vlast", pa.float64()),
+            ("step_vmin", pa.int64()),
+            ("tokens_vmin", pa.int64()),
+            ("step_vmax", pa.int64()),
+            ("tokens_vmax", pa.int64()),
         ]
     ),
 }

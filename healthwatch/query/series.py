@@ -39,6 +39,11 @@ _POINT_SCHEMA = {"sig": pl.Utf8, "superseded": pl.Boolean, "b": pl.Int64, "step"
                  "value": pl.Float64, "attempt": pl.Int32}
 
 
+#: A rollup row's minimum and maximum as ``{s: step, t: tokens, v: value}`` rows (unnested).
+_EXTREMES = ("unnest([{'s': step_vmin, 't': tokens_vmin, 'v': vmin}, "
+             "{'s': step_vmax, 't': tokens_vmax, 'v': vmax}])")
+
+
 def _plans(store: Store, run: str, signals: Sequence[Signal], path: Timeline) -> dict[str, RollupPlan]:
     """100-step rollup plans of the tables ``signals`` read, narrowed to their keys."""
     out: dict[str, RollupPlan] = {}
@@ -101,9 +106,10 @@ def _source_sql(run: str, signals: Sequence[Signal], path: Timeline, step_from: 
         if pl_ is not None and pl_.used:
             rp: list[Any] = []
             pred = pl_.rollup_pred(rp, lo=step_from if step_from > -(2**61) else None)
+            # Each bucket's minimum and maximum at their own step and tokens.
             parts.append(
-                "SELECT name AS sig, false AS superseded, step_min AS step, tokens_min AS tokens, v AS value, "
-                "NULL::INTEGER AS attempt FROM (SELECT name, step_min, tokens_min, unnest([vmin, vmax]) AS v "
+                "SELECT name AS sig, false AS superseded, p.s AS step, p.t AS tokens, p.v AS value, "
+                f"NULL::INTEGER AS attempt FROM (SELECT name, {_EXTREMES} AS p "
                 f"FROM scalars_rollup WHERE run = ? AND name IN ({marks}) AND bucket_size = ? AND {pred})")
             params += [run, *scalars, pl_.size, *rp]
             rawx = pl_.raw_pred(rawp)
@@ -122,7 +128,17 @@ def _source_sql(run: str, signals: Sequence[Signal], path: Timeline, step_from: 
             rng, rparams = " AND layer BETWEEN ? AND ?", [int(s.layers[0]), int(s.layers[1])]
         pl_ = plans.get("layer_stats")
         rawx, rawp = "", []
-        if pl_ is not None and pl_.used:
+        one_layer = s.layers is not None and s.layers[0] == s.layers[1]
+        if pl_ is not None and pl_.used and one_layer:
+            rp = []
+            pred = pl_.rollup_pred(rp, lo=step_from if step_from > -(2**61) else None)
+            parts.append(
+                "SELECT ? AS sig, false AS superseded, p.s AS step, p.t AS tokens, p.v AS value, NULL::INTEGER AS attempt "
+                f"FROM (SELECT {_EXTREMES} AS p FROM layer_stats_rollup WHERE run = ? AND metric = ? AND bucket_size = ? "
+                f"AND {pred}{rng})")
+            params += [s.key, run, s.metric, pl_.size, *rp, *rparams]
+            rawx = pl_.raw_pred(rawp)
+        elif pl_ is not None and pl_.used:
             cands = _ROLLUP_AGG[s.agg]
             values = ", ".join(f"{c} AS v{i}" for i, c in enumerate(cands))
             rp = []

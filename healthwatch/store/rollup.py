@@ -3,7 +3,7 @@
 A rollup row summarises the rows of ONE attempt of a run in one bucket of ``bucket_size`` steps
 (100, 1,000 or 10,000). Several rows of the same (attempt, bucket, key) are partial summaries of
 disjoint rows and combine exactly (min of minima, max of maxima, count-weighted mean, last by
-``step_max``), so the writer can publish a bucket's rows as they close and a late row as a small
+``step_max``; the step and tokens of the minimum and maximum follow them), so the writer can publish a bucket's rows as they close and a late row as a small
 extra partial, and merging rollup segments is a plain union of rows.
 
 Because a row belongs to one attempt and records its ``step_max``, the reader decides exactly
@@ -29,30 +29,48 @@ from healthwatch.store.meta import ROLLUP_BUCKETS
 ROLLUP_KEYS: dict[str, tuple[str, ...]] = {"layer_stats": ("metric", "layer"), "scalars": ("name",)}
 
 
+def _project(table: str) -> str:
+    """The rollup columns, in schema order, from an inner query with ``pmin``/``pmax`` structs."""
+    cols = []
+    for name in TABLES[f"{table}_rollup"].names:
+        cols.append({"step_vmin": "pmin.s AS step_vmin", "tokens_vmin": "pmin.t AS tokens_vmin",
+                     "step_vmax": "pmax.s AS step_vmax", "tokens_vmax": "pmax.t AS tokens_vmax"}.get(name, name))
+    return ", ".join(cols)
+
+
 def rollup_select(table: str, source: str, size: int) -> str:
-    """SQL rolling up ``source`` (rows of ``table``) into buckets of ``size`` steps, per attempt."""
+    """SQL rolling up ``source`` (rows of ``table``) into buckets of ``size`` steps, per attempt.
+
+    Each bucket also keeps where its minimum and maximum are (step and tokens of one row each),
+    so a downsampled chart read from rollups draws a spike at its own step.
+    """
     if table == "layer_stats":
         keys, extra = "metric, layer", ", any_value(layer_type) AS layer_type"
     else:
         keys, extra = "name", ""
-    return (
+    inner = (
         f"SELECT {int(size)}::BIGINT AS bucket_size, (step // {int(size)})::BIGINT AS bucket, attempt, {keys}{extra}, "
         "min(step) AS step_min, max(step) AS step_max, min(tokens) AS tokens_min, max(tokens) AS tokens_max, "
         "count(*)::BIGINT AS n, min(value) AS vmin, max(value) AS vmax, avg(value) AS vmean, "
-        f"arg_max(value, step) AS vlast FROM {source} GROUP BY bucket, attempt, {keys}"
+        "arg_max(value, step) AS vlast, arg_min({'s': step, 't': tokens}, value) AS pmin, "
+        "arg_max({'s': step, 't': tokens}, value) AS pmax "
+        f"FROM {source} GROUP BY bucket, attempt, {keys}"
     )
+    return f"SELECT {_project(table)} FROM ({inner})"
 
 
 def combine_select(table: str, source: str) -> str:
     """SQL combining partial rollup rows of ``source`` per (bucket_size, bucket, attempt, key) exactly."""
     keys = "metric, layer" if table == "layer_stats" else "name"
     extra = ", any_value(layer_type) AS layer_type" if table == "layer_stats" else ""
-    return (
+    inner = (
         f"SELECT bucket_size, bucket, attempt, {keys}{extra}, min(step_min) AS step_min, max(step_max) AS step_max, "
         "min(tokens_min) AS tokens_min, max(tokens_max) AS tokens_max, sum(n)::BIGINT AS n, min(vmin) AS vmin, "
-        "max(vmax) AS vmax, sum(vmean * n) / sum(n) AS vmean, arg_max(vlast, step_max) AS vlast "
+        "max(vmax) AS vmax, sum(vmean * n) / sum(n) AS vmean, arg_max(vlast, step_max) AS vlast, "
+        "arg_min({'s': step_vmin, 't': tokens_vmin}, vmin) AS pmin, arg_max({'s': step_vmax, 't': tokens_vmax}, vmax) AS pmax "
         f"FROM {source} GROUP BY bucket_size, bucket, attempt, {keys}"
     )
+    return f"SELECT {_project(table)} FROM ({inner})"
 
 
 class RollupAccumulator:
