@@ -3,6 +3,7 @@
 Modules, from the ground up (none imports one above it):
 
 * :mod:`~healthwatch.store.fs` — the only door to storage (list, publish, read, delete);
+* :mod:`~healthwatch.store.timeline` — which rows a later attempt supersedes (pure rule);
 * :mod:`~healthwatch.store.meta` — store location, metadata file, runs/attempts row helpers;
 * :mod:`~healthwatch.store.segments` — segment names, atomic publish, listing, merge locks;
 * :mod:`~healthwatch.store.merge` — merging segments into sorted ones (DuckDB);

@@ -28,6 +28,7 @@ from healthwatch.store import fs as _fs
 from healthwatch.store.merge import sql_str as _sql_str
 from healthwatch.store.meta import default_store_path, read_meta
 from healthwatch.store.segments import iter_run_dirs, list_segments, segment_problem
+from healthwatch.store.timeline import view_sql
 
 log = logging.getLogger("healthwatch.store")
 
@@ -174,9 +175,6 @@ class Store:
 
     def _derived_views(self) -> None:
         """Views defined over the base views: ``runs`` (first declaration wins) and the timeline views."""
-        # The one definition of superseded rows (that module imports nothing of the store).
-        from healthwatch.query.timeline import view_sql
-
         # First definition of a run wins: a resumed attempt does not redefine lineage.
         self.con.execute(
             "CREATE OR REPLACE VIEW runs AS SELECT * FROM runs_raw "
