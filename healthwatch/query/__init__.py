@@ -54,7 +54,16 @@ from healthwatch.query.runs import (
     timeline,
     tree_order,
 )
-from healthwatch.query.series import MAX_POINTS, WIDTHS, Agg, SeriesCache, Signal, layer_aggregate, series, series_many
+from healthwatch.query.series import (
+    MAX_POINTS,
+    WIDTHS,
+    Agg,
+    SeriesCache,
+    Signal,
+    layer_aggregate,
+    series,
+    series_many,
+)
 from healthwatch.query.timeline import Timeline
 
 __all__ = [
