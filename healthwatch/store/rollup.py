@@ -98,16 +98,18 @@ class RollupAccumulator:
             return None
         con = self._con
         con.register("batch", rows)
-        parts = " UNION ALL ".join(f"({rollup_select(self.table, 'batch', s)})" for s in self.sizes)
-        fresh = con.sql(f"SELECT {', '.join(self.schema.names)} FROM ({parts})").to_arrow_table()
+        cols = ", ".join(self.schema.names)
+        fresh = " UNION ALL ".join(f"({rollup_select(self.table, 'batch', s)})" for s in self.sizes)
+        if self._open is not None and self._open.num_rows:
+            # One statement: this batch's buckets combined with the open ones (exact: see the module doc).
+            con.register("open_rows", self._open)
+            fresh = f"SELECT {cols} FROM open_rows UNION ALL SELECT {cols} FROM ({fresh})"
+        combined = con.sql(f"SELECT {cols} FROM ({combine_select(self.table, f'({fresh})')})").to_arrow_table()
+        combined = combined.cast(self.schema)
         con.unregister("batch")
+        if self._open is not None and self._open.num_rows:
+            con.unregister("open_rows")
         self._high = max(self._high, int(pc.max(rows["step"]).as_py()))
-        pending = fresh if self._open is None else pa.concat_tables([self._open, fresh.cast(self.schema)])
-        con.register("pending", pending)
-        combined = con.sql(
-            f"SELECT {', '.join(self.schema.names)} FROM ({combine_select(self.table, 'pending')})"
-        ).to_arrow_table().cast(self.schema)
-        con.unregister("pending")
         closed_mask = pc.less_equal(
             pc.multiply(pc.add(combined["bucket"], 1), combined["bucket_size"]), self._high + 1
         )
