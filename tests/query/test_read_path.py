@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st_
 
-from healthwatch import query
+from healthwatch import compare, query
 from healthwatch.alerts.detectors import Sources
 from healthwatch.store import END_EVENT, Store, StoreWriter, attempt_row, compact_store, run_row
 
@@ -89,8 +89,9 @@ def scenarios(draw: st_.DrawFn) -> dict:
             "agg": draw(st_.sampled_from(["mean", "max", "min", "last"]))}
 
 
-def _write(root: Path, sc: dict) -> tuple[list[tuple], list[tuple], list[tuple]]:
-    """Write the scenario; return the raw rows written: layer rows, scalar rows, attempts."""
+def _write(root: Path, sc: dict) -> tuple[list[tuple], list[tuple], list[tuple], list[tuple]]:
+    """Write the scenario; return the raw rows written: layer rows, scalar rows, attempts, expert load."""
+    erows: list[tuple] = []  # (attempt, step, layer, counts)
     lrows: list[tuple] = []  # (attempt, step, tokens, layer, value)
     srows: list[tuple] = []  # (attempt, step, tokens, value)
     atts: list[tuple] = []
@@ -113,6 +114,14 @@ def _write(root: Path, sc: dict) -> tuple[list[tuple], list[tuple], list[tuple]]
             sv = np.round(rng.normal(size=len(part)), 4).tolist()
             w.write("scalars", {"attempt": [att] * len(part), "step": part, "tokens": [s * 10 for s in part],
                                 "name": ["loss/train"] * len(part), "value": sv, "wall_time": [0.0] * len(part)})
+            sampled = [s for s in part if s % 5 == 0]
+            if sampled:
+                counts = [[int(x) for x in rng.integers(0, 9, 4)] for _ in sampled for _ in range(2)]
+                w.write("expert_load", {"attempt": [att] * (2 * len(sampled)),
+                                        "step": [s for s in sampled for _ in range(2)],
+                                        "tokens": [s * 10 for s in sampled for _ in range(2)],
+                                        "layer": [lay for _ in sampled for lay in (0, 2)], "counts": counts})
+                erows += [(att, s, lay, counts[2 * i + j]) for i, s in enumerate(sampled) for j, lay in enumerate((0, 2))]
             for i, s in enumerate(part):
                 srows.append((att, s, s * 10, sv[i]))
                 for lay in range(LAYERS):
@@ -126,7 +135,7 @@ def _write(root: Path, sc: dict) -> tuple[list[tuple], list[tuple], list[tuple]]
             w.write("events", {"attempt": [att], "step": [steps[-1]], "tokens": [steps[-1] * 10], "kind": [END_EVENT],
                                "message": ["closed"], "wall_time": [0.0]})
             w.close()
-    return lrows, srows, atts
+    return lrows, srows, atts, erows
 
 
 def _on_path(atts: list[tuple], attempt: int | None):
@@ -167,7 +176,7 @@ def _ref_heatmap(rows: list[tuple], keep, max_buckets: int, agg: str) -> dict:
 @given(sc=scenarios())
 def test_every_reader_equals_naive_reference(tmp_path_factory: pytest.TempPathFactory, sc: dict) -> None:
     root = tmp_path_factory.mktemp("prop") / "s"
-    lrows, srows, atts = _write(root, sc)
+    lrows, srows, atts, erows = _write(root, sc)
     if sc["attempts"][-1]["ops"] and sc["attempts"][-1]["ops"][0] == "compact":
         compact_store(root)
     store = Store(root)
@@ -204,6 +213,13 @@ def test_every_reader_equals_naive_reference(tmp_path_factory: pytest.TempPathFa
             got_p = sorted(zip(*prof.filter(prof["asked"] == ask).select("layer", "value").to_dict(as_series=False)
                                .values()))
             assert got_p == ref_p
+        # expert load: vectors at the sample at or before a step, on the path
+        esteps = sorted({s for a, s, *_ in erows if keep(a, s)})
+        for ask in esteps[:: max(1, len(esteps) // 3)][:3]:
+            got_e = query.expert_load_at(store, "r", ask, attempt=attempt)
+            ref_e = sorted((lay, c) for a, s, lay, c in erows if s == ask and keep(a, s))
+            assert sorted(zip(got_e["layer"].to_list(), got_e["counts"].to_list())) == ref_e
+        assert query.expert_load_steps(store, "r", attempt=attempt) == esteps
         # divergence buckets (mean of the scalar per bucket on the path)
         if eff_s:
             lo, hi = eff_s[0][0], eff_s[-1][0]
@@ -218,8 +234,10 @@ def test_every_reader_equals_naive_reference(tmp_path_factory: pytest.TempPathFa
             view = Sources.attempt_path(attempt).scalars
             n = store.sql(f"SELECT count(*) FROM {view} t WHERE t.run = 'r'").fetchone()[0]
             assert n == len(eff_s)
-    # effective views and the runs overview
+    # effective views, the comparison's effective span and the runs overview
     keep = _on_path(atts, None)
+    eff_tokens = [t for a, s, t, _v in srows if keep(a, s)]
+    assert compare._token_span(store, "r", "loss/train") == (min(eff_tokens), max(eff_tokens), len(eff_tokens))
     n_eff = store.sql("SELECT count(*) FROM layer_stats_effective WHERE run = 'r'").fetchone()[0]
     assert n_eff == sum(1 for r in lrows if keep(r[0], r[1]))
     ov = query.runs_overview(store).row(0, named=True)
