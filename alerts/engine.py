@@ -383,6 +383,8 @@ class Evaluator:
         cuts = np.concatenate(([0], np.flatnonzero(np.diff(ids)) + 1, [obs.height]))
         steps_all = obs["step"].to_numpy()
         active_all = obs["active"].to_numpy()
+        if r.min_step:
+            active_all = active_all & (steps_all >= r.min_step)  # before min_step: not this rule's business
         runs = obs["run"]
         layers = obs["layer"]
         for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):

@@ -538,6 +538,9 @@ class Rule(_Strict):
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, Template] = Field(default_factory=dict)
     notify: tuple[Literal["pending", "firing", "resolved"], ...] = ("firing", "resolved")
+    #: The condition is ignored before this step of the run (it cannot go pending): early training,
+    #: while routers, norms and losses are still settling, is not what the rule is about.
+    min_step: int = Field(0, ge=0, le=1_000_000_000_000)
 
     @field_validator("alert")
     @classmethod

@@ -49,4 +49,9 @@ def __getattr__(name: str) -> Any:
         from healthwatch.hooks.config import MonitorConfig
 
         return MonitorConfig
+    if name == "integrations":
+        # Trainer callbacks (HF, Lightning); each framework loads only when its callback is used.
+        import healthwatch.hooks.integrations as integrations
+
+        return integrations
     raise AttributeError(f"module 'healthwatch' has no attribute {name!r}")

@@ -100,6 +100,35 @@ def compact(
             progress.advance(task)
 
 
+@app.command()
+def publish(
+    store: StoreOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Delta tables folder (default: <store>/_delta).")] = None,
+    run: Annotated[list[str] | None, typer.Option("--run", help="Only these runs.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Keep publishing (a daemon) until interrupted.")] = False,
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between cycles with --follow.")] = 10.0,
+) -> None:
+    """Commit the store's sealed segments to Delta Lake tables for Spark, Trino, DuckDB (docs/scale.md)."""
+    from healthwatch.publish import Publisher, PublishError, describe
+
+    raw = str(store) if store is not None else ""
+    try:
+        if raw.startswith("s3:/"):  # the shared --store option is a Path, which folds "s3://" to "s3:/"
+            target: object = "s3://" + raw[len("s3:/"):].lstrip("/")
+        else:
+            target = _store_path(store)
+        pub = Publisher(target, out=out, runs=run or None)  # type: ignore[arg-type]
+        if not follow:
+            console.print(describe(pub.publish_once()), highlight=False)
+            return
+        console.print(f"publishing {pub.store} to {pub.out} every {interval:g} s (Ctrl-C stops)", highlight=False)
+        pub.follow(interval, on_cycle=lambda r: console.print(describe(r), highlight=False))
+    except (PublishError, ImportError, OSError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        return
+
+
 @app.command("app")
 def app_cmd(
     store: StoreOpt = None,
@@ -171,6 +200,22 @@ def import_tensorboard_cmd(
     console.print(f"imported {n:,} rows into run {run}")
 
 
+@import_app.command("te-debug")
+def import_te_debug_cmd(
+    logdir: Annotated[Path, typer.Argument(help="Transformer Engine precision-debug log directory (nvdlfw_inspect).")],
+    run: Annotated[str, typer.Option("--run", help="Run name in the store (existing: rows are added to it).")],
+    store: StoreOpt = None,
+) -> None:
+    """Add Transformer Engine precision-debug statistics (underflow %, MSE, amax per GEMM) as layer metrics."""
+    from healthwatch.teimport import import_te_debug
+
+    try:
+        n = import_te_debug(logdir, run=run, store=_store_path(store, must_exist=False))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print(f"imported {n:,} layer rows into run {run}")
+
+
 @app.command()
 def metrics(
     store: StoreOpt = None,
@@ -189,15 +234,18 @@ def metrics(
 
     path = _store_path(store)
     if once:
-        collector = StoreCollector(StoreSource(path, runs=run))
-        collector.refresh()
+        try:
+            collector = StoreCollector(StoreSource(path, runs=run))
+            collector.refresh()
+        except Exception as exc:  # noqa: BLE001 - an unreadable store is one clear line
+            _fail(f"cannot read store {path}: {exc}")
         sys.stdout.write(render(collector).decode())
         collector.source.close()
         return
-    server = MetricsServer(path, host=host, port=port, interval=interval, runs=run)
     try:
+        server = MetricsServer(path, host=host, port=port, interval=interval, runs=run)
         server.start()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         _fail(str(exc))
     err.print(f"serving {server.url} for {path} (store read every {interval:g}s); Ctrl-C stops", highlight=False)
     stop = threading.Event()

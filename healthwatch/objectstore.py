@@ -143,9 +143,19 @@ def is_object_store(uri: str | os.PathLike[str]) -> bool:
     return parse_store_uri(uri).is_s3
 
 
-def split_s3(path: str) -> tuple[str, str]:
-    """``s3://bucket/key`` (or ``bucket/key``) -> ``(bucket, key)``."""
-    rest = path[5:] if path.startswith("s3://") else path
+def split_s3(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """``s3://bucket/key`` (or ``bucket/key``) -> ``(bucket, key)``.
+
+    Also accepts ``s3:/bucket/key``: what ``pathlib.Path("s3://bucket/key")`` turns the URI into,
+    so store code that joins paths with ``/`` works on S3 roots unchanged.
+    """
+    path = os.fspath(path)
+    if path.startswith("s3://"):
+        rest = path[5:]
+    elif path.startswith("s3:/"):
+        rest = path[4:]
+    else:
+        rest = path
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise StoreURIError(f"{path!r} is not an s3://bucket/key path")
@@ -246,6 +256,8 @@ class S3FS:
         )
         self.client = session.client("s3", endpoint_url=self.endpoint, config=config)
         self.stats = RequestStats()
+        #: Last-modified times (epoch s) seen by :meth:`walk` (no extra request to know a file's age).
+        self.last_modified: dict[str, float] = {}
         self._arrow_fs: Any = None
 
     @classmethod
@@ -362,7 +374,11 @@ class S3FS:
             with self._call("list", directory):
                 self.stats.count("list")
                 page = self.client.list_objects_v2(**kwargs)
-            out.extend((self.uri(o["Key"]), int(o["Size"])) for o in page.get("Contents", ()) if not o["Key"].endswith("/"))
+            for o in page.get("Contents", ()):
+                if not o["Key"].endswith("/"):
+                    out.append((self.uri(o["Key"]), int(o["Size"])))
+                    if "LastModified" in o:
+                        self.last_modified[self.uri(o["Key"])] = o["LastModified"].timestamp()
             if not page.get("IsTruncated"):
                 return out
             token = page.get("NextContinuationToken")
@@ -385,11 +401,20 @@ class S3FS:
         return self._head(path) is not None
 
     def mtime_ns(self, path: str) -> int | None:
-        """Last-modified time of ``path`` in ns, or None if absent."""
+        """A change signature of ``path``: the object's last-modified time in ns, None if absent.
+
+        Object storage has no directories: for a prefix (no object of that name) it is a hash of
+        the listing under it (keys and sizes; costs one paginated LIST), so a reader's "did this
+        folder change" check works unchanged.
+        """
         head = self._head(path)
-        if head is None:
+        if head is not None:
+            return int(head["LastModified"].timestamp() * 1e9)
+        listing = self.walk(path)
+        if not listing:
             return None
-        return int(head["LastModified"].timestamp() * 1e9)
+        digest = hashlib.blake2b(repr(sorted(listing)).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") >> 1
 
     def read_bytes(self, path: str) -> bytes:
         """The whole object (``FileNotFoundError`` when absent)."""
@@ -687,23 +712,31 @@ def live_segments(paths: list[str]) -> list[str]:
     return sorted(p for p in paths if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
 
 
-def s3_dataset(fs: S3FS, paths: list[str], schema: pa.Schema, base: str) -> Any:
-    """A ``pyarrow.dataset`` over ``paths`` (``s3://`` segment files) with the hive ``run`` column.
+def s3_dataset(fs: S3FS, files: list[tuple[str, str, int]], schema: pa.Schema,
+               cache: dict[str, Any] | None = None) -> Any:
+    """A ``pyarrow.dataset`` over segment files ``(s3 path, run, size)`` with the ``run`` column.
 
-    ``schema`` is the table's stored schema; ``base`` the ``s3://`` directory above ``run=…``.
+    Fragments are built from the listing (sizes known, ``run`` as each fragment's partition
+    expression), so opening the dataset costs no request per file; DuckDB's scan then reads only
+    the row groups and columns a query needs. With ``cache`` (path -> fragment, kept by the
+    caller across refreshes), each footer is read once (one GET) and kept: segments are
+    immutable, so every later query prunes row groups by their statistics without refetching it.
     """
     import pyarrow.dataset as ds
 
-    part = ds.partitioning(pa.schema([("run", pa.string())]), flavor="hive")
-    full = schema.append(pa.field("run", pa.string()))
-    return ds.dataset(
-        [fs.open_input(p) for p in paths],
-        schema=full,
-        format="parquet",
-        filesystem=fs.arrow_filesystem(),
-        partitioning=part,
-        partition_base_dir=fs.open_input(base),
-    )
+    fmt = ds.ParquetFileFormat()
+    afs = fs.arrow_filesystem()
+    fragments = []
+    for path, run, size in files:
+        frag = cache.get(path) if cache is not None else None
+        if frag is None:
+            frag = fmt.make_fragment(fs.open_input(path), filesystem=afs,
+                                     partition_expression=ds.field("run") == run, file_size=size)
+            if cache is not None:
+                frag.ensure_complete_metadata()
+                cache[path] = frag
+        fragments.append(frag)
+    return ds.FileSystemDataset(fragments, schema.append(pa.field("run", pa.string())), fmt, afs)
 
 
 class S3Tables:
@@ -723,39 +756,99 @@ class S3Tables:
         self.fs = fs or S3FS.for_uri(self.root, settings)
         self.fs.check_bucket()
         self.con = duckdb.connect()
+        self.con.execute("SET asof_loop_join_threshold = 0")  # as the local Store (see store.py)
+        self._lock = threading.RLock()
         self.last_list_calls = 0
-        self.files: dict[str, list[str]] = {}
+        self.listed: dict[str, dict[tuple[str, str], str]] = {}
+        self._fragments: dict[str, Any] = {}  # immutable segments: footers read once
+        self.version = 0
+        self.auto_refresh = False
+        self._refreshed_at = float("-inf")
         self.refresh()
 
-    def _base(self, table: str) -> str:
-        parts = [self.root.prefix] if self.root.prefix else []
-        return self.fs.uri("/".join([*parts, f"table={table}"]))
+    # -- the parts of the local Store's read API that healthwatch.query and .compare use -----------
+    def files(self, table: str, run: str | None = None) -> list[S3ObjectRef]:
+        """Live segment objects of ``table`` (optionally of one run), as of the last refresh."""
+        return [S3ObjectRef(p, self.fs) for (r, _n), p in sorted(self.listed.get(table, {}).items())
+                if run is None or r == run]
 
-    def refresh(self) -> None:
-        """List the store again and rebuild the views."""
+    def refresh_if_older(self, max_age_s: float) -> bool:
+        """:meth:`refresh` unless the last one is younger than ``max_age_s`` seconds."""
+        import time
+
+        if time.monotonic() - self._refreshed_at < max_age_s:
+            return False
+        self.refresh()
+        return True
+
+    def sql(self, query: str, params: list[Any] | None = None) -> S3Result:
+        """A parameterised query over the views; ``.pl()``/``.arrow()``/``.fetchall()``/``.fetchone()``."""
+        return S3Result(self, query, params)
+
+    @staticmethod
+    def table_base(fs: S3FS, root: StoreURI, table: str) -> str:
+        """The ``s3://`` folder of one table (above its ``run=`` folders)."""
+        parts = [root.prefix] if root.prefix else []
+        return fs.uri("/".join([*parts, f"table={table}"]))
+
+    @staticmethod
+    def live_listing(fs: S3FS, root: StoreURI, table: str, sizes: dict[str, int] | None = None) -> dict[tuple[str, str], str]:
+        """Live segments of ``table`` as ``{(run, name): s3 path}``: one paginated listing, manifests applied.
+
+        Same rules as on disk: temp names are never segments; the sources named by a merge
+        manifest whose target exists are hidden (the merge published its target first).
+        ``sizes``, when given, receives every listed object's size.
+        """
         import json
 
+        walked = fs.walk(S3Tables.table_base(fs, root, table))
+        if sizes is not None:
+            sizes.update(walked)
+        listing = [p for p, _size in walked]
+        names = set(listing)
+        hidden: set[str] = set()
+        for p in listing:
+            if p.rsplit("/", 1)[-1].startswith("_merge-") and p.endswith(".json"):
+                try:
+                    manifest = json.loads(fs.read_bytes(p))
+                except (FileNotFoundError, ValueError):
+                    continue
+                directory = p.rsplit("/", 1)[0]
+                if f"{directory}/{manifest.get('target')}" in names:
+                    hidden.update(f"{directory}/{s}" for s in manifest.get("sources", []))
+        out: dict[tuple[str, str], str] = {}
+        for p in live_segments(listing):
+            if p in hidden:
+                continue
+            folder, name = p.rsplit("/", 1)
+            run = folder.rsplit("/", 1)[-1]
+            if run.startswith("run="):
+                out[(run[4:], name)] = p
+        return out
+
+    def refresh(self, force: bool = False) -> bool:
+        """List the store again and rebuild the views (``force`` is accepted for Store compatibility)."""
+        import time
+
+        with self._lock:
+            self._refresh()
+            self._refreshed_at = time.monotonic()
+            self.version += 1
+        return True
+
+    def _refresh(self) -> None:
         from healthwatch.schema import ATTEMPT_TABLES, TABLES
 
         before = self.fs.stats.snapshot()["list"]
         for table, schema in TABLES.items():
-            listing = [p for p, _size in self.fs.walk(self._base(table))]
-            hidden: set[str] = set()
-            names = set(listing)
-            for p in listing:
-                if p.rsplit("/", 1)[-1].startswith("_merge-") and p.endswith(".json"):
-                    try:
-                        manifest = json.loads(self.fs.read_bytes(p))
-                    except (FileNotFoundError, ValueError):
-                        continue
-                    directory = p.rsplit("/", 1)[0]
-                    if f"{directory}/{manifest.get('target')}" in names:
-                        hidden.update(f"{directory}/{s}" for s in manifest.get("sources", []))
-            paths = [p for p in live_segments(listing) if p not in hidden]
-            self.files[table] = paths
+            sizes: dict[str, int] = {}
+            live = self.live_listing(self.fs, self.root, table, sizes)
+            paths = sorted(live.values())
+            self.listed[table] = live
             view = "runs_raw" if table == "runs" else table
             if paths:
-                dataset = s3_dataset(self.fs, paths, schema, self._base(table))
+                dataset = s3_dataset(self.fs, [(p, run, sizes[p]) for (run, _n), p in sorted(live.items())], schema,
+                                     self._fragments)
                 self.con.register(f"_ds_{table}", dataset)
                 cols = ", ".join(f'"{f.name}"' for f in schema)
                 self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT run, {cols} FROM _ds_{table}")
@@ -773,19 +866,111 @@ class S3Tables:
         )
         for table in ATTEMPT_TABLES:
             self.con.execute(
+                f"CREATE OR REPLACE VIEW {table}_all AS SELECT t.*, "
+                "coalesce(t.step >= b.superseded_from, false) AS superseded "
+                f"FROM {table} t LEFT JOIN attempt_bounds b ON t.run = b.run AND t.attempt = b.attempt"
+            )
+            self.con.execute(
                 f"CREATE OR REPLACE VIEW {table}_effective AS SELECT t.* FROM {table} t "
                 "LEFT JOIN attempt_bounds b ON t.run = b.run AND t.attempt = b.attempt "
                 "WHERE b.superseded_from IS NULL OR t.step < b.superseded_from"
             )
         self.last_list_calls = self.fs.stats.snapshot()["list"] - before
-
-    def sql(self, query: str, params: list[Any] | None = None) -> Any:
-        """Run ``query`` over the views (a DuckDB relation/cursor result)."""
-        return self.con.execute(query, params or [])
+        alive = {p for live in self.listed.values() for p in live.values()}
+        for gone in set(self._fragments) - alive:  # retired by merges: forget their footers
+            del self._fragments[gone]
 
     def close(self) -> None:
         """Close the DuckDB connection."""
         self.con.close()
+
+    def __enter__(self) -> S3Tables:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class S3Result:
+    """A query of :class:`S3Tables`, run when a result is asked for (same methods as the Store's)."""
+
+    def __init__(self, tables: S3Tables, query: str, params: list[Any] | None) -> None:
+        self._tables, self._query, self._params = tables, query, params or []
+
+    def _run(self, fn: str) -> Any:
+        with self._tables._lock:
+            con = self._tables.con
+            if fn in ("fetchall", "fetchnumpy", "df"):
+                return getattr(con.execute(self._query, self._params), fn)()
+            rel = con.sql(self._query, params=self._params)
+            if fn == "pl":
+                return rel.pl()
+            return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+
+    def pl(self) -> Any:
+        """The result as a polars DataFrame."""
+        return self._run("pl")
+
+    def arrow(self) -> pa.Table:
+        """The result as an Arrow table."""
+        return self._run("arrow")
+
+    def df(self) -> Any:
+        """The result as a pandas DataFrame."""
+        return self._run("df")
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        """All rows."""
+        return self._run("fetchall")
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        """The first row, or None."""
+        rows = self._run("fetchall")
+        return rows[0] if rows else None
+
+    def fetchnumpy(self) -> dict[str, Any]:
+        """Columns as numpy arrays."""
+        return self._run("fetchnumpy")
+
+
+@dataclass(frozen=True)
+class _S3Stat:
+    st_mtime: float
+    st_size: int
+
+
+class S3ObjectRef:
+    """A listed segment object: ``exists()`` and ``stat()`` like a ``pathlib.Path`` (what query reads)."""
+
+    def __init__(self, path: str, fs: S3FS) -> None:
+        self.path = path
+        self._fs = fs
+
+    def __str__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"S3ObjectRef({self.path!r})"
+
+    @property
+    def name(self) -> str:
+        """The object's file name."""
+        return self.path.rsplit("/", 1)[-1]
+
+    def exists(self) -> bool:
+        """Whether the object still exists (one HEAD)."""
+        return self._fs.exists(self.path)
+
+    def stat(self) -> _S3Stat:
+        """Size and last-modified time (from the listing when known, else one HEAD)."""
+        mtime = self._fs.last_modified.get(self.path)
+        head = None if mtime is not None else self._fs._head(self.path)
+        if mtime is None:
+            if head is None:
+                raise FileNotFoundError(self.path)
+            mtime = head["LastModified"].timestamp()
+        size = int(head["ContentLength"]) if head is not None else 0
+        return _S3Stat(mtime, size)
 
 
 def _duck_type(t: pa.DataType) -> str:

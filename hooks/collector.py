@@ -84,6 +84,7 @@ class StatsCollector:
         self.update_every = max(1, int(update_every))
         self.bank = sig.SignalBank(device)
         self._update_calls = 0
+        self._update_done = False
         self._warned_optim: set[str] = set()
         nb = spec.num_layers
         self.layout = Layout(
@@ -227,8 +228,9 @@ class StatsCollector:
 
     def after_optimizer_step(self, optimizer: Any) -> None:
         """Accumulate per-block update norm and ``||dθ|| / ||θ||`` of the step just taken (device ops only)."""
-        if not self.active or "update" not in self.families or not self._params:
+        if not self.active or "update" not in self.families or not self._params or self._update_done:
             return
+        self._update_done = True  # one update per step: the post-step hook and an explicit call agree
         self._update_calls += 1
         if (self._update_calls - 1) % self.update_every:
             return
@@ -396,4 +398,5 @@ class StatsCollector:
         self.resid_calls = [0] * len(resid_calls)
         self.router_calls = [0] * len(router_calls)
         self.has_wgrad = False
+        self._update_done = False
         return sum_row, max_row, resid_calls, router_calls, has_wgrad

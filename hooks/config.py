@@ -64,6 +64,16 @@ class MonitorConfig:
     close_timeout_s: float = 120.0
     """How long ``close()`` (and ``flush(wait=True)``) waits for the writer thread (> 0)."""
 
+    signals: tuple[str, ...] = ("quant", "router", "mamba", "update")
+    """Signal families beyond the core five (docs/signals.md): ``quant`` (NVFP4 quantisation health),
+    ``router`` (routing entropy, z-loss, max logit, expert-bias range), ``mamba`` (state decay, dt),
+    ``update`` (update norm and ratio after ``optimizer.step()``). Each is a no-op on a model
+    without such layers or a trainer that never calls its hook."""
+
+    update_every: int = 1
+    """Compute the update family on every N-th ``after_optimizer_step`` of recorded steps (>= 1):
+    it costs about four elementwise passes over the parameters (docs/signals.md)."""
+
     def __post_init__(self) -> None:
         _int_at_least("log_every", self.log_every, 1)
         _int_at_least("expert_load_every", self.expert_load_every, 0)
@@ -74,6 +84,15 @@ class MonitorConfig:
         if not isinstance(self.per_rank, bool):
             raise ValueError(f"MonitorConfig.per_rank must be True or False, got {self.per_rank!r}")
         _positive_seconds("close_timeout_s", self.close_timeout_s)
+        from healthwatch.hooks.collector import FAMILIES
+
+        if isinstance(self.signals, str) or not all(isinstance(f, str) for f in self.signals):
+            raise ValueError(f"MonitorConfig.signals must be a tuple of family names, got {self.signals!r}")
+        unknown = sorted(set(self.signals) - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"MonitorConfig.signals: unknown families {unknown}; known: {sorted(FAMILIES)}")
+        object.__setattr__(self, "signals", tuple(self.signals))
+        _int_at_least("update_every", self.update_every, 1)
 
     def replace(self, **changes: Any) -> MonitorConfig:
         """A copy with ``changes`` applied (validated; an unknown field name is a ``ValueError``)."""

@@ -189,6 +189,10 @@ class Monitor:
         self._first_step: int | None = None
         self._last_flush = time.monotonic()
         self._pending_dead_state: dict[str, Any] | None = None
+        self._optimizer: Any = None
+        self._optim_hook: Any = None
+        self._discovery: Any = None
+        self._warned_no_optimizer = False
 
         declaration = RunDeclaration(
             precision=precision, parent=parent, branch_step=branch_step, branch_tokens=self.branch_tokens,
@@ -279,8 +283,11 @@ class Monitor:
             found = int(box[0])
         return found + 1
 
-    def watch(self, model: nn.Module, adapter: Adapter | None = None) -> ModelSpec:
-        """Attach hooks to ``model`` (adapter picked automatically unless given); returns what was found."""
+    def watch(self, model: nn.Module, adapter: Adapter | None = None, optimizer: Any = None) -> ModelSpec:
+        """Attach hooks to ``model`` (adapter picked automatically unless given); returns what was found.
+
+        With ``optimizer``, also :meth:`watch_optimizer` it (update norm and ratio after each step).
+        """
         if self._collector is not None:
             self._collector.detach()
         adapter = adapter or auto_adapter(model)
@@ -290,8 +297,13 @@ class Monitor:
         except StopIteration:
             self.device = torch.device("cpu")
         self.spec = spec
-        self._collector = StatsCollector(spec, self.device)
+        cfg = self.monitor_config
+        self._collector = StatsCollector(spec, self.device, families=cfg.signals, update_every=cfg.update_every)
         self._collector.attach()
+        if optimizer is not None:
+            self.watch_optimizer(optimizer)
+        elif self._optimizer is None and spec.all_params:
+            self._discover_optimizer(spec.all_params[0])
         self._decoder = Decoder(
             self._collector.layout, [b.layer_type for b in spec.blocks], [b.residual for b in spec.blocks],
             [b.index for b in spec.blocks],
@@ -321,6 +333,81 @@ class Monitor:
         """Record per-block and special gradient norms; call after backward, before ``optimizer.step()``."""
         if self._collector is not None and self._collector.active:
             self._collector.after_backward()
+
+    def watch_optimizer(self, optimizer: Any) -> None:
+        """Call :meth:`after_optimizer_step` automatically after every ``optimizer.step()`` (a post-step hook).
+
+        The hook runs right after the step, before ``zero_grad`` and before a scheduler changes the
+        learning rate, which is what rebuilding the update from Adam's state needs. ``watch(model)``
+        does this by itself for the first torch optimizer that steps the model's parameters; an
+        explicit :meth:`after_optimizer_step` in the same step is then not computed twice.
+        """
+        if not hasattr(optimizer, "register_step_post_hook"):
+            raise ValueError(f"watch_optimizer needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self._optim_hook is not None:
+            self._optim_hook.remove()
+        self._optimizer = optimizer
+        self._optim_hook = optimizer.register_step_post_hook(lambda opt, _args, _kwargs: self.after_optimizer_step(opt))
+
+    def _discover_optimizer(self, probe: torch.Tensor) -> None:
+        """Remember the first optimizer that steps ``probe`` (a watched parameter), so that a bare
+        ``after_optimizer_step()`` knows it; a global post-step hook removed once it has found it."""
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        def found(opt: Any, _args: Any, _kwargs: Any) -> None:
+            if self._optimizer is None and any(p is probe for g in opt.param_groups for p in g["params"]):
+                # From the next step on its own post-step hook records the update signals; this
+                # first step is recorded here, so a trainer needs no call at all.
+                self.watch_optimizer(opt)
+                self.after_optimizer_step(opt)
+            if self._optimizer is not None and self._discovery is not None:
+                self._discovery.remove()
+                self._discovery = None
+
+        if self._discovery is not None:
+            self._discovery.remove()
+        self._discovery = register_optimizer_step_post_hook(found)
+
+    def after_optimizer_step(self, optimizer: Any = None) -> None:
+        """Record per-block update norm and ``||Δθ|| / ||θ||``; call right after ``optimizer.step()``.
+
+        Call it before ``zero_grad()`` and before the scheduler steps (or use :meth:`watch_optimizer`).
+        The update is rebuilt from torch Adam/AdamW state without a copy of the parameters (cost in
+        docs/signals.md); other optimizers log a warning once and record nothing. A no-op before
+        :meth:`watch`, on unrecorded steps, and when the ``update`` family is off.
+        """
+        if self._closed or self._collector is None or not self._collector.active:
+            return
+        optimizer = optimizer if optimizer is not None else self._optimizer
+        if optimizer is None:
+            # No optimizer has stepped the watched parameters yet (or they are stepped by something
+            # that is not a torch optimizer): nothing to read, said once.
+            if not self._warned_no_optimizer:
+                self._warned_no_optimizer = True
+                log.warning("healthwatch: after_optimizer_step(): no optimizer known for the watched model "
+                            "(pass it, or watch(model, optimizer=...)); no update signals recorded")
+            return
+        self._collector.after_optimizer_step(optimizer)
+
+    def quant_stats(self, layer: int | nn.Module, name: str | None, x: torch.Tensor, q: torch.Tensor) -> None:
+        """Record NVFP4 quantisation health of one GEMM operand: ``x`` before, ``q`` after quantise-dequantise.
+
+        ``layer`` is a watched block's stored layer index or any module inside it; ``name`` the
+        operand (``weight``, ``act``, ``grad``, ...), stored as ``fp4_<metric>/<name>`` beside the
+        layer aggregate ``fp4_<metric>``. Device ops only; a no-op on unrecorded steps and when the
+        ``quant`` family is off. Raises ``ValueError`` for a layer that is not watched or shapes that differ.
+        """
+        if self._closed:
+            return
+        if self._collector is None:
+            raise ValueError("quant_stats() before watch(model): the Monitor does not know the layers yet")
+        self._collector.quant_stats(self._collector.block_position(layer), name, x, q)
+
+    def router_drops(self, layer: int | nn.Module, dropped: Number, routed: Number) -> None:
+        """Record ``token_drop_rate`` = dropped / routed token assignments of a capacity-limited MoE layer."""
+        if self._closed or self._collector is None:
+            return
+        self._collector.router_ratio(self._collector.block_position(layer), "token_drop_rate", dropped, routed)
 
     def step(
         self,
@@ -453,6 +540,9 @@ class Monitor:
         steps, extras = self._steps, self._extras
         if not steps and not extras and not wait:
             return
+        if steps:
+            # Wall-clock heartbeat, one per flush: how stalls are told from slow steps (docs/signals.md).
+            steps[-1].host_scalars["monitor/heartbeat"] = time.time()
         parts = self._sum_rows + self._max_rows + self._extra_tensors
         n_sum = self._sum_len
         max_offset = n_sum
@@ -535,6 +625,11 @@ class Monitor:
             self._closed = True
             if self._collector is not None:
                 self._collector.detach()
+            for attr in ("_optim_hook", "_discovery"):
+                handle = getattr(self, attr)
+                if handle is not None:
+                    handle.remove()
+                    setattr(self, attr, None)
             self.writer.stop(self.monitor_config.close_timeout_s)
 
     def __enter__(self) -> Monitor:

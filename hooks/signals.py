@@ -279,7 +279,6 @@ def adam_update_sq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -
     n = len(params)
     dev = params[0].device if n else torch.device("cpu")
     upd = [torch.zeros((), dtype=torch.float64, device=dev) for _ in range(n)]
-    nrm = [torch.zeros((), dtype=torch.float64, device=dev) for _ in range(n)]
     decoupled_default = isinstance(optimizer, torch.optim.AdamW)
     with torch.no_grad():
         for group in optimizer.param_groups:
@@ -315,5 +314,10 @@ def adam_update_sq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -
                     lam = lr_t * float(wd)
                     u = u.add_(ps[j].float() * lam.to(u.device, torch.float32)).div_((1 - lam).to(u.device, torch.float32))
                 upd[i] = u.pow(2).sum().to(dev, torch.float64)
-                nrm[i] = ps[j].float().pow(2).sum().to(dev, torch.float64)
-    return torch.stack(upd), torch.stack(nrm)
+        # ||θ|| of every parameter, updated this step or not (one fused op).
+        norms = torch._foreach_norm([p.detach() for p in params]) if n else []
+        try:
+            nrm = torch.stack(norms).to(dev, torch.float64).pow(2)
+        except RuntimeError:  # norms on several devices
+            nrm = torch.stack([t.to(dev, torch.float64) for t in norms]).pow(2)
+    return torch.stack(upd), nrm

@@ -30,6 +30,7 @@ from healthwatch.app.data import (
     scalar_names,
     trailing_z,
 )
+from healthwatch.band import BAND_WINDOW, MAD_TO_SIGMA, band_exit
 from healthwatch.store import Store
 
 LOSS = "loss/train"
@@ -69,6 +70,21 @@ def _z_text(z: float) -> str:
     return f"{z:.3g}"
 
 
+def _loss_band_exit(part: pl.DataFrame) -> Crossing | None:
+    """The train loss "moves" where it leaves its band (:func:`healthwatch.band.band_exit`: above the
+    median of the previous 50 points + 4·1.4826·MAD), the definition the early-warning benchmark and
+    ``healthwatch demo`` measure leads against. Points are the page's buckets (1 step each up to
+    1,000 steps); a short range uses a third of its points as the window."""
+    n = part.height
+    window = min(BAND_WINDOW, max(2, n // 3))
+    ex = band_exit(part["step"].to_numpy(), part["value"].to_numpy(), None, tokens=part["tokens"].to_numpy(),
+                   window=window)
+    if ex is None:
+        return None
+    z = (ex.value - ex.median) / (MAD_TO_SIGMA * ex.mad) if ex.mad > 0 else float("inf")
+    return Crossing(LOSS, ex.step, ex.tokens, z, "up")
+
+
 def _paths(store: Store, run: str) -> tuple[list[int | None], dict[int | None, str], int]:
     att = cached_run(store, run, attempts, tables=("attempts",))
     options: list[int | None] = [None]
@@ -99,7 +115,10 @@ def _analysis(store: Store, run: str, attempt: int | None, chosen: dict[str, Sig
         part = part.sort("step")
         z = trailing_z(part["value"].to_numpy(), window)
         frames[name] = part.with_columns(pl.Series("z", z))
-        c = first_crossing(part["step"].to_numpy(), part["tokens"].to_numpy(), z, k, persist, name)
+        if name == LOSS:
+            c = _loss_band_exit(part)
+        else:
+            c = first_crossing(part["step"].to_numpy(), part["tokens"].to_numpy(), z, k, persist, name)
         if c is not None:
             crossings[name] = c
     frames = {n: frames[n] for n in chosen if n in frames}
@@ -211,7 +230,8 @@ def main() -> None:
     window = int(min(window, max(2, buckets // 3)))
     st.caption(f"Steps {lo:,}–{hi:,} in {buckets:,} buckets of {max(1, -(-(hi - lo + 1) // buckets)):,} step(s); "
                f"z = (value − trailing median) / (1.4826·MAD) over the previous {window} buckets; "
-               f"crossing = |z| ≥ {k:g} for {persist} bucket(s).")
+               f"crossing = |z| ≥ {k:g} for {persist} bucket(s); the train loss's crossing is its band exit "
+               f"(above the median of the previous {BAND_WINDOW} buckets + 4·1.4826·MAD, healthwatch.band).")
     _analysis(store, run, attempt, chosen, lo, hi, buckets, window, float(k), int(persist), x)
 
 

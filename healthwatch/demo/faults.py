@@ -1,26 +1,46 @@
 """Genuine injected faults: real changes to training that make the health signals respond.
 
 Nothing here draws a curve. Each fault changes what the optimiser, the router or the residual
-stream actually does from its ``onset`` step, and the Monitor measures the consequences.
+stream actually does from its ``onset`` step, and the Monitor measures the consequences. Each
+reproduces ONE mechanism of the reference report; what the loss does without intervention was
+measured on the early-warning benchmark's runs (``benchmarks/bench_early_warning.py``,
+docs/early-warning.md), not assumed.
 
-* ``lr_excursion`` — the learning rate ramps to ``factor`` × schedule: loss and wgrad norms rise
-  together (the reference report's divergence signature).
-* ``router_collapse`` — a growing logit bias pushes the first MoE layer's tokens onto a few
-  experts: its MaxVio climbs (4.8 → ≈12 in the report) and starved experts die.
-* ``residual_growth`` — the residual branches of the first quarter of the layers are scaled up a
-  little more each step: early-layer residual RMS rises long before the loss moves.
-* ``mtp_starvation`` — the shared output layer and the MTP block share one low-precision
-  gradient bucket with a single scale (as in bucketed low-precision gradient reduction): the
-  output layer accumulates main-first with a few mantissa bits, so the MTP heads' small (×0.05)
-  contributions round away, and MTP-block gradients far below the bucket's largest value
-  underflow to zero. The MTP block stops learning while the trunk under it keeps moving: the MTP
-  losses rise while the train loss still falls.
-* ``ultra`` — the reference case: MTP starvation, residual growth and router collapse from the
-  onset, then a learning-rate excursion that diverges the run.
+* ``lr_excursion`` -- the learning rate ramps to ``factor`` x schedule over ``lr_ramp`` steps.
+  Mechanism: optimiser steps far beyond the stable step size. Loss: grad norms and loss rise
+  together and the loss leaves its band within ~20-40 steps of onset; nothing upstream of the
+  loss moves earlier (the learning rate is the only cause), so no rule is expected to lead it.
+* ``router_collapse`` -- a growing logit bias pushes the first MoE layer's tokens onto a few
+  experts: its MaxVio climbs to the report's unhealthy level and starved experts die.
+  Loss: barely moves (the shared expert and the other layers carry the load): a fault to catch,
+  not a divergence to lead.
+* ``residual_growth`` -- a few channels of the first quarter of the blocks' residual branches
+  grow exponentially (``resid_rate`` per step), as outlier features do in the report's early
+  layers. Mechanism: the early-layer residual RMS rises at once; the RMSNorms downstream then
+  divide every other channel by the outliers' RMS, squashing the information they carry, and the
+  NVFP4 blocks that contain an outlier channel flush their small elements to zero. Loss: flat for
+  tens of steps while the norms rise, then climbing away (band exit typically 60-120 steps after
+  onset with the default rate).
+* ``mtp_starvation`` -- the shared output layer's gradient is accumulated main-first in BF16 over
+  ``microbatches`` microbatches (one running sum, rounded to BF16 after every add): once the sum
+  is ``microbatches`` times larger than one microbatch's term, the MTP heads' x0.05 contributions
+  are below half a BF16 ulp of it and round away; the MTP block shares the output layer's
+  reduction bucket with a single scale, so its gradients far below the bucket's largest value
+  (``bucket_range`` binades) underflow to zero. The MTP block stops learning while the trunk under
+  it keeps moving. Loss: the MTP-2 loss rises relative to its own history while the train loss
+  keeps falling; in this small model (MTP weight 0.05 x 2) the train loss did NOT leave its band
+  on any measured seed -- the starvation is a fault to catch, and the report's divergence that
+  followed it needs the larger model's coupling (stated, not faked).
+* ``ultra`` -- the reference case: MTP starvation, residual growth and router collapse from the
+  onset, then a learning-rate excursion (``lr_delay`` steps later) that diverges the run.
+
+Faults are registered in :data:`REGISTRY` (name -> the parts it switches on); another module can
+add one with :func:`register_fault` without editing this file's classes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,7 +48,32 @@ import torch
 
 from healthwatch.demo.model import HybridLM
 
-FAULTS = ("lr_excursion", "router_collapse", "residual_growth", "mtp_starvation", "ultra")
+#: Fault name -> the mechanisms ("parts") it switches on. Extend with :func:`register_fault`.
+REGISTRY: dict[str, frozenset[str]] = {
+    "lr_excursion": frozenset({"lr_excursion"}),
+    "router_collapse": frozenset({"router_collapse"}),
+    "residual_growth": frozenset({"residual_growth"}),
+    "mtp_starvation": frozenset({"mtp_starvation"}),
+    "ultra": frozenset({"mtp_starvation", "residual_growth", "router_collapse", "lr_excursion"}),
+}
+#: Names of the built-in faults, in the order the benchmark and docs list them.
+FAULTS = tuple(REGISTRY)
+
+
+def register_fault(name: str, parts: set[str] | frozenset[str] | None = None) -> None:
+    """Register a fault ``name`` made of ``parts`` (default: a part of its own name).
+
+    A part this module does not implement is carried in :attr:`Fault.parts` for the module that
+    registered it to act on (e.g. in its own ``before_step``/backward wrapper).
+    """
+    if not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"fault name must be a non-empty identifier, got {name!r}")
+    REGISTRY[name] = frozenset(parts or {name})
+
+
+def fault_names() -> tuple[str, ...]:
+    """Every registered fault name (built-in and registered)."""
+    return tuple(REGISTRY)
 
 
 def round_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -36,6 +81,25 @@ def round_mantissa(x: torch.Tensor, bits: int) -> torch.Tensor:
     mant, exp = torch.frexp(x)
     scale = float(2 ** (bits + 1))
     return torch.ldexp(torch.round(mant * scale) / scale, exp)
+
+
+def bf16_accumulate_main_first(g_main: torch.Tensor, g_mtp: torch.Tensor, microbatches: int) -> torch.Tensor:
+    """The output layer's gradient as a BF16 running sum over ``microbatches``, main terms first.
+
+    ``g_main`` and ``g_mtp`` are this step's (mean) main-head and MTP-head contributions; each
+    microbatch contributes one of each. The main terms are summed first (the main head's
+    backward reaches the output layer first in every microbatch and the sum of equal terms is
+    exact up to one rounding), then each microbatch's MTP term is added to the running BF16 sum
+    and rounded to BF16 -- real ``torch.bfloat16`` arithmetic, round to nearest even. A term
+    below half an ulp of the running sum (relative ~2^-9) is lost. Returns the mean gradient.
+    """
+    if microbatches < 1:
+        raise ValueError(f"microbatches must be >= 1, got {microbatches}")
+    acc = (g_main.float() * microbatches).to(torch.bfloat16)
+    term = g_mtp.to(torch.bfloat16)
+    for _ in range(microbatches):
+        acc = acc + term  # bf16 + bf16 -> bf16: the running sum is rounded after every add
+    return acc.float() / microbatches
 
 
 @dataclass
@@ -48,15 +112,22 @@ class Fault:
     lr_ramp: int = 40
     lr_delay: int = 0
     collapse_rate: float = 0.4
-    resid_rate: float = 0.02
-    accum_bits: int = 3
+    #: residual_growth: growth rate (per step, exponential) of the outlier channels.
+    resid_rate: float = 0.05
+    #: residual_growth: how many residual channels grow (spread evenly over d_model).
+    resid_channels: int = 4
+    #: mtp_starvation: terms (microbatches x data-parallel ranks) summed in one BF16 running sum.
+    microbatches: int = 256
+    #: mtp_starvation: binades below the bucket's largest gradient that still survive.
     bucket_range: int = 4
     parts: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        if self.name not in FAULTS:
-            raise ValueError(f"unknown fault {self.name!r}; choose from {', '.join(FAULTS)}")
-        self.parts = {"mtp_starvation", "residual_growth", "router_collapse", "lr_excursion"} if self.name == "ultra" else {self.name}
+        if self.name not in REGISTRY:
+            raise ValueError(f"unknown fault {self.name!r}; choose from {', '.join(REGISTRY)}")
+        if self.onset < 0:
+            raise ValueError(f"fault onset must be >= 0, got {self.onset}")
+        self.parts = set(REGISTRY[self.name])
         if self.name == "ultra" and self.lr_delay == 0:
             self.lr_delay = 40
 
@@ -73,6 +144,16 @@ class Fault:
             return 1.0
         return 1.0 + (self.lr_factor - 1.0) * min(1.0, t / max(1, self.lr_ramp))
 
+    def residual_channel_scale(self, d_model: int, step: int) -> torch.Tensor:
+        """Per-channel multiplier of an early block's residual branch at ``step`` (ones before onset)."""
+        scale = torch.ones(d_model)
+        t = step - self.onset
+        if t >= 0:
+            n = max(1, min(self.resid_channels, d_model))
+            chans = torch.arange(n) * (d_model // n)
+            scale[chans] = math.exp(self.resid_rate * t)
+        return scale
+
     def before_step(self, model: HybridLM, step: int) -> None:
         """Apply router and residual effects for this step (buffers on the model)."""
         t = step - self.onset
@@ -88,7 +169,13 @@ class Fault:
             if "residual_growth" in self.parts:
                 n = max(1, len(model.blocks) // 4)
                 for block in list(model.blocks)[:n]:
-                    block.residual_scale.fill_(1.0 + self.resid_rate * t)
+                    scale = self.residual_channel_scale(model.config.d_model, step).to(block.residual_scale.device)
+                    if block.residual_scale.shape != scale.shape:
+                        # The buffer is a scalar until a per-channel fault needs a vector; addcmul
+                        # broadcasts either over [batch, seq, d_model]. Still non-persistent.
+                        block.register_buffer("residual_scale", scale, persistent=False)
+                    else:
+                        block.residual_scale.copy_(scale)
 
     @property
     def starves_mtp(self) -> bool:
@@ -104,7 +191,8 @@ def backward_with_fault(
     step: int,
 ) -> None:
     """Backward of ``main_loss + mtp_loss``; under MTP starvation the output layer's gradient is
-    accumulated main-first in a narrow format, so the small MTP contribution is rounded away."""
+    accumulated main-first in BF16 (:func:`bf16_accumulate_main_first`), so the small MTP
+    contribution rounds away, and the MTP block's gradients underflow in the shared bucket."""
     if mtp_loss is None or fault is None or not fault.starves_mtp or not fault.active(step):
         (main_loss if mtp_loss is None else main_loss + mtp_loss).backward()
         return
@@ -113,9 +201,7 @@ def backward_with_fault(
     g_main = weight.grad.detach().clone()
     mtp_loss.backward()
     g_mtp = weight.grad.detach() - g_main
-    # The accumulator holds the running sum at low precision: adding a much smaller term
-    # to it changes nothing, which is exactly how the report's MTP heads lost their signal.
-    weight.grad.copy_(round_mantissa(round_mantissa(g_main, fault.accum_bits) + g_mtp, fault.accum_bits))
+    weight.grad.copy_(bf16_accumulate_main_first(g_main, g_mtp, fault.microbatches))
     if model.mtp is None:
         return
     # One bucket, one scale: anything below amax * 2^-range underflows in the narrow format.

@@ -125,6 +125,7 @@ def run_demo(store: Path, quick: bool = False, console: Console | None = None, p
         rollback = max(candidates)
         summary.update(outcome=outcome, stopped_at=stop_step, first_alert=first_alert, rollback_step=rollback,
                        alerts=[(t.alert, int(t.step)) for t in stopper.fired])
+        summary.update(_lead_over_band(store, main, plan.onset, stopper.fired))
 
         # 2. roll back: a new attempt from the last checkpoint before the first alert, fault removed
         task2 = progress.add_task(f"{main} (attempt 2, rollback to step {rollback})",
@@ -166,22 +167,68 @@ def run_demo(store: Path, quick: bool = False, console: Console | None = None, p
     return summary
 
 
+def _lead_over_band(store: Path, run: str, onset: int, fired: list[Any]) -> dict[str, Any]:
+    """The first firing rule and its lead over the train loss's band exit (:mod:`healthwatch.band`)
+    on attempt 1 (the faulty timeline), from the loss the Monitor recorded."""
+    from healthwatch.band import band_exit
+
+    first = min(fired, key=lambda t: int(t.step), default=None)
+    out: dict[str, Any] = {"first_rule": None if first is None else first.alert, "band_exit": None,
+                           "band_exit_tokens": None, "lead_steps": None, "lead_tokens": None}
+    try:
+        st = open_store(store)
+        try:
+            rows = st.sql("SELECT step, tokens, value FROM scalars_all WHERE run = ? AND attempt = 1 "
+                          "AND name = 'loss/train' ORDER BY step", [run]).fetchall()
+        finally:
+            st.close()
+    except Exception as exc:  # noqa: BLE001 - the lead is a courtesy line of the summary
+        log.debug("no band exit: %s", exc)
+        return out
+    ex = band_exit([r[0] for r in rows], [r[2] for r in rows], onset, tokens=[r[1] for r in rows]) if rows else None
+    if ex is not None:
+        out.update(band_exit=ex.step, band_exit_tokens=ex.tokens)
+        if first is not None:
+            out["lead_steps"] = ex.step - int(first.step)
+            if ex.tokens is not None and first.tokens is not None:
+                out["lead_tokens"] = ex.tokens - int(first.tokens)
+    return out
+
+
+def _lead_line(summary: dict[str, Any]) -> str:
+    """``first alert X at step S; the loss left its band at step E: lead N steps (T tokens)``."""
+    rule, exit_step = summary.get("first_rule"), summary.get("band_exit")
+    head = f"first rule to fire: {rule} at step {summary['first_alert']}" if rule else "no rule fired"
+    if exit_step is None:
+        return (f"{head}; the train loss had not left its band (median of 50 steps + 4·1.4826·MAD) "
+                f"by step {summary['stopped_at']}, where training stopped")
+    lead = summary.get("lead_steps")
+    tok = summary.get("lead_tokens")
+    lead_txt = "" if lead is None else (f": lead {lead:,} steps" + ("" if tok is None else f" ({tok:,} tokens)"))
+    return f"{head}; the train loss left its band at step {exit_step:,}{lead_txt}"
+
+
 def _print_summary(store: Path, summary: dict[str, Any], console: Console) -> None:
     console.print(
         f"\n[bold]{summary['main']}[/]: {summary['outcome']} at step {summary['stopped_at']}; "
-        f"first alert at step {summary['first_alert'] if summary['first_alert'] is not None else '-'}; "
-        f"rolled back to step {summary['rollback_step']}"
+        + (f"first alert at step {summary['first_alert']}" if summary["first_alert"] is not None
+           else "no alert fired")
+        + (f"; rolled back to step {summary['rollback_step']}" if summary.get("rollback_step") is not None
+           else "; no rollback")
     )
     if summary["alerts"]:
         names = ", ".join(sorted({a for a, _ in summary["alerts"]}))
         console.print(f"alerts that fired: {names}")
+    if "first_rule" in summary:
+        console.print(_lead_line(summary))
     try:
         from healthwatch.compare import gap_summary
 
         st = open_store(store)
         df = gap_summary(st, summary["main"])
         if df is not None and df.height:
-            console.print("NVFP4 vs BF16 relative loss gap per branch:")
-            console.print(df)
+            from healthwatch.demo.summary import gap_table
+
+            console.print(gap_table(df))
     except Exception as exc:  # noqa: BLE001 - the summary is a courtesy
         log.debug("no gap summary: %s", exc)

@@ -2,8 +2,8 @@
 
 A background thread re-reads the store every ``interval`` seconds through
 :class:`~healthwatch.exporters.source.StoreSource` (the effective path, never the training
-thread); a scrape of ``/metrics`` only renders the last snapshot, so its cost does not grow with
-the store.
+thread); the text of each snapshot is rendered once, and a scrape of ``/metrics`` sends those
+bytes, so its cost does not grow with the store.
 
 Series per run (independent of the number of experts; never per expert, never per layer):
 
@@ -77,6 +77,17 @@ class StoreCollector(Collector):
         self.last_refresh: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._text: tuple[tuple[int, int], bytes] | None = None  # ((refreshes, errors), rendered text)
+
+    def exposition(self) -> bytes:
+        """The text exposition of the current snapshot, rendered once per refresh (a scrape copies bytes)."""
+        key = (self.refreshes, self.errors)
+        cached = self._text
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        body = generate_latest(make_registry(self))
+        self._text = (key, body)
+        return body
 
     def refresh(self) -> Snapshot:
         """Read the store now and make the result what scrapes see; returns it."""
@@ -213,15 +224,36 @@ class MetricsServer:
 
     def start(self) -> MetricsServer:
         """Read the store once, then serve; returns self."""
-        from prometheus_client import start_http_server
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        registry = make_registry(self.collector)
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        collector = self.collector
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+                    self.send_error(404, "only /metrics is served here")
+                    return
+                body = collector.exposition()
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:  # scrapes every few seconds: no access log
+                pass
+
         try:
-            self._server, self._thread = start_http_server(self._requested_port, addr=self.host, registry=registry)
+            self._server = ThreadingHTTPServer((self.host, self._requested_port), Handler)
         except OSError as exc:
             raise OSError(f"cannot serve /metrics on {self.host}:{self._requested_port}: {exc.strerror or exc}") from exc
+        self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
         self.collector.start(self.interval)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="healthwatch-metrics-http", daemon=True)
+        self._thread.start()
         return self
 
     @property

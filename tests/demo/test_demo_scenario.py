@@ -15,6 +15,8 @@ def test_quick_demo_store_contents(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--quick", "--no-app", "--store", str(store)])
     assert res.exit_code == 0, res.output
     assert "demo store:" in res.output
+    # The closing gap summary is a table (one row per branch), not a dataframe dump or a bare "-".
+    assert "mean gap %" in res.output and "shape:" not in res.output and "at step -" not in res.output
     st = hw.open_store(store)
     main = "ultra-nvfp4"
     attempts = st.sql("SELECT attempt, start_step, reason FROM attempts WHERE run = ? ORDER BY attempt", [main]).fetchall()
@@ -24,6 +26,9 @@ def test_quick_demo_store_contents(tmp_path):
     ).fetchall()
     assert len(branches) >= 3
     assert all(b[1] is not None and b[2] and b[2] > 0 and b[3] == "bf16" for b in branches)
+    summary_rows = [line for line in res.output.splitlines() if line.startswith("│")]
+    for run, step, _tokens, _precision in branches:
+        assert any(run in line and f" {step} " in line for line in summary_rows), (run, summary_rows)
     scalars = {r[0] for r in st.sql("SELECT DISTINCT name FROM scalars WHERE run = ?", [main]).fetchall()}
     assert {"loss/train", "loss/mtp_1", "loss/mtp_2", "grad_norm/total", "grad_norm/output", "lr"} <= scalars
     metrics = {r[0] for r in st.sql("SELECT DISTINCT metric FROM layer_stats WHERE run = ?", [main]).fetchall()}

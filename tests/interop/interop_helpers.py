@@ -81,8 +81,9 @@ class RunWriter:
         #: step -> {"scalars": {...}, "layers": {metric: [values by layer]}, "wall": t}
         self.logged: dict[int, dict[str, Any]] = {}
 
-    def write_steps(self, steps: range | list[int], wall: float | None = None) -> None:
-        """Write ``steps`` as one segment per table (like one flush)."""
+    def write_steps(self, steps: range | list[int], wall: float | None = None,
+                    tables: tuple[str, ...] = ("scalars", "layer_stats")) -> None:
+        """Write ``steps`` as one segment per table (like one flush); ``tables`` lets a test land them apart."""
         sc: dict[str, list[Any]] = {k: [] for k in ("attempt", "step", "tokens", "name", "value", "wall_time")}
         ls: dict[str, list[Any]] = {k: [] for k in ("attempt", "step", "tokens", "layer", "layer_type", "metric", "value")}
         for step in steps:
@@ -100,8 +101,9 @@ class RunWriter:
                     for k, x in zip(ls, (self.attempt, step, step * TOKENS_PER_STEP, layer, layer_type(layer), metric, v)):
                         ls[k].append(x)
             self.logged[step] = entry
-        self.w.write("scalars", sc)
-        self.w.write("layer_stats", ls)
+        for table, cols in (("scalars", sc), ("layer_stats", ls)):
+            if table in tables:
+                self.w.write(table, cols)
 
 
 def expected_latest(logged: dict[int, dict[str, Any]]) -> dict[str, Any]:

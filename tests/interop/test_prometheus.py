@@ -236,3 +236,53 @@ def test_real_prometheus_scrapes_and_alerts_on_stall(tmp_path: Path) -> None:
         finally:
             stop.set()
             thread.join(timeout=30)
+
+
+def test_incremental_reads_keep_sparse_scalars(tmp_path: Path) -> None:
+    """A scalar logged once (e.g. every 1,000 steps) keeps its value while later reads only look at new steps."""
+    root = tmp_path / "store"
+    w = RunWriter(root, "r1", layers=3)
+    w.write_steps(range(0, 3), wall=10.0)
+    w.w.write("scalars", {"attempt": [1], "step": [2], "tokens": [2 * 4096], "name": ["eval/loss"], "value": [4.25],
+                          "wall_time": [10.0]})
+    c = _collector(root)
+    assert _get(_samples(render(c).decode()), "healthwatch_scalar", run="r1", name="eval/loss") == 4.25
+    for lo in (3, 6):
+        w.write_steps(range(lo, lo + 3), wall=20.0 + lo)
+        c.refresh()
+        s = _samples(render(c).decode())
+        _check(s, "r1", expected_latest(w.logged))
+        assert _get(s, "healthwatch_scalar", run="r1", name="eval/loss") == 4.25
+    c.source.close()
+
+
+def test_reads_while_compaction_runs(tmp_path: Path) -> None:
+    """Compaction publishes new files and retires old ones under the exporter: every read succeeds
+    and shows what the writer logged."""
+    root = tmp_path / "store"
+    w = RunWriter(root, "r1", layers=6)
+    for lo in range(0, 40, 2):
+        w.write_steps(range(lo, lo + 2), wall=100.0 + lo)  # 20 small segments per table to merge
+    c = _collector(root)
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def compact() -> None:
+        try:
+            compact_store(root)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failures.append(exc)
+        finally:
+            done.set()
+
+    th = threading.Thread(target=compact)
+    th.start()
+    reads = 0
+    while not done.is_set() or reads < 3:
+        c.refresh()  # raises if a read fails
+        _check(_samples(render(c).decode()), "r1", expected_latest(w.logged))
+        reads += 1
+    th.join(timeout=120)
+    assert not failures and c.errors == 0
+    assert len(list((root / "table=layer_stats" / "run=r1").glob("*.parquet"))) < 20  # compaction did merge
+    c.source.close()

@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.apphost import free_port, wait_for  # noqa: F401 - shared with the reliability tests
+# Worker processes (kill9_worker.py, …) import this module without pytest's `pythonpath`: put the
+# repository root on the path for the checkout-only harness `benchmarks.apphost`.
+if str(Path(__file__).resolve().parents[2]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.apphost import free_port, wait_for  # noqa: E402, F401 - shared with the reliability tests
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

@@ -1,0 +1,132 @@
+"""Optimizer update health, the public quant_stats hook, the heartbeat and bad input (docs/signals.md)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import healthwatch as hw
+from healthwatch.hooks.adapters import GenericAdapter
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(2, 1, bias=False), nn.Linear(1, 1, bias=False)])
+        with torch.no_grad():
+            self.layers[0].weight.copy_(torch.tensor([[1.0, -2.0]]))
+            self.layers[1].weight.fill_(3.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[1](self.layers[0](x))
+
+
+def _one_step(mon: hw.Monitor, net: Net, opt: torch.optim.Optimizer, explicit: bool) -> None:
+    # Layer 0 gets gradient [0.5, 0.5]; layer 1 gets no gradient (not updated by Adam).
+    net.layers[0].weight.grad = torch.tensor([[0.5, 0.5]])
+    net.layers[1].weight.grad = None
+    mon.after_backward()
+    opt.step()
+    if explicit:
+        mon.after_optimizer_step(opt)
+    opt.zero_grad()
+    mon.step(0, loss=1.0)
+
+
+def _layer_metrics(store_dir: object) -> dict[tuple[int, str], float]:
+    st = hw.open_store(store_dir)
+    rows = st.sql("SELECT layer, metric, value FROM layer_stats WHERE metric LIKE 'update%'").fetchall()
+    return {(layer, m): v for layer, m, v in rows}
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_adam_update_by_hand(store_dir, explicit):
+    # First Adam step: m = 0.1 g, v = 0.001 g^2, bias-corrected m/sqrt(v) = sign(g) = 1, so each
+    # element moves by lr = 0.1: theta [1, -2] -> [0.9, -2.1]; ||dθ|| = 0.1 sqrt 2.
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), lr=0.1, eps=1e-12)
+    with hw.Monitor(store=store_dir, run="adam") as mon:
+        mon.watch(net, adapter=GenericAdapter(blocks=r"^layers\.\d+$"), optimizer=None if explicit else opt)
+        _one_step(mon, net, opt, explicit)
+    got = _layer_metrics(store_dir)
+    assert got[(0, "update_norm")] == pytest.approx(0.1 * math.sqrt(2), rel=1e-6)
+    assert got[(0, "update_ratio")] == pytest.approx(0.1 * math.sqrt(2) / math.sqrt(0.81 + 4.41), rel=1e-6)
+    assert got[(1, "update_norm")] == 0.0                  # no gradient: not updated
+    assert got[(1, "update_ratio")] == 0.0
+
+
+def test_adamw_decoupled_decay_by_hand(store_dir):
+    # AdamW, lr 0.1, weight decay 0.5: theta * (1 - 0.05) - 0.1 * sign(g):
+    # [1, -2] -> [0.85, -2.0]: dθ = [-0.15, 0]; the layer-1 weight has no grad and does not move.
+    net = Net()
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.5, eps=1e-12)
+    with hw.Monitor(store=store_dir, run="adamw") as mon:
+        mon.watch(net, adapter=GenericAdapter(blocks=r"^layers\.\d+$"), optimizer=opt)
+        _one_step(mon, net, opt, explicit=False)
+    got = _layer_metrics(store_dir)
+    assert net.layers[0].weight.detach().tolist()[0] == pytest.approx([0.85, -2.0])
+    assert got[(0, "update_norm")] == pytest.approx(0.15, rel=1e-5)
+    assert got[(0, "update_ratio")] == pytest.approx(0.15 / math.sqrt(0.85**2 + 4.0), rel=1e-5)
+
+
+def test_unknown_optimizer_is_a_logged_no_op(store_dir, caplog):
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="healthwatch.monitor"):
+        with hw.Monitor(store=store_dir, run="sgd") as mon:
+            mon.watch(net, adapter=GenericAdapter(blocks=r"^layers\.\d+$"), optimizer=opt)
+            _one_step(mon, net, opt, explicit=True)
+    assert _layer_metrics(store_dir) == {}
+    assert "SGD is not supported" in caplog.text
+
+
+def test_update_family_off_and_missing_optimizer(store_dir):
+    net = Net()
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    with hw.Monitor(store=store_dir, run="off", monitor_config=hw.MonitorConfig(signals=("quant",))) as mon:
+        mon.watch(net, adapter=GenericAdapter(blocks=r"^layers\.\d+$"), optimizer=opt)
+        _one_step(mon, net, opt, explicit=True)
+    assert _layer_metrics(store_dir) == {}
+    # A bare after_optimizer_step() before any optimizer stepped the model: a no-op (warned once);
+    # after one did, the Monitor knows it (found by a global post-step hook, then removed).
+    with hw.Monitor(store=store_dir, run="noopt") as mon:
+        mon.watch(net, adapter=GenericAdapter(blocks=r"^layers\.\d+$"))
+        mon.after_optimizer_step()
+        net.layers[0].weight.grad = torch.tensor([[0.5, 0.5]])
+        opt.step()
+        mon.after_optimizer_step()
+        mon.step(0, loss=1.0)
+    assert ("update_norm" in {m for _layer, m in _layer_metrics(store_dir)})
+    with pytest.raises(ValueError, match="unknown families"):
+        hw.MonitorConfig(signals=("quant", "everything"))
+
+
+def test_public_quant_stats_hook_and_heartbeat(store_dir):
+    net = Net()
+    x = torch.tensor([0.1, 0.0, 1.0, 7.0])
+    q = torch.tensor([0.0, 0.0, 1.0, 6.0])
+    with hw.Monitor(store=store_dir, run="pub") as mon:
+        with pytest.raises(ValueError, match="before watch"):
+            mon.quant_stats(0, "weight", x, q)
+        mon.watch(net, adapter=GenericAdapter(blocks=r"^layers\.\d+$"))
+        mon.quant_stats(1, "grad", x, q)                      # by stored layer index
+        mon.quant_stats(net.layers[1], "grad", x, q)          # by a module inside the block
+        with pytest.raises(ValueError, match="not a watched block"):
+            mon.quant_stats(7, "weight", x, q)
+        with pytest.raises(ValueError, match="differ in shape"):
+            mon.quant_stats(1, "weight", x, q[:2])
+        mon.router_drops(0, 3.0, 12.0)
+        mon.step(0, loss=1.0)
+    st = hw.open_store(store_dir)
+    got = {(layer, m): v for layer, m, v in st.sql("SELECT layer, metric, value FROM layer_stats").fetchall()}
+    assert got[(1, "fp4_underflow/grad")] == pytest.approx(1 / 3)
+    assert got[(1, "fp4_saturation")] == pytest.approx(1 / 4)
+    assert got[(1, "fp4_rel_mse")] == pytest.approx(1.01 / 50.01)
+    assert got[(1, "fp4_amax/grad")] == 7.0
+    assert got[(0, "token_drop_rate")] == pytest.approx(0.25)
+    beats = st.sql("SELECT step, value, wall_time FROM scalars WHERE name = 'monitor/heartbeat'").fetchall()
+    assert len(beats) == 1 and beats[0][0] == 0 and beats[0][1] >= beats[0][2]
