@@ -90,12 +90,31 @@ class RollupAccumulator:
         self.schema = TABLES[self.rtable]
         self._open: pa.Table | None = None  # partial rows of open buckets
         self._high = -1  # highest step seen: buckets ending at or below it are closed
+        self._pending: list[pa.Table] = []  # batches not folded in yet (no bucket closed since)
         self._con = duckdb.connect()
 
     def add(self, rows: pa.Table) -> pa.Table | None:
-        """Fold ``rows`` (a batch of ``table``) in; returns the rollup rows to publish now, or None."""
+        """Fold ``rows`` (a batch of ``table``) in; returns the rollup rows to publish now, or None.
+
+        Batches are kept as they come until one closes a bucket of the finest size (or holds rows
+        of an already closed bucket, which must be published with it): frequent small flushes
+        then cost one aggregation per 100 steps, not one per flush.
+        """
         if rows.num_rows == 0:
             return None
+        lo = int(pc.min(rows["step"]).as_py())
+        hi = int(pc.max(rows["step"]).as_py())
+        size = self.sizes[0]
+        closed_before = (self._high + 1) // size * size  # steps below this are in closed buckets
+        self._pending.append(rows)
+        if lo >= closed_before and (hi + 1) // size * size <= closed_before:
+            self._high = max(self._high, hi)
+            return None
+        batch = pa.concat_tables(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending = []
+        return self._fold(batch)
+
+    def _fold(self, rows: pa.Table) -> pa.Table | None:
         con = self._con
         con.register("batch", rows)
         cols = ", ".join(self.schema.names)
@@ -119,6 +138,12 @@ class RollupAccumulator:
 
     def drain(self) -> pa.Table | None:
         """Every open bucket's rows (the attempt ends: its buckets are as complete as they get)."""
+        if self._pending:
+            batch = pa.concat_tables(self._pending)
+            self._pending = []
+            closed = self._fold(batch)
+            if closed is not None:
+                self._open = closed if self._open is None else pa.concat_tables([self._open, closed])
         out, self._open = self._open, None
         return out if out is not None and out.num_rows else None
 
