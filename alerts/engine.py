@@ -71,6 +71,8 @@ log = logging.getLogger("healthwatch.alerts")
 Backfill = Literal["latest", "all", "none"]
 Start = Literal["history", "latest"]
 _RANK_RUN = re.compile(r"\.rank\d+$")
+#: A run whose last heartbeat is older than this is history, not a stalled live run.
+STALL_MAX_AGE_S = 7 * 24 * 3600.0
 #: Directory (under the store root) of the per-transition claim files: ``run=<run>/<fp>-<state>-<step>``.
 CLAIMS_DIR = "_alert_claims"
 
@@ -244,6 +246,7 @@ class Evaluator:
                 upto += self.chunk_steps
                 if hi is None or upto >= hi:
                     upto = None
+            new.extend(self._check_stalls(store, runs, time.time()))
             reached = {(rule.name, run): c for rule in self.rules for run, c in self._cursors[rule.name].items()}
             new.sort(key=lambda t: (t.step, t.run, t.group, t.alert, t.layer if t.layer is not None else -1))
             if self.record:
@@ -395,6 +398,51 @@ class Evaluator:
             for state, idx in changes:
                 row = obs.row(a + idx, named=True)
                 out.append(self._transition(inst, state, row, backfill))
+        return out
+
+    def _check_stalls(self, store: Store, runs: list[str], now: float) -> list[Transition]:
+        """Stall rules (``no_data_after_s``): fire on a live run whose newest heartbeat is older than
+        that; mark the run's other active instances ``no_data``; resolve when a newer heartbeat arrives.
+
+        Wall-clock based on purpose: a run hung in a collective logs no step, so step-indexed rules
+        see nothing new and would hold their state for ever without saying why.
+        """
+        rules = [r for r in self.rules if r.rule.no_data_after_s is not None]
+        if not rules or not runs:
+            return []
+        beats = store.sql(
+            f"SELECT run, max(step), arg_max(value, step) FROM {self.sources.scalars} WHERE name = 'monitor/heartbeat' "
+            "AND list_contains(?::VARCHAR[], run) GROUP BY run", [runs]).fetchall()
+        closed = dict(store.sql(
+            "SELECT run, max(step) FROM events WHERE kind = 'close' AND list_contains(?::VARCHAR[], run) GROUP BY run",
+            [runs]).fetchall())
+        out: list[Transition] = []
+        for run, step, beat in beats:
+            if beat is None or step is None:
+                continue
+            age = now - float(beat)
+            ended = closed.get(run) is not None and int(closed[run]) >= int(step)
+            for rule in rules:
+                after = float(rule.rule.no_data_after_s)  # type: ignore[arg-type]
+                stalled = not ended and after <= age <= STALL_MAX_AGE_S
+                inst = self._instance(rule, str(run), None)
+                row = {"step": int(step), "tokens": None, "value": age, "at_layer": None,
+                       "detail": f"no new step for {age / 60:.1f} min (last heartbeat at step {int(step)})"}
+                if stalled and inst.state.state != "firing":
+                    prev = inst.state.state
+                    inst.state.state, inst.state.pending_since, inst.state.last_true = "firing", int(step), int(step)
+                    out.append(self._transition(inst, "firing", row, backfill=False, previous=prev))
+                    for other in list(self._instances.values()):
+                        if other.run == run and other is not inst and other.state.active:
+                            nd = {"step": int(step), "tokens": None, "value": None, "at_layer": other.layer,
+                                  "detail": f"no data: the run made no step for {age / 60:.1f} min "
+                                            f"(state {other.state.state} held, not resolved)"}
+                            out.append(self._transition(other, "no_data", nd, backfill=False,
+                                                        previous=other.state.state))
+                elif not stalled and inst.state.state == "firing" and (ended or int(step) > (inst.state.last_true or -1)):
+                    inst.state.state, inst.state.resolved_at = "resolved", int(step)
+                    row["detail"] = "the run closed" if ended else f"steps again (heartbeat at step {int(step)})"
+                    out.append(self._transition(inst, "resolved", row, backfill=False, previous="firing"))
         return out
 
     def _instance(self, rule: LoadedRule, run: str, layer: int | None) -> _Instance:

@@ -43,6 +43,7 @@ from pydantic import (
 )
 
 from healthwatch.alerts.template import check_template
+from healthwatch.schema import SIGNAL_LAYER_METRICS, is_signal_layer_metric
 
 # ------------------------------------------------------------------------------------------
 # signal names (DESIGN.md section 3)
@@ -60,7 +61,8 @@ KNOWN_SCALARS: tuple[str, ...] = (
     "monitor/dropped_rows",
 )
 #: Per-layer metrics (table ``layer_stats``).
-LAYER_METRICS: tuple[str, ...] = ("maxvio", "dead_experts", "resid_rms", "resid_rms_max", "wgrad_norm")
+LAYER_METRICS: tuple[str, ...] = ("maxvio", "dead_experts", "resid_rms", "resid_rms_max", "wgrad_norm",
+                                   *SIGNAL_LAYER_METRICS)
 LAYER_TYPES: tuple[str, ...] = ("mamba", "attention", "moe", "mlp", "mtp")
 #: Named layer ranges, relative to the run's layer stack (MTP layers excluded from the count).
 LAYER_RANGES: tuple[str, ...] = ("all", "first_quarter", "first_half", "last_half", "last_quarter")
@@ -84,7 +86,7 @@ def suggest(name: str, candidates: list[str] | tuple[str, ...] | set[str]) -> st
 
 def is_layer_metric(name: str) -> bool:
     """True for per-layer metrics (read from ``layer_stats``), False for scalars."""
-    return name in LAYER_METRICS
+    return name in LAYER_METRICS or is_signal_layer_metric(name)
 
 
 def check_metric_name(name: str, extra_scalars: tuple[str, ...] = ()) -> str:
@@ -94,7 +96,8 @@ def check_metric_name(name: str, extra_scalars: tuple[str, ...] = ()) -> str:
     otherwise give a rule that can never fire. Custom scalars (``mon.log({...})``) are declared at
     the top of the rule file under ``extra_scalars:``.
     """
-    if name in KNOWN_SCALARS or name in LAYER_METRICS or name in extra_scalars or _MTP_LOSS.match(name):
+    if (name in KNOWN_SCALARS or is_layer_metric(name) or name in extra_scalars or _MTP_LOSS.match(name)
+            or name == "monitor/heartbeat"):
         return name
     known = KNOWN_SCALARS + LAYER_METRICS + tuple(extra_scalars)
     raise ValueError(
@@ -541,6 +544,11 @@ class Rule(_Strict):
     #: The condition is ignored before this step of the run (it cannot go pending): early training,
     #: while routers, norms and losses are still settling, is not what the rule is about.
     min_step: int = Field(0, ge=0, le=1_000_000_000_000)
+    #: Wall-clock seconds without a new Monitor heartbeat (``monitor/heartbeat``, one per flush)
+    #: after which the run counts as stalled: the rule fires on the run (a stall rule, whose expr
+    #: then never fires by value), and the run's other pending/firing instances go to ``no_data``
+    #: instead of silently holding or resolving. A run whose Monitor closed is never stalled.
+    no_data_after_s: float | None = Field(None, gt=0, le=1e9)
 
     @field_validator("alert")
     @classmethod

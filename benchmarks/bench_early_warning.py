@@ -154,7 +154,13 @@ def _load_into_store(root: Path, data: Path, run: str) -> None:
     w.write("attempts", {"attempt": [1], "start_step": [0], "started_at": [0.0], "host": ["bench"],
                          "reason": ["start"], "schema_version": [SCHEMA_VERSION]})
     s = pq.read_table(data / f"{run}.scalars.parquet").to_pydict()
-    w.write("scalars", {**s, "attempt": [1] * len(s["step"]), "wall_time": [0.0] * len(s["step"])})
+    # Stamped "now", as rows a live run has just written (a stall rule reads the heartbeat's age).
+    now = time.time()
+    # The heartbeat's value is the wall time it was logged at: shift it to end now, as live.
+    beats = [v for n, v in zip(s["name"], s["value"]) if n == "monitor/heartbeat"]
+    shift = now - max(beats) if beats else 0.0
+    s["value"] = [v + shift if n == "monitor/heartbeat" else v for n, v in zip(s["name"], s["value"])]
+    w.write("scalars", {**s, "attempt": [1] * len(s["step"]), "wall_time": [now] * len(s["step"])})
     ls = pq.read_table(data / f"{run}.layer_stats.parquet").to_pydict()
     w.write("layer_stats", {**ls, "attempt": [1] * len(ls["step"])})
 
@@ -289,7 +295,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def section(results: dict[str, Any]) -> Section:
     """The report section of ``python -m benchmarks --only early-warning``."""
     res = results.get("early-warning:evaluate") or {}
-    sec = Section(key="early-warning", title="Early warning (DESIGN.md section 11)", intro=(
+    sec = Section(key="early-warning", title="9. Early warning (DESIGN.md section 11)", intro=(
         "Every demo fault and healthy runs, no intervention, the default pack evaluated over each run as "
         "the live evaluator would; leads against the loss's band exit (`healthwatch.band`: first step >= "
         "onset with loss > median of the previous 50 steps + 4 x 1.4826 x MAD). "
@@ -355,6 +361,24 @@ def tables(summary: dict[str, Any]) -> list[Table]:
                                           "pending episodes", "pending per 1,000 steps"], rows,
                          note=f"Healthy runs whose loss left its band anyway: {h['band_exits'] or 'none'}."))
     return out
+
+
+def markdown(saved: dict[str, Any]) -> str:
+    """The Markdown section (BENCHMARKS.md, docs/early-warning.md) of a saved evaluation (``--json``)."""
+    summary = summarize(saved["results"])
+    counts: dict[str, int] = {}
+    for r in saved["results"]:
+        counts[r["scenario"]] = counts.get(r["scenario"], 0) + 1
+    lines = [f"Runs: {saved.get('spec', '?')}. Tuning seeds {saved.get('tuning_seeds')} (not shown); evaluation "
+             f"seeds present: {saved.get('eval_seeds')}; runs per scenario: "
+             + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".", ""]
+    for t in tables(summary):
+        lines += [f"**{t.title}**", "", "| " + " | ".join(t.headers) + " |", "|" + "---|" * len(t.headers)]
+        lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in t.rows]
+        lines.append("")
+        if t.note:
+            lines += [t.note, ""]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,11 +452,16 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--data", required=True, type=Path)
     ev.add_argument("--pack", default="default")
     ev.add_argument("--json", type=Path, default=None, help="write the per-run results here")
+    rep = sub.add_parser("report", help="print the Markdown section of a saved evaluation (evaluate --json)")
+    rep.add_argument("saved", type=Path)
     for p in (rec, ev):
         p.add_argument("--seeds", default=",".join(map(str, EVAL_SEEDS)))
         p.add_argument("--scenarios", default=None, help="comma-separated (default: healthy and every fault)")
         p.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    if args.cmd == "report":
+        print(markdown(json.loads(args.saved.read_text())))
+        return 0
     scen = [s for s in (args.scenarios or ",".join(scenarios())).split(",") if s]
     seeds = _ints(args.seeds)
     if args.cmd == "record":
@@ -443,10 +472,14 @@ def main(argv: list[str] | None = None) -> int:
                 meta = record_run(sc, s, args.out, _spec(args.quick))
                 print(f"{sc} seed {s}: {meta['s_per_step']:.3f} s/step", flush=True)
         return 0
-    results = [evaluate_run(args.data, sc, s, args.pack) for s in seeds for sc in scen]
+    # Only runs that were recorded (a partial recording is evaluated as far as it got).
+    results = [evaluate_run(args.data, sc, s, args.pack) for s in seeds for sc in scen
+               if (args.data / f"{_stem(sc, s)}.json").exists()]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps({"spec": _spec(args.quick).describe(), "tuning_seeds": list(TUNING_SEEDS),
+                                         "eval_seeds": sorted({r["seed"] for r in results}), "pack": args.pack,
+                                         "results": results}, indent=1))
     from rich.console import Console
     from rich.table import Table as RichTable
 

@@ -154,7 +154,7 @@ def run_fleet(params: dict[str, Any]) -> dict[str, Any]:
                 try:
                     r0 = time.perf_counter()
                     if tables is None:
-                        tables = S3Tables(root)
+                        tables = S3Tables(root, in_memory_bytes=0)
                     else:
                         tables.refresh()
                     n = tables.sql("SELECT count(*) FROM layer_stats").fetchone()[0]
@@ -190,7 +190,7 @@ def run_fleet(params: dict[str, Any]) -> dict[str, Any]:
         # Final, counted state: what the writers say they wrote, what the store and Delta hold.
         final_pub = pub.publish_once()
         on_cycle(final_pub)
-        tables = S3Tables(root)
+        tables = S3Tables(root, in_memory_bytes=0)
         key = "run, step, layer, metric"
         store_rows, store_distinct = tables.sql(
             f"SELECT count(*), count(DISTINCT ({key})) FROM layer_stats").fetchone()

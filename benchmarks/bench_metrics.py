@@ -5,7 +5,7 @@ segment per flush of 100 steps (108 layers x 5 layer metrics + 20 scalars per st
 its own small segments (``compact_own``), never compacted by hand. Measured:
 
 * scrape: ``GET /metrics`` over HTTP from a running :class:`MetricsServer` (what Prometheus
-  pays; the budget row): it renders the last snapshot;
+  pays; the budget row): it sends the text rendered once per snapshot;
 * refresh: one read of the store by the exporter's background thread (``StoreSource.snapshot``),
   cold (first, fresh process) and warm;
 * correctness: every run's last step, MaxVio max / median / arg-max layer and last train loss in
@@ -192,8 +192,8 @@ def section(results: dict[str, dict[str, Any]]) -> Section:
         f"{r['runs']} live runs × {r['layers']} layers × {r['metrics']} layer metrics + {r['scalars']} scalars, "
         f"{fmt_count(r['steps'])} steps each ({fmt_count(r['layer_rows'])} layer rows in {r['files']} segment files, "
         "as live writers leave them: a segment per 100-step flush plus their own merges, never compacted by hand). "
-        "A scrape renders the exporter's last snapshot; a refresh is the background read of the store that "
-        "makes it (every `--interval` seconds, off the scrape path)."
+        "A scrape sends the text of the exporter's last snapshot (rendered once per snapshot); a refresh is the "
+        "background read of the store that makes it (every `--interval` seconds, off the scrape path)."
     )
     scr, warm = r["scrape_s"], r["refresh_warm_s"]
     ok = not r["mismatches"]

@@ -38,6 +38,11 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 
 ENV_ENDPOINT = "HEALTHWATCH_S3_ENDPOINT"
+#: Tables small enough to hold in memory after each listing (a few rows per run and attempt).
+SMALL_TABLES = ("runs", "attempts")
+#: A table whose live objects add up to at most this many bytes (compressed) is read into memory at
+#: each refresh that changed it (env ``HEALTHWATCH_S3_MEMORY_BYTES``).
+IN_MEMORY_BYTES = int(os.environ.get("HEALTHWATCH_S3_MEMORY_BYTES", 16 * 2**20))
 PROBE_DIR = "_probe"
 DEFAULT_REGION = "us-east-1"
 
@@ -747,9 +752,12 @@ class S3Tables:
     attempts exactly as the local :class:`healthwatch.store.Store` does.
     """
 
-    def __init__(self, uri: str, fs: S3FS | None = None, settings: S3Settings | None = None) -> None:
+    def __init__(self, uri: str, fs: S3FS | None = None, settings: S3Settings | None = None,
+                 in_memory_bytes: int | None = None) -> None:
         import duckdb
 
+        #: Tables of at most this many (compressed) bytes are read into memory at refresh.
+        self.in_memory_bytes = IN_MEMORY_BYTES if in_memory_bytes is None else in_memory_bytes
         self.root = parse_store_uri(uri)
         if not self.root.is_s3:
             raise StoreURIError(f"{uri} is not an s3:// store root")
@@ -761,6 +769,7 @@ class S3Tables:
         self.last_list_calls = 0
         self.listed: dict[str, dict[tuple[str, str], str]] = {}
         self._fragments: dict[str, Any] = {}  # immutable segments: footers read once
+        self._registered: dict[str, tuple[str, ...]] = {}  # per table: the objects its view reads
         self.version = 0
         self.auto_refresh = False
         self._refreshed_at = float("-inf")
@@ -769,7 +778,8 @@ class S3Tables:
     # -- the parts of the local Store's read API that healthwatch.query and .compare use -----------
     def files(self, table: str, run: str | None = None) -> list[S3ObjectRef]:
         """Live segment objects of ``table`` (optionally of one run), as of the last refresh."""
-        return [S3ObjectRef(p, self.fs) for (r, _n), p in sorted(self.listed.get(table, {}).items())
+        live = set(self.listed.get(table, {}).values())
+        return [S3ObjectRef(p, self.fs, live) for (r, _n), p in sorted(self.listed.get(table, {}).items())
                 if run is None or r == run]
 
     def refresh_if_older(self, max_age_s: float) -> bool:
@@ -846,15 +856,25 @@ class S3Tables:
             paths = sorted(live.values())
             self.listed[table] = live
             view = "runs_raw" if table == "runs" else table
+            key = tuple(paths)
+            if paths and self._registered.get(table) == key:
+                continue  # same immutable objects as at the last refresh: the view stands
             if paths:
                 dataset = s3_dataset(self.fs, [(p, run, sizes[p]) for (run, _n), p in sorted(live.items())], schema,
                                      self._fragments)
+                if table in SMALL_TABLES or sum(sizes[p] for p in paths) <= self.in_memory_bytes:
+                    # Small tables (runs and attempts: read by nearly every query; rollups: ≤ 1 % of the
+                    # rows; a young run) are held in memory from the refresh instead of one HTTP scan
+                    # per query; the big raw tables stay on S3 and are read with pushdown.
+                    dataset = dataset.to_table()
                 self.con.register(f"_ds_{table}", dataset)
+                self._registered[table] = key
                 cols = ", ".join(f'"{f.name}"' for f in schema)
                 self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT run, {cols} FROM _ds_{table}")
             else:
                 cols = ", ".join(f'NULL::{_duck_type(f.type)} AS "{f.name}"' for f in schema)
                 self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT NULL::VARCHAR AS run, {cols} LIMIT 0")
+                self._registered.pop(table, None)
         self.con.execute(
             "CREATE OR REPLACE VIEW runs AS SELECT * FROM runs_raw "
             "QUALIFY row_number() OVER (PARTITION BY run ORDER BY created) = 1"
@@ -932,9 +952,10 @@ class _S3Stat:
 class S3ObjectRef:
     """A listed segment object: ``exists()`` and ``stat()`` like a ``pathlib.Path`` (what query reads)."""
 
-    def __init__(self, path: str, fs: S3FS) -> None:
+    def __init__(self, path: str, fs: S3FS, listed: set[str] | None = None) -> None:
         self.path = path
         self._fs = fs
+        self._listed = listed
 
     def __str__(self) -> str:
         return self.path
@@ -948,7 +969,12 @@ class S3ObjectRef:
         return self.path.rsplit("/", 1)[-1]
 
     def exists(self) -> bool:
-        """Whether the object still exists (one HEAD)."""
+        """Whether the object exists: as of the listing it came from (no request), else one HEAD.
+
+        The views were built from that same listing, so this is the answer consistent with them.
+        """
+        if self._listed is not None:
+            return self.path in self._listed
         return self._fs.exists(self.path)
 
     def stat(self) -> _S3Stat:

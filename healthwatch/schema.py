@@ -17,6 +17,22 @@ SCHEMA_MAJOR = int(SCHEMA_VERSION.split(".")[0])
 
 LAYER_TYPES = ("mamba", "attention", "moe", "mlp", "mtp")
 
+#: Per-layer metrics of the signals beyond the core five (docs/signals.md). NVFP4 and TE metrics
+#: may carry an operand suffix: ``fp4_underflow/act``, ``te_mse/weight``.
+SIGNAL_LAYER_METRICS = (
+    "fp4_underflow", "fp4_saturation", "fp4_rel_mse", "fp4_amax",
+    "te_underflow", "te_mse", "te_amax",
+    "update_norm", "update_ratio",
+    "router_entropy", "router_zloss", "router_max_logit", "expert_bias_range", "token_drop_rate",
+    "ssm_decay_min", "ssm_decay_mean", "ssm_decay_max", "ssm_dt_mean", "ssm_dt_max", "ssm_dt_min",
+)
+
+
+def is_signal_layer_metric(name: str) -> bool:
+    """True for a signal layer metric, with or without an operand suffix (``fp4_rel_mse/weight``)."""
+    base = name.split("/", 1)[0]
+    return base in SIGNAL_LAYER_METRICS and (base == name or base.startswith(("fp4_", "te_")))
+
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9_.:/+-]{1,200}$")
 

@@ -15,16 +15,18 @@ Lines are read wherever they appear in a line (log prefixes are ignored)::
 ``output``/``wgrad``/``dgrad``, ``stat`` e.g. ``underflow_pct`` (also ``underflows%``), ``mse``,
 ``amax``. The block index is the first ``layers.<i>`` (or ``.<i>.``) in the module name.
 
-Mapping (per block and iteration, the maximum over the block's GEMM modules: the worst one):
+Mapping (per block and iteration, the maximum over the block's GEMM modules: the worst one).
+TE's numbers keep a ``te_`` prefix: TE computes them its own way (e.g. after its Hadamard transforms,
+per GEMM), and the default rule pack applies TE's own auto-switch thresholds to them.
 
 ===========================  =====================================================
 TE statistic                 healthwatch layer metric
 ===========================  =====================================================
-``underflow_pct``            ``fp4_underflow`` (a fraction: value / 100), and
-                             ``fp4_underflow/<operand>`` (``act``, ``weight``, ``grad``)
+``underflow_pct``            ``te_underflow`` (a fraction: value / 100), and
+                             ``te_underflow/<operand>`` (``act``, ``weight``, ``grad``)
 ``mse``                      ``te_mse`` and ``te_mse/<operand>`` (TE's mean squared
                              error, *not* healthwatch's relative ``fp4_rel_mse``)
-``amax``                     ``fp4_amax`` and ``fp4_amax/<operand>``
+``amax``                     ``te_amax`` and ``te_amax/<operand>``
 anything else (``min``,      ``te_<stat>/<operand>``
 ``l2_norm``, …)
 ===========================  =====================================================
@@ -79,9 +81,9 @@ def parse_name(name: str) -> tuple[str, str | None, str | None, str] | None:
 def _metric(stat: str) -> tuple[str, float]:
     """healthwatch metric base name of a TE statistic and the factor on its value."""
     if stat in ("underflow_pct", "underflows%", "underflows_pct"):
-        return "fp4_underflow", 0.01
+        return "te_underflow", 0.01
     if stat in ("amax", "cur_amax"):
-        return "fp4_amax", 1.0
+        return "te_amax", 1.0
     if stat == "mse":
         return "te_mse", 1.0
     return "te_" + re.sub(r"[^A-Za-z0-9_]", "_", stat.replace("%", "_pct")), 1.0

@@ -27,7 +27,7 @@ log = logging.getLogger("healthwatch.monitor")
 SPECIAL_GROUPS = ("total", "output", "embedding", "mtp")
 
 #: Signal families beyond the core five, and whether each is on by default (docs/signals.md).
-FAMILIES = {"quant": True, "router": True, "mamba": True, "update": True}
+FAMILIES = {"quant": True, "router": True, "mamba": True, "update": False}
 _OPERAND = re.compile(r"[^A-Za-z0-9_.:+-]")
 
 
@@ -71,17 +71,22 @@ class StatsCollector:
     """Holds the device accumulators and the hooks for one watched model."""
 
     def __init__(
-        self, spec: ModelSpec, device: torch.device, families: Iterable[str] | None = None, update_every: int = 1
+        self, spec: ModelSpec, device: torch.device, families: Iterable[str] | None = None, update_every: int = 1,
+        signals_every: int = 1,
     ) -> None:
         self.spec = spec
         self.device = device
         self.active = True
-        fam = set(FAMILIES if families is None else families)
+        fam = {f for f, on in FAMILIES.items() if on} if families is None else set(families)
         unknown = fam - set(FAMILIES)
         if unknown:
             raise ValueError(f"unknown signal families {sorted(unknown)}; known: {sorted(FAMILIES)}")
         self.families = fam
         self.update_every = max(1, int(update_every))
+        #: Activation-side statistics (quantisation, router health, dt) run on every N-th step only.
+        self.signals_every = max(1, int(signals_every))
+        self._steps_taken = 0
+        self._sample = True
         self.bank = sig.SignalBank(device)
         self._update_calls = 0
         self._update_done = False
@@ -185,10 +190,10 @@ class StatsCollector:
     # -- extra signals -----------------------------------------------------------------------
     def quant_stats(self, pos: int, operand: str | None, x: torch.Tensor, q: torch.Tensor) -> None:
         """Accumulate NVFP4 health of one quantised tensor into block ``pos`` (and ``operand``)."""
-        if not self.active or "quant" not in self.families or _in_backward():
-            return
         if x.shape != q.shape:
             raise ValueError(f"quant_stats: x {tuple(x.shape)} and q {tuple(q.shape)} differ in shape")
+        if not self.active or not self._sample or "quant" not in self.families or _in_backward():
+            return
         sums, amax = sig.quant_terms(x, q)
         ratios, maxes = sig.quant_slots(pos, None)
         self.bank.add(self.bank.group(("quant", pos, None), ratios, maxes), sums, amax)
@@ -207,7 +212,7 @@ class StatsCollector:
         heads = int(mixer.A_log.numel())
 
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-            if not self.active or not module.training or _in_backward():
+            if not self.active or not self._sample or not module.training or _in_backward():
                 return
             out = output[0] if isinstance(output, (tuple, list)) else output
             if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[-1] < heads:
@@ -300,7 +305,7 @@ class StatsCollector:
                 else:
                     idx = decision.reshape(-1).to(torch.long)
                     row.index_add_(0, idx, torch.ones(idx.shape, device=idx.device, dtype=torch.float64))
-            if health:
+            if health and self._sample:
                 logits = self._router_logits(spec, module, inputs, output)
                 if logits is not None:
                     sums, mx = sig.router_terms(logits)
@@ -399,4 +404,6 @@ class StatsCollector:
         self.router_calls = [0] * len(router_calls)
         self.has_wgrad = False
         self._update_done = False
+        self._steps_taken += 1
+        self._sample = self._steps_taken % self.signals_every == 0
         return sum_row, max_row, resid_calls, router_calls, has_wgrad

@@ -298,11 +298,12 @@ class Monitor:
             self.device = torch.device("cpu")
         self.spec = spec
         cfg = self.monitor_config
-        self._collector = StatsCollector(spec, self.device, families=cfg.signals, update_every=cfg.update_every)
+        self._collector = StatsCollector(spec, self.device, families=cfg.signals, update_every=cfg.update_every,
+                                         signals_every=cfg.signals_every)
         self._collector.attach()
         if optimizer is not None:
             self.watch_optimizer(optimizer)
-        elif self._optimizer is None and spec.all_params:
+        elif self._optimizer is None and spec.all_params and "update" in cfg.signals:
             self._discover_optimizer(spec.all_params[0])
         self._decoder = Decoder(
             self._collector.layout, [b.layer_type for b in spec.blocks], [b.residual for b in spec.blocks],
@@ -618,6 +619,9 @@ class Monitor:
         if self._closed:
             return
         try:
+            if self._first_step is not None:
+                # Says "finished", so that stall rules never take a closed run for a hung one.
+                self.event("close", message="monitor closed")
             self.flush(wait=True)
             if self._last_step >= 0:  # readers show the run as finished, not live
                 self.event(END_EVENT, message="monitor closed")

@@ -33,6 +33,7 @@ from healthwatch.app.data import (
     scalar_names,
     series,
 )
+from healthwatch.query_signals import FAMILIES, expert_load_matrix, signal_metrics, worst_layers
 from healthwatch.store import Store
 
 LAYER_UNITS = {
@@ -241,6 +242,64 @@ def _at_steps(store: Store, run: str, x: str, log_y: bool) -> None:
                         key="chart_load")
 
 
+#: Signals where a LOW value is the bad one ("worst layers" sorts ascending).
+LOW_IS_BAD = ("router_entropy", "ssm_decay_min", "ssm_decay_mean")
+
+
+def _signals(store: Store, run: str, x: str, log_y: bool) -> None:
+    """Signals beyond the report (docs/signals.md): per family, max/median over layers, the layer x step
+    heatmap, the worst layers now, and the expert x layer load at a step (and its change)."""
+    metrics = signal_metrics(store, run)
+    samples = cached_run(store, run, expert_load_steps, tables=("expert_load", "attempts"))
+    if not metrics and not samples:
+        return
+    st.subheader("Signals: quantisation, updates, routers, Mamba")
+    if metrics:
+        fams = [f for f, ms in FAMILIES.items() if any(m.split("/", 1)[0] in ms for m in metrics)]
+        fam = st.radio("Family", fams, horizontal=True, key="sig_family")
+        metric = st.selectbox("Signal", [m for m in metrics if m.split("/", 1)[0] in FAMILIES[fam]], key="sig_metric")
+        agg = series(store, run, [Signal(metric, "max"), Signal(metric, "median")])
+        c1, c2 = st.columns(2)
+        with c1:
+            fig = charts.lines(_frames(agg, [f"{metric}:max", f"{metric}:median"],
+                                       {f"{metric}:max": "max over layers", f"{metric}:median": "median over layers"}),
+                               x, metric, f"{metric}: max and median over layers", log_y, 0.0, revision=f"{run}-sig")
+            st.plotly_chart(fig, width="stretch", key="chart_sig_overview")
+        with c2:
+            df = cached_run(store, run, heatmap, metric)
+            if df.height:
+                st.plotly_chart(charts.heatmap(df, f"{metric} by layer and step", metric, x, log_color=log_y,
+                                               revision=f"{run}-sigheat"), width="stretch", key="chart_sig_heat")
+        k1, k2 = st.columns(2)
+        k = int(k1.number_input("Worst layers: top K", 1, 200, 10, key="sig_k"))
+        window = int(k2.number_input("Rise over the last N steps", 1, 10**9, 100, key="sig_window"))
+        worst = worst_layers(store, run, metric, k=k, window=window, lowest=metric.split("/", 1)[0] in LOW_IS_BAD)
+        by_rise = worst_layers(store, run, metric, k=10**6, window=window).drop_nulls("rise").sort(
+            "rise", descending=True).head(k)
+        w1, w2 = st.columns(2)
+        w1.caption(f"Worst {k} layers by value now ({'lowest' if metric.split('/', 1)[0] in LOW_IS_BAD else 'highest'})")
+        w1.dataframe(worst, hide_index=True, width="stretch")
+        w2.caption(f"Top {k} layers by rise over {window} steps (pick one in the heatmap for its history)")
+        w2.dataframe(by_rise, hide_index=True, width="stretch")
+    if samples:
+        a1, a2 = st.columns(2)
+        at = a1.select_slider("Expert x layer load at step", samples, samples[-1], key="sig_load_at")
+        base = a2.select_slider("... change since step", ["none", *samples], "none", key="sig_load_base")
+        layers, step_a, mat = expert_load_matrix(store, run, int(at))
+        if layers:
+            title = f"Share of each MoE layer's assignments per expert at step {step_a}"
+            if base != "none":
+                lb, step_b, mb = expert_load_matrix(store, run, int(base))
+                if lb == layers and mb.shape == mat.shape:
+                    mat, title = mat - mb, f"Change of the expert load share, step {step_b} -> {step_a}"
+            import plotly.express as px
+
+            fig = px.imshow(mat, labels={"x": "expert", "y": "layer", "color": "share"}, aspect="auto",
+                            y=[str(v) for v in layers], title=title,
+                            color_continuous_scale="RdBu_r" if base != "none" else "Viridis")
+            st.plotly_chart(fig, width="stretch", key="chart_sig_load")
+
+
 def main() -> None:
     """Draw the page."""
     st.title("Run")
@@ -267,6 +326,7 @@ def main() -> None:
     run_every = None if every == "off" else float(every.split()[0])
     st.fragment(run_every=run_every)(_charts)(store, run, x, log_y, smooth)
     st.fragment(_at_steps)(store, run, x, log_y)
+    st.fragment(_signals)(store, run, x, log_y)
 
 
 main()

@@ -58,6 +58,9 @@ REGISTRY: dict[str, frozenset[str]] = {
 }
 #: Names of the built-in faults, in the order the benchmark and docs list them.
 FAULTS = tuple(REGISTRY)
+#: Part -> ``effect(fault, model, step)`` run by :meth:`Fault.before_step` from the onset on, for
+#: parts implemented by other modules (e.g. :mod:`healthwatch.demo.faults_signals`).
+PART_EFFECTS: dict[str, Callable[..., None]] = {}
 
 
 def register_fault(name: str, parts: set[str] | frozenset[str] | None = None) -> None:
@@ -176,6 +179,8 @@ class Fault:
                         block.register_buffer("residual_scale", scale, persistent=False)
                     else:
                         block.residual_scale.copy_(scale)
+        for part in sorted(self.parts & PART_EFFECTS.keys()):
+            PART_EFFECTS[part](self, model, step)
 
     @property
     def starves_mtp(self) -> bool:
@@ -221,3 +226,8 @@ def make_fault(name: str | None, onset: int) -> Fault | None:
     if name in (None, "", "none"):
         return None
     return Fault(name=name, onset=onset)
+
+
+# Faults of the newer signals (NVFP4 scale, Mamba A_log) register themselves; imported last so that
+# they can use this module's names.
+from healthwatch.demo import faults_signals as _faults_signals  # noqa: E402, F401

@@ -25,6 +25,19 @@ its own layers. Because tensor- and expert-parallel parameters are split across 
 group, the spec carries ``grad_scale`` factors (shards per parameter) so that the group-mean of
 squared norms the Monitor computes equals the full parameter's squared norm.
 
+Pipeline parallelism: each stage's Monitor sees only its own layers, so a stage's
+``grad_norm/total`` and ``grad_norm/embedding`` alone would be partial (the first stage holds the
+word embeddings, a last stage with MTP its own position embeddings). The spec therefore carries
+one stand-in "parameter" per such group whose gradient norm is the other stages' share, obtained
+with one small SUM all-reduce over the pipeline group inside ``after_backward`` (device tensors
+only, no host sync): every stage then records the global value, as megatron's own grad norm
+does. Log ``lr`` and losses from the last stage only; every stage records the (identical) global
+grad norms.
+
+Tensor parallelism: megatron trains MoE with tensor parallelism only together with sequence
+parallelism (it refuses the combination otherwise), so each tensor-parallel rank routes its own
+slice of the sequence and the SUM over the stage group counts every token once.
+
 MTP losses: megatron accumulates each head's unscaled loss per microbatch in
 ``MTPLossLoggingHelper.tracker["values"]``; :func:`mtp_losses` reads them (divided by the
 number of microbatches) as device tensors, without a host sync.
@@ -110,6 +123,76 @@ def find_router(module: nn.Module) -> nn.Module | None:
         mlp = getattr(module.transformer_layer, "mlp", None)
     router = getattr(mlp, "router", None)
     return router if isinstance(router, nn.Module) else None
+
+
+def _parallel_state() -> Any:
+    """megatron's ``parallel_state`` when its model-parallel groups are set up, else None."""
+    try:
+        from megatron.core import parallel_state as ps
+
+        return ps if ps.model_parallel_is_initialized() else None
+    except (ImportError, AssertionError, AttributeError):
+        return None
+
+
+def _grad_of(p: Any) -> torch.Tensor | None:
+    g = getattr(p, "main_grad", None)
+    return p.grad if g is None else g
+
+
+class PipelinePeers(torch.Tensor):
+    """A stand-in parameter whose "gradient" carries the squared gradient norm that the *other*
+    pipeline stages hold for one parameter group (all parameters, or the embeddings).
+
+    Reading :attr:`main_grad` (the collector does, once per recorded ``after_backward``) computes
+    this rank's scaled squared norm ``q`` of the group, SUM-all-reduces it over the pipeline group
+    (this rank's peers at the same position of every stage) and returns ``[sqrt(sum - q)]``.
+    Summed over a stage's group and divided by its size, as the Monitor does, the stage's record
+    then equals the sum over all stages, i.e. the global norm. Every stage must read it at the
+    same steps (all stages call ``after_backward`` at the same steps, as the Monitor requires).
+
+    It is a one-element zero tensor, so code that treats the watched parameters as tensors (norms
+    of the weights for update ratios) sees a parameter of norm zero that no optimizer steps.
+    """
+
+    @staticmethod
+    def __new__(cls, params: Sequence[nn.Parameter], scales: dict[int, float], group: Any,
+                name: str) -> PipelinePeers:
+        """Build the stand-in for ``params`` (this stage's part of the group)."""
+        device = next((p.device for p in params), torch.device("cpu"))
+        self = torch.Tensor._make_subclass(cls, torch.zeros(1, device=device))
+        self._hw_params = list(params)
+        self._hw_weights = torch.tensor([scales.get(id(p), 1.0) for p in params], dtype=torch.float64, device=device)
+        self._hw_group = group
+        self._hw_group_name = name
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass  # everything is set up in __new__
+
+    # Operations on it give plain tensors (it is only a carrier of main_grad).
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def main_grad(self) -> torch.Tensor:
+        """``[sqrt(other stages' scaled squared norm of the group)]`` as a device tensor (no host sync)."""
+        grads, keep = [], []
+        for i, p in enumerate(self._hw_params):
+            g = _grad_of(p)
+            if g is not None:
+                grads.append(g)
+                keep.append(i)
+        dev = self.device
+        with torch.no_grad():
+            if grads:
+                norms = torch.stack(torch._foreach_norm(grads)).to(dev, torch.float64)
+                w = self._hw_weights if len(keep) == len(self._hw_params) else self._hw_weights[keep]
+                q = (norms.pow(2) * w).sum().reshape(1)
+            else:
+                q = torch.zeros(1, dtype=torch.float64, device=dev)
+            total = q.clone()
+            torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM, group=self._hw_group)
+            return (total - q).clamp_min(0).sqrt().float()
 
 
 def _parallel_sizes() -> tuple[int, int, int]:
@@ -262,6 +345,12 @@ class MegatronAdapter:
         scales = grad_scales(all_params)
         if scales:
             spec.grad_scale = scales  # type: ignore[attr-defined]  # read by the collector
+        ps_ = _parallel_state()
+        if ps_ is not None and ps_.get_pipeline_model_parallel_world_size() > 1:
+            group = ps_.get_pipeline_model_parallel_group()
+            # The same groups, in the same order, on every stage: the all-reduces must pair up.
+            spec.all_params.append(PipelinePeers(all_params, scales, group, "total"))  # type: ignore[arg-type]
+            spec.special_params["embedding"] = [*embedding, PipelinePeers(embedding, scales, group, "embedding")]  # type: ignore[list-item]
         return spec
 
 

@@ -110,7 +110,7 @@ class HostReadCounter:
 
 def _optional_hooks(mon: hw.Monitor, model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[Callable[[], None]]:
     """Calls of Monitor hooks that exist only in newer versions (optimizer updates, quantisation
-    statistics), so that they are covered as soon as they land."""
+    statistics, token drops), so that they are covered as soon as they land."""
     calls: list[Callable[[], None]] = []
     after_opt = getattr(mon, "after_optimizer_step", None)
     if callable(after_opt):
@@ -122,6 +122,11 @@ def _optional_hooks(mon: hw.Monitor, model: torch.nn.Module, opt: torch.optim.Op
         weight = next(p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2)
         # A stand-in quantiser output: what matters is that the hook reads it without syncing.
         calls.append(lambda: quant(0, "weight", weight.detach(), weight.detach().half().float()))
+    drops = getattr(mon, "router_drops", None)
+    if callable(drops) and mon.spec is not None and mon.spec.routers:
+        layer = mon.spec.blocks[mon.spec.routers[0].layer].index
+        routed = torch.tensor(64.0)
+        calls.append(lambda: drops(layer, routed * 0.25, routed))
     return calls
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import healthwatch as hw
 from healthwatch.hooks.adapters import GenericAdapter
-from healthwatch.hooks.signals import decay_terms, dt_terms, router_terms
+from healthwatch.hooks.signals import decay_terms, decode_bank, dt_terms, router_terms
 
 LN3, LN4, LN6 = math.log(3), math.log(4), math.log(6)
 
@@ -96,7 +96,7 @@ class Net(nn.Module):
 
 def test_router_and_mamba_health_end_to_end(store_dir):
     net = Net()
-    with hw.Monitor(store=store_dir, run="rm") as mon:
+    with hw.Monitor(store=store_dir, run="rm", monitor_config=hw.MonitorConfig(signals_every=1)) as mon:
         spec = mon.watch(net, adapter=GenericAdapter(blocks=r"^layers\.\d+$", routers=r"\.router$",
                                                       layer_types={r"^layers\.0$": "mamba"}))
         assert [b.layer_type for b in spec.blocks][:2] == ["mamba", "moe"]
@@ -132,6 +132,19 @@ def test_families_can_be_turned_off_and_unknown_ones_are_refused():
     with pytest.raises(ValueError, match="unknown signal families"):
         StatsCollector(spec, torch.device("cpu"), families={"quant", "bogus"})
     col = StatsCollector(spec, torch.device("cpu"), families=set())
+    # signals_every: activation-side statistics only on every N-th step (the first included).
+    sampled = StatsCollector(spec, torch.device("cpu"), signals_every=2)
+    sampled.attach()
+    taken = []
+    base = spec.num_layers + sampled.layout.n_groups + sampled.layout.counts_size()
+    for _ in range(3):
+        net(torch.zeros(1, 2, 4))
+        sums, maxes, *_ = sampled.take_row([])
+        got = decode_bank(sums[base:].numpy(), maxes[spec.num_layers:].numpy(),
+                          sampled.bank.ratio_slots, sampled.bank.max_slots)
+        taken.append("router_entropy" in {m for _p, m, _v in got})
+    sampled.detach()
+    assert taken == [True, False, True]
     col.attach()
     net(torch.zeros(1, 2, 4))
     col.take_row([])

@@ -36,13 +36,13 @@ def test_parse_name():
 
 def _expected(got: dict) -> None:
     # Layer 0, step 10: the worst activation underflow of its two GEMMs (7.5 %), weight 1 %.
-    assert got[(10, 0, "fp4_underflow")] == pytest.approx(0.075)
-    assert got[(10, 0, "fp4_underflow/act")] == pytest.approx(0.075)
-    assert got[(10, 0, "fp4_underflow/weight")] == pytest.approx(0.01)
+    assert got[(10, 0, "te_underflow")] == pytest.approx(0.075)
+    assert got[(10, 0, "te_underflow/act")] == pytest.approx(0.075)
+    assert got[(10, 0, "te_underflow/weight")] == pytest.approx(0.01)
     assert got[(10, 0, "te_mse")] == pytest.approx(3e-4)
     assert got[(10, 0, "te_mse/weight")] == pytest.approx(2e-5)
-    assert got[(10, 0, "fp4_amax/act")] == 12.0
-    assert got[(20, 2, "fp4_underflow/grad")] == pytest.approx(0.55)
+    assert got[(10, 0, "te_amax/act")] == 12.0
+    assert got[(20, 2, "te_underflow/grad")] == pytest.approx(0.55)
     assert got[(20, 2, "te_l2_norm/act")] == 3.0
     # A module outside the numbered blocks (the embedding) has no layer: skipped.
     assert not [k for k in got if k[1] not in (0, 2)]

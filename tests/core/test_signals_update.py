@@ -12,6 +12,9 @@ from torch import nn
 import healthwatch as hw
 from healthwatch.hooks.adapters import GenericAdapter
 
+#: The update family is off by default (its cost: docs/signals.md).
+ON = hw.MonitorConfig(signals=("quant", "router", "mamba", "update"))
+
 
 class Net(nn.Module):
     def __init__(self) -> None:
@@ -49,7 +52,7 @@ def test_adam_update_by_hand(store_dir, explicit):
     # element moves by lr = 0.1: theta [1, -2] -> [0.9, -2.1]; ||dθ|| = 0.1 sqrt 2.
     net = Net()
     opt = torch.optim.Adam(net.parameters(), lr=0.1, eps=1e-12)
-    with hw.Monitor(store=store_dir, run="adam") as mon:
+    with hw.Monitor(store=store_dir, run="adam", monitor_config=ON) as mon:
         mon.watch(net, adapter=GenericAdapter(blocks=r"^layers\.\d+$"), optimizer=None if explicit else opt)
         _one_step(mon, net, opt, explicit)
     got = _layer_metrics(store_dir)
@@ -64,7 +67,7 @@ def test_adamw_decoupled_decay_by_hand(store_dir):
     # [1, -2] -> [0.85, -2.0]: dθ = [-0.15, 0]; the layer-1 weight has no grad and does not move.
     net = Net()
     opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.5, eps=1e-12)
-    with hw.Monitor(store=store_dir, run="adamw") as mon:
+    with hw.Monitor(store=store_dir, run="adamw", monitor_config=ON) as mon:
         mon.watch(net, adapter=GenericAdapter(blocks=r"^layers\.\d+$"), optimizer=opt)
         _one_step(mon, net, opt, explicit=False)
     got = _layer_metrics(store_dir)
@@ -77,7 +80,7 @@ def test_unknown_optimizer_is_a_logged_no_op(store_dir, caplog):
     net = Net()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with caplog.at_level(logging.WARNING, logger="healthwatch.monitor"):
-        with hw.Monitor(store=store_dir, run="sgd") as mon:
+        with hw.Monitor(store=store_dir, run="sgd", monitor_config=ON) as mon:
             mon.watch(net, adapter=GenericAdapter(blocks=r"^layers\.\d+$"), optimizer=opt)
             _one_step(mon, net, opt, explicit=True)
     assert _layer_metrics(store_dir) == {}
@@ -87,13 +90,13 @@ def test_unknown_optimizer_is_a_logged_no_op(store_dir, caplog):
 def test_update_family_off_and_missing_optimizer(store_dir):
     net = Net()
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
-    with hw.Monitor(store=store_dir, run="off", monitor_config=hw.MonitorConfig(signals=("quant",))) as mon:
+    with hw.Monitor(store=store_dir, run="off") as mon:          # the default: update family off
         mon.watch(net, adapter=GenericAdapter(blocks=r"^layers\.\d+$"), optimizer=opt)
         _one_step(mon, net, opt, explicit=True)
     assert _layer_metrics(store_dir) == {}
     # A bare after_optimizer_step() before any optimizer stepped the model: a no-op (warned once);
     # after one did, the Monitor knows it (found by a global post-step hook, then removed).
-    with hw.Monitor(store=store_dir, run="noopt") as mon:
+    with hw.Monitor(store=store_dir, run="noopt", monitor_config=ON) as mon:
         mon.watch(net, adapter=GenericAdapter(blocks=r"^layers\.\d+$"))
         mon.after_optimizer_step()
         net.layers[0].weight.grad = torch.tensor([[0.5, 0.5]])

@@ -15,6 +15,10 @@ def test_quick_demo_store_contents(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--quick", "--no-app", "--store", str(store)])
     assert res.exit_code == 0, res.output
     assert "demo store:" in res.output
+    # The summary names the first rule that fired and measures its lead against the loss's band
+    # exit (healthwatch.band), or says the loss had not left its band when training stopped.
+    assert "first rule to fire:" in res.output or "no rule fired" in res.output
+    assert "left its band at step" in res.output or "had not left its band" in res.output
     # The closing gap summary is a table (one row per branch), not a dataframe dump or a bare "-".
     assert "mean gap %" in res.output and "shape:" not in res.output and "at step -" not in res.output
     st = hw.open_store(store)

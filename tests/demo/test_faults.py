@@ -109,3 +109,43 @@ def test_nvfp4_vs_bf16_small_positive_gap(tmp_path):
     gap = (losses["nvfp4"] - losses["bf16"]) / losses["bf16"]
     print(f"NVFP4 vs BF16 relative gap over 20 steps: {gap:.4%}")
     assert 0 < gap < 0.05, gap
+
+
+def test_bf16_main_first_accumulation_rounds_the_mtp_terms_away() -> None:
+    """Real BF16 arithmetic: a term far below half an ulp of the running sum is lost, one that is
+    not survives; the main gradient itself comes back to BF16 precision."""
+    import torch
+
+    from healthwatch.demo.faults import bf16_accumulate_main_first
+
+    g_main = torch.full((4, 4), 1.0)
+    g_mtp = torch.full((4, 4), 0.05)  # the MTP heads' x0.05 share
+    # 256 terms: the running sum is 256 (ulp 2, half-ulp 1), each 0.05 term rounds away.
+    assert torch.equal(bf16_accumulate_main_first(g_main, g_mtp, 256), g_main)
+    # One term: 1.0 + 0.05 is representable to BF16 precision (ulp 2^-7), the MTP term survives.
+    one = bf16_accumulate_main_first(g_main, g_mtp, 1)
+    assert torch.allclose(one, torch.full((4, 4), 1.0 + 0.05), atol=2**-7)
+    with pytest.raises(ValueError, match="microbatches"):
+        bf16_accumulate_main_first(g_main, g_mtp, 0)
+
+
+def test_residual_growth_scales_a_few_channels_and_registry_extends() -> None:
+    import math
+
+    from healthwatch.demo.faults import Fault, fault_names, make_fault, register_fault
+
+    f = Fault(name="residual_growth", onset=10)
+    assert float(f.residual_channel_scale(64, 5).max()) == 1.0  # before onset: no effect
+    scale = f.residual_channel_scale(64, 30)
+    grown = (scale > 1).nonzero().flatten().tolist()
+    assert grown == [0, 16, 32, 48] and math.isclose(float(scale[0]), math.exp(0.05 * 20), rel_tol=1e-6)
+    register_fault("test_only_fault", {"lr_excursion"})
+    try:
+        assert "test_only_fault" in fault_names()
+        assert make_fault("test_only_fault", 5).lr_scale(50) > 1.0
+    finally:
+        from healthwatch.demo import faults
+
+        faults.REGISTRY.pop("test_only_fault", None)
+    with pytest.raises(ValueError, match="unknown fault"):
+        make_fault("no_such_fault", 0)

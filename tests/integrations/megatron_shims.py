@@ -8,6 +8,7 @@ are applied by :func:`install` in the test processes only; nothing in ``healthwa
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -170,6 +171,25 @@ def install() -> None:
         return original_a2a(output, input, ints(output_split_sizes), ints(input_split_sizes), *args, **kwargs)
 
     dist.all_to_all_single = all_to_all_single
+
+    from megatron.core.transformer import torch_norm
+
+    # Without Transformer Engine or Apex, megatron's torch norm refuses sequence parallelism only
+    # because it does not tag its parameters; tag them as the fused norms do (``sequence_parallel``),
+    # so that finalize_model_grads all-reduces their gradients over the tensor-parallel group.
+    original_norm_new = torch_norm.WrappedTorchNorm.__new__
+
+    def norm_new(cls: type, config: Any, hidden_size: int, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(config, "sequence_parallel", False):
+            return original_norm_new(cls, config, hidden_size, *args, **kwargs)
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = original_norm_new(cls, plain, hidden_size, *args, **kwargs)
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = norm_new  # type: ignore[method-assign]
 
     from megatron.core.transformer.moe import moe_utils
 

@@ -159,8 +159,14 @@ def check_store_after_kill(root: Path, t: Trial, per_step: dict[str, int]) -> di
                 "GROUP BY ALL HAVING count(*) > 1)", [RUN, t.attempt]).fetchone()[0]
             assert dup == 0, f"trial {t.k}: {dup} scalar rows stored twice"
             for table in STEP_TABLES:
+                # Counted: the per-step rows. Left out: the Monitor's wall-clock heartbeat (one per
+                # flush, on its last step: which step depends on the time-based flush) and the layer
+                # signals sampled every `signals_every` steps (router entropy, …).
+                extra = {"scalars": " AND name <> 'monitor/heartbeat'",
+                         "layer_stats": " AND metric IN ('wgrad_norm', 'resid_rms', 'resid_rms_max', 'maxvio', "
+                                        "'dead_experts')"}.get(table, "")
                 counts = dict(store.sql(
-                    f"SELECT step, count(*) FROM {table} WHERE run = ? AND attempt = ? GROUP BY step",
+                    f"SELECT step, count(*) FROM {table} WHERE run = ? AND attempt = ?{extra} GROUP BY step",
                     [RUN, t.attempt]).fetchall())
                 assert set(counts) <= logged, f"trial {t.k}: {table} has steps never logged"
                 for step, n in counts.items():  # whole steps only: a flush is never half visible

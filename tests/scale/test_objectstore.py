@@ -222,7 +222,7 @@ def test_segments_round_trip_bit_exact_through_duckdb(s3_root: str) -> None:
     for part in range(3):
         sl = slice(part * 100 * layers, (part + 1) * 100 * layers)
         writer.write("layer_stats", _layer_rows(steps[part * 100 : (part + 1) * 100], layers, values[sl]))
-    tables = S3Tables(s3_root, fs=fs)
+    tables = S3Tables(s3_root, fs=fs, in_memory_bytes=0)  # read from S3 at every query, not held in memory
     assert len(tables.files("layer_stats")) == 3
     got = tables.sql(
         "SELECT step, layer, value FROM layer_stats WHERE run = 'run-a' ORDER BY step, layer"

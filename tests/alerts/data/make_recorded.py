@@ -1,53 +1,47 @@
 """Record the fixture series used by the alert tests from the real demo trainer.
 
-Run from the repository root: ``python tests/alerts/data/make_recorded.py``. It trains the demo's
-hybrid MoE twice for the same number of steps, once with the reference case's fault (``ultra``:
-MTP starvation, residual growth, router collapse, then a learning-rate excursion) and once
-healthy, and keeps each run's scalars and layer stats as Parquet next to this file. Nothing is
-drawn by hand: the divergence is the model's own response to the fault.
+Run from the repository root: ``python tests/alerts/data/make_recorded.py [DATA]``. The fixtures
+are runs of the early-warning benchmark's evaluation size (``benchmarks/bench_early_warning.py``,
+``FULL``: the demo's block kinds "M E * E" with 32 experts top-2 and two MTP heads, NVFP4, batch
+4 x 32, 200 steps, fault at step 80) on its TUNING seeds -- never on its evaluation seeds:
+
+* ``diverging``: the reference case's fault (``ultra``: MTP starvation, residual growth and
+  router collapse from step 80, then a learning-rate excursion from step 120), seed 11;
+* ``healthy`` and ``healthy2``: the same model and data without a fault, seeds 11 and 12 (their
+  early MaxVio reaches the 32-expert cap of 15, which the pack must tolerate).
+
+With ``DATA`` (a directory the benchmark's ``record`` command filled) the runs are copied from
+there instead of trained again. Nothing is drawn by hand: every value is the model's own.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-import healthwatch as hw
-from healthwatch.demo.faults import make_fault
-from healthwatch.demo.trainer import TrainConfig, Trainer
-
 HERE = Path(__file__).resolve().parent
-STEPS = 400
-ONSET = 180
+ROOT = HERE.parent.parent.parent
+#: fixture name -> (scenario, seed) of the benchmark run it is.
+FIXTURES = {"diverging": ("ultra", 11), "healthy": ("healthy", 11), "healthy2": ("healthy", 12)}
 
 
-def record(name: str, fault: str | None, out: Path) -> None:
-    """Train one run into a temporary store and export its effective scalars and layer stats."""
-    with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "store"
-        cfg = TrainConfig(run=name, store=store, precision="nvfp4", total_steps=STEPS, checkpoint_every=10_000)
-        mon = hw.Monitor(store=store, run=name, precision="nvfp4", flush_every_steps=50, expert_load_every=10,
-                         dead_window=20)
-        trainer = Trainer(cfg, mon, make_fault(fault, ONSET) if fault else None)
-        trainer.train(STEPS)
-        mon.close()
-        st = hw.open_store(store)
-        for table, cols in (("scalars", "step, tokens, name, value"),
-                            ("layer_stats", "step, tokens, layer, layer_type, metric, value")):
-            data = st.sql(f"SELECT {cols} FROM {table}_effective WHERE run = ? ORDER BY step", [name]).arrow()
-            pq.write_table(data, out / f"{name}.{table}.parquet", compression="zstd")
-        st.close()
+def main(argv: list[str]) -> int:
+    """Copy (or train, then copy) each fixture's benchmark run next to this file."""
+    sys.path.insert(0, str(ROOT))
+    import tempfile
+
+    from benchmarks.bench_early_warning import FULL, record_run
+
+    data = Path(argv[0]) if argv else Path(tempfile.mkdtemp(prefix="hw-fixtures-"))
+    for name, (scenario, seed) in FIXTURES.items():
+        stem = f"{scenario}-s{seed}"
+        if not (data / f"{stem}.json").exists():
+            record_run(scenario, seed, data, FULL)
+        for table in ("scalars", "layer_stats"):
+            shutil.copyfile(data / f"{stem}.{table}.parquet", HERE / f"{name}.{table}.parquet")
+    return 0
 
 
 if __name__ == "__main__":
-    import torch
-
-    torch.set_num_threads(2)
-    which = sys.argv[1:] or ["diverging", "healthy"]
-    if "diverging" in which:
-        record("diverging", "ultra", HERE)
-    if "healthy" in which:
-        record("healthy", None, HERE)
+    raise SystemExit(main(sys.argv[1:]))

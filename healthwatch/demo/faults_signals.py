@@ -1,0 +1,81 @@
+"""Demo faults that move the newer signals for real: an NVFP4 scale gone wrong, a Mamba decay drifting away.
+
+Registered into :data:`healthwatch.demo.faults.REGISTRY` on import (``faults`` imports this
+module), so ``make_fault("quant_scale_shrink", onset)`` and the demo's ``--fault`` options know
+them. As for the built-in faults, nothing draws a curve: each changes what the model computes
+from its ``onset`` and the Monitor measures the consequences.
+
+* ``quant_scale_shrink`` -- the per-tensor NVFP4 scale of every GEMM operand in one block
+  (:data:`QUANT_LAYER`) shrinks by a factor of 2 every :data:`QUANT_HALVING` steps, down to
+  :data:`QUANT_FLOOR`. Mechanism: the FP32 tensor scale is computed from a stale or wrong amax
+  (e.g. delayed scaling's amax history lagging a growing tensor); block scales that would need
+  more than E4M3's 448 saturate there, and the values of those blocks above 6 x scale clip. Signals:
+  that block's ``fp4_saturation`` and ``fp4_rel_mse`` rise at once while every other block stays
+  put. Loss: the clipped largest activations and weights are the ones that carry the most signal,
+  so the block's output degrades and the train loss rises above its trend as the scale shrinks.
+  Measured (demo trainer, seed 0, onset 60, same run without the fault as reference): block 0's
+  saturation 3.3 % -> 11 % / 54 % / 83 % and relative MSE 0.85 % -> 5 % / 47 % / 84 % over steps
+  60-80 / 80-100 / 100-120; mean train loss +0.06 % / +0.6 % / +1.5 % over the same windows. Only
+  acts where the block runs NVFP4 (not in a BF16 branch).
+* ``alog_drift`` -- the ``A_log`` parameters of one Mamba block (:data:`MAMBA_LAYER`-th Mamba
+  block) are pushed down by :data:`ALOG_RATE` per step (a spurious constant update, as from a
+  gradient with a constant bias or decay applied with the wrong sign). ``A = -exp(A_log) -> 0``:
+  the SSM state stops decaying (``exp(dt * A) -> 1``) and the block turns into an accumulator over
+  the sequence. Signals: ``ssm_decay_min``/``ssm_decay_mean`` of that block fall exponentially from
+  the onset. Loss: once ``dt * exp(A_log) * seq_len << 1`` the block sums its whole prefix and its
+  output grows with position; in a long run the unbounded state ends in Inf/NaN. Measured (demo
+  trainer, seed 0, onset 60, reference without the fault): block 0's ``ssm_decay_min`` 3.9 ->
+  2.4 / 0.88 / 0.32 over steps 60-80 / 80-100 / 100-120 while the train loss did NOT move (within
+  0.05 % of the reference): with 64-token sequences the state still decays within a sequence at
+  these values. The decay signal is the early warning; the loss follows only much later.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from healthwatch.demo.faults import PART_EFFECTS, register_fault
+
+#: Block whose GEMM operands get the shrunken scale (0: the first block, quantised in NVFP4).
+QUANT_LAYER = 0
+#: Steps per halving of the scale.
+QUANT_HALVING = 10
+#: Smallest scale multiplier reached.
+QUANT_FLOOR = 2.0**-8
+#: Which Mamba block drifts (0: the first one).
+MAMBA_LAYER = 0
+#: Decrease of A_log per step.
+ALOG_RATE = 0.05
+
+FAULTS_SIGNALS = ("quant_scale_shrink", "alog_drift")
+
+
+def quant_scale_at(t: int) -> float:
+    """Scale multiplier ``t`` steps after onset: halves every ``QUANT_HALVING`` steps, floored."""
+    return max(QUANT_FLOOR, 2.0 ** -(1 + t // QUANT_HALVING))
+
+
+def _shrink_quant_scale(fault: Any, model: Any, step: int) -> None:
+    """Set ``quant_scale`` on every quantising module of block ``QUANT_LAYER`` (reset by ``model.reset_faults``)."""
+    block = model.blocks[QUANT_LAYER]
+    scale = quant_scale_at(step - fault.onset)
+    for m in block.modules():
+        if hasattr(m, "quant_scale"):
+            m.quant_scale = scale
+
+
+def _drift_alog(fault: Any, model: Any, step: int) -> None:
+    """Push the chosen Mamba block's ``A_log`` down by ``ALOG_RATE`` (a parameter change: it persists)."""
+    mixers = [b.mixer for b in model.blocks if getattr(b, "layer_type", "") == "mamba"]
+    if len(mixers) <= MAMBA_LAYER:
+        return
+    with torch.no_grad():
+        mixers[MAMBA_LAYER].A_log.sub_(ALOG_RATE)
+
+
+register_fault("quant_scale_shrink")
+register_fault("alog_drift")
+PART_EFFECTS["quant_scale_shrink"] = _shrink_quant_scale
+PART_EFFECTS["alog_drift"] = _drift_alog
