@@ -33,7 +33,7 @@ from healthwatch.app.data import (
     scalar_names,
     series,
 )
-from healthwatch.query_signals import FAMILIES, expert_load_matrix, signal_metrics, worst_layers
+from healthwatch.query.signals import FAMILIES, expert_load_matrix, signal_metrics, worst_layers
 from healthwatch.store import Store
 
 LAYER_UNITS = {

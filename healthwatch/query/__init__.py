@@ -9,7 +9,8 @@ One job per module, from the ground up:
 * :mod:`~healthwatch.query.rollups` — where a rollup may stand in for raw rows (one rule);
 * :mod:`~healthwatch.query.series` — min/max-downsampled line series (and the incremental cache);
 * :mod:`~healthwatch.query.grid` — heatmaps, per-layer profiles, expert load, name lists;
-* :mod:`~healthwatch.query.divergence` — robust z-scores, first mover, lead, rollback suggestion.
+* :mod:`~healthwatch.query.divergence` — robust z-scores, first mover, lead, rollback suggestion;
+* :mod:`~healthwatch.query.signals` — signal families: metrics of a run, worst layers, expert x layer load.
 
 The app, the alert engine, the CLI, the comparison code and the benchmarks all call these.
 """
