@@ -42,3 +42,35 @@ def test_quick_demo_store_contents(tmp_path):
     assert {"checkpoint", "rollback"} <= kinds
     # The diverged path of attempt 1 is kept as evidence, hidden from the effective view.
     assert st.sql("SELECT count(*) FROM scalars_all WHERE run = ? AND superseded", [main]).fetchone()[0] > 0
+
+
+def test_lead_over_band_reads_attempt_one_and_uses_the_band(tmp_path):
+    """The demo's lead line: first firing rule vs the band exit of attempt 1's recorded loss."""
+    import sys
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "alerts"))
+    from alerts_helpers import scalars, writer
+
+    from healthwatch.demo.scenario import _lead_line, _lead_over_band
+
+    @dataclass
+    class Fired:
+        alert: str
+        step: int
+        tokens: int
+
+    store = tmp_path / "store"
+    loss = [3.0 + 0.01 * ((s * 7) % 5) for s in range(120)]
+    for s in range(100, 120):
+        loss[s] = 4.0  # the loss leaves its band at step 100
+    scalars(writer(store, "main"), "loss/train", range(120), loss)
+    out = _lead_over_band(store, "main", 60, [Fired("Late", 110, 110_000), Fired("Early", 85, 85_000)])
+    assert out == {"first_rule": "Early", "band_exit": 100, "band_exit_tokens": 100_000, "lead_steps": 15,
+                   "lead_tokens": 15_000}
+    line = _lead_line({**out, "first_alert": 85, "stopped_at": 119})
+    assert line == "first rule to fire: Early at step 85; the train loss left its band at step 100: lead 15 steps (15,000 tokens)"
+    quiet = _lead_over_band(store, "main", 200, [])  # onset after the last step: no exit judged
+    assert quiet["band_exit"] is None and quiet["first_rule"] is None
+    assert "had not left its band" in _lead_line({**quiet, "first_alert": None, "stopped_at": 119})
