@@ -133,3 +133,19 @@ def first_mover(crossings: Sequence[Crossing | None]) -> Crossing | None:
 def rollback_suggestion(store: Store, run: str, attempt: int | None, first: Crossing | None) -> dict[str, Any] | None:
     """The checkpoint to roll back to: the last one on the path strictly before the first mover's step."""
     return None if first is None else last_checkpoint_before(store, run, attempt, first.step)
+
+
+def loss_band_exit(store: Store, run: str, attempt: int | None = None, onset: int | None = None,
+                   name: str = "loss/train") -> Any:
+    """Where ``run``'s loss on the path of ``attempt`` (None: effective) first leaves its trailing band
+    (:func:`healthwatch.band.band_exit` on the path's raw rows), or None."""
+    from healthwatch.band import band_exit
+
+    params: list[Any] = [run, name]
+    pred = timeline(store, run, attempt).predicate(params)
+    rows = store.sql(f"SELECT step, tokens, value FROM scalars WHERE run = ? AND name = ?{pred} ORDER BY step",
+                     params).fetchall()
+    if not rows:
+        return None
+    steps, tokens, values = zip(*rows)
+    return band_exit(list(steps), list(values), onset, tokens=list(tokens))

@@ -246,3 +246,30 @@ def test_every_reader_equals_naive_reference(tmp_path_factory: pytest.TempPathFa
     assert ov["finished"] == sc["attempts"][-1]["close"]
     assert ov["status"] == ("finished" if sc["attempts"][-1]["close"] else "idle")
     assert last_att == len(sc["attempts"])
+
+
+def test_loss_band_exit_reads_the_path_of_an_attempt(tmp_path: Path) -> None:
+    """The band exit of the diverged attempt (rolled back later) comes from that attempt's rows only."""
+    from healthwatch.band import band_exit
+
+    root = tmp_path / "s"
+    rng = np.random.default_rng(3)
+    base = (2.0 + 0.01 * rng.standard_normal(600)).tolist()
+    bad = [v + (0.0 if s < 450 else 0.5 * (s - 449)) for s, v in enumerate(base)]
+    w1 = StoreWriter(root, "r", attempt=1)
+    w1.write("runs", run_row())
+    w1.write("attempts", attempt_row(attempt=1, start_step=0))
+    w1.write("scalars", {"attempt": [1] * 600, "step": list(range(600)), "tokens": [s * 8 for s in range(600)],
+                         "name": ["loss/train"] * 600, "value": bad, "wall_time": [0.0] * 600})
+    w2 = StoreWriter(root, "r", attempt=2)
+    w2.write("attempts", attempt_row(attempt=2, start_step=400))
+    w2.write("scalars", {"attempt": [2] * 200, "step": list(range(400, 600)), "tokens": [s * 8 for s in range(400, 600)],
+                         "name": ["loss/train"] * 200, "value": base[400:], "wall_time": [0.0] * 200})
+    store = Store(root)
+    want = band_exit(list(range(600)), bad, tokens=[s * 8 for s in range(600)])
+    got = query.loss_band_exit(store, "r", attempt=1)
+    assert want is not None and got is not None and (got.step, got.value) == (want.step, want.value)
+    assert got.step >= 450
+    eff = band_exit(list(range(600)), base[:400] + base[400:], tokens=[s * 8 for s in range(600)])
+    got_eff = query.loss_band_exit(store, "r")
+    assert (None if eff is None else eff.step) == (None if got_eff is None else got_eff.step)
