@@ -414,7 +414,7 @@ class Evaluator:
             f"SELECT run, max(step), arg_max(value, step) FROM {self.sources.scalars} WHERE name = 'monitor/heartbeat' "
             "AND list_contains(?::VARCHAR[], run) GROUP BY run", [runs]).fetchall()
         closed = dict(store.sql(
-            "SELECT run, max(step) FROM events WHERE kind = 'close' AND list_contains(?::VARCHAR[], run) GROUP BY run",
+            "SELECT run, max(step) FROM events_effective WHERE kind = 'close' AND list_contains(?::VARCHAR[], run) GROUP BY run",
             [runs]).fetchall())
         out: list[Transition] = []
         for run, step, beat in beats:

@@ -28,6 +28,14 @@ from its ``onset`` and the Monitor measures the consequences.
   2.4 / 0.88 / 0.32 over steps 60-80 / 80-100 / 100-120 while the train loss did NOT move (within
   0.05 % of the reference): with 64-token sequences the state still decays within a sequence at
   these values. The decay signal is the early warning; the loss follows only much later.
+
+Default pack on those runs (``healthwatch alerts backtest``, statistics at every step): under
+``quant_scale_shrink`` FP4SaturationHigh and FP4RelMSEHigh fire first, at step 90 (30 steps after
+onset), in block 0 only; under ``alog_drift`` MambaDecayCollapsing fires at step 110 (50 steps
+after onset), block 0 only. No loss rule fired and the train loss did not leave its band within
+the 60 steps after onset, so there is no lead over the loss to report yet. Both need the
+activation-side statistics at every step to show this quickly: run the Monitor with
+``MonitorConfig(signals_every=1)`` (the default samples every 100th step, see docs/signals.md).
 """
 
 from __future__ import annotations
