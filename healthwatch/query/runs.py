@@ -56,7 +56,7 @@ def path_for(att: pl.DataFrame, attempt: int | None = None) -> Timeline:
 
 
 def finished(store: Store, run: str) -> bool:
-    """Whether ``run``'s latest attempt was closed by its writer (an ``end`` event)."""
+    """Whether ``run``'s latest attempt was closed by its writer (a ``close`` event)."""
     row = store.sql(
         "SELECT (SELECT max(attempt) FROM events WHERE run = ? AND kind = ?) >= "
         "coalesce((SELECT max(attempt) FROM attempts WHERE run = ?), 0)", [run, END_EVENT, run]
@@ -138,7 +138,7 @@ def events(store: Store, run: str, include_superseded: bool = True) -> pl.DataFr
 
 
 def markers(store: Store, run: str) -> pl.DataFrame:
-    """Vertical lines for a run's charts: events (not the writer's ``end``) and alert transitions,
+    """Vertical lines for a run's charts: events (not the Monitor's ``close``) and alert transitions,
     as ``(kind, step, tokens, label, superseded)``."""
     ev = store.sql(
         "SELECT kind, step, tokens, coalesce(message, '') AS label, superseded FROM events_all WHERE run = ? "

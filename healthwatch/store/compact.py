@@ -36,8 +36,8 @@ from healthwatch.store.segments import (
 
 log = logging.getLogger("healthwatch.store")
 
-#: Kind of the event a closing writer records; an attempt with it can no longer grow.
-END_EVENT = "end"
+#: Kind of the event a closing Monitor records ("finished"); an attempt with it can no longer grow.
+END_EVENT = "close"
 
 
 def _mergeable(paths: list[Path], table: str) -> list[Path]:
@@ -97,7 +97,7 @@ def write_rollups(root: Path, run: str) -> dict[str, list[int]]:
     """Compute rollups for the attempts of ``run`` that have none and can no longer grow.
 
     An attempt can no longer grow when a later attempt exists or its writer recorded an
-    ``end`` event. A live attempt is left alone: its writer publishes its own rollups (computing
+    ``close`` event. A live attempt is left alone: its writer publishes its own rollups (computing
     them here too would count its rows twice). Returns ``{table: [attempts rolled up]}``.
     """
     root = Path(root)
