@@ -69,15 +69,10 @@ class Sources:
 
         This is the diverged path of a run that was later rolled back (the effective views hide it).
         """
-        n = int(attempt)
+        from healthwatch.query.timeline import path_view_sql  # the one rule of superseded rows
 
         def view(table: str) -> str:
-            return (
-                f"(SELECT t.* FROM {table} t LEFT JOIN (SELECT a.run, a.attempt, "
-                f"(SELECT min(b.start_step) FROM attempts b WHERE b.run = a.run AND b.attempt > a.attempt "
-                f"AND b.attempt <= {n}) AS cut FROM attempts a) ab ON t.run = ab.run AND t.attempt = ab.attempt "
-                f"WHERE t.attempt <= {n} AND (ab.cut IS NULL OR t.step < ab.cut))"
-            )
+            return f"({path_view_sql(table, int(attempt))})"
 
         return cls(scalars=view("scalars"), layers=view("layer_stats"))
 

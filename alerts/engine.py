@@ -63,8 +63,8 @@ from healthwatch.alerts.state import InstanceState, Timing, advance
 from healthwatch.alerts.template import render
 from healthwatch.alerts.transition import Transition, fingerprint
 from healthwatch.schema import validate_run_name
-from healthwatch.segments import iter_run_dirs
 from healthwatch.store import Store, StoreWriter
+from healthwatch.store.segments import iter_run_dirs
 
 log = logging.getLogger("healthwatch.alerts")
 

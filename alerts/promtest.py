@@ -37,7 +37,6 @@ annotations include the expected ones.
 
 from __future__ import annotations
 
-import math
 import re
 import tempfile
 from collections.abc import Iterator
@@ -392,7 +391,7 @@ def _compare(chk: AlertCheck, got: list[Any]) -> list[str]:
 
 
 def _describe(t: Any) -> str:
-    val = "-" if t.value is None or (isinstance(t.value, float) and math.isnan(t.value)) else f"{t.value:.4g}"
+    val = "no value recorded" if t.value is None else f"{t.value:.4g}"
     layer = f" layer={t.layer}" if t.layer is not None else ""
     return f"{t.alert}{{run={t.run}{layer}}} since step {t.step} value {val}"
 

@@ -141,10 +141,10 @@ def _body(t: Transition) -> str:
     lines = [t.summary]
     if t.annotations.get("description"):
         lines.append(t.annotations["description"])
-    val = "-" if t.value is None else f"{t.value:.6g}"
+    val = "no value recorded" if t.value is None else f"value {t.value:.6g}"
     where = f", layer {t.layer}" if t.layer is not None else ""
-    tokens = "-" if t.tokens is None else f"{t.tokens:,}"
-    lines.append(f"step {t.step:,}, tokens {tokens}{where}, value {val}")
+    tokens = "tokens unknown" if t.tokens is None else f"tokens {t.tokens:,}"
+    lines.append(f"step {t.step:,}, {tokens}{where}, {val}")
     if t.detail:
         lines.append(t.detail)
     extra = {k: v for k, v in t.labels.items() if k not in ("alertname", "run", "severity", "group", "layer")}

@@ -4,7 +4,8 @@ A deliberately tiny language (no Jinja): rule files come from users and notifica
 rooms, so a template can only read the transition's fields, never evaluate code. Names: ``alert``,
 ``group``, ``run``, ``step``, ``tokens``, ``value``, ``layer``, ``severity``, ``state``, ``detail``,
 ``labels.<name>``. The optional format is a Python format spec (``{{ value:.3g }}``,
-``{{ tokens:, }}``); a value that does not fit the spec (e.g. ``None``) is shown as ``-``.
+``{{ tokens:, }}``). A missing value never prints as ``-`` or ``None``: it says what is missing
+(``tokens unknown``, ``no value``, ``all layers``; see :func:`missing_text`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,24 @@ def check_template(text: str) -> None:
         raise ValueError("unbalanced or malformed '{{ … }}' placeholder")
 
 
+#: What a placeholder says when its field has no value (rather than ``-`` or ``None``).
+_MISSING: dict[str, str] = {
+    "value": "no value",
+    "tokens": "tokens unknown",
+    "layer": "all layers",
+    "step": "step unknown",
+    "detail": "no detail",
+    "group": "no group",
+}
+
+
+def missing_text(name: str) -> str:
+    """The words shown for field ``name`` when it has no value (e.g. ``tokens unknown``)."""
+    if name.startswith("labels."):
+        return f"no label {name[7:]}"
+    return _MISSING.get(name, f"{name} unknown")
+
+
 def render(text: str, values: Mapping[str, Any], labels: Mapping[str, str]) -> str:
     """Fill the placeholders of ``text`` from ``values`` and ``labels`` (never raises)."""
 
@@ -45,7 +64,7 @@ def render(text: str, values: Mapping[str, Any], labels: Mapping[str, str]) -> s
         name, spec = m.group(1), (m.group(2) or "").strip()
         value = labels.get(name[7:]) if name.startswith("labels.") else values.get(name)
         if value is None:
-            return "-"
+            return missing_text(name)
         try:
             return format(value, spec) if spec else str(value)
         except (ValueError, TypeError):

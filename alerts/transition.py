@@ -55,8 +55,8 @@ class Transition:
         if self.annotations.get("summary"):
             return self.annotations["summary"]
         where = f" layer {self.layer}" if self.layer is not None else ""
-        val = "-" if self.value is None else f"{self.value:.4g}"
-        return f"{self.alert} {self.state} on {self.run}{where} at step {self.step:,} (value {val})"
+        val = "no value recorded" if self.value is None else f"value {self.value:.4g}"
+        return f"{self.alert} {self.state} on {self.run}{where} at step {self.step:,} ({val})"
 
     def to_row(self) -> dict[str, Any]:
         """The row of the ``alerts`` table (the run is the partition, not a column)."""

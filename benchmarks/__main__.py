@@ -72,8 +72,9 @@ FINDINGS = [
     "per block, and the writer thread shares the trainer's cores. Its share of the step therefore falls as "
     "tokens per step grow; on a GPU the same work is a few kernels plus host work on otherwise idle cores "
     "(an estimate: nothing here ran on a GPU).",
-    "Before compaction a live store has no rollups, so a whole-run heatmap scans every raw row of the metric; "
-    "the app needs `healthwatch compact` (or a periodic compaction) to read rollups for long runs.",
+    "A live store's writer now keeps its own 100/1,000/10,000-step rollups current (per attempt, exact across "
+    "rollbacks), so the query benchmark runs on a store written through the writer path and never compacted; "
+    "before, a live store had no rollups and a whole-run heatmap scanned every raw row until `healthwatch compact`.",
     "Alert evaluation: a rule that had never observed anything (its metric not logged, or its window never "
     "full) re-read a fixed 20,000-step horizon of every layer at each evaluation: 4.0 s per evaluation at 20k "
     "steps x 108 layers; it now reads only the new steps plus its own lookback (1.1 s). The snapshot of recent "

@@ -188,7 +188,7 @@ def section(results: dict[str, dict[str, Any]]) -> Section:
     )
     rows = []
     labels = {"arrow": "one writer, `StoreWriter.write(Arrow table)`",
-              "merge": "one writer, write + `compact_own` after each segment (live steady state)",
+              "merge": "one writer, write (live rollups) + `compact_own` after each segment (live steady state)",
               "lists": "one writer, `StoreWriter.write(column lists)` (the Monitor's row builder output)"}
     for mode in ("arrow", "merge", "lists"):
         m = r[mode]

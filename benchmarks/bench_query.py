@@ -1,30 +1,28 @@
-"""Benchmark 4: queries at scale, before and after compaction.
+"""Benchmark 4: queries at scale on a LIVE store, written through the Monitor's writer path.
 
-A synthetic store is generated with vectorised NumPy + pyarrow (no Monitor in the loop): one run
-of ``steps`` steps x 108 layers x 3 layer metrics (``resid_rms``, ``resid_rms_max``,
-``wgrad_norm``; 3.24 x 10^8 rows at 1M steps) plus 3 loss scalars per step, and a BF16 branch
-run (``parent`` = the first, from the middle, for a tenth of the steps, its tokens offset by a
-third of a step so that comparisons need the token-aligned ASOF join).
+The store is written the way a live Monitor's writer thread writes it, and never compacted by
+hand: one run of ``steps`` steps x 108 layers x 3 layer metrics (``resid_rms``, ``resid_rms_max``,
+``wgrad_norm``; 3.24 x 10^8 rows at 1M steps) plus 3 loss scalars per step, published one flush
+(100 steps) at a time with :meth:`StoreWriter.write` (which keeps the 100/1,000/10,000-step
+rollups current) followed by :meth:`StoreWriter.compact_own` (the writer's self-merge) — the calls
+``healthwatch.hooks.writer.MonitorWriter`` makes per flush. That write is timed as its own
+ingest row (rows per CPU-second, live merging and rollups on). A BF16 branch run (``parent`` =
+the first, from the middle, for a tenth of the steps, tokens offset by a third of a step) makes
+comparisons need the token-aligned ASOF join.
 
-"Before compaction" is the layout a live writer leaves: its self-merges (``compact_own``, fan-out
-8, one L0 segment per 100-step flush) leave at most 7 segments per level, each merged segment
-sorted by (metric, layer, step), L0 segments in step order, no rollups. "After compaction" is
-``compact_store``: one sorted segment per table and run, plus rollups of 100, 1,000 and 10,000 steps.
-
-Timed with healthwatch's named queries: one downsampled series (``query.series``, ≤ 2,000 points,
-p50/p95 over ≥ 20 calls on random layers), a layer x step heatmap (``query.heatmap``, 400 buckets),
-the token-aligned relative gap between the two runs (``healthwatch.compare.relative_gap``), and one
-incremental alert evaluation (``healthwatch.alerts.engine.Evaluator``) after a new flush lands.
+Timed with healthwatch's named queries (``healthwatch.query``, the app's own reader): one
+downsampled series (≤ 2,000 points, p50/p95 over ≥ 20 calls on random layers), a layer x step
+heatmap (400 buckets), the token-aligned relative gap, one incremental alert evaluation after a
+new flush lands, and a fresh Python process opening the store and reading one 2,000-step series
+(interpreter start and imports reported separately). Every benchmarked query is checked against
+a raw-SQL reference over the ``*_effective`` views in the same run: a fast wrong answer fails.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import random
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -60,25 +58,6 @@ BYTES_PER_ROW = 15.0
 # synthetic store
 
 
-def level_plan(steps: int, flush_steps: int = FLUSH_STEPS, fanout: int = FANOUT) -> list[tuple[int, int, int, int]]:
-    """Segments a live writer leaves after ``steps`` steps: ``(level, first_step, end_step, last_flush)``.
-
-    One L0 segment per flush; ``fanout`` segments of a level merge into one of the next level,
-    so the counts per level are the base-``fanout`` digits of the number of flushes.
-    """
-    nflush = math.ceil(steps / flush_steps)
-    top = 0
-    while fanout ** (top + 1) <= nflush:
-        top += 1
-    plan, flush = [], 0
-    for level in range(top, -1, -1):
-        size = fanout**level
-        while nflush - flush >= size:
-            plan.append((level, flush * flush_steps, min(steps, (flush + size) * flush_steps), flush + size - 1))
-            flush += size
-    return plan
-
-
 def _layer_values(metric: int, layer: int, steps: Any, rng: Any) -> Any:
     import numpy as np
 
@@ -93,146 +72,90 @@ def _loss(steps: Any, rng: Any) -> Any:
     return 2.0 + 8.0 / (1.0 + steps / 5_000.0) + 0.01 * rng.standard_normal(steps.shape[0])
 
 
-class _SegmentWriter:
-    """Writes one segment file in row groups, publishing it with an atomic rename."""
-
-    def __init__(self, directory: Path, name: str, table: str) -> None:
-        import pyarrow.parquet as pq
-
-        from healthwatch.schema import TABLES
-
-        directory.mkdir(parents=True, exist_ok=True)
-        self.final = directory / name
-        self.tmp = directory / f".tmp-{uuid.uuid4().hex}.partial"
-        self.schema = TABLES[table]
-        self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
-        self.pending: list[Any] = []
-        self.n = 0
-
-    def add(self, cols: dict[str, Any]) -> None:
-        import pyarrow as pa
-
-        arrays = []
-        for f in self.schema:
-            c = cols[f.name]
-            arrays.append(c if isinstance(c, pa.Array) else pa.array(c, type=f.type))
-        self.pending.append(pa.Table.from_arrays(arrays, schema=self.schema))
-        self.n += len(arrays[0])
-        if self.n >= 8 * ROW_GROUP:
-            self._write()
-
-    def _write(self) -> None:
-        import pyarrow as pa
-
-        if self.pending:
-            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=ROW_GROUP)
-        self.pending, self.n = [], 0
-
-    def close(self) -> None:
-        self._write()
-        self.writer.close()
-        os.rename(self.tmp, self.final)
-
-
-def _write_layer_segment(directory: Path, name: str, level: int, a: int, b: int, layers: int, seed: int) -> int:
+def _flush_tables(a: int, b: int, layers: int, seed: int) -> tuple[Any, Any]:
+    """One flush of steps ``[a, b)`` as the Monitor's row builder emits it (step-major)."""
     import numpy as np
     import pyarrow as pa
+
+    from healthwatch.schema import TABLES
 
     rng = np.random.default_rng((seed, a))
-    w = _SegmentWriter(directory, name, "layer_stats")
     steps = np.arange(a, b, dtype=np.int64)
     n = b - a
-    if level == 0:  # a fresh flush: step-major, as the Monitor's row builder emits it
-        per_step = len(METRICS) * layers
-        vals = np.empty((n, len(METRICS), layers))
-        for m in range(len(METRICS)):
-            for layer in range(layers):
-                vals[:, m, layer] = _layer_values(m, layer, steps, rng)
-        layer_idx = np.tile(np.arange(layers, dtype=np.int32), n * len(METRICS))
-        w.add({
-            "attempt": np.ones(n * per_step, dtype=np.int32),
-            "step": np.repeat(steps, per_step),
-            "tokens": np.repeat((steps + 1) * TOKENS_PER_STEP, per_step),
-            "layer": layer_idx,
-            "layer_type": np.array(LAYER_TYPES, dtype=object)[layer_idx % len(LAYER_TYPES)],
-            "metric": np.array(METRICS, dtype=object)[np.tile(np.repeat(np.arange(len(METRICS)), layers), n)],
-            "value": vals.reshape(-1),
-        })
-    else:  # a merged segment: sorted by (metric, layer, step)
-        ones = pa.array(np.ones(n, dtype=np.int32))
-        step_arr, tok_arr = pa.array(steps), pa.array((steps + 1) * TOKENS_PER_STEP)
-        for m, metric in enumerate(METRICS):
-            for layer in range(layers):
-                w.add({
-                    "attempt": ones, "step": step_arr, "tokens": tok_arr,
-                    "layer": pa.repeat(pa.scalar(layer, pa.int32()), n),
-                    "layer_type": pa.repeat(pa.scalar(LAYER_TYPES[layer % len(LAYER_TYPES)]), n),
-                    "metric": pa.repeat(pa.scalar(metric), n),
-                    "value": _layer_values(m, layer, steps, rng),
-                })
-    w.close()
-    return n * len(METRICS) * layers
-
-
-def _write_scalar_segment(directory: Path, name: str, a: int, b: int, seed: int, token_offset: int = 0,
-                          loss_scale: float = 1.0) -> int:
-    import numpy as np
-    import pyarrow as pa
-
-    rng = np.random.default_rng((seed, a, 7))
-    steps = np.arange(a, b, dtype=np.int64)
-    n = b - a
-    loss = _loss(steps, rng) * loss_scale
-    w = _SegmentWriter(directory, name, "scalars")
-    for k, sname in enumerate(SCALARS):
-        w.add({
-            "attempt": np.ones(n, dtype=np.int32), "step": steps,
-            "tokens": (steps + 1) * TOKENS_PER_STEP + token_offset,
-            "name": pa.repeat(pa.scalar(sname), n), "value": loss * (1.0 + 0.05 * k),
-            "wall_time": 1.7e9 + steps.astype(np.float64),
-        })
-    w.close()
-    return n * len(SCALARS)
+    per_step = len(METRICS) * layers
+    vals = np.empty((n, len(METRICS), layers))
+    for m in range(len(METRICS)):
+        for layer in range(layers):
+            vals[:, m, layer] = _layer_values(m, layer, steps, rng)
+    layer_idx = np.tile(np.arange(layers, dtype=np.int32), n * len(METRICS))
+    ls = pa.Table.from_pydict({
+        "attempt": np.ones(n * per_step, dtype=np.int32), "step": np.repeat(steps, per_step),
+        "tokens": np.repeat((steps + 1) * TOKENS_PER_STEP, per_step), "layer": layer_idx,
+        "layer_type": np.array(LAYER_TYPES, dtype=object)[layer_idx % len(LAYER_TYPES)],
+        "metric": np.array(METRICS, dtype=object)[np.tile(np.repeat(np.arange(len(METRICS)), layers), n)],
+        "value": vals.reshape(-1),
+    }, schema=TABLES["layer_stats"])
+    loss = _loss(steps, rng)
+    sc = pa.Table.from_pydict({
+        "attempt": np.ones(n * len(SCALARS), dtype=np.int32), "step": np.tile(steps, len(SCALARS)),
+        "tokens": np.tile((steps + 1) * TOKENS_PER_STEP, len(SCALARS)),
+        "name": [k for k in SCALARS for _ in range(n)],
+        "value": np.concatenate([loss * (1.0 + 0.05 * k) for k in range(len(SCALARS))]),
+        "wall_time": np.tile(1.7e9 + steps.astype(np.float64), len(SCALARS)),
+    }, schema=TABLES["scalars"])
+    return ls, sc
 
 
 def generate_store(root: Path, steps: int, layers: int = 108, seed: int = 0,
                    progress: Any = None) -> dict[str, Any]:
-    """Write the synthetic store (see the module docstring); returns sizes and the time taken."""
-    from healthwatch.segments import table_dir
-    from healthwatch.store import StoreWriter, init_store
+    """Write the live store through the writer path (see the module docstring); returns sizes and
+    the ingest time (wall and CPU of the write + self-merge + rollup calls only, not data generation)."""
+    from healthwatch.store import StoreWriter, attempt_row, init_store, run_row
 
     t0 = time.perf_counter()
     shutil.rmtree(root, ignore_errors=True)
     init_store(root)
     ref_first = steps // 2
     ref_steps = max(1_000, steps // 10)
+    writers = {}
     for run, parent, branch, precision in ((RUN, None, None, "nvfp4"), (REF_RUN, RUN, ref_first, "bf16")):
-        w = StoreWriter(root, run)
-        w.write("runs", {"parent": [parent], "branch_step": [branch], "branch_tokens": [None],
-                         "precision": [precision], "config": ["{}"], "created": [time.time()],
-                         "schema_version": ["1.0"]})
-        w.write("attempts", {"attempt": [1], "start_step": [0 if parent is None else branch],
-                             "started_at": [time.time()], "host": ["bench"], "reason": ["start"],
-                             "schema_version": ["1.0"]})
-    plan = level_plan(steps)
-    writer_id = f"a0001r00000x{uuid.uuid4().hex[:8]}"
-    rows = 0
-    total = sum(b - a for _, a, b, _ in plan)
-    done = 0
-    for level, a, b, last in plan:
-        name = f"{writer_id}-{last:09d}-L{level}.parquet"
-        rows += _write_layer_segment(table_dir(root, "layer_stats", RUN), name, level, a, b, layers, seed)
-        rows += _write_scalar_segment(table_dir(root, "scalars", RUN), name, a, b, seed)
-        done += b - a
+        w = StoreWriter(root, run, merge_fanout=FANOUT)
+        w.write("runs", run_row(parent=parent, branch_step=branch, precision=precision))
+        w.write("attempts", attempt_row(attempt=1, start_step=0 if parent is None else branch, host="bench"))
+        writers[run] = w
+    w = writers[RUN]
+    rows, ingest_wall, ingest_cpu, flushes = 0, 0.0, 0.0, 0
+    for a in range(0, steps, FLUSH_STEPS):
+        b = min(steps, a + FLUSH_STEPS)
+        ls, sc = _flush_tables(a, b, layers, seed)
+        w0, c0 = time.perf_counter(), time.process_time()
+        w.write("layer_stats", ls)
+        w.write("scalars", sc)
+        w.compact_own("layer_stats")
+        w.compact_own("scalars")
+        ingest_wall += time.perf_counter() - w0
+        ingest_cpu += time.process_time() - c0
+        rows += ls.num_rows + sc.num_rows
+        flushes += 1
         if progress is not None:
-            progress(done, total)
-    ref_id = f"a0001r00000x{uuid.uuid4().hex[:8]}"
-    rows += _write_scalar_segment(table_dir(root, "scalars", REF_RUN), f"{ref_id}-{0:09d}-L1.parquet",
-                                  ref_first, ref_first + ref_steps, seed + 1, token_offset=TOKENS_PER_STEP // 3,
-                                  loss_scale=0.997)
+            progress(b, steps)
+    # The branch run: its own writer, its scalars only (tokens offset by a third of a step).
+    ref = writers[REF_RUN]
+    for a in range(ref_first, ref_first + ref_steps, FLUSH_STEPS):
+        _ls, sc = _flush_tables(a, min(ref_first + ref_steps, a + FLUSH_STEPS), 1, seed + 1)
+        import pyarrow.compute as pc
+
+        sc = sc.set_column(sc.schema.get_field_index("tokens"), "tokens",
+                           pc.add(sc["tokens"], TOKENS_PER_STEP // 3))
+        sc = sc.set_column(sc.schema.get_field_index("value"), "value", pc.multiply(sc["value"], 0.997))
+        ref.write("scalars", sc)
+        ref.compact_own("scalars")
+        rows += sc.num_rows
+    files = sum(1 for _ in (root / "table=layer_stats" / f"run={RUN}").glob("*.parquet"))
     return {"steps": steps, "layers": layers, "rows": rows, "layer_rows": steps * layers * len(METRICS),
-            "segments": len(plan), "levels": sorted({lv for lv, *_ in plan}), "ref_steps": ref_steps,
-            "bytes": dir_bytes(root), "gen_s": time.perf_counter() - t0}
+            "segments": files, "flushes": flushes, "ref_steps": ref_steps, "bytes": dir_bytes(root),
+            "gen_s": time.perf_counter() - t0, "ingest_wall_s": ingest_wall, "ingest_cpu_s": ingest_cpu,
+            "ingest_rows": steps * (layers * len(METRICS) + len(SCALARS))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,8 +245,68 @@ def run_generate(params: dict[str, Any]) -> dict[str, Any]:
                           progress=lambda d, t: emit_progress(d, t, "generating"))
 
 
+_FRESH = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from healthwatch import query
+from healthwatch.store import open_store
+t1 = time.perf_counter()
+store = open_store(sys.argv[1])
+df = query.series(store, sys.argv[2], "resid_rms", layer=int(sys.argv[3]), step_min=int(sys.argv[4]),
+                  step_max=int(sys.argv[4]) + 1999, max_points=2000)
+t2 = time.perf_counter()
+ref = store.sql("SELECT step, value FROM layer_stats_effective WHERE run = ? AND metric = 'resid_rms' AND layer = ? "
+                "AND step BETWEEN ? AND ? ORDER BY step",
+                [sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[4]) + 1999]).fetchall()
+ok = [(int(a), float(b)) for a, b in zip(df["step"], df["value"])] == [(int(a), float(b)) for a, b in ref]
+print(json.dumps({"import_s": t1 - t0, "open_read_s": t2 - t1, "rows": df.height, "ok": ok}))
+"""
+
+
+def _fresh_process(root: Path, steps: int, layers: int, rng: random.Random, n: int = 5) -> dict[str, Any]:
+    """A new interpreter opens the store and reads one 2,000-step series (checked against raw SQL)."""
+    import json
+    import subprocess
+    import sys
+
+    starts, imports, reads, ok = [], [], [], True
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        starts.append(time.perf_counter() - t0)
+        first = rng.randrange(max(1, steps - 2000))
+        out = subprocess.run([sys.executable, "-c", _FRESH, str(root), RUN, str(rng.randrange(layers)), str(first)],
+                             check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        imports.append(r["import_s"])
+        reads.append(r["open_read_s"])
+        ok = ok and bool(r["ok"]) and r["rows"] == min(2000, steps)
+    return {"interpreter_s": starts, "import_s": imports, "open_read_s": reads, "ok": ok}
+
+
+def _check_series(store: Any, df: Any, table: str, key: str, params: list[Any]) -> bool:
+    """A downsampled series keeps the exact minimum and maximum of the raw effective rows."""
+    row = store.sql(f"SELECT min(value), max(value), count(*) FROM {table}_effective WHERE run = ? AND {key}",
+                    params).fetchone()
+    return df.height <= 2000 and df.height > 0 and (df["value"].min(), df["value"].max()) == (row[0], row[1])
+
+
+def _check_heatmap(store: Any, hm: Any, metric: str, max_buckets: int) -> bool:
+    """The heatmap equals a raw-SQL aggregation of the effective rows, cell by cell."""
+    from healthwatch import query
+
+    lo, hi = store.sql("SELECT min(step), max(step) FROM layer_stats_effective WHERE run = ? AND metric = ?",
+                       [RUN, metric]).fetchone()
+    w = query.display_width(lo, hi, max_buckets)
+    ref = store.sql(f"SELECT layer, (step // {w}) * {w} AS step, avg(value) AS value FROM layer_stats_effective "
+                    "WHERE run = ? AND metric = ? GROUP BY ALL", [RUN, metric]).fetchall()
+    got = {(int(r[0]), int(r[1])): r[2] for r in hm.select("layer", "step", "value").iter_rows()}
+    want = {(int(r[0]), int(r[1])): r[2] for r in ref}
+    return got.keys() == want.keys() and all(abs(got[k] - want[k]) <= 1e-9 * max(1.0, abs(want[k])) for k in want)
+
+
 def run_queries(params: dict[str, Any]) -> dict[str, Any]:
-    """Child task: time the named queries on the store as it is now (``phase`` labels it)."""
+    """Child task: time the named queries on the live store, each checked against raw SQL."""
     import healthwatch as hw
     from healthwatch import query
 
@@ -331,8 +314,9 @@ def run_queries(params: dict[str, Any]) -> dict[str, Any]:
     steps, layers = int(params["steps"]), int(params.get("layers", 108))
     repeats, heat_repeats = int(params.get("repeats", 20)), int(params.get("heat_repeats", 5))
     rng = random.Random(int(params.get("seed", 0)))
-    total = 1 + repeats + 5 + 1 + heat_repeats + 3 + 2
+    total = 1 + repeats + 5 + 1 + heat_repeats + 3 + 2 + 1
     done = 0
+    checks: dict[str, bool] = {}
 
     def tick(label: str) -> None:
         nonlocal done
@@ -343,11 +327,14 @@ def run_queries(params: dict[str, Any]) -> dict[str, Any]:
     store = hw.open_store(root)
     open_s = time.perf_counter() - t0
     out: dict[str, Any] = {"phase": params["phase"], "open_s": open_s,
-                           "files": len(store.files("layer_stats", RUN)), "bytes": dir_bytes(root)}
+                           "files": len(store.files("layer_stats", RUN)),
+                           "rollup_files": len(store.files("layer_stats_rollup", RUN)), "bytes": dir_bytes(root)}
     # one downsampled layer series
+    layer = rng.randrange(layers)
     t0 = time.perf_counter()
-    df = query.series(store, RUN, "resid_rms", layer=rng.randrange(layers), max_points=2000)
+    df = query.series(store, RUN, "resid_rms", layer=layer, max_points=2000)
     out["series_cold_s"] = time.perf_counter() - t0
+    checks["series"] = _check_series(store, df, "layer_stats", "metric = 'resid_rms' AND layer = ?", [RUN, layer])
     tick("series")
     times, points = [], []
     for _ in range(repeats):
@@ -357,6 +344,8 @@ def run_queries(params: dict[str, Any]) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
         points.append(df.height)
         tick("series")
+    checks["series"] = checks["series"] and _check_series(
+        store, df, "layer_stats", "metric = 'resid_rms' AND layer = ?", [RUN, layer])
     out["series_s"], out["series_points"] = times, points
     # one downsampled scalar series (loss)
     times = []
@@ -365,6 +354,7 @@ def run_queries(params: dict[str, Any]) -> dict[str, Any]:
         df = query.series(store, RUN, "loss/train", max_points=2000)
         times.append(time.perf_counter() - t0)
         tick("loss series")
+    checks["loss series"] = _check_series(store, df, "scalars", "name = 'loss/train'", [RUN])
     out["loss_series_s"], out["loss_series_points"] = times, df.height
     # heatmap
     t0 = time.perf_counter()
@@ -377,6 +367,7 @@ def run_queries(params: dict[str, Any]) -> dict[str, Any]:
         hm = query.heatmap(store, RUN, "resid_rms", max_buckets=400)
         times.append(time.perf_counter() - t0)
         tick("heatmap")
+    checks["heatmap"] = _check_heatmap(store, hm, "resid_rms", 400)
     out["heatmap_s"], out["heatmap_cells"], out["heatmap_layers"] = times, hm.height, hm["layer"].n_unique()
     # token-aligned gap
     label, fn = _gap(store, root)
@@ -389,32 +380,19 @@ def run_queries(params: dict[str, Any]) -> dict[str, Any]:
     out["gap_s"], out["gap_source"] = times, label
     out["gap_rows"] = getattr(gap, "height", None)
     store.close()
+    # a fresh process: open + one 2,000-step series
+    out["fresh"] = _fresh_process(root, steps, layers, rng)
+    checks["fresh-process series"] = out["fresh"]["ok"]
+    tick("fresh process")
     # one incremental alert evaluation (appends a flush: keep it last)
     out["alerts"] = _alert_eval(root, steps, layers)
     tick("alerts")
     tick("done")
+    out["checks"] = checks
     return out
 
 
-def run_compact(params: dict[str, Any]) -> dict[str, Any]:
-    """Child task: ``compact_store`` (merge + rollups), timed."""
-    from healthwatch.store import compact_store
-
-    root = Path(params["workdir"]) / "query-store"
-    files_before = sum(1 for _ in root.rglob("*.parquet"))
-    bytes_before = dir_bytes(root)
-    emit_progress(0, 1, "compacting")
-    t0 = time.perf_counter()
-    merged = compact_store(root)
-    wall = time.perf_counter() - t0
-    emit_progress(1, 1, "compacting")
-    rollup_bytes = dir_bytes(root / "table=layer_stats_rollup")
-    return {"compact_s": wall, "merged": merged, "files_before": files_before,
-            "files_after": sum(1 for _ in root.rglob("*.parquet")), "bytes_before": bytes_before,
-            "bytes_after": dir_bytes(root), "rollup_bytes": rollup_bytes}
-
-
-TASKS = {"generate": run_generate, "queries": run_queries, "compact": run_compact}
+TASKS = {"generate": run_generate, "queries": run_queries}
 
 
 def disk_needed(steps: int, layers: int = 108) -> int:
@@ -435,26 +413,26 @@ def fit_steps(steps: int, workdir: Path, layers: int = 108) -> tuple[int, str]:
 
 
 def jobs(quick: bool, workdir: Path, steps: int | None = None) -> list[Job]:
-    """Generate, query, compact, query again (each a child task)."""
-    n = steps if steps is not None else (20_000 if quick else 1_000_000)
+    """Generate the live store through the writer path, then query it (each a child task)."""
+    n = steps if steps is not None else (10_000 if quick else 1_000_000)
     base = {"workdir": str(workdir), "steps": n, "layers": 108, "seed": 0}
     q = dict(base, repeats=20, heat_repeats=3 if quick else 5)
     scale = max(1.0, n / 100_000)
     return [
-        Job("query:generate", "benchmarks.bench_query", "generate", base, f"query: generate {n:,} steps",
-            timeout_s=300 + 120 * scale),
+        Job("query:generate", "benchmarks.bench_query", "generate", base,
+            f"query: write {n:,} steps through the writer path", timeout_s=300 + 400 * scale),
         Job("query:live", "benchmarks.bench_query", "queries", dict(q, phase="live"),
-            "query: before compaction", timeout_s=300 + 200 * scale),
-        Job("query:compact", "benchmarks.bench_query", "compact", base, "query: compact_store",
-            timeout_s=300 + 200 * scale),
-        Job("query:compacted", "benchmarks.bench_query", "queries", dict(q, phase="compacted"),
-            "query: after compaction", timeout_s=300 + 100 * scale),
+            "query: live store (never compacted)", timeout_s=300 + 200 * scale),
     ]
 
 
+INGEST_BUDGET_ROWS_PER_CPU_S = 2_000_000
+FRESH_BUDGET_S = 0.020
+
+
 def section(results: dict[str, dict[str, Any]], size_note: str = "") -> Section:
-    """Budget rows and tables from the query phases."""
-    sec = Section("query", "4. Queries at scale")
+    """Budget rows and tables from the live-store phase."""
+    sec = Section("query", "4. Queries at scale (live store, written through the writer path)")
     gen = results.get("query:generate")
     if gen is None or "error" in gen:
         sec.errors.append((gen or {}).get("error", "did not run"))
@@ -462,88 +440,80 @@ def section(results: dict[str, dict[str, Any]], size_note: str = "") -> Section:
         sec.budgets.append(Budget("layer × step heatmap", "≤ 250 ms", "error", NA))
         return sec
     sec.intro = (
-        f"Synthetic store: run `{RUN}` with {gen['steps']:,} steps × {gen['layers']} layers × {len(METRICS)} "
-        f"metrics = {gen['layer_rows']:,} `layer_stats` rows (+ {len(SCALARS)} loss scalars per step), and a BF16 "
-        f"branch `{REF_RUN}` of {gen['ref_steps']:,} steps; {fmt_bytes(gen['bytes'])} of Parquet in "
-        f"{gen['segments']} segments per table (levels {gen['levels']}), generated in {fmt_time(gen['gen_s'])}."
+        f"Live store: run `{RUN}` with {gen['steps']:,} steps × {gen['layers']} layers × {len(METRICS)} "
+        f"metrics = {gen['layer_rows']:,} `layer_stats` rows (+ {len(SCALARS)} loss scalars per step), written "
+        f"in {gen['flushes']:,} flushes of {FLUSH_STEPS} steps through `StoreWriter.write` (live rollups) + "
+        f"`compact_own` (self-merge), never compacted by hand; a BF16 branch `{REF_RUN}` of {gen['ref_steps']:,} "
+        f"steps; {fmt_bytes(gen['bytes'])} of Parquet, {gen['segments']} `layer_stats` segments."
         + (f" **Size {size_note}.**" if size_note else "")
     )
-    comp = results.get("query:compact", {})
-    headers = ["query", "before compaction", "after compaction"]
-    phases = [results.get("query:live"), results.get("query:compacted")]
+    rate = gen["ingest_rows"] / gen["ingest_cpu_s"] if gen.get("ingest_cpu_s") else 0.0
+    sec.budgets.append(Budget(
+        "ingest with live merging and rollups (rows per CPU-second of the writer calls)", "≥ 2 M rows/CPU-s",
+        f"{rate / 1e6:.2f} M rows/CPU-s", verdict(rate >= INGEST_BUDGET_ROWS_PER_CPU_S),
+        f"{gen['ingest_rows']:,} rows in {fmt_time(gen['ingest_cpu_s'])} CPU ({fmt_time(gen['ingest_wall_s'])} wall)"))
+    p = results.get("query:live")
+    if p is None or "error" in p:
+        sec.errors.append((p or {}).get("error", "queries did not run"))
+        return sec
+    checks = p.get("checks", {})
+    bad = [k for k, v in checks.items() if not v]
+    if bad:
+        sec.errors.append("answers differ from the raw-SQL reference: " + ", ".join(bad))
 
-    def cell(p: dict[str, Any] | None, fn: Any) -> str:
-        if p is None:
-            return "did not run"
-        if "error" in p:
-            return "error"
-        try:
-            return fn(p)
-        except (KeyError, TypeError, ValueError):
-            return "—"
+    def checked(name: str) -> str:
+        return "matches raw SQL" if checks.get(name) else ("WRONG vs raw SQL" if name in checks else "not checked")
 
-    def alert_cell(p: dict[str, Any]) -> str:
-        a = p.get("alerts", {})
-        if "skipped" in a:
-            return "skipped"
-        if "error" in a:
-            return "error: " + a["error"][:80]
-        first = "first, start=latest" if a.get("start") == "latest" else "first: whole history"
-        return f"{fmt_time(a['incremental_s'])} ({first} {fmt_time(a['backfill_s'])})"
-
+    fr = p.get("fresh", {})
     rows = [
-        ["store files (layer_stats, this run)", *(cell(p, lambda p: str(p["files"])) for p in phases)],
-        ["open store (list + views)", *(cell(p, lambda p: fmt_time(p["open_s"])) for p in phases)],
-        ["one layer series ≤ 2,000 pts: p50", *(cell(p, lambda p: fmt_time(median(p["series_s"]))) for p in phases)],
-        ["one layer series: p95", *(cell(p, lambda p: fmt_time(percentile(p["series_s"], 95))) for p in phases)],
-        ["one layer series: first call", *(cell(p, lambda p: fmt_time(p["series_cold_s"])) for p in phases)],
-        ["loss series (scalar) p50", *(cell(p, lambda p: fmt_time(median(p["loss_series_s"]))) for p in phases)],
-        ["heatmap 108 layers × 400 buckets: p50", *(cell(p, lambda p: fmt_time(median(p["heatmap_s"])))
-                                                     for p in phases)],
-        ["heatmap: first call", *(cell(p, lambda p: fmt_time(p["heatmap_cold_s"])) for p in phases)],
-        ["token-aligned gap between the runs: p50", *(cell(p, lambda p: fmt_time(median(p["gap_s"])))
-                                                       for p in phases)],
-        ["one incremental alert evaluation", *(cell(p, alert_cell) for p in phases)],
+        ["store files (layer_stats / its rollups, this run)", f"{p['files']} / {p.get('rollup_files', '?')}", ""],
+        ["open store (lazy: lists nothing until a query)", fmt_time(p["open_s"]), ""],
+        ["one layer series ≤ 2,000 pts: p50", fmt_time(median(p["series_s"])), checked("series")],
+        ["one layer series: p95", fmt_time(percentile(p["series_s"], 95)), ""],
+        ["one layer series: first call", fmt_time(p["series_cold_s"]), ""],
+        ["loss series (scalar) p50", fmt_time(median(p["loss_series_s"])), checked("loss series")],
+        ["heatmap 108 layers × 400 buckets: p50", fmt_time(median(p["heatmap_s"])), checked("heatmap")],
+        ["heatmap: first call", fmt_time(p["heatmap_cold_s"]), ""],
+        ["token-aligned gap between the runs: p50", fmt_time(median(p["gap_s"])), f"{p.get('gap_rows')} rows"],
     ]
-    notes = []
-    live, compacted = phases
-    if compacted and "series_points" in compacted:
-        notes.append(f"series returned ≤ {max(compacted['series_points'])} points; heatmap "
-                     f"{compacted['heatmap_layers']} layers, {compacted['heatmap_cells']:,} cells; gap "
-                     f"via {compacted['gap_source']} ({compacted.get('gap_rows')} rows).")
-    if comp and "compact_s" in comp:
-        notes.append(f"`compact_store` took {fmt_time(comp['compact_s'])}: {comp['files_before']} → "
-                     f"{comp['files_after']} files, {fmt_bytes(comp['bytes_before'])} → {fmt_bytes(comp['bytes_after'])} "
-                     f"(rollups {fmt_bytes(comp['rollup_bytes'])}).")
-    elif comp and "error" in comp:
-        notes.append(f"compaction failed: {comp['error']}")
-    sec.tables.append(Table("Query latency", headers, rows, " ".join(notes)))
-    for name, p in (("before compaction", live), ("after compaction", compacted)):
-        if p is None or "error" in p:
-            if p is not None:
-                sec.errors.append(f"{name}: {p['error']}")
-            continue
-        judged = name == "after compaction"
-        p95 = percentile(p["series_s"], 95)
-        hm = median(p["heatmap_s"])
-        sec.budgets.append(Budget(f"one series of {gen['steps']:,} steps, {name}", "p95 ≤ 100 ms", fmt_time(p95),
-                                  verdict(p95 <= SERIES_BUDGET_S) if judged else NA,
-                                  "" if judged else "informative: a live writer's layout"))
-        sec.budgets.append(Budget(f"heatmap {gen['layers']} layers × {gen['steps']:,} steps, {name}", "≤ 250 ms",
-                                  fmt_time(hm), verdict(hm <= HEATMAP_BUDGET_S) if judged else NA,
-                                  "" if judged else "informative: no rollups before compaction"))
-        a = p.get("alerts", {})
-        if "incremental_s" in a:
-            sec.budgets.append(Budget(
-                f"alert latency after a flush (one incremental evaluation, default pack), {name}",
-                "≤ 5 s (one evaluation interval)", fmt_time(a["incremental_s"]),
-                verdict(a["incremental_s"] <= ALERT_BUDGET_S),
-                (f"first evaluation, start=latest (one window): {fmt_time(a['backfill_s'])}"
-                 if a.get("start") == "latest" else
-                 f"first evaluation (replays the whole history): {fmt_time(a['backfill_s'])}")))
-        elif a:
-            sec.budgets.append(Budget(f"alert latency after a flush, {name}", "≤ 5 s", a.get("skipped") or
-                                      "error", NA, a.get("error", "")[:120]))
+    if fr.get("open_read_s"):
+        rows += [
+            ["fresh process: open + one 2,000-step series (median)", fmt_time(median(fr["open_read_s"])),
+             checked("fresh-process series")],
+            ["fresh process: imports (healthwatch.query + store)", fmt_time(median(fr["import_s"])), ""],
+            ["fresh process: interpreter start (`python -c pass`)", fmt_time(median(fr["interpreter_s"])), ""],
+        ]
+    a = p.get("alerts", {})
+    if "incremental_s" in a:
+        rows.append(["one incremental alert evaluation after a flush", fmt_time(a["incremental_s"]),
+                     f"first: {fmt_time(a['backfill_s'])} ({a.get('start')})"])
+    sec.tables.append(Table("Query latency on the live store", ["query", "time", "check"], rows,
+                            f"series ≤ {max(p['series_points'])} points; heatmap {p['heatmap_layers']} layers, "
+                            f"{p['heatmap_cells']:,} cells; gap via {p['gap_source']}."))
+    p95 = percentile(p["series_s"], 95)
+    hm = median(p["heatmap_s"])
+    ok_s, ok_h = checks.get("series", False), checks.get("heatmap", False)
+    sec.budgets.append(Budget(f"one series of {gen['steps']:,} steps, live", "p95 ≤ 100 ms", fmt_time(p95),
+                              verdict(p95 <= SERIES_BUDGET_S and ok_s), checked("series")))
+    sec.budgets.append(Budget(f"heatmap {gen['layers']} layers × {gen['steps']:,} steps, live", "≤ 250 ms",
+                              fmt_time(hm), verdict(hm <= HEATMAP_BUDGET_S and ok_h), checked("heatmap")))
+    if fr.get("open_read_s"):
+        t = median(fr["open_read_s"])
+        sec.budgets.append(Budget("fresh process: open the store + read one 2,000-step series", "≤ 20 ms", fmt_time(t),
+                                  verdict(t <= FRESH_BUDGET_S and checks.get("fresh-process series", False)),
+                                  f"imports {fmt_time(median(fr['import_s']))} and interpreter start "
+                                  f"{fmt_time(median(fr['interpreter_s']))} excluded"))
+    if "incremental_s" in a:
+        sec.budgets.append(Budget(
+            "alert latency after a flush (one incremental evaluation, default pack), live",
+            "≤ 5 s (one evaluation interval)", fmt_time(a["incremental_s"]),
+            verdict(a["incremental_s"] <= ALERT_BUDGET_S),
+            (f"first evaluation, start=latest (one window): {fmt_time(a['backfill_s'])}"
+             if a.get("start") == "latest" else
+             f"first evaluation (replays the whole history): {fmt_time(a['backfill_s'])}")))
+    elif a:
+        sec.budgets.append(Budget("alert latency after a flush, live", "≤ 5 s", a.get("skipped") or "error", NA,
+                                  a.get("error", "")[:120]))
     return sec
 
 

@@ -273,12 +273,12 @@ TASKS = {"render": run_task}
 
 
 def jobs(quick: bool, workdir: Path, store_dir: Path | None = None) -> list[Any]:
-    """The render job: 1M steps x 108 layers (quick: 20k x 108, one cold and two warm loads)."""
+    """The render job: 1M steps x 108 layers (quick: 10k x 108, one cold and two warm loads)."""
     from benchmarks.bench_common import Job
 
     params: dict[str, Any] = {"quick": quick, "workdir": str(store_dir or (workdir / "render"))}
     if quick:
-        params.update(steps=20_000, cold=1, warm=2)
+        params.update(steps=10_000, cold=1, warm=2)
     return [Job("render", "benchmarks.bench_render", "render", params,
                 "Run page render (real server + headless Chromium)", timeout_s=600 if quick else 3600)]
 

@@ -2,14 +2,13 @@
 
 Writes a run of ``--steps`` steps x ``--layers`` layers x per-layer metrics (default 1M x 108 x
 ``maxvio``/``resid_rms``/``wgrad_norm``, i.e. 324M layer rows) plus the usual scalars, events
-and a few alert transitions into the store's real layout (``table=<t>/run=<r>/*.parquet``), then
-runs :func:`healthwatch.store.compact_store` so the rollups exist, as they would on a compacted
-production store.
+and a few alert transitions, through the Monitor's writer path: one flush of 100 steps at a time
+with :meth:`StoreWriter.write` (which keeps the 100/1,000/10,000-step rollups current) and
+:meth:`StoreWriter.compact_own` (the writer's self-merge), exactly the calls of the Monitor's
+writer thread. The store is never compacted by hand (``--compact`` does it, for comparison).
 
-Rows are generated per (metric, layer) block and streamed into one Parquet file per table in
-the compaction sort order (metric, layer, step), so nothing larger than one block is held in
-memory and compaction has nothing to merge (it only writes the rollups). Values are drawn as
-float32 and widened: realistic precision and much better compression than 53 random bits.
+Values are generated 10,000 steps at a time (bounded memory) as float32 and widened: realistic
+precision and much better compression than 53 random bits.
 
 Usage::
 
@@ -20,17 +19,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from healthwatch.schema import TABLES
-from healthwatch.segments import table_dir
-from healthwatch.store import StoreWriter, compact_store, init_store
+from healthwatch.store import StoreWriter, attempt_row, compact_store, init_store, run_row
 
 DEFAULT_METRICS = ("maxvio", "resid_rms", "wgrad_norm")
 DEFAULT_SCALARS = (
@@ -72,88 +68,93 @@ def _layer_values(metric: str, layer: int, layers: int, steps: np.ndarray, rng: 
     return v.astype(np.float64)
 
 
-def write_layer_stats(root: Path, run: str, steps: int, layers: int, metrics: tuple[str, ...],
-                      tokens_per_step: int, seed: int, moe_only_maxvio: bool) -> int:
-    """Stream the layer_stats table of ``run`` into one sorted segment; returns the row count."""
-    schema = TABLES["layer_stats"]
-    directory = table_dir(root, "layer_stats", run)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / ".tmp-synth.partial"
-    step = np.arange(steps, dtype=np.int64)
-    tokens = (step + 1) * tokens_per_step
-    step_a, tokens_a = pa.array(step), pa.array(tokens)
-    attempt_a = pa.repeat(pa.scalar(1, pa.int32()), steps)
-    types = layer_types(layers)
-    rng = np.random.default_rng(seed)
-    rows = 0
-    spike_step = int(steps * 0.777)
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as out:
-        for metric in sorted(metrics):
-            metric_a = pa.repeat(pa.scalar(metric), steps)
-            for layer in range(layers):
-                if moe_only_maxvio and metric == "maxvio" and types[layer] != "moe":
-                    continue
-                table = pa.Table.from_arrays(
-                    [attempt_a, step_a, tokens_a, pa.repeat(pa.scalar(layer, pa.int32()), steps),
-                     pa.repeat(pa.scalar(types[layer]), steps), metric_a,
-                     pa.array(_layer_values(metric, layer, layers, step, rng, spike_step))],
-                    schema=schema,
-                )
-                out.write_table(table, row_group_size=ROW_GROUP)
-                rows += steps
-    tmp.rename(directory / f"synth{seed:08d}-{int(time.time()):012d}-L99.parquet")
-    return rows
+#: Steps per flush of the synthetic writer (a Monitor flushing every 100 steps).
+FLUSH_STEPS = 100
+#: Steps whose values are generated at once (then cut into flushes): bounded memory at any size.
+CHUNK_STEPS = 10_000
 
 
-def write_scalars(root: Path, run: str, steps: int, names: tuple[str, ...], tokens_per_step: int, seed: int) -> int:
-    """Stream the scalars table of ``run`` into one sorted segment; returns the row count."""
-    schema = TABLES["scalars"]
-    directory = table_dir(root, "scalars", run)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / ".tmp-synth.partial"
-    step = np.arange(steps, dtype=np.int64)
+def _scalar_values(name: str, step: np.ndarray, steps: int, rng: np.random.Generator) -> np.ndarray:
     t = step / max(1, steps - 1)
-    rng = np.random.default_rng(seed + 1)
+    noise = rng.standard_normal(step.size).astype(np.float32)
     base = 2.0 + 3.0 * np.exp(-t * 30) - 0.3 * t
-    wall = 1.7e9 + step * 2.0
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as out:
-        for name in sorted(names):
-            noise = rng.standard_normal(steps).astype(np.float32)
-            if name.startswith("loss/"):
-                offset = 0.0 if name == "loss/train" else 0.08 * int(name.rsplit("_", 1)[-1])
-                v = base + offset + 0.02 * noise
-            elif name == "lr":
-                v = 3e-4 * np.minimum(1.0, (step + 1) / 2000) * (0.1 + 0.9 * (1 - t))
-            else:
-                v = 0.3 * (1 + 3 * np.exp(-t * 20)) * np.exp(0.1 * noise)
-            if name == "loss/train":
-                v[int(steps * 0.777)] += 3.0  # a one-step loss spike that must survive downsampling
-            table = pa.Table.from_arrays(
-                [pa.repeat(pa.scalar(1, pa.int32()), steps), pa.array(step), pa.array((step + 1) * tokens_per_step),
-                 pa.repeat(pa.scalar(name), steps), pa.array(v.astype(np.float32).astype(np.float64)), pa.array(wall)],
-                schema=schema,
-            )
-            out.write_table(table, row_group_size=ROW_GROUP)
-    tmp.rename(directory / f"synth{seed:08d}-{int(time.time()):012d}-L99.parquet")
-    return steps * len(names)
+    if name.startswith("loss/"):
+        offset = 0.0 if name == "loss/train" else 0.08 * int(name.rsplit("_", 1)[-1])
+        v = base + offset + 0.02 * noise
+    elif name == "lr":
+        v = 3e-4 * np.minimum(1.0, (step + 1) / 2000) * (0.1 + 0.9 * (1 - t))
+    else:
+        v = 0.3 * (1 + 3 * np.exp(-t * 20)) * np.exp(0.1 * noise)
+    if name == "loss/train":
+        spike = int(steps * 0.777)
+        v = np.where(step == spike, v + 3.0, v)  # a one-step loss spike that must survive downsampling
+    return v.astype(np.float32).astype(np.float64)
+
+
+def write_live(w: StoreWriter, steps: int, layers: int, metrics: tuple[str, ...], scalars: tuple[str, ...],
+               tokens_per_step: int, seed: int, moe_only_maxvio: bool) -> dict[str, float]:
+    """Write ``steps`` steps through ``w`` one flush at a time, as the Monitor's writer thread does:
+    ``write`` (which keeps the rollups current) then ``compact_own`` (self-merge) per flush.
+
+    Returns row counts and the wall/CPU time spent in the writer calls only.
+    """
+    types = layer_types(layers)
+    keys = [(m, lay) for m in sorted(metrics) for lay in range(layers)
+            if not (moe_only_maxvio and m == "maxvio" and types[lay] != "moe")]
+    spike_step = int(steps * 0.777)
+    rngs = {k: np.random.default_rng((seed, i)) for i, k in enumerate(keys)}
+    srngs = {n: np.random.default_rng((seed + 1, i)) for i, n in enumerate(sorted(scalars))}
+    k_metric = np.array([m for m, _ in keys], dtype=object)
+    k_layer = np.array([lay for _, lay in keys], dtype=np.int32)
+    k_type = np.array([types[lay] for _, lay in keys], dtype=object)
+    names = np.array(sorted(scalars), dtype=object)
+    layer_rows = scalar_rows = 0
+    wall = cpu = 0.0
+    for c0 in range(0, steps, CHUNK_STEPS):
+        chunk = np.arange(c0, min(steps, c0 + CHUNK_STEPS), dtype=np.int64)
+        vals = np.stack([_layer_values(m, lay, layers, chunk, rngs[(m, lay)], spike_step) for m, lay in keys], axis=1)
+        svals = np.stack([_scalar_values(n, chunk, steps, srngs[n]) for n in names], axis=1)
+        for f0 in range(0, chunk.size, FLUSH_STEPS):
+            st = chunk[f0:f0 + FLUSH_STEPS]
+            n, k = st.size, len(keys)
+            ls = pa.Table.from_arrays([
+                pa.array(np.ones(n * k, dtype=np.int32)), pa.array(np.repeat(st, k)),
+                pa.array(np.repeat((st + 1) * tokens_per_step, k)), pa.array(np.tile(k_layer, n)),
+                pa.array(np.tile(k_type, n), pa.string()), pa.array(np.tile(k_metric, n), pa.string()),
+                pa.array(vals[f0:f0 + n].reshape(-1)),
+            ], schema=TABLES["layer_stats"])
+            ns = len(names)
+            sc = pa.Table.from_arrays([
+                pa.array(np.ones(n * ns, dtype=np.int32)), pa.array(np.repeat(st, ns)),
+                pa.array(np.repeat((st + 1) * tokens_per_step, ns)), pa.array(np.tile(names, n), pa.string()),
+                pa.array(svals[f0:f0 + n].reshape(-1)), pa.array(np.repeat(1.7e9 + st * 2.0, ns)),
+            ], schema=TABLES["scalars"])
+            t0, p0 = time.perf_counter(), time.process_time()
+            w.write("layer_stats", ls)
+            w.write("scalars", sc)
+            w.compact_own("layer_stats")
+            w.compact_own("scalars")
+            wall += time.perf_counter() - t0
+            cpu += time.process_time() - p0
+            layer_rows += ls.num_rows
+            scalar_rows += sc.num_rows
+    return {"layer_rows": layer_rows, "scalar_rows": scalar_rows, "ingest_wall_s": wall, "ingest_cpu_s": cpu}
 
 
 def generate(root: Path, run: str = "synth", steps: int = 1_000_000, layers: int = 108,
              metrics: tuple[str, ...] = DEFAULT_METRICS, scalars: tuple[str, ...] = DEFAULT_SCALARS,
              tokens_per_step: int = 4_194_304, seed: int = 0, moe_only_maxvio: bool = False,
-             compact: bool = True) -> dict[str, float]:
-    """Write a synthetic run into ``root`` and (by default) compact it; returns timings and row counts."""
+             compact: bool = False) -> dict[str, float]:
+    """Write a synthetic run into ``root`` through the writer path (live rollups and self-merges,
+    never compacted unless ``compact``); returns timings and row counts."""
     t0 = time.perf_counter()
     init_store(root)
     w = StoreWriter(root, run, attempt=1)
     now = time.time()
-    w.write("runs", {"parent": [None], "branch_step": [None], "branch_tokens": [None], "precision": ["nvfp4"],
-                     "config": [json.dumps({"synthetic": True, "layers": layers})], "created": [now],
-                     "schema_version": ["1.0"]})
-    w.write("attempts", {"attempt": [1], "start_step": [0], "started_at": [now], "host": ["synth"],
-                         "reason": ["start"], "schema_version": ["1.0"]})
-    layer_rows = write_layer_stats(root, run, steps, layers, metrics, tokens_per_step, seed, moe_only_maxvio)
-    scalar_rows = write_scalars(root, run, steps, scalars, tokens_per_step, seed)
+    w.write("runs", run_row(precision="nvfp4", config={"synthetic": True, "layers": layers}, created=now))
+    w.write("attempts", attempt_row(attempt=1, start_step=0, started_at=now, host="synth", reason="start"))
+    ingest = write_live(w, steps, layers, metrics, scalars, tokens_per_step, seed, moe_only_maxvio)
+    layer_rows, scalar_rows = ingest["layer_rows"], ingest["scalar_rows"]
     ck = np.arange(0, steps, max(1, steps // 100), dtype=np.int64)
     w.write("events", {"attempt": np.ones(ck.size, dtype=np.int32), "step": ck, "tokens": (ck + 1) * tokens_per_step,
                        "kind": ["checkpoint"] * ck.size, "message": ["synthetic checkpoint"] * ck.size,
@@ -180,7 +181,8 @@ def generate(root: Path, run: str = "synth", steps: int = 1_000_000, layers: int
     if compact:
         compact_store(root)
     t2 = time.perf_counter()
-    return {"layer_rows": layer_rows, "scalar_rows": scalar_rows, "write_s": t1 - t0, "compact_s": t2 - t1}
+    return {"layer_rows": layer_rows, "scalar_rows": scalar_rows, "write_s": t1 - t0, "compact_s": t2 - t1,
+            "ingest_wall_s": ingest["ingest_wall_s"], "ingest_cpu_s": ingest["ingest_cpu_s"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,11 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens-per-step", type=int, default=4_194_304)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--moe-only-maxvio", action="store_true", help="MaxVio only on MoE layers (realistic)")
-    ap.add_argument("--no-compact", action="store_true", help="skip compaction (no rollups)")
+    ap.add_argument("--compact", action="store_true", help="compact by hand afterwards (not needed: rollups are live)")
     args = ap.parse_args(argv)
     res = generate(args.root, args.run, args.steps, args.layers, tuple(m for m in args.metrics.split(",") if m),
                    tokens_per_step=args.tokens_per_step, seed=args.seed, moe_only_maxvio=args.moe_only_maxvio,
-                   compact=not args.no_compact)
+                   compact=args.compact)
     rate = (res["layer_rows"] + res["scalar_rows"]) / max(res["write_s"], 1e-9)
     print(f"{args.root}: {res['layer_rows']:,} layer rows + {res['scalar_rows']:,} scalar rows written in "
           f"{res['write_s']:.1f} s ({rate / 1e6:.1f} M rows/s), compaction + rollups {res['compact_s']:.1f} s")

@@ -50,8 +50,10 @@ def runs(store: StoreOpt = None) -> None:
         console.print("the store has no runs yet")
         return
     table = Table(title=f"runs in {st.root}")
-    for col in ("run", "parent", "branch step", "precision", "attempts", "last step", "last tokens", "last write"):
-        table.add_column(col)
+    for col in ("run", "status", "parent", "branch step", "precision", "attempts", "last step", "last tokens",
+                "last write"):
+        # Narrow terminals wrap cells instead of cutting numbers off; a run name stays whole.
+        table.add_column(col, no_wrap=col in ("run", "status"), overflow="fold")
     for row in df.iter_rows(named=True):
         last = (
             _dt.datetime.fromtimestamp(row["last_write"]).strftime("%Y-%m-%d %H:%M:%S")
@@ -60,6 +62,7 @@ def runs(store: StoreOpt = None) -> None:
         )
         table.add_row(
             row["run"],
+            row["status"] or "-",  # finished (its Monitor closed), live, idle or empty
             row["parent"] or "-",
             "-" if row["branch_step"] is None else str(row["branch_step"]),
             row["precision"] or "-",
@@ -84,7 +87,7 @@ def compact(
 
     path = _store_path(store)
     from healthwatch.schema import TABLES
-    from healthwatch.segments import iter_run_dirs
+    from healthwatch.store.segments import iter_run_dirs
 
     found = sorted({r for t in TABLES for r, _ in iter_run_dirs(path, t)})
     targets = [r for r in found if not run or r in run]

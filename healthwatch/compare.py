@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import polars as pl
 
+from healthwatch import query
 from healthwatch.store import Store
 
 if TYPE_CHECKING:  # plotly is imported lazily: the alert daemon needs the numbers, not the charts
@@ -118,17 +119,13 @@ def _runs_meta(store: Store) -> dict[str, dict[str, Any]]:
 def _effective(store: Store, run: str) -> tuple[str, list[Any]]:
     """SQL condition (and its parameters) that keeps only ``run``'s effective rows of ``scalars``.
 
-    Same rows as the ``scalars_effective`` view, whose definition of a superseded attempt
-    (``attempt_bounds``) it reads. Why not the view itself: DuckDB builds its hash join on the big
-    side when its row estimate for filtered Parquet is low, so on a 1M-step run the view costs
-    ~1 s per query where this per-run condition on ``scalars`` costs tens of ms.
+    The path predicate of :func:`healthwatch.query.timeline` (the one rule of superseded rows) on
+    the base table: DuckDB builds the ``*_effective`` views' hash join on the big side when its row
+    estimate for filtered Parquet is low (~1 s per query at 1M steps, tens of ms this way).
     """
-    rows = store.sql(
-        "SELECT attempt, superseded_from FROM attempt_bounds WHERE run = ? AND superseded_from IS NOT NULL",
-        [run],
-    ).fetchall()
-    sql = "".join(" AND (attempt <> ? OR step < ?)" for _ in rows)
-    return sql, [v for attempt, start in rows for v in (int(attempt), int(start))]
+    params: list[Any] = []
+    sql = query.timeline(store, run).predicate(params)
+    return sql, params
 
 
 def _token_span(store: Store, run: str, metric: str) -> tuple[int, int, int] | None:

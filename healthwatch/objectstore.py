@@ -879,22 +879,12 @@ class S3Tables:
             "CREATE OR REPLACE VIEW runs AS SELECT * FROM runs_raw "
             "QUALIFY row_number() OVER (PARTITION BY run ORDER BY created) = 1"
         )
-        self.con.execute(
-            "CREATE OR REPLACE VIEW attempt_bounds AS SELECT a.run, a.attempt, a.start_step, "
-            "(SELECT min(b.start_step) FROM attempts b WHERE b.run = a.run AND b.attempt > a.attempt) "
-            "AS superseded_from FROM attempts a"
-        )
+        # The one rule of superseded rows (healthwatch.store.timeline), as on a local store.
+        from healthwatch.store.timeline import view_sql
+
         for table in ATTEMPT_TABLES:
-            self.con.execute(
-                f"CREATE OR REPLACE VIEW {table}_all AS SELECT t.*, "
-                "coalesce(t.step >= b.superseded_from, false) AS superseded "
-                f"FROM {table} t LEFT JOIN attempt_bounds b ON t.run = b.run AND t.attempt = b.attempt"
-            )
-            self.con.execute(
-                f"CREATE OR REPLACE VIEW {table}_effective AS SELECT t.* FROM {table} t "
-                "LEFT JOIN attempt_bounds b ON t.run = b.run AND t.attempt = b.attempt "
-                "WHERE b.superseded_from IS NULL OR t.step < b.superseded_from"
-            )
+            for name, body in view_sql(table).items():
+                self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
         self.last_list_calls = self.fs.stats.snapshot()["list"] - before
         alive = {p for live in self.listed.values() for p in live.values()}
         for gone in set(self._fragments) - alive:  # retired by merges: forget their footers

@@ -88,8 +88,8 @@ def table_schema(table: str) -> pa.Schema:
 
 def store_listing(store_root: Path, table: str) -> dict[tuple[str, str], Path]:
     """Live, readable segments of ``table`` as ``{(run, file name): path}`` (the store's read rules)."""
-    from healthwatch.segments import iter_run_dirs, list_segments
     from healthwatch.store import segment_problem
+    from healthwatch.store.segments import iter_run_dirs, list_segments
 
     out: dict[tuple[str, str], Path] = {}
     for run, rdir in iter_run_dirs(store_root, table):
@@ -119,7 +119,7 @@ def check_store(store_root: Path) -> None:
 
 def publisher_lock(out: Path) -> Any:
     """The single-committer lock of an output folder (a context manager yielding whether it was taken)."""
-    from healthwatch.segments import merge_lock
+    from healthwatch.store.segments import merge_lock
 
     return merge_lock(out, blocking=False)
 

@@ -134,11 +134,13 @@ TABLES: dict[str, pa.Schema] = {
             ("wall_time", pa.float64()),
         ]
     ),
-    # Rollups are written by compaction: per bucket of `bucket` steps, min/max/mean/last.
+    # Rollups (healthwatch.store.rollup): per attempt and bucket of `bucket_size` steps,
+    # min/max/mean/last of that attempt's rows; kept current by the writer.
     "layer_stats_rollup": pa.schema(
         [
             ("bucket_size", pa.int64()),
             ("bucket", pa.int64()),
+            ("attempt", pa.int32()),
             ("layer", pa.int32()),
             ("layer_type", pa.string()),
             ("metric", pa.string()),
@@ -151,12 +153,17 @@ TABLES: dict[str, pa.Schema] = {
             ("vmax", pa.float64()),
             ("vmean", pa.float64()),
             ("vlast", pa.float64()),
+            ("step_vmin", pa.int64()),
+            ("tokens_vmin", pa.int64()),
+            ("step_vmax", pa.int64()),
+            ("tokens_vmax", pa.int64()),
         ]
     ),
     "scalars_rollup": pa.schema(
         [
             ("bucket_size", pa.int64()),
             ("bucket", pa.int64()),
+            ("attempt", pa.int32()),
             ("name", pa.string()),
             ("step_min", pa.int64()),
             ("step_max", pa.int64()),
@@ -167,6 +174,10 @@ TABLES: dict[str, pa.Schema] = {
             ("vmax", pa.float64()),
             ("vmean", pa.float64()),
             ("vlast", pa.float64()),
+            ("step_vmin", pa.int64()),
+            ("tokens_vmin", pa.int64()),
+            ("step_vmax", pa.int64()),
+            ("tokens_vmax", pa.int64()),
         ]
     ),
 }
@@ -183,6 +194,8 @@ SORT_KEYS: dict[str, list[str]] = {
     "alerts": ["wall_time"],
     "attempts": ["attempt"],
     "runs": ["created"],
+    "layer_stats_rollup": ["bucket_size", "metric", "layer", "bucket", "attempt"],
+    "scalars_rollup": ["bucket_size", "name", "bucket", "attempt"],
 }
 
 

@@ -36,7 +36,6 @@ logdir's text tags) or default to ``attention`` (a GPT block is attention + MLP)
 from __future__ import annotations
 
 import bisect
-import json
 import os
 import re
 import time
@@ -46,9 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from healthwatch.schema import SCHEMA_VERSION, validate_run_name
-from healthwatch.segments import list_segments, table_dir
-from healthwatch.store import StoreWriter, default_store_path, host_name, init_store
+from healthwatch.schema import validate_run_name
+from healthwatch.store import StoreWriter, attempt_row, default_store_path, init_store, run_row
+from healthwatch.store.segments import list_segments, table_dir
 
 #: Rows per segment written; large imports become several segments, merged at the end.
 CHUNK_ROWS = 250_000
@@ -358,11 +357,8 @@ def import_tensorboard(
     now = time.time()
     config = {"source": "tensorboard", "logdir": str(src.resolve()), "tags": len(scalars),
               "args": {k: v for k, v in list(texts.items())[:500]}}
-    writer.write("runs", {"parent": [None], "branch_step": [None], "branch_tokens": [None],
-                          "precision": [precision], "config": [json.dumps(config, default=str)],
-                          "created": [now], "schema_version": [SCHEMA_VERSION]})
-    writer.write("attempts", {"attempt": [1], "start_step": [first_step], "started_at": [now],
-                              "host": [host_name()], "reason": ["import"], "schema_version": [SCHEMA_VERSION]})
+    writer.write("runs", run_row(precision=precision, config=config, created=now))
+    writer.write("attempts", attempt_row(attempt=1, start_step=first_step, started_at=now, reason="import"))
     rows = 0
     if sc["step"]:
         cols = {"attempt": [1] * len(sc["step"]), "step": sc["step"],
@@ -383,4 +379,5 @@ def import_tensorboard(
         rows += len(layer_points)
     for table in ("scalars", "layer_stats"):
         writer.compact_own(table)
+    writer.close()  # an import is a finished attempt: its last rollup buckets are complete
     return rows

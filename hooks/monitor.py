@@ -43,7 +43,7 @@ from healthwatch.hooks.writer import (
     estimate_rows,
 )
 from healthwatch.schema import check_schema_version, validate_metric_name, validate_run_name
-from healthwatch.store import META_FILE, default_store_path
+from healthwatch.store import END_EVENT, META_FILE, default_store_path  # END_EVENT == "close"
 
 log = logging.getLogger("healthwatch.monitor")
 
@@ -621,7 +621,8 @@ class Monitor:
         try:
             if self._first_step is not None:
                 # Says "finished", so that stall rules never take a closed run for a hung one.
-                self.event("close", message="monitor closed")
+                # Readers (healthwatch.query.runs) show the run as finished, not live.
+                self.event(END_EVENT, message="monitor closed")
             self.flush(wait=True)
         finally:
             self._closed = True

@@ -11,7 +11,6 @@ into training: failures are counted as dropped rows and warned about once.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -26,8 +25,7 @@ import torch
 
 from healthwatch.hooks.collector import Layout
 from healthwatch.hooks.rows import DeadExpertWindow, ExtraMeta, RowBuilder, StepMeta, build_rows
-from healthwatch.schema import SCHEMA_VERSION
-from healthwatch.store import StoreWriter, host_name, init_store
+from healthwatch.store import StoreWriter, attempt_row, init_store, run_row
 
 log = logging.getLogger("healthwatch.monitor")
 
@@ -223,6 +221,7 @@ class MonitorWriter:
         while True:
             item = self.queue.get()
             if item is None:
+                self._close_stores()
                 return
             try:
                 self.write(item)
@@ -232,6 +231,16 @@ class MonitorWriter:
             finally:
                 if item.done is not None:
                     item.done.set()
+
+    def _close_stores(self) -> None:
+        """Publish the open rollup buckets of this attempt's store writers (the attempt ends)."""
+        for store in (self._store, self._rank_store):
+            if store is None:
+                continue
+            try:
+                store.close()
+            except Exception as exc:  # noqa: BLE001 - rollups are derived data; raw rows are safe
+                log.warning("healthwatch: closing the store writer of %s failed: %s", store.run, exc)
 
     def _store_for(self, run: str) -> StoreWriter:
         if run == self.run:
@@ -257,18 +266,12 @@ class MonitorWriter:
             config = {**d.config, "per_rank": {"run": self.run, "rank": self.rank, "world": self.world}}
             parent = branch_step = branch_tokens = None
         # Every attempt declares the run; the `runs` view keeps the first declaration.
-        writer.write("runs", {
-            "parent": [parent], "branch_step": [branch_step], "branch_tokens": [branch_tokens],
-            "precision": [d.precision], "config": [json.dumps(config, default=str)],
-            "created": [now], "schema_version": [SCHEMA_VERSION],
-        })
+        writer.write("runs", run_row(parent=parent, branch_step=branch_step, branch_tokens=branch_tokens,
+                                     precision=d.precision, config=config or {}, created=now))
         start = d.start_step if d.start_step is not None else item.first_step
         if start is None:
             start = min((e["step"] for e in item.events), default=0)
-        writer.write("attempts", {
-            "attempt": [self.attempt], "start_step": [start], "started_at": [now], "host": [host_name()],
-            "reason": [d.reason], "schema_version": [SCHEMA_VERSION],
-        })
+        writer.write("attempts", attempt_row(attempt=self.attempt, start_step=start, started_at=now, reason=d.reason))
         self._declared.add(writer.run)
 
     def write(self, item: FlushItem) -> None:

@@ -24,18 +24,16 @@ from healthwatch.app.data import (
     expert_load_steps,
     get_store,
     heatmap,
-    is_live,
     layer_info,
     layer_profiles,
     markers,
     profile_steps,
-    rollup_valid_until,
     run_names,
     run_overview,
     scalar_names,
     series,
 )
-from healthwatch.query_signals import FAMILIES, expert_load_matrix, signal_metrics, worst_layers
+from healthwatch.query.signals import FAMILIES, expert_load_matrix, signal_metrics, worst_layers
 from healthwatch.store import Store
 
 LAYER_UNITS = {
@@ -70,7 +68,7 @@ def _header(store: Store, run: str) -> dict:
     info = cached_run(store, run, run_overview)
     states = alert_states(store)
     firing = states.filter((pl.col("run") == run) & (pl.col("state") == "firing")).height if states.height else 0
-    live = is_live(info["last_write"])
+    live = info["status"] == "live"
     parts = [f"**{info['precision'] or 'unknown precision'}**"]
     if info["parent"]:
         at = f"step {info['branch_step']:,}" if info["branch_step"] is not None else "an unknown step"
@@ -81,7 +79,7 @@ def _header(store: Store, run: str) -> dict:
                      + (f", {info['rollbacks']} rolled back" if info["rollbacks"] else ""))
     if info["last_step"] is not None:
         parts.append(f"last step **{info['last_step']:,}** · {charts._si(info['last_tokens'])} tokens")
-    parts.append(":green[live]" if live else "idle")
+    parts.append(":green[live]" if live else info["status"])
     parts.append(f":red[**{firing} alert{'s' if firing != 1 else ''} firing**]" if firing else "no alert firing")
     st.markdown(" · ".join(parts))
     info["live"] = live
@@ -209,8 +207,7 @@ def _at_steps(store: Store, run: str, x: str, log_y: bool) -> None:
                                   format_func=lambda m: LAYER_UNITS.get(m, (m,))[0])
             marks = cached_run(store, run, markers, tables=("events", "alerts", "attempts"))
             special = marks.filter(pl.col("kind").is_in(["rollback", "alert firing"]) & ~pl.col("superseded"))
-            until = cached_run(store, run, rollup_valid_until, tables=("layer_stats_rollup", "attempts"))
-            even = profile_steps(lo, hi, until)
+            even = profile_steps(lo, hi)
             grid = sorted(set(even) | set(special["step"].to_list()))
             default = sorted({even[0], even[len(even) // 2], even[-1]})
             picked = st.multiselect("Steps (type another step and press Enter to add it)", grid, default=default,
@@ -322,7 +319,7 @@ def main() -> None:
     log_y = c3.toggle("log scale", key="log_y")
     smooth = c4.slider("smoothing (EMA weight)", 0.0, 0.99, 0.0, 0.01, key="smooth",
                        help="Exponential moving average of the drawn points; raw points stay faint behind.")
-    live = is_live(cached_run(store, run, run_overview)["last_write"])
+    live = cached_run(store, run, run_overview)["status"] == "live"
     every = c5.selectbox("live refresh", ["off", "2 s", "5 s", "10 s", "30 s"],
                          index=2 if live else 0, key=f"refresh_{run}",
                          help="Re-read new rows every few seconds without reloading the page.")

@@ -56,7 +56,7 @@ def _table() -> None:
         table.append({
             "lineage": "    " * depth + ("└─ " if depth else "") + run,
             "health": health,
-            "status": "live" if r["live"] else "idle",
+            "status": r["status"],
             "precision": r["precision"],
             "branched from": branch,
             "attempts": r["attempts"],
@@ -70,7 +70,7 @@ def _table() -> None:
         column_config={
             "lineage": st.column_config.TextColumn("run (lineage)", width="medium"),
             "health": st.column_config.TextColumn("health", help="From the alerts table: firing/pending alert instances"),
-            "status": st.column_config.TextColumn("status", help="live: a row was written in the last 2 minutes"),
+            "status": st.column_config.TextColumn("status", help="finished: its Monitor closed; live: a row was written in the last 2 minutes; idle: neither"),
             "last step": st.column_config.NumberColumn("last step", format="%d"),
             "open": st.column_config.LinkColumn("Run page", display_text=r"run\?run=(.*)"),
         },

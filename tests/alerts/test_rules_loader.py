@@ -147,7 +147,7 @@ def test_templates():
             check_template(bad)
     out = render("{{ value:.2f }} {{ step:, }} {{ layer }} {{ labels.team }} {{ tokens:.1f }}",
                  {"value": 1.234, "step": 12345, "layer": None, "tokens": "n/a"}, {"team": "pt"})
-    assert out == "1.23 12,345 - pt n/a"
+    assert out == "1.23 12,345 all layers pt n/a"  # a missing value says what is missing, never "-"
 
 
 def test_shipped_packs_load():

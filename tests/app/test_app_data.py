@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from healthwatch import query
 from healthwatch.app import data as D
 from healthwatch.store import Store, StoreWriter, compact_store
 
@@ -80,7 +81,7 @@ def test_layer_aggregates_exact_and_from_rollups(tmp_path: Path) -> None:
     raw = D.SeriesCache().get(Store(root), "r", [D.Signal("maxvio", "max")])
     compact_store(root)
     store = Store(root)
-    assert D.rollup_valid_until(store, "r") == n
+    assert query.plan(store, "r", "layer_stats", query.timeline(store, "r")).limits == ((1, n),)
     rolled = D.SeriesCache().get(store, "r", [D.Signal("maxvio", "max")])
     for pts in (raw, rolled):
         assert pts.height <= D.MAX_POINTS

@@ -23,14 +23,26 @@ from benchmarks.bench_common import (  # noqa: E402
 )
 
 
-def test_level_plan_matches_a_live_writers_self_merges() -> None:
-    plan = bench_query.level_plan(1_000_000)
-    # 10,000 flushes of 100 steps = 2·8^4 + 3·8^3 + 4·8^2 + 2·8 + 0 in base 8
-    counts = {lv: sum(1 for p in plan if p[0] == lv) for lv in range(5)}
-    assert counts == {4: 2, 3: 3, 2: 4, 1: 2, 0: 0}
-    assert plan[0][1] == 0 and plan[-1][2] == 1_000_000
-    assert all(a[2] == b[1] for a, b in zip(plan, plan[1:]))  # contiguous, no gaps or overlaps
-    assert bench_query.level_plan(250) == [(0, 0, 100, 0), (0, 100, 200, 1), (0, 200, 250, 2)]
+def test_generated_store_is_live_with_rollups_and_checks_pass(tmp_path: Path) -> None:
+    """The benchmark store is written through the writer path: live rollups exist without any
+    compaction, and the raw-SQL reference checks accept the named queries' answers."""
+    import healthwatch as hw
+    from healthwatch import query
+
+    info = bench_query.generate_store(tmp_path / "s", steps=1_250, layers=4)
+    assert info["flushes"] == 13 and info["ingest_rows"] == 1_250 * (4 * 3 + 3)
+    st = hw.open_store(tmp_path / "s")
+    assert st.files("layer_stats_rollup", bench_query.RUN), "the writer keeps rollups while live"
+    p = query.plan(st, bench_query.RUN, "layer_stats", query.timeline(st, bench_query.RUN), 100)
+    assert p.limits == ((1, 1_200),)  # 12 complete 100-step buckets; the open one is read raw
+    hm = query.heatmap(st, bench_query.RUN, "resid_rms", max_buckets=5)
+    assert bench_query._check_heatmap(st, hm, "resid_rms", 5)
+    df = query.series(st, bench_query.RUN, "resid_rms", layer=2, max_points=50)
+    assert bench_query._check_series(st, df, "layer_stats", "metric = 'resid_rms' AND layer = ?", [bench_query.RUN, 2])
+    wrong = df.with_columns(df["value"] * 2)
+    assert not bench_query._check_series(st, wrong, "layer_stats", "metric = 'resid_rms' AND layer = ?",
+                                         [bench_query.RUN, 2])
+    st.close()
 
 
 def test_generated_store_is_queryable(tmp_path: Path) -> None:

@@ -40,6 +40,11 @@ def test_runs_and_compact(tmp_path):
     res = runner.invoke(app, ["runs", "--store", str(root)])
     assert res.exit_code == 0, res.output
     assert "cli-run" in res.stdout and "2,900" in res.stdout  # last tokens
+    assert "live" in res.stdout  # rows written just now, writer not closed
+    StoreWriter(root, "cli-run").write("events", {"attempt": [1], "step": [29], "tokens": [2900], "kind": ["close"],
+                                                  "message": ["monitor closed"], "wall_time": [time.time()]})
+    res = runner.invoke(app, ["runs", "--store", str(root)])
+    assert "finished" in res.stdout and "live" not in res.stdout  # its Monitor closed: finished, not live
     res = runner.invoke(app, ["compact", "--store", str(root)])
     assert res.exit_code == 0, res.output
     assert "scalars: 3→1" in res.stdout

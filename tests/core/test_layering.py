@@ -61,7 +61,8 @@ def test_contracts_hold(layout: Path) -> None:
     proc = _lint(layout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "broken" not in proc.stdout.lower().replace("0 broken", "")
-    assert "6 kept, 0 broken" in proc.stdout, proc.stdout
+    contracts = (REPO / ".importlinter").read_text().count("[importlinter:contract:")
+    assert f"{contracts} kept, 0 broken" in proc.stdout, proc.stdout
 
 
 # (file of the installed layout, line planted in it, contract it must break)
@@ -85,3 +86,14 @@ def test_a_planted_violation_fails(tmp_path: Path, path: str, line: str, contrac
     assert proc.returncode == 1, proc.stdout + proc.stderr
     broken = proc.stdout.split("Broken contracts", 1)[-1]
     assert contract in broken, proc.stdout
+
+
+def test_store_reader_importing_the_query_layer_breaks_a_contract(layout: Path) -> None:
+    """The store/query layering is checked too: a planted back-arrow breaks it."""
+    target = layout / "healthwatch/store/reader.py"
+    target.write_text(target.read_text() + "\nimport healthwatch.query.series  # planted\n")
+    try:
+        proc = _lint(layout)
+        assert proc.returncode != 0 and "Core layers" in proc.stdout and "BROKEN" in proc.stdout.upper(), proc.stdout
+    finally:
+        target.write_text(target.read_text().replace("\nimport healthwatch.query.series  # planted\n", ""))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import healthwatch as hw
-from healthwatch.query_signals import expert_load_matrix, signal_metrics, worst_layers
+from healthwatch.query.signals import expert_load_matrix, signal_metrics, worst_layers
 from healthwatch.store import StoreWriter, init_store
 
 

@@ -157,7 +157,7 @@ def test_downsampling_keeps_single_step_spike(store_dir):
 
 def test_series_from_rollups_keeps_every_extreme(store_dir):
     """After compaction a whole long series reads the 100-step rollups (+ raw rows after them):
-    the spike, the dip and a NaN survive, each within its 100-step bucket, and a rollback after
+    the spike, the dip and a NaN survive, each at its own step (rollups keep where extremes are), and a rollback after
     the compaction makes the superseded steps come from the raw effective rows again."""
     w = StoreWriter(store_dir, "long")
     _meta(w, 1, 0)
@@ -180,11 +180,10 @@ def test_series_from_rollups_keeps_every_extreme(store_dir):
         v = df["value"]
         assert v.is_nan().sum() >= 1 and v.filter(~v.is_nan()).max() == 60.0 and v.min() == -50.0
     steps_of = {val: fast.filter(fast["value"] == val)["step"].to_list() for val in (50.0, -50.0, 60.0)}
-    assert 150_000 in steps_of[50.0] and 12_300 in steps_of[-50.0] and n + 77 in steps_of[60.0]
-    assert 99_900 in fast.filter(fast["value"].is_nan())["step"].to_list()
+    assert 150_001 in steps_of[50.0] and 12_345 in steps_of[-50.0] and n + 77 in steps_of[60.0]
+    assert 99_999 in fast.filter(fast["value"].is_nan())["step"].to_list()
     # A rollback to step 100,000 after the compaction: the rollups stop there; the new attempt's
     # rows (a dip of -70 at 120,000) replace the superseded ones, which no longer show.
-    time.sleep(1.1)
     w2 = StoreWriter(store_dir, "long", attempt=2)
     _meta(w2, 2, 100_000)
     redo = np.arange(100_000, 130_000)
@@ -192,7 +191,9 @@ def test_series_from_rollups_keeps_every_extreme(store_dir):
                          "name": ["loss/train"] * redo.size, "value": np.where(redo == 120_000, -70.0, 0.5),
                          "wall_time": np.zeros(redo.size)})
     st.refresh()
-    assert query.rollup_valid_until(st, "long", "scalars") == 100_000
+    # attempt 1's rollups serve its rows up to the rollback; attempt 2's writer rolled up its own
+    # complete buckets as it wrote (its last step 129,999 closes the bucket ending there)
+    assert query.plan(st, "long", "scalars", query.timeline(st, "long")).limits == ((1, 100_000), (2, 130_000))
     fast = query.series(st, "long", "loss/train", max_points=2000)
     raw = query.series(st, "long", "loss/train", max_points=2000, use_rollups=False)
     for df in (raw, fast):

@@ -28,7 +28,8 @@ import pytest
 from reliability_helpers import SmallFs, tmp_files, toy_model, train, wait_for
 
 import healthwatch as hw
-from healthwatch import segments
+from healthwatch.store import fs as store_fs
+from healthwatch.store import segments
 from healthwatch.store import StoreWriter
 
 RUN = "faulty"
@@ -36,7 +37,7 @@ HEALTHY, FAULT, RECOVERED = range(0, 10), range(10, 30), range(30, 40)
 
 
 class _OsWithFaultyRename:
-    """``os`` as seen by ``healthwatch.segments``, with ``rename`` failing (publish step)."""
+    """``os`` as seen by ``healthwatch.store.fs`` (LocalFS), with ``rename`` failing (publish step)."""
 
     def __init__(self, err: int) -> None:
         self._err = err
@@ -77,7 +78,7 @@ class Fault:
         elif self.how == "write_table":
             self.mp.setattr(segments.pq, "write_table", _faulty_write_table(err))
         else:  # rename: the file is written, publishing it fails
-            self.mp.setattr(segments, "os", _OsWithFaultyRename(err))
+            self.mp.setattr(store_fs, "os", _OsWithFaultyRename(err))
 
     def off(self) -> None:
         """Clear the fault (space returns, the disk is writable again)."""

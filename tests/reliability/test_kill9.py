@@ -35,7 +35,7 @@ from reliability_helpers import HERE, child_env, read_every_segment, tmp_files, 
 
 import healthwatch as hw
 from healthwatch.schema import TABLES
-from healthwatch.segments import LOCK_NAME, MANIFEST_PREFIX, merge_lock
+from healthwatch.store.segments import LOCK_NAME, MANIFEST_PREFIX, merge_lock
 from healthwatch.store import compact_store
 
 pytestmark = pytest.mark.slow
@@ -283,7 +283,7 @@ def test_merge_lock_of_a_killed_process_is_taken_over_at_once(tmp_path: Path) ->
     directory = tmp_path / "table=scalars" / "run=x"
     directory.mkdir(parents=True)
     code = (
-        "import sys; from pathlib import Path; from healthwatch.segments import merge_lock\n"
+        "import sys; from pathlib import Path; from healthwatch.store.segments import merge_lock\n"
         f"with merge_lock(Path({str(directory)!r})) as ok:\n"
         "    print('locked' if ok else 'busy', flush=True); sys.stdin.read()\n"
     )

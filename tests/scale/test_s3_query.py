@@ -48,7 +48,8 @@ def test_query_layer_on_s3_equals_local(tmp_path: Path, s3_root: str, in_memory_
         for agg in ("max", "mean", "min", "last"):
             assert_frame_equal(query.heatmap(remote, PARENT, "maxvio", agg=agg, max_buckets=50),
                                query.heatmap(local, PARENT, "maxvio", agg=agg, max_buckets=50))
-        assert query.rollup_valid_until(remote, PARENT) == query.rollup_valid_until(local, PARENT)
+        assert query.plan(remote, PARENT, "layer_stats", query.timeline(remote, PARENT)) == query.plan(
+            local, PARENT, "layer_stats", query.timeline(local, PARENT))
         for kwargs in ({}, {"layer": 3, "max_points": 100}, {"include_superseded": True}):
             name = "maxvio" if "layer" in kwargs else "loss/train"
             # A rollup bucket gives its min and max at the bucket's first step, in no fixed order.

@@ -1,6 +1,6 @@
 """Read functions for the signals beyond the report (docs/signals.md), for the app's Run page.
 
-One module on purpose: it is meant to move into the ``healthwatch.query`` package. Every query is
+Part of the ``healthwatch.query`` package (the only reader). Every query is
 parameterised and reads the ``*_effective`` views (superseded attempts hidden).
 """
 

@@ -30,6 +30,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from healthwatch.schema import TABLES
+from healthwatch.store import fs as _fs
+
 LOCK_NAME = ".compact.lock"
 LOCK_STALE_S = 300.0
 TMP_STALE_S = 3600.0
@@ -65,17 +68,9 @@ def parse_segment(path: Path) -> Segment | None:
 
 def write_segment(directory: Path, name: str, table: pa.Table, row_group_size: int = 128_000) -> Path:
     """Write ``table`` to ``directory/name`` atomically (temp file + rename) and return the path."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".tmp-{uuid.uuid4().hex}.partial"
-    try:
-        pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
-        final = directory / name
-        os.rename(tmp, final)
-        return final
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    return Path(_fs.FS.publish(
+        str(directory), name, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size, compression="zstd")
+    ))
 
 
 def _read_manifests(directory: Path, names: set[str]) -> set[str]:
@@ -85,7 +80,7 @@ def _read_manifests(directory: Path, names: set[str]) -> set[str]:
         if not name.startswith(MANIFEST_PREFIX):
             continue
         try:
-            manifest = json.loads((directory / name).read_text())
+            manifest = json.loads(_fs.FS.read_bytes(str(directory / name)))
         except (OSError, ValueError):
             continue
         if manifest.get("target") in names:
@@ -95,9 +90,8 @@ def _read_manifests(directory: Path, names: set[str]) -> set[str]:
 
 def list_segments(directory: Path) -> list[Path]:
     """Live segments of one directory: published, not superseded by a completed merge."""
-    try:
-        names = set(os.listdir(directory))
-    except FileNotFoundError:
+    names = set(_fs.FS.list(str(directory)))
+    if not names:
         return []
     hidden = _read_manifests(directory, names)
     return sorted(
@@ -110,10 +104,7 @@ def list_segments(directory: Path) -> list[Path]:
 def iter_run_dirs(root: Path, table: str) -> Iterator[tuple[str, Path]]:
     """Yield ``(run, directory)`` for every run that has a directory for ``table``."""
     tdir = root / f"table={table}"
-    try:
-        entries = sorted(os.listdir(tdir))
-    except FileNotFoundError:
-        return
+    entries = sorted(_fs.FS.list(str(tdir)))
     for entry in entries:
         if entry.startswith("run="):
             yield entry[4:], tdir / entry
@@ -150,29 +141,13 @@ def _holder_is_dead(path: Path) -> bool:
 def _create_lock(path: Path) -> None:
     """Create the lock file at ``path`` holding ``"<pid> <machine>"``; ``FileExistsError`` if taken.
 
-    The content is written to a temp file first and hard-linked into place (atomic, fails when the
-    lock exists), so a process killed at any moment never leaves an empty lock whose holder is
-    unknown (such a lock could only expire after ``LOCK_STALE_S``).
+    :meth:`~healthwatch.store.fs.FileSystem.create_exclusive` writes the content before the name
+    appears, so a process killed at any moment never leaves an empty lock whose holder is unknown
+    (such a lock could only expire after ``LOCK_STALE_S``).
     """
     content = f"{os.getpid()} {_machine_id()}\n".encode()
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}.partial")
-    try:
-        tmp.write_bytes(content)
-        try:
-            os.link(tmp, path)
-            return
-        except FileExistsError:
-            raise
-        except OSError:  # a filesystem without hard links: exclusive create, then write
-            pass
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    try:
-        os.write(fd, content)
-    finally:
-        os.close(fd)
+    if not _fs.FS.create_exclusive(str(path), content):
+        raise FileExistsError(str(path))
 
 
 def _lock_is_stale(path: Path) -> bool:
@@ -229,29 +204,26 @@ def merge_lock(directory: Path, blocking: bool = False, timeout: float = 30.0) -
     finally:
         if acquired:
             with contextlib.suppress(OSError):
-                path.unlink()
+                _fs.FS.delete(str(path))
 
 
 def recover_directory(directory: Path) -> None:
     """Finish or undo merges interrupted by a crash and remove stale temp files (hold the lock)."""
-    try:
-        names = set(os.listdir(directory))
-    except FileNotFoundError:
-        return
+    names = set(_fs.FS.list(str(directory)))
     now = time.time()
     for name in names:
         path = directory / name
         if name.startswith(MANIFEST_PREFIX):
             try:
-                manifest = json.loads(path.read_text())
+                manifest = json.loads(_fs.FS.read_bytes(str(path)))
             except (OSError, ValueError):
                 manifest = {}
             if manifest.get("target") in names:
                 for src in manifest.get("sources", []):
                     with contextlib.suppress(OSError):
-                        (directory / src).unlink()
+                        _fs.FS.delete(str(directory / src))
             with contextlib.suppress(OSError):
-                path.unlink()
+                _fs.FS.delete(str(path))
         elif name.startswith(".tmp-"):
             with contextlib.suppress(OSError):
                 if now - path.stat().st_mtime > TMP_STALE_S:
@@ -260,14 +232,72 @@ def recover_directory(directory: Path) -> None:
 
 def publish_merge(directory: Path, sources: list[Path], tmp_target: Path, target_name: str) -> Path:
     """Publish ``tmp_target`` as ``target_name`` replacing ``sources`` (caller holds the lock)."""
-    manifest = directory / f"{MANIFEST_PREFIX}{uuid.uuid4().hex}.json"
-    manifest_tmp = directory / f".tmp-{uuid.uuid4().hex}.partial"
-    manifest_tmp.write_text(json.dumps({"target": target_name, "sources": [s.name for s in sources]}))
-    os.rename(manifest_tmp, manifest)
+    manifest = _fs.FS.publish_bytes(
+        str(directory), f"{MANIFEST_PREFIX}{uuid.uuid4().hex}.json",
+        json.dumps({"target": target_name, "sources": [s.name for s in sources]}).encode(),
+    )
     final = directory / target_name
-    os.rename(tmp_target, final)
+    os.rename(tmp_target, final)  # the merge target was written locally by DuckDB (see merge.py)
     for src in sources:
-        with contextlib.suppress(FileNotFoundError):
-            src.unlink()
-    manifest.unlink()
+        _fs.FS.delete(str(src))
+    _fs.FS.delete(manifest)
     return final
+
+
+def _compatible(found: pa.DataType, expected: pa.DataType) -> bool:
+    """Whether a column of type ``found`` reads as ``expected`` without a lossy or failing cast."""
+    if pa.types.is_integer(expected):
+        return pa.types.is_integer(found) and found.bit_width == expected.bit_width
+    if pa.types.is_floating(expected):
+        return pa.types.is_floating(found)
+    if pa.types.is_string(expected) or pa.types.is_large_string(expected):
+        return pa.types.is_string(found) or pa.types.is_large_string(found)
+    if pa.types.is_list(expected):
+        return (pa.types.is_list(found) or pa.types.is_large_list(found)) and _compatible(
+            found.value_type, expected.value_type
+        )
+    return found.equals(expected)
+
+
+def segment_problem(path: str | os.PathLike[str], table: str) -> str | None:
+    """Why ``path`` is not a readable segment of ``table`` (``None`` when it is one).
+
+    Reads only the Parquet footer. A file that is not Parquet, lacks a column of the table, has a
+    column of an incompatible type, or carries its own ``run`` column (the run comes from the
+    directory) is refused, so a stray or foreign file can neither break a query nor pass its rows
+    off as the table's. Raises ``FileNotFoundError`` when the file vanished.
+    """
+    try:
+        schema = pq.read_schema(_fs.FS.open_input(str(path)))
+    except FileNotFoundError:
+        raise
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        return f"not a readable Parquet file ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+    if "run" in schema.names:
+        return "has its own 'run' column (a segment's run comes from its directory)"
+    for field in TABLES[table]:
+        idx = schema.get_field_index(field.name)
+        if idx < 0:
+            return f"no column {field.name!r} (not a {table} segment)"
+        found = schema.field(idx).type
+        if not _compatible(found, field.type):
+            return f"column {field.name!r} is {found}, expected {field.type}"
+    return None
+
+
+def _full_read_problem(path: str) -> str | None:
+    """Why a file named in a query error is unreadable (footer, schema and every page), or None."""
+    table_part = Path(path).parent.parent.name
+    table = table_part[len("table="):] if table_part.startswith("table=") else None
+    try:
+        if table in TABLES:
+            problem = segment_problem(path, table)
+            if problem:
+                return problem
+        for _batch in pq.ParquetFile(path).iter_batches(batch_size=65_536):
+            pass
+    except FileNotFoundError:
+        return None
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        return f"unreadable ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+    return None

@@ -1,0 +1,224 @@
+"""Grids over layers: layer x step heatmaps, per-layer profiles, expert load, and what was logged.
+
+Heatmaps are bucketed in SQL. For a whole run, rollups of every level that fits a display bucket
+serve each attempt's rows below their valid limit (:mod:`healthwatch.query.rollups`), the
+coarsest first, and raw rows the rest; partial aggregates (min, max, sum, count, last) combine
+exactly, so the grid is the same before and after any merge, rollup or compaction.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import polars as pl
+
+from healthwatch.query.rollups import coarsest, display_width, plan
+from healthwatch.query.runs import timeline
+from healthwatch.query.timeline import Timeline
+from healthwatch.store import ROLLUP_BUCKETS, Store
+
+HeatAgg = Literal["mean", "max", "min", "last"]
+_HEAT_SCHEMA = {"layer": pl.Int32, "layer_type": pl.Utf8, "step": pl.Int64, "value": pl.Float64}
+_PROFILE_SCHEMA = {"asked": pl.Int64, "step": pl.Int64, "tokens": pl.Int64, "layer": pl.Int32, "layer_type": pl.Utf8,
+                   "value": pl.Float64}
+_FINAL = {"mean": "sum(vsum) / sum(n)", "max": "max(vmax)", "min": "min(vmin)", "last": "arg_max(vlast, laststep)"}
+
+
+def _span(store: Store, run: str, metric: str, path: Timeline, step_min: int | None, step_max: int | None,
+          use_rollups: bool) -> tuple[int, int] | None:
+    """First and last step of ``metric`` on ``path`` (within the range), from rollups plus raw rows."""
+    lo = hi = None
+    params: list[Any] = [run, metric]
+    rng = ""
+    if step_min is not None:
+        rng += " AND step >= ?"
+        params.append(int(step_min))
+    if step_max is not None:
+        rng += " AND step <= ?"
+        params.append(int(step_max))
+    rawx = ""
+    if use_rollups:
+        p = plan(store, run, "layer_stats", path, ROLLUP_BUCKETS[-1], " AND metric = ?", [metric])
+        if p.used:
+            rp: list[Any] = []
+            pred = p.rollup_pred(rp)
+            row = store.sql(f"SELECT min(step_min), max(step_max) FROM layer_stats_rollup WHERE run = ? AND metric = ? "
+                            f"AND bucket_size = ? AND {pred}", [run, metric, p.size, *rp]).fetchone()
+            if row and row[0] is not None:
+                lo, hi = int(row[0]), int(row[1])
+            rawx = p.raw_pred(params)
+    pred = path.predicate(params)
+    row = store.sql(f"SELECT min(step), max(step) FROM layer_stats WHERE run = ? AND metric = ?{rng}{rawx}{pred}",
+                    params).fetchone()
+    if row and row[0] is not None:
+        lo = int(row[0]) if lo is None else min(lo, int(row[0]))
+        hi = int(row[1]) if hi is None else max(hi, int(row[1]))
+    return None if lo is None or hi is None else (lo, hi)
+
+
+def heatmap(
+    store: Store,
+    run: str,
+    metric: str,
+    max_buckets: int = 400,
+    agg: HeatAgg = "mean",
+    *,
+    step_min: int | None = None,
+    step_max: int | None = None,
+    attempt: int | None = None,
+    use_rollups: bool = True,
+) -> pl.DataFrame:
+    """A layer x step-bucket grid of one layer metric on a path as ``(layer, layer_type, step, value)``.
+
+    ``step`` is the first step of each bucket; buckets are :func:`~healthwatch.query.rollups.display_width`
+    steps wide (at least ``ceil(span / max_buckets)``), aligned on multiples of the width.
+    """
+    if agg not in _FINAL:
+        raise ValueError(f"heatmap agg must be one of {sorted(_FINAL)}, got {agg!r}")
+    path = timeline(store, run, attempt)
+    whole = step_min is None and step_max is None and use_rollups
+    span = _span(store, run, metric, path, step_min, step_max, whole)
+    if span is None:
+        return pl.DataFrame(schema=_HEAT_SCHEMA)
+    lo, hi = span
+    width = display_width(lo, hi, max_buckets)
+    parts: list[str] = []
+    qp: list[Any] = []
+    served: dict[int, int] = {}  # attempt -> first step not served by rollups
+    top = coarsest(width) if whole else None
+    if top is not None:
+        for size in sorted((s for s in ROLLUP_BUCKETS if s <= top), reverse=True):
+            p = plan(store, run, "layer_stats", path, size, " AND metric = ?", [metric])
+            conds = []
+            cp: list[Any] = []
+            for a, lim in p.limits:
+                start = served.get(a, 0)
+                if lim <= start:
+                    continue
+                conds.append("(attempt = ? AND bucket >= ? AND bucket < ?)")
+                cp += [a, start // size, lim // size]
+                served[a] = lim
+            if not conds:
+                continue
+            parts.append(
+                f"SELECT layer, any_value(layer_type) AS layer_type, (bucket * {size}) // {width} AS b, min(vmin) AS vmin, "
+                "max(vmax) AS vmax, sum(vmean * n) AS vsum, sum(n) AS n, arg_max(vlast, step_max) AS vlast, "
+                "max(step_max) AS laststep FROM layer_stats_rollup WHERE run = ? AND metric = ? AND bucket_size = ? "
+                f"AND ({' OR '.join(conds)}) GROUP BY layer, b")
+            qp += [run, metric, size, *cp]
+    rp: list[Any] = [run, metric]
+    rng = ""
+    if step_min is not None:
+        rng += " AND step >= ?"
+        rp.append(int(step_min))
+    if step_max is not None:
+        rng += " AND step <= ?"
+        rp.append(int(step_max))
+    for a, lim in sorted(served.items()):
+        if lim > 0:
+            rng += " AND NOT (attempt = ? AND step < ?)"
+            rp += [a, lim]
+    pred = path.predicate(rp)
+    parts.append(
+        f"SELECT layer, any_value(layer_type) AS layer_type, step // {width} AS b, min(value) AS vmin, "
+        "max(value) AS vmax, sum(value) AS vsum, count(*) AS n, arg_max(value, step) AS vlast, max(step) AS laststep "
+        f"FROM layer_stats WHERE run = ? AND metric = ?{rng}{pred} GROUP BY layer, b")
+    qp += rp
+    return store.sql(
+        f"SELECT layer::INTEGER AS layer, any_value(layer_type) AS layer_type, (b * {width})::BIGINT AS step, "
+        f"{_FINAL[agg]}::DOUBLE AS value FROM ({' UNION ALL '.join(parts)}) GROUP BY layer, b ORDER BY layer, step",
+        qp).pl().cast(_HEAT_SCHEMA)  # type: ignore[arg-type]
+
+
+def layer_profiles(store: Store, run: str, metric: str, steps: tuple[int, ...] | list[int],
+                   attempt: int | None = None) -> pl.DataFrame:
+    """Per-layer values of ``metric`` at the logged step nearest at or before each of ``steps`` on a
+    path, as ``(asked, step, tokens, layer, layer_type, value)``."""
+    path = timeline(store, run, attempt)
+    frames = []
+    for asked in steps:
+        asked = int(asked)
+        # The nearest logged step (sorted segments prune to a few row groups), then one exact-step read.
+        params: list[Any] = [run, metric, asked]
+        pred = path.predicate(params)
+        at = store.sql(f"SELECT max(step) FROM layer_stats WHERE run = ? AND metric = ? AND step <= ?{pred}",
+                       params).fetchone()
+        if at is None or at[0] is None:
+            continue
+        p2: list[Any] = [run, metric, int(at[0])]
+        pred2 = path.predicate(p2)
+        frames.append(store.sql(
+            f"SELECT ?::BIGINT AS asked, step, tokens, layer, layer_type, value FROM layer_stats "
+            f"WHERE run = ? AND metric = ? AND step = ?{pred2} ORDER BY layer", [asked, *p2]).pl())
+    return pl.concat([f.cast(_PROFILE_SCHEMA) for f in frames]) if frames else pl.DataFrame(schema=_PROFILE_SCHEMA)
+
+
+def layer_profile(store: Store, run: str, metric: str, step: int) -> pl.DataFrame:
+    """Per-layer values of ``metric`` at the logged step nearest at or before ``step`` (effective path)."""
+    return layer_profiles(store, run, metric, (int(step),)).select("layer", "layer_type", "step", "value")
+
+
+def profile_steps(lo: int, hi: int, rollup_until: int | None = None, n: int = 9) -> list[int]:
+    """``n`` evenly spaced steps over ``[lo, hi]`` for profile pickers (``rollup_until`` is ignored)."""
+    return sorted({int(lo + (hi - lo) * i // max(1, n - 1)) for i in range(n)})
+
+
+def layer_info(store: Store, run: str) -> pl.DataFrame:
+    """Distinct ``(metric, layer, layer_type)`` of ``run`` (from the 10,000-step rollups plus the raw
+    rows they do not cover, when there are rollups: a DISTINCT over 10^8 raw rows costs seconds)."""
+    p = plan(store, run, "layer_stats", Timeline(None), ROLLUP_BUCKETS[-1])
+    if not p.used:
+        q, params = "SELECT DISTINCT metric, layer, layer_type FROM layer_stats WHERE run = ?", [run]
+    else:
+        rp: list[Any] = []
+        pred = p.rollup_pred(rp)
+        raw: list[Any] = []
+        rawx = p.raw_pred(raw)
+        q = ("SELECT DISTINCT metric, layer, layer_type FROM layer_stats_rollup WHERE run = ? AND bucket_size = ? "
+             f"AND {pred} UNION SELECT DISTINCT metric, layer, layer_type FROM layer_stats WHERE run = ?{rawx}")
+        params = [run, p.size, *rp, run, *raw]
+    return store.sql(f"SELECT * FROM ({q}) ORDER BY metric, layer", params).pl()
+
+
+def layer_metrics(store: Store, run: str) -> pl.DataFrame:
+    """Distinct ``(metric, layer, layer_type)`` logged for a run."""
+    return layer_info(store, run)
+
+
+def scalar_names(store: Store, run: str) -> list[str]:
+    """Names of the scalars logged for a run, sorted (rollup names plus raw rows they do not cover)."""
+    p = plan(store, run, "scalars", Timeline(None), ROLLUP_BUCKETS[-1])
+    if not p.used:
+        rows = store.sql("SELECT DISTINCT name FROM scalars WHERE run = ?", [run]).fetchall()
+    else:
+        rp: list[Any] = []
+        pred = p.rollup_pred(rp)
+        raw: list[Any] = []
+        rawx = p.raw_pred(raw)
+        rows = store.sql(
+            f"SELECT DISTINCT name FROM scalars_rollup WHERE run = ? AND bucket_size = ? AND {pred} UNION "
+            f"SELECT DISTINCT name FROM scalars WHERE run = ?{rawx}", [run, p.size, *rp, run, *raw]).fetchall()
+    return sorted(r[0] for r in rows)
+
+
+def expert_load_steps(store: Store, run: str, attempt: int | None = None) -> list[int]:
+    """Steps at which expert-load vectors were sampled on a path (default: effective), ascending."""
+    params: list[Any] = [run]
+    pred = timeline(store, run, attempt).predicate(params)
+    return [r[0] for r in store.sql(f"SELECT DISTINCT step FROM expert_load WHERE run = ?{pred} ORDER BY step",
+                                    params).fetchall()]
+
+
+def expert_load_at(store: Store, run: str, step: int, attempt: int | None = None) -> pl.DataFrame:
+    """Full expert-load vectors ``(layer, step, tokens, counts)`` at the sample at or before ``step``."""
+    path = timeline(store, run, attempt)
+    params: list[Any] = [run, int(step)]
+    pred = path.predicate(params)
+    at = store.sql(f"SELECT max(step) FROM expert_load WHERE run = ? AND step <= ?{pred}", params).fetchone()
+    if at is None or at[0] is None:
+        return pl.DataFrame(schema={"layer": pl.Int32, "step": pl.Int64, "tokens": pl.Int64,
+                                    "counts": pl.List(pl.Int64)})
+    p2: list[Any] = [run, int(at[0])]
+    pred2 = path.predicate(p2)
+    return store.sql(f"SELECT layer, step, tokens, counts FROM expert_load WHERE run = ? AND step = ?{pred2} "
+                     "ORDER BY layer", p2).pl()

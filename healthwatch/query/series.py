@@ -1,0 +1,431 @@
+"""Line series: min/max-downsampled reads of scalars and per-step aggregates over layers.
+
+Every downsampling keeps each bucket's minimum *and* maximum row (NaN counts as the maximum), so a
+one-step spike in a million steps survives into a 2,000-point chart. Whole-run reads use the
+100-step rollups where :mod:`healthwatch.query.rollups` says they are valid, raw rows elsewhere.
+
+:class:`SeriesCache` is the incremental reader behind the app's charts: buckets aligned on a
+fixed ladder of widths, so a refresh re-reads only the last (partial) bucket and a growing run
+coarsens its cached buckets exactly in memory.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import polars as pl
+
+from healthwatch.query.rollups import RollupPlan, plan
+from healthwatch.query.runs import run_signature, timeline
+from healthwatch.query.timeline import Timeline
+from healthwatch.store import ROLLUP_BUCKETS, Store
+
+#: Points per drawn trace at most (a min and a max per bucket).
+MAX_POINTS = 2000
+#: Bucket widths, each a multiple of the one before, so cached buckets coarsen exactly; from 100
+#: on they are multiples of the 100-step rollup.
+WIDTHS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64) + tuple(100 * 2**k for k in range(25))
+#: Seconds after which an incremental series is re-read in full anyway (a late row for an old
+#: step is then picked up).
+FULL_RELOAD_S = 600.0
+
+Agg = Literal["max", "median", "mean", "min", "sum"]
+
+_POINT_SCHEMA = {"sig": pl.Utf8, "superseded": pl.Boolean, "b": pl.Int64, "step": pl.Int64, "tokens": pl.Int64,
+                 "value": pl.Float64, "attempt": pl.Int32}
+
+
+#: A rollup row's minimum and maximum as ``{s: step, t: tokens, v: value}`` rows (unnested).
+_EXTREMES = ("unnest([{'s': step_vmin, 't': tokens_vmin, 'v': vmin}, "
+             "{'s': step_vmax, 't': tokens_vmax, 'v': vmax}])")
+
+
+def _plans(store: Store, run: str, signals: Sequence[Signal], path: Timeline) -> dict[str, RollupPlan]:
+    """100-step rollup plans of the tables ``signals`` read, narrowed to their keys."""
+    out: dict[str, RollupPlan] = {}
+    scalars = sorted({s.metric for s in signals if s.agg is None})
+    metrics = sorted({s.metric for s in signals if s.agg is not None})
+    if scalars:
+        out["scalars"] = plan(store, run, "scalars", path, ROLLUP_BUCKETS[0],
+                              f" AND name IN ({', '.join('?' for _ in scalars)})", scalars)
+    if metrics:
+        out["layer_stats"] = plan(store, run, "layer_stats", path, ROLLUP_BUCKETS[0],
+                                  f" AND metric IN ({', '.join('?' for _ in metrics)})", metrics)
+    return out
+
+
+@dataclass(frozen=True)
+class Signal:
+    """One line of a chart: a scalar (``metric`` is its name) or an aggregate over layers."""
+
+    metric: str
+    agg: Agg | None = None  # None: a scalar; else the aggregate over layers per step
+    layers: tuple[int, int] | None = None  # inclusive layer range for the aggregate (None: all)
+
+    @property
+    def key(self) -> str:
+        """Stable name of the signal (the ``sig`` column of frames)."""
+        if self.agg is None:
+            return self.metric
+        rng = "" if self.layers is None else f"[{self.layers[0]}-{self.layers[1]}]"
+        return f"{self.metric}{rng}:{self.agg}"
+
+
+_AGG_SQL = {"max": "max(value)", "median": "median(value)", "mean": "avg(value)", "min": "min(value)",
+            "sum": "sum(value)"}
+# From 100-step rollups: candidate points per rollup bucket for each aggregate over layers. max
+# keeps the exact bucket maximum (spikes) plus a lower envelope; mean and sum are exact bucket
+# means; median is the median of the layers' bucket means (the rollups keep no per-step rows).
+_ROLLUP_AGG = {"max": ["max(vmax)", "max(vmin)"], "min": ["min(vmin)", "min(vmax)"], "mean": ["avg(vmean)"],
+               "sum": ["sum(vmean)"], "median": ["median(vmean)"]}
+
+
+def _source_sql(run: str, signals: Sequence[Signal], path: Timeline, step_from: int,
+                plans: dict[str, RollupPlan] | None = None) -> tuple[str, list[Any]]:
+    """SQL yielding ``(sig, superseded, step, tokens, value, attempt)`` rows with ``step >= step_from``.
+
+    ``plans`` maps ``"scalars"``/``"layer_stats"`` to the 100-step :class:`RollupPlan` of the
+    path: usable rollup rows stand in for the raw rows they summarise (each bucket's minimum and
+    maximum, placed at the bucket's first step); superseded rows are never in a plan, so ghosts
+    are always read raw.
+    """
+    parts: list[str] = []
+    params: list[Any] = []
+    plans = plans or {}
+    sp: list[Any] = []
+    scalars = [s.metric for s in signals if s.agg is None]
+    if scalars:
+        marks = ", ".join("?" for _ in scalars)
+        pl_ = plans.get("scalars")
+        rawx = ""
+        rawp: list[Any] = []
+        if pl_ is not None and pl_.used:
+            rp: list[Any] = []
+            pred = pl_.rollup_pred(rp, lo=step_from if step_from > -(2**61) else None)
+            # Each bucket's minimum and maximum at their own step and tokens.
+            parts.append(
+                "SELECT name AS sig, false AS superseded, p.s AS step, p.t AS tokens, p.v AS value, "
+                f"NULL::INTEGER AS attempt FROM (SELECT name, {_EXTREMES} AS p "
+                f"FROM scalars_rollup WHERE run = ? AND name IN ({marks}) AND bucket_size = ? AND {pred})")
+            params += [run, *scalars, pl_.size, *rp]
+            rawx = pl_.raw_pred(rawp)
+        sp = []
+        sup = path.superseded_expr(sp)
+        # Raw rows: off-path rows (ghosts) always; on-path rows unless a rollup serves them.
+        keep = f" AND ({sup} OR (true{rawx}))" if rawx else ""
+        parts.append(f"SELECT name AS sig, {sup} AS superseded, step, tokens, value, attempt FROM scalars "
+                     f"WHERE run = ? AND name IN ({marks}) AND step >= ?{keep}")
+        params += sp + [run, *scalars, int(step_from)] + ((sp + rawp) if rawx else [])
+    for s in signals:
+        if s.agg is None:
+            continue
+        rng, rparams = "", []
+        if s.layers is not None:
+            rng, rparams = " AND layer BETWEEN ? AND ?", [int(s.layers[0]), int(s.layers[1])]
+        pl_ = plans.get("layer_stats")
+        rawx, rawp = "", []
+        one_layer = s.layers is not None and s.layers[0] == s.layers[1]
+        if pl_ is not None and pl_.used and one_layer:
+            rp = []
+            pred = pl_.rollup_pred(rp, lo=step_from if step_from > -(2**61) else None)
+            parts.append(
+                "SELECT ? AS sig, false AS superseded, p.s AS step, p.t AS tokens, p.v AS value, NULL::INTEGER AS attempt "
+                f"FROM (SELECT {_EXTREMES} AS p FROM layer_stats_rollup WHERE run = ? AND metric = ? AND bucket_size = ? "
+                f"AND {pred}{rng})")
+            params += [s.key, run, s.metric, pl_.size, *rp, *rparams]
+            rawx = pl_.raw_pred(rawp)
+        elif pl_ is not None and pl_.used:
+            cands = _ROLLUP_AGG[s.agg]
+            values = ", ".join(f"{c} AS v{i}" for i, c in enumerate(cands))
+            rp = []
+            pred = pl_.rollup_pred(rp, lo=step_from if step_from > -(2**61) else None)
+            parts.append(
+                f"SELECT ? AS sig, false AS superseded, step, tokens, unnest([{', '.join(f'v{i}' for i in range(len(cands)))}]) "
+                f"AS value, NULL::INTEGER AS attempt FROM (SELECT min(step_min) AS step, min(tokens_min) AS tokens, "
+                f"{values} FROM layer_stats_rollup WHERE run = ? AND metric = ? AND bucket_size = ? AND {pred}"
+                f"{rng} GROUP BY bucket)")
+            params += [s.key, run, s.metric, pl_.size, *rp, *rparams]
+            rawx = pl_.raw_pred(rawp)
+        sp = []
+        sup = path.superseded_expr(sp)
+        keep = f" AND ({sup} OR (true{rawx}))" if rawx else ""
+        parts.append(
+            f"SELECT ? AS sig, superseded, step, any_value(tokens) AS tokens, {_AGG_SQL[s.agg]} AS value, "
+            "any_value(attempt) AS attempt FROM (SELECT " + sup + " AS superseded, step, tokens, value, attempt "
+            f"FROM layer_stats WHERE run = ? AND metric = ? AND step >= ?{rng}{keep}) GROUP BY superseded, step")
+        params += [s.key, *sp, run, s.metric, int(step_from), *rparams] + ((sp + rawp) if rawx else [])
+    return " UNION ALL ".join(parts), params
+
+
+_PICK = ("arg_min({'step': step, 'tokens': tokens, 'value': value, 'attempt': attempt}, "
+         "(value IS NULL, value, step)) AS pmin, "
+         "arg_max({'step': step, 'tokens': tokens, 'value': value, 'attempt': attempt}, "
+         "(value IS NOT NULL, value, -step)) AS pmax")
+
+
+def _points(df: pl.DataFrame) -> pl.DataFrame:
+    """Unnest ``pmin``/``pmax`` structs into one row per kept point (a bucket's min and max)."""
+    if df.height == 0:
+        return pl.DataFrame(schema=_POINT_SCHEMA)
+    out = pl.concat([
+        df.select("sig", "superseded", "b", pl.col(c).struct.unnest()) for c in ("pmin", "pmax")
+    ])
+    # A bucket whose minimum and maximum are one row keeps one point. (Rollup candidates of one
+    # 100-step bucket share a step, so the value is part of the key.)
+    return (out.unique(subset=["sig", "superseded", "step", "value"], keep="first", maintain_order=True)
+            .select([pl.col(k).cast(v) for k, v in _POINT_SCHEMA.items()]))
+
+
+def _coarsen(points: pl.DataFrame, width: int) -> pl.DataFrame:
+    """Re-bucket kept points at a coarser ``width`` (a multiple of the old one), keeping each new
+    bucket's minimum and maximum row: exact, since min/max of a union are min/max of the parts."""
+    if points.height == 0:
+        return points
+    p = points.with_columns((pl.col("step") // width).alias("b"))
+    keys = ["sig", "superseded", "b"]
+    lo = p.sort([pl.col("value").is_null(), "value", "step"]).group_by(keys, maintain_order=True).first()
+    hi = p.sort([pl.col("value").is_not_null(), "value", -pl.col("step")], descending=[True, True, False],
+                nulls_last=True).group_by(keys, maintain_order=True).first()
+    return (pl.concat([lo, hi.select(lo.columns)])
+            .unique(subset=["sig", "superseded", "step", "value"], maintain_order=True)
+            .select(list(_POINT_SCHEMA)))
+
+
+def _buckets_per_series(points: pl.DataFrame) -> int:
+    if points.height == 0:
+        return 0
+    return int(points.group_by("sig", "superseded").agg(pl.col("b").n_unique())["b"].max())
+
+
+@dataclass
+class _State:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    base: tuple | None = None  # attempts signature + signals: any change means a full reload
+    sig: tuple | None = None  # run signature at the last read
+    width: int = 1
+    points: pl.DataFrame | None = None
+    hi: int | None = None  # highest step read so far
+    loaded_at: float = 0.0
+    reads: int = 0  # SQL reads done (tests check that an idle refresh reads nothing)
+
+
+class SeriesCache:
+    """Min/max-downsampled series of one run, updated incrementally as the run grows.
+
+    One instance per server (``st.cache_resource``); entries are keyed by (run, signals, path) and
+    guarded by their own lock, so concurrent sessions share one read.
+    """
+
+    def __init__(self, max_points: int = MAX_POINTS) -> None:
+        self.max_points = max_points
+        self._states: dict[tuple, _State] = {}
+        self._lock = threading.Lock()
+
+    def state(self, key: tuple) -> _State:
+        """The (possibly new) state of one cache entry."""
+        with self._lock:
+            return self._states.setdefault(key, _State())
+
+    def get(self, store: Store, run: str, signals: Sequence[Signal], attempt: int | None = None,
+            include_superseded: bool = True) -> pl.DataFrame:
+        """Points of ``signals`` as ``(sig, superseded, b, step, tokens, value, attempt)``, sorted.
+
+        ``attempt`` picks the path (None: effective); with ``include_superseded`` the rows off the
+        path are included and flagged (drawn ghosted).
+        """
+        signals = tuple(signals)
+        key = (str(store.root), run, signals, attempt, include_superseded)
+        state = self.state(key)
+        tables = ("scalars", "attempts") if all(s.agg is None for s in signals) else ("scalars", "layer_stats", "attempts")
+        with state.lock:
+            sig = run_signature(store, run, tables)
+            base = (sig[-1],)  # the attempts directory: a new attempt changes which rows are superseded
+            if state.points is not None and sig == state.sig:
+                return state.points
+            full = (state.points is None or base != state.base or time.time() - state.loaded_at > FULL_RELOAD_S)
+            path = timeline(store, run, attempt)
+            if full:
+                self._load_full(store, run, signals, path, state)
+                state.base = base
+            else:
+                self._load_tail(store, run, signals, path, state)
+            state.sig = sig
+            return state.points  # type: ignore[return-value]
+
+    def _finish(self, state: _State, points: pl.DataFrame, include_superseded: bool = True) -> None:
+        nb = max(1, self.max_points // 2)
+        while _buckets_per_series(points) > nb:
+            nxt = next((w for w in WIDTHS if w > state.width), state.width * 2)
+            if nxt % state.width:
+                break  # not nested: the caller reloads in full at the new width
+            state.width = nxt
+            points = _coarsen(points, nxt)
+        state.points = points.sort("sig", "superseded", "step")
+        state.hi = int(points["step"].max()) if points.height else state.hi
+
+    def _load_full(self, store: Store, run: str, signals: tuple[Signal, ...], path: Timeline, state: _State) -> None:
+        lohi = self._span(store, run, signals)
+        if lohi is None:
+            state.points, state.hi, state.width = pl.DataFrame(schema=_POINT_SCHEMA), None, 1
+            state.loaded_at = time.time()
+            return
+        lo, hi = lohi
+        nb = max(1, self.max_points // 2)
+        width = next((w for w in WIDTHS if hi // w - lo // w + 1 <= nb), WIDTHS[-1])
+        plans: dict[str, RollupPlan] = {}
+        if width % ROLLUP_BUCKETS[0] == 0:
+            # Buckets of whole rollup buckets: usable rollups stand in for the path's raw rows.
+            plans = _plans(store, run, signals, path)
+        src, params = _source_sql(run, signals, path, -(2**62), plans)
+        df = store.sql(f"SELECT sig, superseded, step // ? AS b, {_PICK} FROM ({src}) GROUP BY ALL",
+                       [width, *params]).pl()
+        state.reads += 1
+        state.width = width
+        state.loaded_at = time.time()
+        self._finish(state, _points(df))
+
+    def _load_tail(self, store: Store, run: str, signals: tuple[Signal, ...], path: Timeline, state: _State) -> None:
+        assert state.points is not None
+        if state.hi is None:
+            self._load_full(store, run, signals, path, state)
+            return
+        w = state.width
+        start = (state.hi // w) * w  # re-read the last, possibly partial, bucket
+        src, params = _source_sql(run, signals, path, start)
+        df = store.sql(f"SELECT sig, superseded, step // ? AS b, {_PICK} FROM ({src}) GROUP BY ALL",
+                       [w, *params]).pl()
+        state.reads += 1
+        old = state.points.filter(pl.col("step") < start)
+        points = pl.concat([old, _points(df)])
+        before = state.width
+        self._finish(state, points)
+        if _buckets_per_series(state.points) > max(1, self.max_points // 2) and state.width == before:
+            self._load_full(store, run, signals, path, state)  # ladder step not nested (64 -> 100)
+
+    @staticmethod
+    def _span(store: Store, run: str, signals: Sequence[Signal]) -> tuple[int, int] | None:
+        """First and last step of the signals' rows (from rollups plus the raw tail where possible)."""
+        lo = hi = None
+        scalars = [s.metric for s in signals if s.agg is None]
+        metrics = sorted({s.metric for s in signals if s.agg is not None})
+        for table, names, col in (("scalars", scalars, "name"), ("layer_stats", metrics, "metric")):
+            if not names:
+                continue
+            marks = ", ".join("?" for _ in names)
+            cover = store.sql(f"SELECT min(step_min), max(step_max) FROM {table}_rollup WHERE run = ? AND "
+                              f"{col} IN ({marks}) AND bucket_size = ?", [run, *names, ROLLUP_BUCKETS[-1]]).fetchone()
+            if cover and cover[0] is not None:
+                tail = store.sql(f"SELECT max(step) FROM {table} WHERE run = ? AND {col} IN ({marks}) AND step > ?",
+                                 [run, *names, int(cover[1])]).fetchone()
+                # Rows of a rolled-back attempt may lie beyond the rollups' last step: the tail covers them.
+                first = store.sql(f"SELECT min(step) FROM {table} WHERE run = ? AND {col} IN ({marks}) AND step < ?",
+                                  [run, *names, int(cover[0])]).fetchone()
+                row = (min(int(cover[0]), first[0]) if first and first[0] is not None else int(cover[0]),
+                       max(int(cover[1]), tail[0]) if tail and tail[0] is not None else int(cover[1]))
+            else:
+                row = store.sql(f"SELECT min(step), max(step) FROM {table} WHERE run = ? AND {col} IN ({marks})",
+                                [run, *names]).fetchone()
+            if row and row[0] is not None:
+                lo = row[0] if lo is None else min(lo, row[0])
+                hi = row[1] if hi is None else max(hi, row[1])
+        return None if lo is None else (int(lo), int(hi))
+
+
+def _downsample_sql(source: str, max_points: int) -> str:
+    """Min/max downsampling of ``source`` (columns step, tokens, value, attempt, superseded)."""
+    nb = max(1, max_points // 2)
+    # One hash aggregation per bucket (arg_min/arg_max) instead of two window sorts of every row:
+    # the same rows are picked (minimum: smallest value, NULLs last, then earliest step; maximum:
+    # largest value with NaN largest, NULLs last, then earliest step; ties: earliest attempt), ~5x faster.
+    return f"""
+    WITH s AS MATERIALIZED ({source}),
+    st AS (SELECT count(*) AS n, min(step) AS lo, max(step) AS hi FROM s),
+    picked AS (
+        SELECT s.superseded,
+               arg_min({{'step': s.step, 'tokens': s.tokens, 'value': s.value, 'attempt': s.attempt}},
+                       (s.value IS NULL, s.value, s.step, s.attempt)) AS pmin,
+               arg_max({{'step': s.step, 'tokens': s.tokens, 'value': s.value, 'attempt': s.attempt}},
+                       (s.value IS NOT NULL, s.value, -s.step, -s.attempt)) AS pmax
+        FROM s, st
+        WHERE st.n > {int(max_points)}
+        GROUP BY s.superseded,
+                 CASE WHEN st.hi = st.lo THEN 0
+                      ELSE floor((s.step - st.lo) * {nb}::DOUBLE / (st.hi - st.lo + 1))::BIGINT END
+    ),
+    rows AS (
+        SELECT superseded, unnest(CASE WHEN pmin = pmax THEN [pmin] ELSE [pmin, pmax] END) AS r FROM picked
+    )
+    SELECT step, tokens, value, attempt, superseded FROM s WHERE (SELECT n FROM st) <= {int(max_points)}
+    UNION ALL
+    SELECT r.step, r.tokens, r.value, r.attempt, superseded FROM rows
+    ORDER BY superseded, step
+    """
+
+
+def series(
+    store: Store,
+    run: str,
+    name: str,
+    *,
+    layer: int | None = None,
+    max_points: int = MAX_POINTS,
+    step_min: int | None = None,
+    step_max: int | None = None,
+    include_superseded: bool = False,
+    use_rollups: bool = True,
+    attempt: int | None = None,
+) -> pl.DataFrame:
+    """One series as ``(step, tokens, value, attempt, superseded)``, min/max-downsampled to ≤ ``max_points``.
+
+    ``name`` is a scalar name (``loss/train``) or, with ``layer``, a layer metric (``resid_rms``).
+    ``attempt`` picks the path (None: effective); with ``include_superseded`` the rows off it are
+    included and flagged. A whole long series reads valid 100-step rollups where they exist: every
+    extreme is kept exactly, placed at the first step of its bucket, with ``attempt`` NULL.
+    """
+    sig = Signal(name) if layer is None else Signal(name, "max", (int(layer), int(layer)))
+    path = timeline(store, run, attempt)
+    plans: dict[str, RollupPlan] = {}
+    if use_rollups and step_min is None and step_max is None:
+        plans = _plans(store, run, [sig], path)
+        table = "scalars" if layer is None else "layer_stats"
+        p = plans.get(table)
+        if p is not None and p.used:
+            rp: list[Any] = []
+            pred = p.rollup_pred(rp)
+            key = "name = ?" if layer is None else "metric = ? AND layer = ?"
+            kp: list[Any] = [name] if layer is None else [name, int(layer)]
+            row = store.sql(f"SELECT sum(n) FROM {table}_rollup WHERE run = ? AND {key} AND bucket_size = ? AND {pred}",
+                            [run, *kp, p.size, *rp]).fetchone()
+            if row is None or row[0] is None or int(row[0]) <= max_points:
+                plans = {}  # short enough to read raw, exactly
+    src, params = _source_sql(run, [sig], path, -(2**62) if step_min is None else int(step_min), plans)
+    cond = " WHERE true"
+    if step_max is not None:
+        cond += " AND step <= ?"
+        params.append(int(step_max))
+    if not include_superseded:
+        cond += " AND NOT superseded"
+    source = f"SELECT step, tokens, value, attempt, superseded FROM ({src}){cond}"
+    return store.sql(_downsample_sql(source, max_points), params).pl()
+
+
+def series_many(
+    store: Store, run: str, names: list[str], *, max_points: int = MAX_POINTS, include_superseded: bool = False
+) -> pl.DataFrame:
+    """Several scalar series at once, each downsampled like :func:`series`; adds a ``name`` column."""
+    frames = []
+    for name in names:
+        df = series(store, run, name, max_points=max_points, include_superseded=include_superseded)
+        frames.append(df.with_columns(pl.lit(name).alias("name")))
+    return pl.concat(frames) if frames else pl.DataFrame()
+
+
+def layer_aggregate(store: Store, run: str, metric: str, agg: Agg = "max", max_points: int = MAX_POINTS) -> pl.DataFrame:
+    """Per-step aggregate over layers of one layer metric (effective rows) as ``(step, tokens, value)``,
+    min/max-downsampled in SQL."""
+    pts = SeriesCache(max_points).get(store, run, [Signal(metric, agg)], include_superseded=False)
+    return pts.filter(~pl.col("superseded")).select("step", "tokens", "value")

@@ -1,0 +1,404 @@
+"""The read side: :class:`Store`, a DuckDB connection with views over the live segments.
+
+Views (``runs``, ``attempts``, ``scalars``, ``layer_stats``, ``expert_load``, ``events``,
+``alerts``, the rollups, and the ``*_effective``/``*_all`` views generated from
+:mod:`healthwatch.query.timeline`) are built lazily: a query lists and checks only the tables it
+names, so opening a store and reading one series never touches unrelated tables. A table's view
+is rebuilt when its directories changed. Queries retry when compaction retired a file between
+listing and reading, and skip (with one warning naming it) a file that is not a readable segment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from healthwatch.schema import ATTEMPT_TABLES, TABLES, check_schema_version
+from healthwatch.store import fs as _fs
+from healthwatch.store.merge import sql_str as _sql_str
+from healthwatch.store.meta import default_store_path, read_meta
+from healthwatch.store.segments import iter_run_dirs, list_segments, segment_problem
+from healthwatch.store.timeline import view_sql
+
+log = logging.getLogger("healthwatch.store")
+
+# --------------------------------------------------------------------------------------------
+# read side
+
+
+def _empty_select(table: str) -> str:
+    cols = ["NULL::VARCHAR AS run"]
+    for field in TABLES[table]:
+        cols.append(f'NULL::{_duck_type(field.type)} AS "{field.name}"')
+    return "SELECT " + ", ".join(cols) + " WHERE false"
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_int32(t):
+        return "INTEGER"
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_floating(t):
+        return "DOUBLE"
+    if pa.types.is_list(t):
+        return _duck_type(t.value_type) + "[]"
+    return "VARCHAR"
+
+
+_FILE_IN_ERROR = re.compile(r"""(?:file|File)\s+["']?([^"'\s]+\.parquet)""")
+
+
+#: How often a query is retried when files were retired (or found unreadable) under it.
+_QUERY_TRIES = 20
+
+
+class _Vanished(Exception):
+    """A listed file disappeared before it could be checked (compaction retired it): list again."""
+
+
+def _full_read_problem(path: str) -> str | None:
+    """Why a file named in a query error is unreadable (footer, schema and every page), or None."""
+    table_part = Path(path).parent.parent.name
+    table = table_part[len("table="):] if table_part.startswith("table=") else None
+    try:
+        if table in TABLES:
+            problem = segment_problem(path, table)
+            if problem:
+                return problem
+        for _batch in pq.ParquetFile(path).iter_batches(batch_size=65_536):
+            pass
+    except FileNotFoundError:
+        return None
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        return f"unreadable ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+    return None
+
+
+class Result:
+    """A lazily executed query; materialise it with :meth:`pl`, :meth:`arrow`, :meth:`fetchall`, :meth:`df`.
+
+    Execution retries when the store changed underneath (a segment retired by compaction).
+    """
+
+    def __init__(self, store: Store, query: str, params: Sequence[Any] | dict[str, Any] | None) -> None:
+        self._store = store
+        self._query = query
+        self._params = params
+
+    def _run(self, fn: str) -> Any:
+        return self._store._execute(self._query, self._params, fn)
+
+    def pl(self) -> Any:
+        """Result as a polars DataFrame."""
+        return self._run("pl")
+
+    def arrow(self) -> pa.Table:
+        """Result as an Arrow table."""
+        return self._run("arrow")
+
+    def df(self) -> Any:
+        """Result as a pandas DataFrame (pandas must be installed)."""
+        return self._run("df")
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        """Result as a list of tuples."""
+        return self._run("fetchall")
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        """First row of the result, or None."""
+        rows = self._run("fetchall")
+        return rows[0] if rows else None
+
+
+class Store:
+    """Read-side handle on a store: a DuckDB connection with views over the live segments.
+
+    Thread-safe: queries are serialised on one connection (DuckDB connections are not
+    re-entrant across threads).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], auto_refresh: bool = True) -> None:
+        """Open the store at ``root``.
+
+        ``auto_refresh`` re-lists the segment directories before every query (always current).
+        Off, the views change only at :meth:`refresh` (or when a query meets a retired file):
+        an app that refreshes once per page run saves a directory listing per query (~50 a page).
+        """
+        self.root = Path(root)
+        self.auto_refresh = auto_refresh
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"no healthwatch store at {self.root} (directory does not exist)")
+        meta = read_meta(self.root)
+        check_schema_version(meta.get("schema_version"), f"store {self.root}")
+        self.con = duckdb.connect()
+        try:
+            # DuckDB plans an ASOF join as a nested loop when it guesses the left side is tiny
+            # (≤ 64 rows); its estimates over filtered Parquet views are that low, so a token-aligned
+            # join of 1M x 100k rows became a 10^11-row nested loop. Always use the real ASOF join.
+            self.con.execute("SET asof_loop_join_threshold = 0")
+        except duckdb.Error:  # older DuckDB without the setting: it has no nested-loop ASOF either
+            pass
+        try:
+            # Segments are immutable (a merge publishes a new name), so caching their Parquet footers
+            # is safe; a compacted 1M-step file has ~2,700 row groups whose metadata cost ~80 ms a query.
+            self.con.execute("SET parquet_metadata_cache = true")
+        except duckdb.Error:  # an older DuckDB without the setting is only slower
+            pass
+        self._lock = threading.RLock()
+        self._sigs: dict[str, tuple[Any, ...]] = {}  # per built table: its directories' signature
+        self._bad_files: set[str] = set()
+        self._warned: set[str] = set()
+        self._checked: set[str] = set()  # files whose footer was checked (segments are immutable)
+        self._read_ok: set[str] = set()  # files read in full once after a query failed on corrupt data
+        self.version = 0  # bumps whenever a built table's listing changed; apps cache on it
+        self._refreshed_at = float("-inf")
+        # Every view exists from the start over no rows (no I/O); a query lists and builds the
+        # tables it names (see _needed), so a cheap open touches nothing it does not read.
+        for table in TABLES:
+            self.con.execute(f"CREATE OR REPLACE VIEW {self._view_name(table)} AS {_empty_select(table)}")
+        self._derived_views()
+
+    # -- listing / views ---------------------------------------------------------------------
+    @staticmethod
+    def _view_name(table: str) -> str:
+        return "runs_raw" if table == "runs" else table
+
+    def _derived_views(self) -> None:
+        """Views defined over the base views: ``runs`` (first declaration wins) and the timeline views."""
+        # First definition of a run wins: a resumed attempt does not redefine lineage.
+        self.con.execute(
+            "CREATE OR REPLACE VIEW runs AS SELECT * FROM runs_raw "
+            "QUALIFY row_number() OVER (PARTITION BY run ORDER BY created) = 1"
+        )
+        for table in ATTEMPT_TABLES:
+            for name, body in view_sql(table).items():
+                self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
+
+    @staticmethod
+    def _needed(query: str) -> set[str]:
+        """Base tables a query reads, from the view names it mentions."""
+        words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", query))
+        need = set()
+        for table in TABLES:
+            if table in words or f"{table}_raw" in words:
+                need.add(table)
+            if table in ATTEMPT_TABLES and (f"{table}_effective" in words or f"{table}_all" in words):
+                need.update((table, "attempts"))
+        return need
+
+    def _listing(self, tables: Sequence[str]) -> tuple[dict[str, list[Path]], dict[str, tuple[Any, ...]], int]:
+        """Live segments of ``tables``, each table's directories' signature, and how many files were new.
+
+        New files get their footer checked after every directory is listed (see
+        :func:`segment_problem`); the caller lists again when there were any, so that the time
+        between listing and querying stays short while compaction retires files.
+        """
+        files: dict[str, list[Path]] = {}
+        sigs: dict[str, tuple[Any, ...]] = {}
+        fresh: list[tuple[str, Path]] = []
+        for table in tables:
+            sig: list[Any] = [_fs.FS.mtime_ns(str(self.root / f"table={table}"))]
+            paths: list[Path] = []
+            for _run, rdir in iter_run_dirs(self.root, table):
+                mt = _fs.FS.mtime_ns(str(rdir))
+                if mt is None:
+                    continue
+                sig.append((rdir.name, mt))
+                for p in list_segments(rdir):
+                    key = str(p)
+                    if key in self._bad_files:
+                        continue
+                    if key not in self._checked:
+                        fresh.append((table, p))
+                    paths.append(p)
+            files[table] = paths
+            sigs[table] = tuple(sig)
+        for table, p in fresh:
+            try:
+                problem = segment_problem(p, table)
+            except FileNotFoundError as exc:
+                raise _Vanished(str(p)) from exc
+            if problem:
+                self._skip(str(p), problem)
+                files[table].remove(p)
+            else:
+                self._checked.add(str(p))
+        return files, sigs, len(fresh)
+
+    def _skip(self, path: str, why: str) -> None:
+        """Leave ``path`` out of every view from now on, with one warning naming it."""
+        self._bad_files.add(path)
+        if path not in self._warned:
+            self._warned.add(path)
+            log.warning("skipping unreadable segment %s: %s", path, why)
+
+    def refresh_if_older(self, max_age_s: float) -> bool:
+        """:meth:`refresh` unless the last listing is younger than ``max_age_s`` seconds."""
+        if time.monotonic() - self._refreshed_at < max_age_s:
+            return False
+        return self.refresh()
+
+    def refresh(self, force: bool = False, tables: Sequence[str] | None = None) -> bool:
+        """Rebuild the views of ``tables`` (default: those built so far) whose directories changed.
+
+        Returns True if any view was rebuilt.
+        """
+        with self._lock:
+            self._refreshed_at = time.monotonic()
+            want = sorted(set(self._sigs) if tables is None else set(tables))
+            if not want:
+                return False
+            relisted = False
+            for attempt in range(20):
+                if attempt > 1:  # files keep changing under us: let the writer or compactor finish
+                    time.sleep(min(0.05, 0.002 * attempt))
+                try:
+                    files, sigs, fresh = self._listing(want)
+                except _Vanished:  # compaction retired a file while it was being checked
+                    force = True
+                    continue
+                if fresh and not relisted:  # checking new files took time: list again, quickly
+                    relisted = True
+                    continue
+                changed = [t for t in want if force or self._sigs.get(t) != sigs[t]]
+                if not changed:
+                    return False
+                try:
+                    self._build_views({t: files[t] for t in changed})
+                except (duckdb.IOException, duckdb.InvalidInputException) as exc:
+                    # A file retired by compaction between listing and binding: list again.
+                    self._handle_read_error(exc)
+                    force = True
+                    continue
+                self._sigs.update({t: sigs[t] for t in changed})
+                # Forget retired files of the listed tables (a long-lived app sees many come and go).
+                seen = {str(p) for t in want for p in files[t]}
+                prefixes = tuple(str(self.root / f"table={t}") + os.sep for t in want)
+                self._checked = {k for k in self._checked if k in seen or not k.startswith(prefixes)}
+                self._read_ok = {k for k in self._read_ok if k in seen or not k.startswith(prefixes)}
+                self.version += 1
+                return True
+            raise RuntimeError(f"store {self.root} keeps changing; could not build a consistent listing")
+
+    def _build_views(self, files: dict[str, list[Path]]) -> None:
+        for table, paths in files.items():
+            cols = ", ".join(f'"{f.name}"' for f in TABLES[table])
+            if paths:
+                flist = "[" + ", ".join(_sql_str(_fs.FS.open_input(str(p))) for p in paths) + "]"
+                body = (
+                    f"SELECT run, {cols} FROM read_parquet({flist}, hive_partitioning = true, "
+                    "hive_types = {'run': VARCHAR, 'table': VARCHAR})"
+                )
+            else:
+                body = _empty_select(table)
+            self.con.execute(f"CREATE OR REPLACE VIEW {self._view_name(table)} AS {body}")
+
+    def files(self, table: str, run: str | None = None) -> list[Path]:
+        """Live segment files of ``table`` (optionally of one run)."""
+        out: list[Path] = []
+        for r, rdir in iter_run_dirs(self.root, table):
+            if run is None or r == run:
+                out.extend(list_segments(rdir))
+        return out
+
+    # -- queries -----------------------------------------------------------------------------
+    def sql(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Result:
+        """A parameterised query over the store's views; call ``.pl()``/``.arrow()``/``.fetchall()``."""
+        return Result(self, query, params)
+
+    def _execute(self, query: str, params: Any, fn: str) -> Any:
+        with self._lock:
+            need = self._needed(query)
+            missing = [t for t in need if t not in self._sigs]
+            if self.auto_refresh:
+                self.refresh(tables=sorted(need))
+            elif missing:  # first use of a table: build its view once
+                self.refresh(tables=missing)
+            last: Exception | None = None
+            for attempt in range(_QUERY_TRIES):
+                if attempt:  # a file was retired under us: give the compactor's publish a moment
+                    time.sleep(min(0.05, 0.002 * attempt))
+                try:
+                    if fn == "fetchall":
+                        return self.con.execute(query, params).fetchall()
+                    rel = self.con.sql(query, params=params)
+                    if fn == "pl":
+                        return rel.pl()
+                    if fn == "arrow":
+                        return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+                    return rel.df()
+                except (duckdb.IOException, duckdb.InvalidInputException, duckdb.HTTPException) as exc:
+                    last = exc
+                    self._handle_read_error(exc)
+                    self.refresh(force=True)
+                except duckdb.Error as exc:
+                    # A corrupt data page surfaces as a bare duckdb.Error naming no file
+                    # ("TProtocolException: Invalid data"); SQL mistakes have their own subclasses.
+                    if type(exc) is not duckdb.Error or not self._scan_for_corrupt_files(exc):
+                        raise
+                    last = exc
+                    self.refresh(force=True)
+            assert last is not None
+            raise last
+
+    def _scan_for_corrupt_files(self, exc: Exception) -> bool:
+        """Read every listed file not yet fully read once; skip the unreadable ones. True if any was."""
+        found = False
+        for table in list(self._sigs):
+            for path in self.files(table):
+                key = str(path)
+                if key in self._bad_files or key in self._read_ok:
+                    continue
+                problem = _full_read_problem(key)
+                if problem:
+                    self._skip(key, f"{problem}; {str(exc).splitlines()[0][:200]}")
+                    found = True
+                else:
+                    self._read_ok.add(key)
+        return found
+
+    def _handle_read_error(self, exc: Exception) -> None:
+        """Skip a file that exists but is not a readable segment; a vanished one just relists."""
+        msg = str(exc)
+        for match in _FILE_IN_ERROR.finditer(msg):
+            path = match.group(1)
+            if path in self._bad_files or not os.path.exists(path):
+                continue
+            # An error may name a good file too ("... was read from the original file X"):
+            # only a file that really fails to read is skipped.
+            problem = _full_read_problem(path)
+            if problem:
+                self._skip(path, f"{problem}; {msg.splitlines()[0][:200]}")
+
+    @property
+    def bad_files(self) -> set[str]:
+        """Files skipped because they were not readable segments."""
+        return set(self._bad_files)
+
+    def close(self) -> None:
+        """Close the DuckDB connection."""
+        self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_store(path: str | os.PathLike[str] | None = None) -> Store:
+    """Open a store for reading (DuckDB views over its segments). ``None`` uses the default path."""
+    return Store(default_store_path(path))
+
+
+
