@@ -17,8 +17,27 @@ SUBPACKAGES = [
     "healthwatch.app",
     "healthwatch.alerts",
     "healthwatch.demo",
+    "healthwatch.store",
+    "healthwatch.query",
+    "healthwatch.exporters",
+    "healthwatch.hooks.integrations",
     "healthwatch.cli",
 ]
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """A package folder missing from ``[tool.setuptools] packages`` works in a checkout and is absent
+    from the wheel; the folders on disk are the independent truth."""
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    found = set()
+    for name, folder in cfg["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            found.add(".".join([name, *rel.parts]))
+    assert found - listed == set(), f"package folders not in pyproject packages: {sorted(found - listed)}"
 
 
 def test_editable_install_imports_every_subpackage():
