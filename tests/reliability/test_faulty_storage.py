@@ -28,9 +28,8 @@ import pytest
 from reliability_helpers import SmallFs, tmp_files, toy_model, train, wait_for
 
 import healthwatch as hw
+from healthwatch.store import StoreWriter, segments
 from healthwatch.store import fs as store_fs
-from healthwatch.store import segments
-from healthwatch.store import StoreWriter
 
 RUN = "faulty"
 HEALTHY, FAULT, RECOVERED = range(0, 10), range(10, 30), range(30, 40)

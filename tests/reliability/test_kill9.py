@@ -35,8 +35,8 @@ from reliability_helpers import HERE, child_env, read_every_segment, tmp_files, 
 
 import healthwatch as hw
 from healthwatch.schema import TABLES
-from healthwatch.store.segments import LOCK_NAME, MANIFEST_PREFIX, merge_lock
 from healthwatch.store import compact_store
+from healthwatch.store.segments import LOCK_NAME, MANIFEST_PREFIX, merge_lock
 
 pytestmark = pytest.mark.slow
 
