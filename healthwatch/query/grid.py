@@ -101,7 +101,7 @@ def heatmap(
             if not conds:
                 continue
             parts.append(
-                f"SELECT layer, any_value(layer_type) AS layer_type, (bucket * {size}) // {width} AS b, min(vmin) AS vmin, "
+                f"SELECT layer, any_value(layer_type) AS layer_type, (bucket * {int(size)}) // {int(width)} AS b, min(vmin) AS vmin, "
                 "max(vmax) AS vmax, sum(vmean * n) AS vsum, sum(n) AS n, arg_max(vlast, step_max) AS vlast, "
                 "max(step_max) AS laststep FROM layer_stats_rollup WHERE run = ? AND metric = ? AND bucket_size = ? "
                 f"AND ({' OR '.join(conds)}) GROUP BY layer, b")
@@ -120,12 +120,12 @@ def heatmap(
             rp += [a, lim]
     pred = path.predicate(rp)
     parts.append(
-        f"SELECT layer, any_value(layer_type) AS layer_type, step // {width} AS b, min(value) AS vmin, "
+        f"SELECT layer, any_value(layer_type) AS layer_type, step // {int(width)} AS b, min(value) AS vmin, "
         "max(value) AS vmax, sum(value) AS vsum, count(*) AS n, arg_max(value, step) AS vlast, max(step) AS laststep "
         f"FROM layer_stats WHERE run = ? AND metric = ?{rng}{pred} GROUP BY layer, b")
     qp += rp
     return store.sql(
-        f"SELECT layer::INTEGER AS layer, any_value(layer_type) AS layer_type, (b * {width})::BIGINT AS step, "
+        f"SELECT layer::INTEGER AS layer, any_value(layer_type) AS layer_type, (b * {int(width)})::BIGINT AS step, "
         f"{_FINAL[agg]}::DOUBLE AS value FROM ({' UNION ALL '.join(parts)}) GROUP BY layer, b ORDER BY layer, step",
         qp).pl().cast(_HEAT_SCHEMA)  # type: ignore[arg-type]
 

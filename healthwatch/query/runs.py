@@ -21,14 +21,23 @@ def run_signature(store: Store, run: str, tables: tuple[str, ...] = ("scalars", 
     Changes exactly when segments are published, merged or retired for that run, so a writer
     appending to run A never invalidates run B's cached results.
     """
-    return (str(store.root), run, *(_fs.FS.mtime_ns(str(store.root / f"table={t}" / f"run={run}")) for t in tables))
+    return (str(store.root), run, *(_fs.FS.mtime_ns(f"{str(store.root).rstrip('/')}/table={t}/run={run}") for t in tables))
 
 
 def store_signature(store: Store) -> tuple:
-    """A cheap cache key for store-wide results: the table directories' modification times."""
+    """A cheap cache key for store-wide results: the table and run directories' modification times.
+
+    The run directories count too: a segment published into an existing ``run=`` folder changes that
+    folder's mtime, not the table folder's (a stale Alerts page under the soak test showed it).
+    """
     from healthwatch.schema import TABLES
 
-    return (str(store.root), *(_fs.FS.mtime_ns(str(store.root / f"table={t}")) for t in TABLES))
+    key: list = [str(store.root)]
+    for t in TABLES:
+        table_dir = f"{str(store.root).rstrip('/')}/table={t}"
+        key.append(_fs.FS.mtime_ns(table_dir))
+        key.extend((name, _fs.FS.mtime_ns(f"{table_dir}/{name}")) for name in sorted(_fs.FS.list(table_dir)))
+    return tuple(key)
 
 
 def attempts(store: Store, run: str) -> pl.DataFrame:

@@ -95,7 +95,7 @@ def test_app_host_is_loopback_by_default_and_only_changed_when_asked() -> None:
 # --------------------------------------------------------------------------------------------
 # static check: SQL text is never built from user input
 
-SQL_MODULES = sorted(p for p in (REPO / "app").rglob("*.py")) + [REPO / "healthwatch" / "query.py"]
+SQL_MODULES = sorted(p for p in (REPO / "app").rglob("*.py")) + sorted((REPO / "healthwatch" / "query").rglob("*.py"))
 SQL_METHODS = {"sql", "execute"}
 #: Builtins whose result cannot carry text into SQL (numbers, booleans).
 NUMERIC_CALLS = {"int", "float", "len", "bool", "round", "abs", "hash"}
@@ -302,8 +302,15 @@ class SqlTaint:
                 return True
             if func.attr in STR_METHODS:
                 return self.safe(m, func.value) and all(self.safe(m, a) for a in args)
-            if func.attr in m.defs:  # a method of a class of this module (e.g. Timeline.predicate)
+            if func.attr in m.defs:  # a method of a class of this module
                 return self._returns_safe(m, func.attr)
+            # Methods of the read path's own classes (Timeline.predicate, rollup predicates, ...): the
+            # method must itself return safe text, checked the same way.
+            for folder in ("store", "query"):
+                for py in sorted((REPO / "healthwatch" / folder).glob("*.py")):
+                    other = self._module_of(f"healthwatch.{folder}.{py.stem}")
+                    if other is not None and other is not m and func.attr in other.defs:
+                        return self._returns_safe(other, func.attr)
         return False
 
     def _safe_name(self, m: Module, e: ast.Name) -> bool:
@@ -509,9 +516,11 @@ def test_render_never_evaluates_anything() -> None:
     str.format/Jinja syntax is interpreted, and a huge width cannot make a huge string."""
     values = {"run": "{{ step }}{0.__class__}", "step": 7, "value": 1.5}
     labels = {"x": "{{ value }}"}
-    assert render("{{ run.__class__ }}", values, labels) == "-"
-    assert render("{{ value.__class__.__mro__ }}", values, labels) == "-"
-    assert render("{{ labels.__init__ }}", values, labels) == "-"  # a key lookup in the labels, not getattr
+    # Attribute paths are never followed: they render as a note that the name is unknown (summaries
+    # say what is missing instead of printing "-").
+    assert render("{{ run.__class__ }}", values, labels) == "run.__class__ unknown"
+    assert render("{{ value.__class__.__mro__ }}", values, labels) == "value.__class__.__mro__ unknown"
+    assert render("{{ labels.__init__ }}", values, labels) == "no label __init__"  # a key lookup, not getattr
     assert render("{{ run }}", values, labels) == "{{ step }}{0.__class__}"  # one pass only
     assert render("{{ labels.x }}", values, labels) == "{{ value }}"
     assert render("{value.__class__} {0} %(run)s {% if 1 %}", values, labels) == "{value.__class__} {0} %(run)s {% if 1 %}"
