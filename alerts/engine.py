@@ -62,6 +62,7 @@ from healthwatch.alerts.rules import LoadedRule, RuleSet
 from healthwatch.alerts.state import InstanceState, Timing, advance
 from healthwatch.alerts.template import render
 from healthwatch.alerts.transition import Transition, fingerprint
+from healthwatch.query.runs import heartbeats
 from healthwatch.schema import validate_run_name
 from healthwatch.store import Store, StoreWriter
 from healthwatch.store.segments import iter_run_dirs
@@ -410,18 +411,10 @@ class Evaluator:
         rules = [r for r in self.rules if r.rule.no_data_after_s is not None]
         if not rules or not runs:
             return []
-        beats = store.sql(
-            f"SELECT run, max(step), arg_max(value, step) FROM {self.sources.scalars} WHERE name = 'monitor/heartbeat' "
-            "AND list_contains(?::VARCHAR[], run) GROUP BY run", [runs]).fetchall()
-        closed = dict(store.sql(
-            "SELECT run, max(step) FROM events_effective WHERE kind = 'close' AND list_contains(?::VARCHAR[], run) GROUP BY run",
-            [runs]).fetchall())
         out: list[Transition] = []
-        for run, step, beat in beats:
-            if beat is None or step is None:
-                continue
-            age = now - float(beat)
-            ended = closed.get(run) is not None and int(closed[run]) >= int(step)
+        for run, (step, beat, closed_step) in heartbeats(store, runs).items():
+            age = now - beat
+            ended = closed_step is not None and closed_step >= step
             for rule in rules:
                 after = float(rule.rule.no_data_after_s)  # type: ignore[arg-type]
                 stalled = not ended and after <= age <= STALL_MAX_AGE_S

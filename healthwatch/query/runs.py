@@ -73,6 +73,24 @@ def finished(store: Store, run: str) -> bool:
     return bool(row and row[0])
 
 
+def heartbeats(store: Store, runs: list[str]) -> dict[str, tuple[int, float, int | None]]:
+    """Per run of ``runs`` on its effective path: ``(last step, its heartbeat wall time, last close step)``.
+
+    The facts a stall rule needs: the newest ``monitor/heartbeat`` and the newest ``close`` event
+    (``None`` when the writer never closed). Runs without a heartbeat are absent.
+    """
+    if not runs:
+        return {}
+    closed = dict(store.sql(
+        "SELECT run, max(step) FROM events_effective WHERE kind = ? AND list_contains(?::VARCHAR[], run) GROUP BY run",
+        [END_EVENT, runs]).fetchall())
+    beats = store.sql(
+        "SELECT run, max(step), arg_max(value, step) FROM scalars_effective WHERE name = 'monitor/heartbeat' "
+        "AND list_contains(?::VARCHAR[], run) GROUP BY run", [runs]).fetchall()
+    return {run: (int(step), float(beat), None if closed.get(run) is None else int(closed[run]))
+            for run, step, beat in beats if step is not None and beat is not None}
+
+
 def status(last_write: float | None, is_finished: bool, now: float | None = None) -> str:
     """``finished`` (its Monitor closed), ``live`` (written within ``LIVE_S``), ``idle`` or ``empty``."""
     if is_finished:

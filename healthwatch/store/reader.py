@@ -21,13 +21,12 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from healthwatch.schema import ATTEMPT_TABLES, TABLES, check_schema_version
 from healthwatch.store import fs as _fs
 from healthwatch.store.merge import sql_str as _sql_str
 from healthwatch.store.meta import default_store_path, read_meta
-from healthwatch.store.segments import iter_run_dirs, list_segments, segment_problem
+from healthwatch.store.segments import full_read_problem, iter_run_dirs, list_segments, segment_problem
 from healthwatch.store.timeline import view_sql
 
 log = logging.getLogger("healthwatch.store")
@@ -64,24 +63,6 @@ _QUERY_TRIES = 20
 
 class _Vanished(Exception):
     """A listed file disappeared before it could be checked (compaction retired it): list again."""
-
-
-def _full_read_problem(path: str) -> str | None:
-    """Why a file named in a query error is unreadable (footer, schema and every page), or None."""
-    table_part = Path(path).parent.parent.name
-    table = table_part[len("table="):] if table_part.startswith("table=") else None
-    try:
-        if table in TABLES:
-            problem = segment_problem(path, table)
-            if problem:
-                return problem
-        for _batch in pq.ParquetFile(path).iter_batches(batch_size=65_536):
-            pass
-    except FileNotFoundError:
-        return None
-    except (OSError, pa.ArrowException, ValueError) as exc:
-        return f"unreadable ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
-    return None
 
 
 class Result:
@@ -359,7 +340,7 @@ class Store:
                 key = str(path)
                 if key in self._bad_files or key in self._read_ok:
                     continue
-                problem = _full_read_problem(key)
+                problem = full_read_problem(key)
                 if problem:
                     self._skip(key, f"{problem}; {str(exc).splitlines()[0][:200]}")
                     found = True
@@ -376,7 +357,7 @@ class Store:
                 continue
             # An error may name a good file too ("... was read from the original file X"):
             # only a file that really fails to read is skipped.
-            problem = _full_read_problem(path)
+            problem = full_read_problem(path)
             if problem:
                 self._skip(path, f"{problem}; {msg.splitlines()[0][:200]}")
 

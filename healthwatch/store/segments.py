@@ -285,7 +285,7 @@ def segment_problem(path: str | os.PathLike[str], table: str) -> str | None:
     return None
 
 
-def _full_read_problem(path: str) -> str | None:
+def full_read_problem(path: str) -> str | None:
     """Why a file named in a query error is unreadable (footer, schema and every page), or None."""
     table_part = Path(path).parent.parent.name
     table = table_part[len("table="):] if table_part.startswith("table=") else None
