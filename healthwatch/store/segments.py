@@ -273,6 +273,14 @@ def segment_problem(path: str | os.PathLike[str], table: str) -> str | None:
         raise
     except (OSError, pa.ArrowException, ValueError) as exc:
         return f"not a readable Parquet file ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+    return schema_problem(schema, table)
+
+
+def schema_problem(schema: pa.Schema, table: str) -> str | None:
+    """Why a file with this Arrow ``schema`` is not a segment of ``table`` (``None`` when it is one).
+
+    The rule of :func:`segment_problem`, for a reader that already holds the footer.
+    """
     if "run" in schema.names:
         return "has its own 'run' column (a segment's run comes from its directory)"
     for field in TABLES[table]:
