@@ -13,7 +13,8 @@ not answer the second PUT with ``412 Precondition Failed``.
 on S3. Paths are ``s3://bucket/key`` strings; "directories" are key prefixes ending in ``/``.
 
 Reads go through pyarrow's S3 file system and datasets (:func:`s3_dataset`,
-:class:`S3Tables`): DuckDB scans them with column and row-filter pushdown, without its own S3
+:func:`s3_table_source`, which the store's one reader, :class:`healthwatch.store.Store`, registers
+for ``s3://`` roots): DuckDB scans them with column and row-filter pushdown, without its own S3
 extension (which downloads at run time and is not available offline).
 
 Credentials come from the standard AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
@@ -263,6 +264,8 @@ class S3FS:
         self.stats = RequestStats()
         #: Last-modified times (epoch s) seen by :meth:`walk` (no extra request to know a file's age).
         self.last_modified: dict[str, float] = {}
+        #: Object sizes seen by :meth:`list`/:meth:`walk` (a dataset fragment then needs no HEAD).
+        self.sizes: dict[str, int] = {}
         self._arrow_fs: Any = None
 
     @classmethod
@@ -360,7 +363,10 @@ class S3FS:
                 self.stats.count("list")
                 page = self.client.list_objects_v2(**kwargs)
             # Some servers list a directory marker (the prefix itself, or a key ending in "/"): skip it.
-            names.extend(o["Key"][len(prefix):] for o in page.get("Contents", ()) if not o["Key"].endswith("/"))
+            objects = [o for o in page.get("Contents", ()) if not o["Key"].endswith("/")]
+            names.extend(o["Key"][len(prefix):] for o in objects)
+            for o in objects:
+                self.sizes[self.uri(o["Key"])] = int(o["Size"])
             names.extend(p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", ()))
             if not page.get("IsTruncated"):
                 return names
@@ -382,6 +388,7 @@ class S3FS:
             for o in page.get("Contents", ()):
                 if not o["Key"].endswith("/"):
                     out.append((self.uri(o["Key"]), int(o["Size"])))
+                    self.sizes[self.uri(o["Key"])] = int(o["Size"])
                     if "LastModified" in o:
                         self.last_modified[self.uri(o["Key"])] = o["LastModified"].timestamp()
             if not page.get("IsTruncated"):
@@ -412,7 +419,9 @@ class S3FS:
         the listing under it (keys and sizes; costs one paginated LIST), so a reader's "did this
         folder change" check works unchanged.
         """
-        head = self._head(path)
+        last = self._key(path).rstrip("/").rsplit("/", 1)[-1]
+        # The store's folders (table=…, run=…) are never objects: skip the HEAD that would 404.
+        head = None if last.startswith(("table=", "run=")) else self._head(path)
         if head is not None:
             return int(head["LastModified"].timestamp() * 1e9)
         listing = self.walk(path)
@@ -435,8 +444,22 @@ class S3FS:
         except bx.BotoCoreError as exc:
             raise self._error(exc, "get", path) from exc
 
-    def open_input(self, path: str) -> str:
-        """The ``bucket/key`` path that :meth:`arrow_filesystem` opens (DuckDB reads via pyarrow)."""
+    def open_input(self, path: str) -> Any:
+        """``path`` opened for reading through pyarrow's S3 file system (what ``pq.read_schema`` etc. take).
+
+        Raises ``FileNotFoundError`` when the object does not exist.
+        """
+        try:
+            return self.arrow_filesystem().open_input_file(self.arrow_path(path))
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if "does not exist" in str(exc) or "NoSuchKey" in str(exc):
+                raise FileNotFoundError(path) from exc
+            raise
+
+    def arrow_path(self, path: str) -> str:
+        """The ``bucket/key`` path of ``path`` in :meth:`arrow_filesystem` (pyarrow datasets)."""
         return f"{self.bucket}/{self._key(path)}"
 
     def put_create_only(self, path: str, data: bytes) -> None:
@@ -712,12 +735,12 @@ def live_segments(paths: list[str]) -> list[str]:
     """The published, not-superseded segment paths among a listing (same rules as on disk).
 
     Temp names (starting with ``.``) are never listed as segments; merge manifests are applied by
-    the caller that can read them (see :meth:`S3Tables.refresh`).
+    the caller that can read them (see :func:`live_listing`).
     """
     return sorted(p for p in paths if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
 
 
-def s3_dataset(fs: S3FS, files: list[tuple[str, str, int]], schema: pa.Schema,
+def s3_dataset(fs: S3FS, files: list[tuple[str, str, int | None]], schema: pa.Schema,
                cache: dict[str, Any] | None = None) -> Any:
     """A ``pyarrow.dataset`` over segment files ``(s3 path, run, size)`` with the ``run`` column.
 
@@ -735,7 +758,7 @@ def s3_dataset(fs: S3FS, files: list[tuple[str, str, int]], schema: pa.Schema,
     for path, run, size in files:
         frag = cache.get(path) if cache is not None else None
         if frag is None:
-            frag = fmt.make_fragment(fs.open_input(path), filesystem=afs,
+            frag = fmt.make_fragment(fs.arrow_path(path), filesystem=afs,
                                      partition_expression=ds.field("run") == run, file_size=size)
             if cache is not None:
                 frag.ensure_complete_metadata()
@@ -744,249 +767,132 @@ def s3_dataset(fs: S3FS, files: list[tuple[str, str, int]], schema: pa.Schema,
     return ds.FileSystemDataset(fragments, schema.append(pa.field("run", pa.string())), fmt, afs)
 
 
-class S3Tables:
-    """DuckDB views over an ``s3://`` store, read through pyarrow (interim read path).
+def table_base(fs: S3FS, root: StoreURI, table: str) -> str:
+    """The ``s3://`` folder of one table (above its ``run=`` folders)."""
+    parts = [root.prefix] if root.prefix else []
+    return fs.uri("/".join([*parts, f"table={table}"]))
 
-    ``refresh()`` lists every table with one paginated ``ListObjectsV2`` each (counted in
-    :attr:`last_list_calls`) and re-registers the tables; ``*_effective`` views hide superseded
-    attempts exactly as the local :class:`healthwatch.store.Store` does.
+
+def live_listing(fs: S3FS, root: StoreURI, table: str, sizes: dict[str, int] | None = None) -> dict[tuple[str, str], str]:
+    """Live segments of ``table`` as ``{(run, name): s3 path}``: one paginated listing, manifests applied.
+
+    Same rules as the store's own listing (``healthwatch.store.segments.list_segments``) with one
+    LIST walk for every run at once (the publisher's view): temp names are never segments; the
+    sources named by a merge manifest whose target exists are hidden (the merge published its
+    target first). ``sizes``, when given, receives every listed object's size.
     """
+    import json
 
-    def __init__(self, uri: str, fs: S3FS | None = None, settings: S3Settings | None = None,
-                 in_memory_bytes: int | None = None) -> None:
-        import duckdb
-
-        #: Tables of at most this many (compressed) bytes are read into memory at refresh.
-        self.in_memory_bytes = IN_MEMORY_BYTES if in_memory_bytes is None else in_memory_bytes
-        self.root = parse_store_uri(uri)
-        if not self.root.is_s3:
-            raise StoreURIError(f"{uri} is not an s3:// store root")
-        self.fs = fs or S3FS.for_uri(self.root, settings)
-        self.fs.check_bucket()
-        self.con = duckdb.connect()
-        self.con.execute("SET asof_loop_join_threshold = 0")  # as the local Store (see store.py)
-        self._lock = threading.RLock()
-        self.last_list_calls = 0
-        self.listed: dict[str, dict[tuple[str, str], str]] = {}
-        self._fragments: dict[str, Any] = {}  # immutable segments: footers read once
-        self._registered: dict[str, tuple[str, ...]] = {}  # per table: the objects its view reads
-        self.version = 0
-        self.auto_refresh = False
-        self._refreshed_at = float("-inf")
-        self.refresh()
-
-    # -- the parts of the local Store's read API that healthwatch.query and .compare use -----------
-    def files(self, table: str, run: str | None = None) -> list[S3ObjectRef]:
-        """Live segment objects of ``table`` (optionally of one run), as of the last refresh."""
-        live = set(self.listed.get(table, {}).values())
-        return [S3ObjectRef(p, self.fs, live) for (r, _n), p in sorted(self.listed.get(table, {}).items())
-                if run is None or r == run]
-
-    def refresh_if_older(self, max_age_s: float) -> bool:
-        """:meth:`refresh` unless the last one is younger than ``max_age_s`` seconds."""
-        import time
-
-        if time.monotonic() - self._refreshed_at < max_age_s:
-            return False
-        self.refresh()
-        return True
-
-    def sql(self, query: str, params: list[Any] | None = None) -> S3Result:
-        """A parameterised query over the views; ``.pl()``/``.arrow()``/``.fetchall()``/``.fetchone()``."""
-        return S3Result(self, query, params)
-
-    @staticmethod
-    def table_base(fs: S3FS, root: StoreURI, table: str) -> str:
-        """The ``s3://`` folder of one table (above its ``run=`` folders)."""
-        parts = [root.prefix] if root.prefix else []
-        return fs.uri("/".join([*parts, f"table={table}"]))
-
-    @staticmethod
-    def live_listing(fs: S3FS, root: StoreURI, table: str, sizes: dict[str, int] | None = None) -> dict[tuple[str, str], str]:
-        """Live segments of ``table`` as ``{(run, name): s3 path}``: one paginated listing, manifests applied.
-
-        Same rules as on disk: temp names are never segments; the sources named by a merge
-        manifest whose target exists are hidden (the merge published its target first).
-        ``sizes``, when given, receives every listed object's size.
-        """
-        import json
-
-        walked = fs.walk(S3Tables.table_base(fs, root, table))
-        if sizes is not None:
-            sizes.update(walked)
-        listing = [p for p, _size in walked]
-        names = set(listing)
-        hidden: set[str] = set()
-        for p in listing:
-            if p.rsplit("/", 1)[-1].startswith("_merge-") and p.endswith(".json"):
-                try:
-                    manifest = json.loads(fs.read_bytes(p))
-                except (FileNotFoundError, ValueError):
-                    continue
-                directory = p.rsplit("/", 1)[0]
-                if f"{directory}/{manifest.get('target')}" in names:
-                    hidden.update(f"{directory}/{s}" for s in manifest.get("sources", []))
-        out: dict[tuple[str, str], str] = {}
-        for p in live_segments(listing):
-            if p in hidden:
+    walked = fs.walk(table_base(fs, root, table))
+    if sizes is not None:
+        sizes.update(walked)
+    listing = [p for p, _size in walked]
+    names = set(listing)
+    hidden: set[str] = set()
+    for p in listing:
+        if p.rsplit("/", 1)[-1].startswith("_merge-") and p.endswith(".json"):
+            try:
+                manifest = json.loads(fs.read_bytes(p))
+            except (FileNotFoundError, ValueError):
                 continue
-            folder, name = p.rsplit("/", 1)
-            run = folder.rsplit("/", 1)[-1]
-            if run.startswith("run="):
-                out[(run[4:], name)] = p
-        return out
-
-    def refresh(self, force: bool = False) -> bool:
-        """List the store again and rebuild the views (``force`` is accepted for Store compatibility)."""
-        import time
-
-        with self._lock:
-            self._refresh()
-            self._refreshed_at = time.monotonic()
-            self.version += 1
-        return True
-
-    def _refresh(self) -> None:
-        from healthwatch.schema import ATTEMPT_TABLES, TABLES
-
-        before = self.fs.stats.snapshot()["list"]
-        for table, schema in TABLES.items():
-            sizes: dict[str, int] = {}
-            live = self.live_listing(self.fs, self.root, table, sizes)
-            paths = sorted(live.values())
-            self.listed[table] = live
-            view = "runs_raw" if table == "runs" else table
-            key = tuple(paths)
-            if paths and self._registered.get(table) == key:
-                continue  # same immutable objects as at the last refresh: the view stands
-            if paths:
-                dataset = s3_dataset(self.fs, [(p, run, sizes[p]) for (run, _n), p in sorted(live.items())], schema,
-                                     self._fragments)
-                if table in SMALL_TABLES or sum(sizes[p] for p in paths) <= self.in_memory_bytes:
-                    # Small tables (runs and attempts: read by nearly every query; rollups: ≤ 1 % of the
-                    # rows; a young run) are held in memory from the refresh instead of one HTTP scan
-                    # per query; the big raw tables stay on S3 and are read with pushdown.
-                    dataset = dataset.to_table()
-                self.con.register(f"_ds_{table}", dataset)
-                self._registered[table] = key
-                cols = ", ".join(f'"{f.name}"' for f in schema)
-                self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT run, {cols} FROM _ds_{table}")
-            else:
-                cols = ", ".join(f'NULL::{_duck_type(f.type)} AS "{f.name}"' for f in schema)
-                self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT NULL::VARCHAR AS run, {cols} LIMIT 0")
-                self._registered.pop(table, None)
-        self.con.execute(
-            "CREATE OR REPLACE VIEW runs AS SELECT * FROM runs_raw "
-            "QUALIFY row_number() OVER (PARTITION BY run ORDER BY created) = 1"
-        )
-        # The one rule of superseded rows (healthwatch.store.timeline), as on a local store.
-        from healthwatch.store.timeline import view_sql
-
-        for table in ATTEMPT_TABLES:
-            for name, body in view_sql(table).items():
-                self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
-        self.last_list_calls = self.fs.stats.snapshot()["list"] - before
-        alive = {p for live in self.listed.values() for p in live.values()}
-        for gone in set(self._fragments) - alive:  # retired by merges: forget their footers
-            del self._fragments[gone]
-
-    def close(self) -> None:
-        """Close the DuckDB connection."""
-        self.con.close()
-
-    def __enter__(self) -> S3Tables:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+            directory = p.rsplit("/", 1)[0]
+            if f"{directory}/{manifest.get('target')}" in names:
+                hidden.update(f"{directory}/{s}" for s in manifest.get("sources", []))
+    out: dict[tuple[str, str], str] = {}
+    for p in live_segments(listing):
+        if p in hidden:
+            continue
+        folder, name = p.rsplit("/", 1)
+        run = folder.rsplit("/", 1)[-1]
+        if run.startswith("run="):
+            out[(run[4:], name)] = p
+    return out
 
 
-class S3Result:
-    """A query of :class:`S3Tables`, run when a result is asked for (same methods as the Store's)."""
+def s3_table_source(paths: list[str], schema: pa.Schema, cache: dict[str, Any],
+                    in_memory_bytes: int | None = None) -> Any:
+    """What the store's reader registers in DuckDB for one table of an ``s3://`` store.
 
-    def __init__(self, tables: S3Tables, query: str, params: list[Any] | None) -> None:
-        self._tables, self._query, self._params = tables, query, params or []
+    ``paths`` are the table's live segments (``s3://b/…/table=<t>/run=<r>/<name>``, or the
+    ``s3:/`` spelling of ``pathlib``), as the reader listed them. Returns a ``pyarrow.dataset``
+    that DuckDB scans with projection and filter pushdown (each footer read once and kept in
+    ``cache``: segments are immutable), or, for a table whose objects add up to at most
+    ``in_memory_bytes`` (``HEALTHWATCH_S3_MEMORY_BYTES``, 16 MiB; ``runs``/``attempts`` always),
+    an Arrow table held in memory: those tables (runs, attempts, rollups, a young run) are joined by
+    nearly every query, and one HTTP scan per query cost more than the query (1.7 s vs 120 ms).
+    Every file is then downloaded once (``cache`` keeps its rows).
+    """
+    from healthwatch.store import fs as _fs
 
-    def _run(self, fn: str) -> Any:
-        with self._tables._lock:
-            con = self._tables.con
-            if fn in ("fetchall", "fetchnumpy", "df"):
-                return getattr(con.execute(self._query, self._params), fn)()
-            rel = con.sql(self._query, params=self._params)
-            if fn == "pl":
-                return rel.pl()
-            return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
-
-    def pl(self) -> Any:
-        """The result as a polars DataFrame."""
-        return self._run("pl")
-
-    def arrow(self) -> pa.Table:
-        """The result as an Arrow table."""
-        return self._run("arrow")
-
-    def df(self) -> Any:
-        """The result as a pandas DataFrame."""
-        return self._run("df")
-
-    def fetchall(self) -> list[tuple[Any, ...]]:
-        """All rows."""
-        return self._run("fetchall")
-
-    def fetchone(self) -> tuple[Any, ...] | None:
-        """The first row, or None."""
-        rows = self._run("fetchall")
-        return rows[0] if rows else None
-
-    def fetchnumpy(self) -> dict[str, Any]:
-        """Columns as numpy arrays."""
-        return self._run("fetchnumpy")
+    limit = IN_MEMORY_BYTES if in_memory_bytes is None else in_memory_bytes
+    fs = _fs.fs_for(paths[0])
+    assert isinstance(fs, S3FS)
+    files: list[tuple[str, str, int | None]] = []
+    for p in paths:
+        uri = fs.uri(fs._key(str(p)))
+        run = uri.rsplit("/", 2)[-2]
+        files.append((uri, run[4:] if run.startswith("run=") else run, fs.sizes.get(uri)))
+    table = uri.rsplit("/", 3)[-3] if files else ""
+    known = [size for _p, _r, size in files]
+    small = table.removeprefix("table=") in SMALL_TABLES or (
+        None not in known and sum(s for s in known if s is not None) <= limit)
+    if not small:
+        return s3_dataset(fs, files, schema, cache)
+    parts = []
+    for path, run, size in files:
+        key = "rows:" + path
+        got = cache.get(key)
+        if got is None:
+            got = s3_dataset(fs, [(path, run, size)], schema).to_table()
+            cache[key] = got
+        parts.append(got)
+    return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
-@dataclass(frozen=True)
-class _S3Stat:
-    st_mtime: float
-    st_size: int
+def forget_retired(cache: dict[str, Any], alive: set[str]) -> None:
+    """Drop the cached footers and rows of segments no longer listed (retired by merges)."""
+    for key in list(cache):
+        path = key[5:] if key.startswith("rows:") else key
+        if path not in alive:
+            del cache[key]
 
 
-class S3ObjectRef:
-    """A listed segment object: ``exists()`` and ``stat()`` like a ``pathlib.Path`` (what query reads)."""
+def merge_s3(directory: str, sources: list[str], target_name: str, table: str) -> str:
+    """Merge segments of one ``s3://`` directory into ``target_name``, with the store's merge protocol.
 
-    def __init__(self, path: str, fs: S3FS, listed: set[str] | None = None) -> None:
-        self.path = path
-        self._fs = fs
-        self._listed = listed
+    The sources (a writer's own small segments) are downloaded to a local temp folder and merged
+    there by :func:`healthwatch.store.merge.merge_files` (same DuckDB sort and chunking as on
+    disk). Then, on S3: the manifest naming target and sources is PUT first, the target second
+    (create-only), the sources are deleted third and the manifest last. A reader that lists the
+    target also lists the manifest (LIST is strongly consistent on S3) and hides the sources, so
+    it never counts a row twice; until the target is visible it reads the sources, which are
+    deleted only after. A writer killed in between leaves either an unused manifest (target never
+    published: ignored) or target + manifest + some sources (hidden by the manifest).
+    Returns the target's path.
+    """
+    import json
+    from pathlib import Path
 
-    def __str__(self) -> str:
-        return self.path
+    from healthwatch.store import fs as _fs
+    from healthwatch.store.merge import merge_files
+    from healthwatch.store.segments import MANIFEST_PREFIX
 
-    def __repr__(self) -> str:
-        return f"S3ObjectRef({self.path!r})"
-
-    @property
-    def name(self) -> str:
-        """The object's file name."""
-        return self.path.rsplit("/", 1)[-1]
-
-    def exists(self) -> bool:
-        """Whether the object exists: as of the listing it came from (no request), else one HEAD.
-
-        The views were built from that same listing, so this is the answer consistent with them.
-        """
-        if self._listed is not None:
-            return self.path in self._listed
-        return self._fs.exists(self.path)
-
-    def stat(self) -> _S3Stat:
-        """Size and last-modified time (from the listing when known, else one HEAD)."""
-        mtime = self._fs.last_modified.get(self.path)
-        head = None if mtime is not None else self._fs._head(self.path)
-        if mtime is None:
-            if head is None:
-                raise FileNotFoundError(self.path)
-            mtime = head["LastModified"].timestamp()
-        size = int(head["ContentLength"]) if head is not None else 0
-        return _S3Stat(mtime, size)
+    fs = _fs.fs_for(directory)
+    with tempfile.TemporaryDirectory(prefix="hw-merge-") as tmp:
+        local = []
+        for src in sources:
+            name = str(src).rsplit("/", 1)[-1]
+            (Path(tmp) / name).write_bytes(fs.read_bytes(str(src)))
+            local.append(Path(tmp) / name)
+        data = merge_files(Path(tmp), local, target_name, table).read_bytes()
+    names = [str(s).rsplit("/", 1)[-1] for s in sources]
+    manifest = fs.publish_bytes(str(directory), f"{MANIFEST_PREFIX}{uuid.uuid4().hex}.json",
+                                json.dumps({"target": target_name, "sources": names}).encode())
+    target = fs.publish_bytes(str(directory), target_name, data)
+    for src in sources:
+        fs.delete(str(src))
+    fs.delete(manifest)
+    return target
 
 
 def _duck_type(t: pa.DataType) -> str:

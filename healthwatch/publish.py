@@ -232,9 +232,9 @@ class _S3Source:
         return opts
 
     def listing(self, table: str) -> dict[tuple[str, str], Any]:
-        from healthwatch.objectstore import S3Tables
+        from healthwatch.objectstore import live_listing
 
-        return S3Tables.live_listing(self.fs, self.uri, table)
+        return live_listing(self.fs, self.uri, table)
 
     def place(self, src: Any, table_uri: str, run: str, name: str) -> tuple[int, str]:
         import pyarrow.parquet as pq_

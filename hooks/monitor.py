@@ -44,6 +44,7 @@ from healthwatch.hooks.writer import (
 )
 from healthwatch.schema import check_schema_version, validate_metric_name, validate_run_name
 from healthwatch.store import END_EVENT, META_FILE, default_store_path  # END_EVENT == "close"
+from healthwatch.store import fs as _store_fs
 
 log = logging.getLogger("healthwatch.monitor")
 
@@ -165,6 +166,10 @@ class Monitor:
         self.rank = torch.distributed.get_rank(process_group) if self._dist else 0
         self.world = torch.distributed.get_world_size(process_group) if self._dist else 1
         self.writes = self.rank == 0
+        if self.writes and _store_fs.is_remote(self.root):
+            # s3://: bucket, credentials and the If-None-Match probe fail here, before training starts,
+            # with one clear error (found later in the writer thread they would only drop rows).
+            _store_fs.ensure_writable(self.root)
 
         self._drops = DropCounter()
         self._closed = False
@@ -260,7 +265,7 @@ class Monitor:
             try:
                 from healthwatch.store import Store
 
-                if self.root.is_dir():
+                if _store_fs.store_exists(self.root):  # a directory, or an s3:// store
                     st = Store(self.root)
                     try:
                         row = st.sql("SELECT max(attempt) FROM attempts WHERE run = ?", [self.run]).fetchone()

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import uuid
 from collections.abc import Callable
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 
 class FileSystem(Protocol):
@@ -42,8 +44,8 @@ class FileSystem(Protocol):
         """The whole content of ``path`` (raises ``FileNotFoundError`` when absent)."""
         ...
 
-    def open_input(self, path: str) -> str:
-        """Something pyarrow and DuckDB open for reading ``path`` (a local path or a URI)."""
+    def open_input(self, path: str) -> Any:
+        """Something pyarrow opens for reading ``path`` (a local path, which DuckDB opens too, or an open file)."""
         ...
 
     def publish(self, directory: str, name: str, write: Callable[[str], None]) -> str:
@@ -160,5 +162,139 @@ class LocalFS:
             return False
 
 
-#: The file system used by the store (one process-wide instance; tests may swap it).
-FS: FileSystem = LocalFS()
+def is_remote(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` lies on object storage (``s3://…``, or ``s3:/…`` as ``pathlib.Path`` spells it)."""
+    return os.fspath(path).startswith(("s3:/", "s3a:/"))
+
+
+class RootedFS:
+    """The store's :class:`FileSystem`, chosen per path by its root: ``s3://`` -> S3, else local.
+
+    Store code joins paths with ``pathlib`` (``root / "table=t" / "run=r"``), which folds
+    ``s3://bucket/prefix`` into ``s3:/bucket/prefix``; both spellings route to one
+    :class:`healthwatch.objectstore.S3FS` per (bucket, endpoint, credentials) seen in the
+    environment when it was first needed, so a process may read and write local and ``s3://``
+    stores side by side. Everything else goes to :class:`LocalFS`.
+    """
+
+    def __init__(self) -> None:
+        self.local = LocalFS()
+        self._s3: dict[tuple[str | None, ...], FileSystem] = {}
+        self._lock = threading.Lock()
+
+    def for_path(self, path: str | os.PathLike[str]) -> FileSystem:
+        """The file system that holds ``path``."""
+        if not is_remote(path):
+            return self.local
+        from healthwatch.objectstore import S3FS, endpoint_from_env, split_s3
+
+        bucket, _key = split_s3(os.fspath(path).replace("s3a:/", "s3:/", 1))
+        # Tests and tools point one process at several servers in turn: the environment is part of the key.
+        key = (bucket, endpoint_from_env(), os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+        with self._lock:
+            fs = self._s3.get(key)
+            if fs is None:
+                fs = self._s3[key] = S3FS(bucket)
+            return fs
+
+    def list(self, directory: str) -> list[str]:
+        """Names directly under ``directory``; ``[]`` when it does not exist."""
+        return self.for_path(directory).list(directory)
+
+    def exists(self, path: str) -> bool:
+        """Whether ``path`` exists."""
+        return self.for_path(path).exists(path)
+
+    def mtime_ns(self, path: str) -> int | None:
+        """Modification time (a change signature) of ``path``, or None if absent."""
+        return self.for_path(path).mtime_ns(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        """The whole content of ``path``."""
+        return self.for_path(path).read_bytes(path)
+
+    def open_input(self, path: str) -> Any:
+        """Something pyarrow opens for reading ``path`` (see the file system's own ``open_input``)."""
+        return self.for_path(path).open_input(path)
+
+    def publish(self, directory: str, name: str, write: Callable[[str], None]) -> str:
+        """Atomically publish ``directory/name`` (see :meth:`FileSystem.publish`)."""
+        return self.for_path(directory).publish(directory, name, write)
+
+    def publish_bytes(self, directory: str, name: str, data: bytes) -> str:
+        """:meth:`publish` of a byte string."""
+        return self.for_path(directory).publish_bytes(directory, name, data)
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create ``path`` with ``data`` only if it does not exist."""
+        return self.for_path(path).create_exclusive(path, data)
+
+    def delete(self, path: str) -> bool:
+        """Remove ``path``; False when it was already gone."""
+        return self.for_path(path).delete(path)
+
+
+def store_exists(root: str | os.PathLike[str]) -> bool:
+    """Whether a store lives at ``root``: a directory on disk; its metadata object or any table on S3."""
+    if not is_remote(root):
+        return os.path.isdir(root)
+    base = os.fspath(root).rstrip("/")
+    return FS.exists(f"{base}/healthwatch.json") or any(n.startswith("table=") for n in FS.list(base))
+
+
+def root_path(store: str | os.PathLike[str]) -> Path:
+    """A store root as the ``Path`` the store code joins: a local path, or ``s3://b/p`` (spelled ``s3:/b/p``).
+
+    Raises ``StoreURIError`` (a ``ValueError``) naming the root for another scheme (``gs://``,
+    ``http://``) or an ``s3://`` URI without a valid bucket. ``file:///x`` becomes ``/x``.
+    """
+    if isinstance(store, Path):
+        return store
+    text = os.fspath(store)
+    if "://" not in text:
+        return Path(text)
+    from healthwatch.objectstore import parse_store_uri
+
+    uri = parse_store_uri(text)
+    return Path(f"s3://{uri.bucket}/{uri.prefix}".rstrip("/")) if uri.is_s3 else Path(str(uri.path))
+
+
+def root_uri(root: str | os.PathLike[str]) -> str:
+    """How to show (and pass on) a store root: ``s3://bucket/prefix``, or the absolute local path."""
+    text = os.fspath(root)
+    if is_remote(text):
+        rest = text.split(":/", 1)[1].lstrip("/")
+        return "s3://" + rest.rstrip("/")
+    return str(Path(text).resolve())
+
+
+_probed: set[str] = set()
+
+
+def ensure_writable(root: str | os.PathLike[str]) -> None:
+    """Before the first write to an ``s3://`` store in this process: check the bucket and probe that the
+    server enforces create-only PUTs (``S3FS.probe``; raises a clear ``ObjectStoreError`` if not).
+
+    Done once per root and process; a local root needs nothing.
+    """
+    if not is_remote(root):
+        return
+    from healthwatch.objectstore import endpoint_from_env
+
+    uri = root_uri(root)
+    if f"{uri}@{endpoint_from_env()}" in _probed:
+        return
+    from healthwatch.objectstore import parse_store_uri
+
+    fs = FS.for_path(root) if isinstance(FS, RootedFS) else FS
+    fs.probe(parse_store_uri(uri).prefix)  # type: ignore[attr-defined]
+    _probed.add(f"{uri}@{endpoint_from_env()}")
+
+
+def fs_for(path: str | os.PathLike[str]) -> FileSystem:
+    """The file system holding ``path`` (``s3://`` roots: their bucket's S3 file system)."""
+    return FS.for_path(path) if isinstance(FS, RootedFS) else FS
+
+
+#: The file system used by the store: routes each path by its root (tests may swap it for a LocalFS).
+FS: FileSystem = RootedFS()

@@ -22,8 +22,8 @@ ROLLUP_BUCKETS = (100, 1_000, 10_000)
 def default_store_path(store: str | os.PathLike[str] | None = None) -> Path:
     """Resolve the store path: explicit argument, then ``$HEALTHWATCH_STORE``, then ``./healthwatch-store``."""
     if store is not None:
-        return Path(store)
-    return Path(os.environ.get(ENV_STORE) or DEFAULT_STORE)
+        return _fs.root_path(store)  # s3://bucket/prefix too; another scheme is refused by name
+    return _fs.root_path(os.environ.get(ENV_STORE) or DEFAULT_STORE)
 
 
 def read_meta(root: Path) -> dict[str, Any]:
@@ -38,11 +38,15 @@ def read_meta(root: Path) -> dict[str, Any]:
 
 def init_store(root: str | os.PathLike[str]) -> Path:
     """Create the store directory and its metadata file if needed; refuse a newer schema."""
-    root = Path(root)
-    meta = read_meta(root) if root.exists() else {}
+    root = _fs.root_path(root)
+    remote = _fs.is_remote(root)
+    if remote:  # object storage: bucket check + If-None-Match probe before the first write
+        _fs.ensure_writable(root)
+    meta = read_meta(root) if remote or root.exists() else {}
     check_schema_version(meta.get("schema_version"), f"store {root}")
     if not meta:
-        root.mkdir(parents=True, exist_ok=True)
+        if not remote:
+            root.mkdir(parents=True, exist_ok=True)
         _fs.FS.publish_bytes(
             str(root), META_FILE,
             json.dumps({"schema_version": SCHEMA_VERSION, "format": "healthwatch-segments"}).encode(),

@@ -115,9 +115,9 @@ class Store:
         Off, the views change only at :meth:`refresh` (or when a query meets a retired file):
         an app that refreshes once per page run saves a directory listing per query (~50 a page).
         """
-        self.root = Path(root)
+        self.root = _fs.root_path(root)
         self.auto_refresh = auto_refresh
-        if not self.root.is_dir():
+        if not _fs.store_exists(self.root):
             raise FileNotFoundError(f"no healthwatch store at {self.root} (directory does not exist)")
         meta = read_meta(self.root)
         check_schema_version(meta.get("schema_version"), f"store {self.root}")
@@ -141,6 +141,7 @@ class Store:
         self._warned: set[str] = set()
         self._checked: set[str] = set()  # files whose footer was checked (segments are immutable)
         self._read_ok: set[str] = set()  # files read in full once after a query failed on corrupt data
+        self._s3_cache: dict[str, Any] = {}  # s3:// roots: footers (and small tables' rows) of immutable segments
         self.version = 0  # bumps whenever a built table's listing changed; apps cache on it
         self._refreshed_at = float("-inf")
         # Every view exists from the start over no rows (no I/O); a query lists and builds the
@@ -274,7 +275,13 @@ class Store:
     def _build_views(self, files: dict[str, list[Path]]) -> None:
         for table, paths in files.items():
             cols = ", ".join(f'"{f.name}"' for f in TABLES[table])
-            if paths:
+            if paths and _fs.is_remote(paths[0]):
+                # Object storage: DuckDB cannot open s3:// offline; it scans a pyarrow dataset (pushdown).
+                from healthwatch.objectstore import s3_table_source
+
+                self.con.register(f"_s3_{table}", s3_table_source([str(p) for p in paths], TABLES[table], self._s3_cache))
+                body = f"SELECT run, {cols} FROM _s3_{table}"
+            elif paths:
                 flist = "[" + ", ".join(_sql_str(_fs.FS.open_input(str(p))) for p in paths) + "]"
                 body = (
                     f"SELECT run, {cols} FROM read_parquet({flist}, hive_partitioning = true, "

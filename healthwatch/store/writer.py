@@ -8,6 +8,7 @@ never needs a manual compaction to be fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from healthwatch.schema import TABLES, validate_run_name
+from healthwatch.store import fs as _fs
 from healthwatch.store.merge import merge_files
 from healthwatch.store.meta import init_store
 from healthwatch.store.rollup import ROLLUP_KEYS, RollupAccumulator
@@ -40,7 +42,7 @@ class StoreWriter:
         merge_fanout: int = 8,
         rollups: bool = True,
     ) -> None:
-        self.root = Path(root)
+        self.root = _fs.root_path(root)
         self.run = validate_run_name(run)
         self.attempt = int(attempt)
         self.rank = rank
@@ -55,6 +57,7 @@ class StoreWriter:
 
     def _ensure_init(self) -> None:
         if not self._initialised:
+            _fs.ensure_writable(self.root)  # s3://: refuse a server that ignores If-None-Match (once per process)
             init_store(self.root)
             self._initialised = True
 
@@ -130,7 +133,10 @@ class StoreWriter:
     def _compact_own(self, table: str) -> int:
         directory = table_dir(self.root, table, self.run)
         merges = 0
-        with merge_lock(directory, blocking=False) as locked:
+        remote = _fs.is_remote(directory)
+        # On object storage a writer merges only its own segments without the directory lock: no
+        # compaction runs there (``compact_store`` refuses s3:// roots), so no one else merges them.
+        with contextlib.nullcontext(True) if remote else merge_lock(directory, blocking=False) as locked:
             if not locked:
                 return 0
             while True:
@@ -143,5 +149,10 @@ class StoreWriter:
                     return merges
                 group = sorted(by_level[level], key=lambda s: s.seq)[: self.merge_fanout]
                 target = f"{self.writer_id}-{group[-1].seq:09d}-L{level + 1}.parquet"
-                merge_files(directory, [s.path for s in group], target, table)
+                if remote:
+                    from healthwatch.objectstore import merge_s3
+
+                    merge_s3(str(directory), [str(s.path) for s in group], target, table)
+                else:
+                    merge_files(directory, [s.path for s in group], target, table)
                 merges += 1

@@ -2,8 +2,8 @@
 
 The same store (written and compacted locally, then uploaded object by object with create-only
 PUTs under the same keys) is read both ways: ``healthwatch.query`` and ``healthwatch.compare``
-must return identical frames from the local :class:`~healthwatch.store.Store` and from
-:class:`~healthwatch.objectstore.S3Tables` (pyarrow datasets over the S3 objects).
+must return identical frames from ``open_store(<local dir>)`` and ``open_store("s3://…")`` (the
+one reader, :class:`~healthwatch.store.Store`, over pyarrow datasets of the S3 objects).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from polars.testing import assert_frame_equal
 from scale_store import PARENT, write_lineage
 
 from healthwatch import compare, query
-from healthwatch.objectstore import S3FS, S3Tables
+from healthwatch import objectstore
+from healthwatch.objectstore import S3FS
 from healthwatch.store import compact_store, open_store
 
 
@@ -34,7 +35,10 @@ def _upload(root: Path, s3_root: str) -> int:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("in_memory_bytes", [0, None], ids=["scan-s3", "small-tables-in-memory"])
-def test_query_layer_on_s3_equals_local(tmp_path: Path, s3_root: str, in_memory_bytes: int | None) -> None:
+def test_query_layer_on_s3_equals_local(tmp_path: Path, s3_root: str, in_memory_bytes: int | None,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    if in_memory_bytes is not None:  # 0: every table is scanned on S3 at each query, none held in memory
+        monkeypatch.setattr(objectstore, "IN_MEMORY_BYTES", in_memory_bytes)
     root = tmp_path / "store"
     write_lineage(root, last_step=9990)
     # Rollup validity compares attempt start times with the rollup file's age (1 s slack); the
@@ -42,7 +46,8 @@ def test_query_layer_on_s3_equals_local(tmp_path: Path, s3_root: str, in_memory_
     time.sleep(1.5)
     compact_store(root, runs=[PARENT])  # the parent reads rollups; the branches raw segments
     assert _upload(root, s3_root) > 10
-    with open_store(root) as local, S3Tables(s3_root, in_memory_bytes=in_memory_bytes) as remote:
+    with open_store(root) as local, open_store(s3_root) as remote:
+        assert str(remote.root).startswith("s3:/")
         assert remote.sql("SELECT count(*) FROM layer_stats").fetchone() == local.sql(
             "SELECT count(*) FROM layer_stats").fetchone()
         for agg in ("max", "mean", "min", "last"):
