@@ -29,7 +29,7 @@ import polars as pl
 import pyarrow as pa
 
 from healthwatch.alerts.rules import All, Expr, Gap, Leads, NonFinite, Selector, Spike, Sql, Threshold, Trend
-from healthwatch.store import Store
+from healthwatch.store import Store, duck
 
 #: Cursor of a run that was never evaluated (far below any real step, and safe to subtract from).
 NEVER = -(2**60)
@@ -477,9 +477,7 @@ class Snapshot:
     """
 
     def __init__(self) -> None:
-        import duckdb
-
-        self.con = duckdb.connect()
+        self.con = duck.cursor()
         self.rows = 0
 
     def load(self, store: Store, starts: dict[str, int], upto: int | None, sources: Sources) -> None:
