@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 from s3servers import ADMIN, READER, IgnoringProxy, SeaweedS3
 
+from healthwatch import objectstore
 from healthwatch.objectstore import (
     S3FS,
     AccessDeniedError,
@@ -24,12 +25,12 @@ from healthwatch.objectstore import (
     KeyCollisionError,
     S3SegmentWriter,
     S3Settings,
-    S3Tables,
     StoreURIError,
     parse_store_uri,
     segment_key,
 )
 from healthwatch.schema import TABLES
+from healthwatch.store import open_store
 
 BUCKET = "hwstore"
 
@@ -135,7 +136,11 @@ def test_store_code_that_joins_paths_works_on_s3_roots(s3_root: str) -> None:
     fs.publish(str(directory), "b.parquet", lambda tmp: Path(tmp).write_bytes(b"22"))
     assert fs.mtime_ns(str(directory)) != first
     assert fs.read_bytes(str(directory / "b.parquet")) == b"22"
-    assert fs.open_input(str(directory / "b.parquet")) == f"{BUCKET}/{s3_root[len('s3://' + BUCKET) + 1:]}/table=scalars/run=r/b.parquet"
+    assert fs.arrow_path(str(directory / "b.parquet")) == f"{BUCKET}/{s3_root[len('s3://' + BUCKET) + 1:]}/table=scalars/run=r/b.parquet"
+    with fs.open_input(str(directory / "b.parquet")) as fh:  # what pyarrow reads (footers, schemas)
+        assert fh.read() == b"22"
+    with pytest.raises(FileNotFoundError):
+        fs.open_input(str(directory / "gone.parquet"))
 
 
 # -- bad input: one clear error each ------------------------------------------------------------
@@ -144,8 +149,8 @@ def test_store_code_that_joins_paths_works_on_s3_roots(s3_root: str) -> None:
 def test_missing_bucket_is_a_clear_error(s3_env: SeaweedS3) -> None:
     with pytest.raises(BucketNotFoundError, match="bucket 'no-such-bucket' does not exist at http://127.0.0.1"):
         S3FS("no-such-bucket").probe()
-    with pytest.raises(BucketNotFoundError):
-        S3Tables("s3://no-such-bucket/x")
+    with pytest.raises(BucketNotFoundError, match="no-such-bucket"):
+        open_store("s3://no-such-bucket/x")
 
 
 @pytest.mark.parametrize("creds", [(ADMIN[0], "wrong-secret"), ("nobody", "nothing")])
@@ -209,7 +214,8 @@ def _layer_rows(run_steps: np.ndarray, layers: int, values: np.ndarray) -> pa.Ta
     )
 
 
-def test_segments_round_trip_bit_exact_through_duckdb(s3_root: str) -> None:
+def test_segments_round_trip_bit_exact_through_duckdb(s3_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(objectstore, "IN_MEMORY_BYTES", 0)  # read from S3 at every query, not held in memory
     rng = np.random.default_rng(7)
     layers, steps = 6, np.arange(0, 300, dtype=np.int64)
     values = rng.normal(size=steps.size * layers) * 1e3
@@ -222,11 +228,11 @@ def test_segments_round_trip_bit_exact_through_duckdb(s3_root: str) -> None:
     for part in range(3):
         sl = slice(part * 100 * layers, (part + 1) * 100 * layers)
         writer.write("layer_stats", _layer_rows(steps[part * 100 : (part + 1) * 100], layers, values[sl]))
-    tables = S3Tables(s3_root, fs=fs, in_memory_bytes=0)  # read from S3 at every query, not held in memory
+    tables = open_store(s3_root)  # the one reader, on the s3:// root
     assert len(tables.files("layer_stats")) == 3
-    got = tables.sql(
+    got = {k: v.to_numpy() for k, v in zip(["step", "layer", "value"], tables.sql(
         "SELECT step, layer, value FROM layer_stats WHERE run = 'run-a' ORDER BY step, layer"
-    ).fetchnumpy()
+    ).arrow().columns, strict=True)}
     assert np.array_equal(got["step"], np.repeat(steps, layers))
     assert np.array_equal(got["value"].view(np.uint64), values.view(np.uint64))  # NaN, ±Inf, -0.0 included
     # Column and row filters are pushed into the pyarrow scan of the S3 objects.
@@ -238,6 +244,6 @@ def test_segments_round_trip_bit_exact_through_duckdb(s3_root: str) -> None:
     assert '"layer" = 3' in scan and '"step" >= 200' in scan and "Projections: value" in scan
     sub = tables.sql(
         "SELECT value FROM layer_stats WHERE run = 'run-a' AND layer = 3 AND step >= 200 ORDER BY step"
-    ).fetchnumpy()["value"]
+    ).arrow()["value"].to_numpy()
     assert np.array_equal(sub.view(np.uint64), values.reshape(-1, layers)[200:, 3].view(np.uint64))
     tables.close()

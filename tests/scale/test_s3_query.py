@@ -16,8 +16,7 @@ import pytest
 from polars.testing import assert_frame_equal
 from scale_store import PARENT, write_lineage
 
-from healthwatch import compare, query
-from healthwatch import objectstore
+from healthwatch import compare, objectstore, query
 from healthwatch.objectstore import S3FS
 from healthwatch.store import compact_store, open_store
 

@@ -25,11 +25,11 @@ from healthwatch.objectstore import (
     BackgroundUploader,
     S3SegmentWriter,
     S3Settings,
-    S3Tables,
     parse_store_uri,
     segment_key,
 )
 from healthwatch.schema import TABLES
+from healthwatch.store import open_store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,8 +116,8 @@ def test_kill_9_mid_upload_leaves_no_partial_object(s3_root: str, tmp_path: Path
     # Segments 1-3 are there whole; the one being sent when the writer died is absent, not partial.
     assert names == [segment_key(root, "scalars", "killed", writer_id, s).rsplit("/", 1)[1] for s in (1, 2, 3)]
     assert not fs.exists(fs.uri(segment_key(root, "scalars", "killed", writer_id, 4)))
-    tables = S3Tables(s3_root, fs=fs)
-    steps = tables.sql("SELECT step FROM scalars WHERE run = 'killed' ORDER BY step").fetchnumpy()["step"]
+    tables = open_store(s3_root)
+    steps = tables.sql("SELECT step FROM scalars WHERE run = 'killed' ORDER BY step").arrow()["step"].to_numpy()
     expected = np.concatenate([np.arange(s * 100_000, s * 100_000 + 500) for s in (1, 2, 3)])
     assert np.array_equal(steps, expected)  # loss is bounded by the flush in flight
     tables.close()
@@ -172,7 +172,7 @@ def test_server_stopped_and_restarted_mid_run(private_seaweed: SeaweedS3) -> Non
         _wait(lambda: up.written_rows + up.dropped_rows == submitted, timeout=120)
     up.close()
     assert up.written_rows == 200 and up.dropped_rows == 200
-    tables = S3Tables(root, fs=S3FS.for_uri(root))
-    steps = tables.sql("SELECT step FROM scalars WHERE run = 'live' ORDER BY step").fetchnumpy()["step"]
+    tables = open_store(root)
+    steps = tables.sql("SELECT step FROM scalars WHERE run = 'live' ORDER BY step").arrow()["step"].to_numpy()
     assert np.array_equal(steps, np.concatenate([np.arange(0, 100), np.arange(300, 400)]))
     tables.close()
