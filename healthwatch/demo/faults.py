@@ -18,19 +18,31 @@ docs/early-warning.md), not assumed.
   grow exponentially (``resid_rate`` per step), as outlier features do in the report's early
   layers. Mechanism: the early-layer residual RMS rises at once; the RMSNorms downstream then
   divide every other channel by the outliers' RMS, squashing the information they carry, and the
-  NVFP4 blocks that contain an outlier channel flush their small elements to zero. Loss: flat for
-  tens of steps while the norms rise, then climbing away (band exit typically 60-120 steps after
-  onset with the default rate).
+  NVFP4 blocks that contain an outlier channel flush their small elements to zero. On its own,
+  in the benchmark's 4-block model, this only creeps the loss up (+4 % in 120 steps, seed 11,
+  never out of its band): the report's spikes came thousands of steps later in a far larger
+  model. AMPLIFIED so that the run ends in loss spikes within a benchmark run: from
+  ``onset + lr_delay`` (default 60) the learning rate ramps like ``lr_excursion`` (x``lr_factor``
+  over ``lr_ramp`` steps). Loss: flat while the norms rise, then it leaves its band ~10-20 steps
+  after the ramp starts. The time from the norms' rise to the spikes is therefore SET by
+  ``lr_delay``, not emergent: what the benchmark measures is whether the pack sees the norms
+  rise, on unseen seeds, within that time. (A milder x8 ramp diverged neither this fault nor a
+  healthy run, seed 11: no interaction between outliers and step size could be shown at this size.)
 * ``mtp_starvation`` -- the shared output layer's gradient is accumulated main-first in BF16 over
   ``microbatches`` microbatches (one running sum, rounded to BF16 after every add): once the sum
   is ``microbatches`` times larger than one microbatch's term, the MTP heads' x0.05 contributions
   are below half a BF16 ulp of it and round away; the MTP block shares the output layer's
   reduction bucket with a single scale, so its gradients far below the bucket's largest value
   (``bucket_range`` binades) underflow to zero. The MTP block stops learning while the trunk under
-  it keeps moving. Loss: the MTP-2 loss rises relative to its own history while the train loss
-  keeps falling; in this small model (MTP weight 0.05 x 2) the train loss did NOT leave its band
-  on any measured seed -- the starvation is a fault to catch, and the report's divergence that
-  followed it needs the larger model's coupling (stated, not faked).
+  it keeps moving, so the MTP-2 loss rises RELATIVE TO THE TRAIN LOSS (their ratio, on the same
+  batches: +3-5 % within 50-70 steps of onset on tuning seeds 11-12, healthy runs within +-2 %). On
+  its own, in this small model (MTP weight 0.05 x 2), the train loss did not leave its band on any
+  of 8 seeds (11, 12, 1001-1003, 1006-1008; evaluation of 2026-12-02): the report's divergence that followed needs the larger model's coupling. AMPLIFIED
+  so that the run then diverges: from ``onset + lr_delay`` (default 80) the learning rate ramps
+  like ``lr_excursion`` (x``lr_factor`` over ``lr_ramp`` steps). Loss: the train loss holds while
+  MTP-2 climbs, then leaves its band ~10-20 steps after the ramp starts -- the MTP-2 rise comes
+  first BY CONSTRUCTION (``lr_delay``); the benchmark measures whether the pack sees the
+  starvation, on unseen seeds, before the divergence.
 * ``ultra`` -- the reference case: MTP starvation, residual growth and router collapse from the
   onset, then a learning-rate excursion (``lr_delay`` steps later) that diverges the run.
 
@@ -52,10 +64,14 @@ from healthwatch.demo.model import HybridLM
 REGISTRY: dict[str, frozenset[str]] = {
     "lr_excursion": frozenset({"lr_excursion"}),
     "router_collapse": frozenset({"router_collapse"}),
-    "residual_growth": frozenset({"residual_growth"}),
-    "mtp_starvation": frozenset({"mtp_starvation"}),
+    # The delayed learning-rate ramp amplifies the mechanism into a divergence (module docstring).
+    "residual_growth": frozenset({"residual_growth", "lr_excursion"}),
+    "mtp_starvation": frozenset({"mtp_starvation", "lr_excursion"}),
     "ultra": frozenset({"mtp_starvation", "residual_growth", "router_collapse", "lr_excursion"}),
 }
+#: Fault name -> steps from onset to its learning-rate ramp, for faults whose mechanism is
+#: amplified into a divergence (module docstring). ``ultra``: 40 steps, as in the demo.
+DEFAULT_LR_DELAY: dict[str, int] = {"ultra": 40, "residual_growth": 60, "mtp_starvation": 80}
 #: Names of the built-in faults, in the order the benchmark and docs list them.
 FAULTS = tuple(REGISTRY)
 #: Part -> ``effect(fault, model, step)`` run by :meth:`Fault.before_step` from the onset on, for
@@ -131,8 +147,10 @@ class Fault:
         if self.onset < 0:
             raise ValueError(f"fault onset must be >= 0, got {self.onset}")
         self.parts = set(REGISTRY[self.name])
-        if self.name == "ultra" and self.lr_delay == 0:
-            self.lr_delay = 40
+        if self.lr_delay == 0:
+            # Steps from the mechanism's onset to the learning-rate ramp (module docstring); 0 for
+            # lr_excursion itself (the ramp IS the fault).
+            self.lr_delay = DEFAULT_LR_DELAY.get(self.name, 0)
 
     def active(self, step: int) -> bool:
         """True from the onset on."""
