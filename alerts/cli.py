@@ -13,6 +13,7 @@ from rich.table import Table
 
 from healthwatch.cli_common import StoreOpt, console, err, fail, new_app
 from healthwatch.store import default_store_path
+from healthwatch.store.fs import store_exists
 
 app = new_app("Validate, test, watch and backtest alert rules.")
 
@@ -103,7 +104,10 @@ def watch(
     if start not in ("history", "latest"):
         _fail("--start must be history or latest")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    path = default_store_path(store)
+    try:
+        path = default_store_path(store)  # a directory or s3://bucket/prefix
+    except ValueError as exc:  # an unsupported scheme, an s3:// URI without a bucket
+        _fail(str(exc))
     rs = _rules(rules)
     try:
         sinks = make_sinks(notify or [], jsonl, console=not quiet, rich_console=console)
@@ -115,7 +119,7 @@ def watch(
     err.print(f"watching {path} with {len(rs)} rules every ≤{interval:g}s; notifying {targets}", highlight=False)
     try:
         if once:
-            if not path.is_dir():
+            if not store_exists(path):
                 _fail(f"no healthwatch store at {path}")
             ev.evaluate_once()
             _print_active(ev)
@@ -167,7 +171,7 @@ def backtest(
     from healthwatch.alerts.backtest import render_backtest
 
     path = default_store_path(store)
-    if not path.is_dir():
+    if not store_exists(path):  # a directory, or an s3:// store
         _fail(f"no healthwatch store at {path}")
     rs = _rules(rules)
     try:

@@ -65,6 +65,7 @@ from healthwatch.alerts.transition import Transition, fingerprint
 from healthwatch.query.runs import heartbeats
 from healthwatch.schema import validate_run_name
 from healthwatch.store import Store, StoreWriter
+from healthwatch.store import fs as _store_fs
 from healthwatch.store.segments import iter_run_dirs
 
 log = logging.getLogger("healthwatch.alerts")
@@ -172,7 +173,7 @@ class Evaluator:
     @property
     def store(self) -> Store | None:
         """The read handle (opened on first use; None while the store does not exist)."""
-        if self._store is None and self.root.is_dir():
+        if self._store is None and _store_fs.store_exists(self.root):  # a directory, or an s3:// store
             self._store = Store(self.root)
         return self._store
 
@@ -583,8 +584,10 @@ class Evaluator:
     def _claim(self, t: Transition) -> bool:
         """Atomically claim the notification of ``t``; False when another evaluator holds it."""
         d = self.root / CLAIMS_DIR / f"run={t.run}"
-        d.mkdir(parents=True, exist_ok=True)
         path = d / f"{t.fingerprint}-{t.state}-{int(t.step)}"
+        if _store_fs.is_remote(d):  # object storage: one create-only PUT (If-None-Match) is the claim
+            return _store_fs.FS.create_exclusive(str(path), f"{self.id}\n".encode())
+        d.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

@@ -53,6 +53,7 @@ from healthwatch.query import (  # noqa: F401 - re-exported for the pages
     tree_order,
 )
 from healthwatch.store import Store, default_store_path
+from healthwatch.store.fs import store_exists
 
 #: How old the store's listing may be when a cache miss queries it.
 _FRESH_S = 0.5
@@ -75,7 +76,7 @@ def _open(path: str) -> Store:
 def get_store(quiet: bool = False) -> Store | None:
     """The open store (refreshed), or None after showing why there is none (unless ``quiet``)."""
     path = store_path()
-    if not path.is_dir():
+    if not store_exists(path):  # a directory, or an s3:// store
         if not quiet:
             st.info(f"No healthwatch store at `{path}` yet. Start a run with `hw.Monitor(store=...)`, "
                     "or `healthwatch demo` for a demo store, then reload.")

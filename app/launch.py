@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from healthwatch.store.fs import root_uri  # an absolute path, or s3://bucket/prefix as given
+
 MAIN = Path(__file__).with_name("main.py")
 
 
@@ -21,7 +23,7 @@ def streamlit_command(store: Path, port: int = 8501, host: str = "127.0.0.1") ->
         "--server.headless", "true",
         "--browser.gatherUsageStats", "false",
         "--server.fileWatcherType", "none",
-        "--", "--store", str(Path(store).resolve()),
+        "--", "--store", root_uri(store),
     ]
 
 
@@ -40,8 +42,8 @@ def launch(store: Path, port: int = 8501, host: str = "127.0.0.1") -> int:
     Linux it is also tied to the launcher's life, so stopping ``healthwatch app`` never leaves an
     orphaned server holding the port.
     """
-    env = dict(os.environ, HEALTHWATCH_STORE=str(Path(store).resolve()))
-    print(f"healthwatch app on http://{host}:{port}  (store {Path(store).resolve()}; Ctrl-C to stop)", flush=True)
+    env = dict(os.environ, HEALTHWATCH_STORE=root_uri(store))
+    print(f"healthwatch app on http://{host}:{port}  (store {root_uri(store)}; Ctrl-C to stop)", flush=True)
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
     proc = subprocess.Popen(streamlit_command(store, port, host), env=env, preexec_fn=preexec)  # noqa: PLW1509
     previous = {}

@@ -20,10 +20,17 @@ def _fail(message: str, code: int = 2) -> None:
     fail(message, code)
 
 
-def _store_path(store: Path | None, must_exist: bool = True) -> Path:
-    path = default_store_path(store)
-    if must_exist and not path.is_dir():
-        _fail(f"no healthwatch store at {path} (run `healthwatch demo` to create one, or pass --store)")
+def _store_path(store: str | Path | None, must_exist: bool = True) -> Path:
+    from healthwatch.objectstore import ObjectStoreError
+    from healthwatch.store import fs as store_fs
+
+    try:
+        path = default_store_path(store)  # a directory or s3://bucket/prefix; another scheme is refused
+        if must_exist and not store_fs.store_exists(path):
+            _fail(f"no healthwatch store at {store_fs.root_uri(path)} (run `healthwatch demo` to create one, "
+                  "or pass --store)")
+    except (ValueError, ObjectStoreError) as exc:  # bad URI, missing bucket, credentials, endpoint
+        _fail(str(exc))
     return path
 
 
@@ -39,6 +46,7 @@ def version() -> None:
 def runs(store: StoreOpt = None) -> None:
     """List the runs of a store with lineage, attempts, last step and tokens."""
     from healthwatch import query
+    from healthwatch.store import fs as store_fs
     from healthwatch.store import open_store
 
     try:
@@ -49,7 +57,7 @@ def runs(store: StoreOpt = None) -> None:
     if df.height == 0:
         console.print("the store has no runs yet")
         return
-    table = Table(title=f"runs in {st.root}")
+    table = Table(title=f"runs in {store_fs.root_uri(st.root)}")
     for col in ("run", "status", "parent", "branch step", "precision", "attempts", "last step", "last tokens",
                 "last write"):
         # Narrow terminals wrap cells instead of cutting numbers off; a run name stays whole.
@@ -87,7 +95,13 @@ def compact(
 
     path = _store_path(store)
     from healthwatch.schema import TABLES
+    from healthwatch.store import fs as store_fs
     from healthwatch.store.segments import iter_run_dirs
+
+    if store_fs.is_remote(path):
+        _fail(f"{store_fs.root_uri(path)}: compaction runs on local stores only. On object storage each writer "
+              "merges its own segments as it goes (bounded object count, docs/scale.md) and `healthwatch "
+              "publish` gives engines Delta tables; a second merger would need a lock S3 cannot break safely")
 
     found = sorted({r for t in TABLES for r, _ in iter_run_dirs(path, t)})
     targets = [r for r in found if not run or r in run]
@@ -110,13 +124,11 @@ def publish(
 ) -> None:
     """Commit the store's sealed segments to Delta Lake tables for Spark, Trino, DuckDB (docs/scale.md)."""
     from healthwatch.publish import Publisher, PublishError, describe
+    from healthwatch.store import fs as store_fs
 
-    raw = str(store) if store is not None else ""
     try:
-        if raw.startswith("s3:/"):  # the shared --store option is a Path, which folds "s3://" to "s3:/"
-            target: object = "s3://" + raw[len("s3:/"):].lstrip("/")
-        else:
-            target = _store_path(store)
+        path = _store_path(store)
+        target: object = store_fs.root_uri(path) if store_fs.is_remote(path) else path
         pub = Publisher(target, out=out, runs=run or None)  # type: ignore[arg-type]
         if not follow:
             console.print(describe(pub.publish_once()), highlight=False)

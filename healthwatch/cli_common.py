@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
@@ -13,10 +12,12 @@ console = Console()
 #: Errors and warnings, on stderr so that piped output stays clean.
 err = Console(stderr=True)
 
-#: The ``--store/-s`` option every command that reads or writes a store takes.
+#: The ``--store/-s`` option every command that reads or writes a store takes: a directory or a URI
+#: (``s3://bucket/prefix``). A string, not a ``Path``: ``Path`` folds ``s3://`` into ``s3:/``.
 StoreOpt = Annotated[
-    Path | None,
-    typer.Option("--store", "-s", help="Store directory (default: $HEALTHWATCH_STORE or ./healthwatch-store)."),
+    str | None,
+    typer.Option("--store", "-s", help="Store directory or s3://bucket/prefix (default: $HEALTHWATCH_STORE or "
+                 "./healthwatch-store)."),
 ]
 
 
