@@ -366,6 +366,42 @@ def _downsample_sql(source: str, max_points: int) -> str:
     """
 
 
+_SERIES_SCHEMA = {"step": pl.Int64, "tokens": pl.Int64, "value": pl.Float64, "attempt": pl.Int32,
+                  "superseded": pl.Boolean}
+
+
+def _series_direct(store: Store, run: str, name: str, layer: int | None, max_points: int, step_min: int | None,
+                   step_max: int | None, include_superseded: bool, attempt: int | None) -> pl.DataFrame | None:
+    """:func:`series` over raw rows read with :meth:`Store.scan_run`, or None (then SQL answers).
+
+    Only when the answer needs no downsampling (at most ``max_points`` rows): then it is exactly
+    the rows, on the path of ``attempt`` (:meth:`Timeline.superseded_mask`, the one rule), sorted
+    like the SQL answer. Anything else — more rows, a store that cannot scan — returns None.
+    """
+    scan = getattr(store, "scan_run", None)
+    if scan is None:
+        return None
+    att = scan("attempts", run, ["attempt", "start_step"])
+    if att is None:
+        return None
+    path = Timeline.of(zip(att["attempt"].to_list(), att["start_step"].to_list()), attempt)
+    lo = -(2**62) if step_min is None else int(step_min)
+    hi = 2**62 if step_max is None else int(step_max)
+    if layer is None:
+        table, ranges = "scalars", {"name": (name, name), "step": (lo, hi)}
+    else:
+        table, ranges = "layer_stats", {"metric": (name, name), "layer": (int(layer), int(layer)), "step": (lo, hi)}
+    rows = scan(table, run, ["step", "tokens", "value", "attempt"], ranges)
+    if rows is None:
+        return None
+    df = rows.with_columns(path.superseded_mask(pl.col("attempt"), pl.col("step")).fill_null(False).alias("superseded"))
+    if not include_superseded:
+        df = df.filter(~pl.col("superseded"))
+    if df.height > max_points:
+        return None  # downsampling: the SQL path (one definition of the min/max picks)
+    return df.select([pl.col(k).cast(v) for k, v in _SERIES_SCHEMA.items()]).sort("superseded", "step", "attempt")
+
+
 def series(
     store: Store,
     run: str,
@@ -386,6 +422,12 @@ def series(
     included and flagged. A whole long series reads valid 100-step rollups where they exist: every
     extreme is kept exactly, placed at the first step of its bucket, with ``attempt`` NULL.
     """
+    if step_min is not None or step_max is not None or not use_rollups:
+        # A bounded read (or one that never uses rollups) of few rows: answered from the run's own
+        # segments with pyarrow, without a DuckDB connection (the cheap open of a fresh process).
+        direct = _series_direct(store, run, name, layer, max_points, step_min, step_max, include_superseded, attempt)
+        if direct is not None:
+            return direct
     sig = Signal(name) if layer is None else Signal(name, "max", (int(layer), int(layer)))
     path = timeline(store, run, attempt)
     plans: dict[str, RollupPlan] = {}

@@ -23,10 +23,18 @@ import duckdb
 import pyarrow as pa
 
 from healthwatch.schema import ATTEMPT_TABLES, TABLES, check_schema_version
+from healthwatch.store import duck as _duck
 from healthwatch.store import fs as _fs
 from healthwatch.store.merge import sql_str as _sql_str
 from healthwatch.store.meta import default_store_path, read_meta
-from healthwatch.store.segments import full_read_problem, iter_run_dirs, list_segments, segment_problem
+from healthwatch.store.segments import (
+    full_read_problem,
+    iter_run_dirs,
+    list_segments,
+    schema_problem,
+    segment_problem,
+    table_dir,
+)
 from healthwatch.store.timeline import view_sql
 
 log = logging.getLogger("healthwatch.store")
@@ -52,6 +60,36 @@ def _duck_type(t: pa.DataType) -> str:
     if pa.types.is_list(t):
         return _duck_type(t.value_type) + "[]"
     return "VARCHAR"
+
+
+def _polars_type(t: pa.DataType) -> Any:
+    """The polars type of a store column's Arrow type (an empty Arrow table would import pandas)."""
+    import polars as pl
+
+    if pa.types.is_list(t):
+        return pl.List(_polars_type(t.value_type))
+    return {"int32": pl.Int32, "int64": pl.Int64, "double": pl.Float64, "string": pl.Utf8}.get(str(t), pl.Utf8)
+
+
+def _fit(group: Any, index: dict[str, int], ranges: dict[str, tuple[Any, Any]]) -> set[str] | None:
+    """Which ``ranges`` columns hold only values in ``[lo, hi]`` in a Parquet row group, from its
+    min/max statistics; ``None`` when the statistics rule the group out (no row can match).
+
+    A column without exact statistics neither rules the group out nor counts as inside.
+    """
+    inside: set[str] = set()
+    for col, (lo, hi) in ranges.items():
+        i = index.get(col)
+        stats = None if i is None else group.column(i).statistics
+        if stats is None or not stats.has_min_max or stats.null_count:
+            continue
+        if not getattr(stats, "is_max_value_exact", True) or not getattr(stats, "is_min_value_exact", True):
+            continue
+        if stats.max < lo or stats.min > hi:
+            return None
+        if stats.min >= lo and stats.max <= hi:
+            inside.add(col)
+    return inside
 
 
 _FILE_IN_ERROR = re.compile(r"""(?:file|File)\s+["']?([^"'\s]+\.parquet)""")
@@ -121,20 +159,7 @@ class Store:
             raise FileNotFoundError(f"no healthwatch store at {self.root} (directory does not exist)")
         meta = read_meta(self.root)
         check_schema_version(meta.get("schema_version"), f"store {self.root}")
-        self.con = duckdb.connect()
-        try:
-            # DuckDB plans an ASOF join as a nested loop when it guesses the left side is tiny
-            # (≤ 64 rows); its estimates over filtered Parquet views are that low, so a token-aligned
-            # join of 1M x 100k rows became a 10^11-row nested loop. Always use the real ASOF join.
-            self.con.execute("SET asof_loop_join_threshold = 0")
-        except duckdb.Error:  # older DuckDB without the setting: it has no nested-loop ASOF either
-            pass
-        try:
-            # Segments are immutable (a merge publishes a new name), so caching their Parquet footers
-            # is safe; a compacted 1M-step file has ~2,700 row groups whose metadata cost ~80 ms a query.
-            self.con.execute("SET parquet_metadata_cache = true")
-        except duckdb.Error:  # an older DuckDB without the setting is only slower
-            pass
+        self._con: Any = None  # DuckDB, connected at the first SQL query (see con)
         self._lock = threading.RLock()
         self._sigs: dict[str, tuple[Any, ...]] = {}  # per built table: its directories' signature
         self._bad_files: set[str] = set()
@@ -144,10 +169,42 @@ class Store:
         self._s3_cache: dict[str, Any] = {}  # s3:// roots: footers (and small tables' rows) of immutable segments
         self.version = 0  # bumps whenever a built table's listing changed; apps cache on it
         self._refreshed_at = float("-inf")
+
+    @property
+    def con(self) -> Any:
+        """The DuckDB connection with the store's views, connected at first use.
+
+        Opening a store costs no DuckDB connection (tens of ms in a fresh process): a question the
+        store answers without SQL (:meth:`scan_run`) never pays for one.
+        """
+        if self._con is None:
+            with self._lock:
+                if self._con is None:
+                    self._connect()
+        return self._con
+
+    def _connect(self) -> None:
+        # A cursor of the process-wide database (~30 µs; a connect costs ~80-100 ms): the views
+        # are TEMP views, so each store's names stay its own.
+        con = _duck.cursor()
+        try:
+            # DuckDB plans an ASOF join as a nested loop when it guesses the left side is tiny
+            # (≤ 64 rows); its estimates over filtered Parquet views are that low, so a token-aligned
+            # join of 1M x 100k rows became a 10^11-row nested loop. Always use the real ASOF join.
+            con.execute("SET asof_loop_join_threshold = 0")
+        except duckdb.Error:  # older DuckDB without the setting: it has no nested-loop ASOF either
+            pass
+        try:
+            # Segments are immutable (a merge publishes a new name), so caching their Parquet footers
+            # is safe; a compacted 1M-step file has ~2,700 row groups whose metadata cost ~80 ms a query.
+            con.execute("SET parquet_metadata_cache = true")
+        except duckdb.Error:  # an older DuckDB without the setting is only slower
+            pass
+        self._con = con
         # Every view exists from the start over no rows (no I/O); a query lists and builds the
         # tables it names (see _needed), so a cheap open touches nothing it does not read.
         for table in TABLES:
-            self.con.execute(f"CREATE OR REPLACE VIEW {self._view_name(table)} AS {_empty_select(table)}")
+            con.execute(f"CREATE OR REPLACE TEMP VIEW {self._view_name(table)} AS {_empty_select(table)}")
         self._derived_views()
 
     # -- listing / views ---------------------------------------------------------------------
@@ -159,12 +216,12 @@ class Store:
         """Views defined over the base views: ``runs`` (first declaration wins) and the timeline views."""
         # First definition of a run wins: a resumed attempt does not redefine lineage.
         self.con.execute(
-            "CREATE OR REPLACE VIEW runs AS SELECT * FROM runs_raw "
+            "CREATE OR REPLACE TEMP VIEW runs AS SELECT * FROM runs_raw "
             "QUALIFY row_number() OVER (PARTITION BY run ORDER BY created) = 1"
         )
         for table in ATTEMPT_TABLES:
             for name, body in view_sql(table).items():
-                self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
+                self.con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {body}")
 
     @staticmethod
     def _needed(query: str) -> set[str]:
@@ -289,7 +346,7 @@ class Store:
                 )
             else:
                 body = _empty_select(table)
-            self.con.execute(f"CREATE OR REPLACE VIEW {self._view_name(table)} AS {body}")
+            self.con.execute(f"CREATE OR REPLACE TEMP VIEW {self._view_name(table)} AS {body}")
 
     def files(self, table: str, run: str | None = None) -> list[Path]:
         """Live segment files of ``table`` (optionally of one run)."""
@@ -298,6 +355,72 @@ class Store:
             if run is None or r == run:
                 out.extend(list_segments(rdir))
         return out
+
+    def scan_run(self, table: str, run: str, columns: Sequence[str],
+                 ranges: dict[str, tuple[Any, Any]] | None = None) -> Any:
+        """Rows of one run's ``table`` whose ``ranges`` columns lie in ``[lo, hi]`` (inclusive), as polars.
+
+        The cheap path for a small, exact question (one series over a step range, a run's
+        attempts): it lists only ``table=<t>/run=<r>/``, reads the footers of that run's segments
+        and decodes only the row groups whose min/max statistics can hold matching rows. No
+        DuckDB connection, no views, nothing of other runs or tables. Returns ``None`` when it
+        cannot answer exactly here — a root that is not a local directory, a segment that is not
+        a readable segment of the table, files retired by a merge while it read — and the caller
+        takes the SQL path, which handles all of those.
+        """
+        import polars as pl
+        import pyarrow.parquet as pq
+
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
+        unknown = [c for c in (*columns, *(ranges or {})) if c not in TABLES[table].names]
+        if unknown:
+            raise ValueError(f"table {table!r} has no column(s) {', '.join(unknown)}")
+        is_remote = getattr(_fs, "is_remote", None)
+        if (is_remote is not None and is_remote(str(self.root))) or not isinstance(self.root, Path):
+            return None  # object storage: the SQL path (pyarrow datasets over S3) serves it
+        ranges = dict(ranges or {})
+        schema = pa.schema([TABLES[table].field(c) for c in columns])
+        # Filter with polars, not pyarrow.compute: the latter imports pandas on first use (~1 s).
+        strings = [f.name for f in TABLES[table] if pa.types.is_string(f.type)]
+        cond = {c: pl.col(c) == pl.lit(lo) if c in strings and lo == hi else
+                pl.col(c).cast(pl.Utf8).is_between(pl.lit(lo), pl.lit(hi)) if c in strings else
+                pl.col(c).is_between(pl.lit(lo), pl.lit(hi)) for c, (lo, hi) in ranges.items()}
+        for _try in range(3):  # a merge may retire a listed file between listing and reading: list again
+            try:
+                parts = []
+                for path in list_segments(table_dir(self.root, table, run)):
+                    key = str(path)
+                    if key in self._bad_files:
+                        return None  # the SQL path skips it, with its warning
+                    pf = pq.ParquetFile(key)
+                    if key not in self._checked:
+                        if schema_problem(pf.schema_arrow, table):
+                            return None
+                        self._checked.add(key)
+                    meta = pf.metadata
+                    idx = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
+                    for g in range(meta.num_row_groups):
+                        fit = _fit(meta.row_group(g), idx, ranges)
+                        if fit is None:
+                            continue
+                        # Columns whose statistics put the whole group inside their range are
+                        # neither decoded nor filtered (a sorted segment's group is often one key).
+                        open_ = [c for c in ranges if c not in fit]
+                        cols = list(dict.fromkeys([*columns, *open_]))
+                        df = pl.from_arrow(pf.read_row_group(g, columns=cols, use_threads=False))
+                        assert isinstance(df, pl.DataFrame)
+                        keep = [cond[c] for c in open_]
+                        parts.append((df.filter(keep) if keep else df).select(list(columns)))
+                empty = pl.DataFrame(schema={f.name: _polars_type(f.type) for f in schema})
+                if not parts:
+                    return empty
+                return pl.concat([p.cast(dict(empty.schema)) for p in parts])
+            except FileNotFoundError:
+                continue
+            except (OSError, pa.ArrowException, ValueError):
+                return None  # unreadable: the SQL path finds out which file and skips it
+        return None
 
     # -- queries -----------------------------------------------------------------------------
     def sql(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Result:
@@ -374,8 +497,9 @@ class Store:
         return set(self._bad_files)
 
     def close(self) -> None:
-        """Close the DuckDB connection."""
-        self.con.close()
+        """Close the DuckDB connection (if one was opened)."""
+        if self._con is not None:
+            self._con.close()
 
     def __enter__(self) -> Store:
         return self

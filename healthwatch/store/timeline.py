@@ -103,6 +103,21 @@ class Timeline:
         c = self.cut_of(attempt)
         return c is None or step < c
 
+    def superseded_mask(self, attempt: Any, step: Any) -> Any:
+        """The rule over columns: true where a row is *not* on this path.
+
+        ``attempt`` and ``step`` are numpy arrays, polars Series or polars expressions (only
+        ``==``, ``>=``, ``>``, ``&``, ``|`` are used): the same rule as :meth:`superseded_expr`
+        and :meth:`on_path`, for a reader that filters rows without SQL (the cheap one-series
+        read of a fresh process).
+        """
+        off = attempt != attempt  # all false (attempts are integers)
+        for a, s in self.cut:
+            off = off | ((attempt == int(a)) & (step >= int(s)))
+        if self.attempt is not None:
+            off = off | (attempt > int(self.attempt))
+        return off
+
     def predicate(self, params: list[Any]) -> str:
         """SQL (``AND …``) keeping the rows of this path; appends its parameters to ``params``."""
         sql = ""

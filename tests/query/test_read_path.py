@@ -203,6 +203,19 @@ def test_every_reader_equals_naive_reference(tmp_path_factory: pytest.TempPathFa
         eff_l = sorted((s, v) for a, s, _t, lay, v in lrows if lay == 1 and keep(a, s))
         lser = query.series(store, "r", METRIC, layer=1, max_points=10**6, attempt=attempt)
         assert list(zip(lser["step"].to_list(), lser["value"].to_list())) == eff_l
+        # a bounded window (read by the per-run scan, without SQL), on the path and with ghosts flagged
+        if eff_l:
+            a0 = eff_l[len(eff_l) // 3][0]
+            b0 = a0 + 700
+            win = query.series(store, "r", METRIC, layer=1, step_min=a0, step_max=b0, max_points=10**6,
+                               attempt=attempt)
+            assert list(zip(win["step"].to_list(), win["value"].to_list())) == [(s, v) for s, v in eff_l
+                                                                                if a0 <= s <= b0]
+            ghosts = query.series(store, "r", METRIC, layer=1, step_min=a0, step_max=b0, max_points=10**6,
+                                  attempt=attempt, include_superseded=True)
+            ref_g = sorted((not keep(a, s), s, a, v) for a, s, _t, lay, v in lrows if lay == 1 and a0 <= s <= b0)
+            assert sorted(zip(*ghosts.select("superseded", "step", "attempt", "value").to_dict(as_series=False)
+                              .values())) == ref_g
         # profiles at a few steps
         path_steps = sorted({s for a, s, *_ in lrows if keep(a, s)})
         asks = path_steps[:: max(1, len(path_steps) // 3)][:4]

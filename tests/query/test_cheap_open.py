@@ -1,0 +1,132 @@
+"""A cheap open: opening a store and reading one series touches only that run's folder of that table.
+
+The bounded series read goes through :meth:`Store.scan_run` (pyarrow over the run's own segments,
+no DuckDB connection); its answer must equal the SQL path's and a reference computed from the rows
+written, and anything it cannot read exactly (a foreign file in the run's folder) sends it to the
+SQL path, which skips the file with its warning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from healthwatch import query
+from healthwatch.store import Store, StoreWriter, attempt_row, run_row
+
+LAYERS = 4
+
+
+def _write_attempt(root: Path, run: str, attempt: int, start: int, end: int, seed: int, merge: bool) -> list[tuple]:
+    """Write steps [start, end) of ``attempt`` in 100-step flushes; returns (attempt, step, tokens, layer, value)."""
+    rng = np.random.default_rng(seed)
+    w = StoreWriter(root, run, attempt=attempt, merge_fanout=3)
+    if attempt == 1:
+        w.write("runs", run_row(precision="bf16", created=1.0))
+    w.write("attempts", attempt_row(attempt=attempt, start_step=start, started_at=float(attempt)))
+    rows = []
+    for a in range(start, end, 100):
+        steps = list(range(a, min(end, a + 100)))
+        vals = np.round(rng.normal(size=(len(steps), LAYERS)), 4)
+        w.write("layer_stats", {
+            "attempt": [attempt] * (len(steps) * LAYERS), "step": [s for s in steps for _ in range(LAYERS)],
+            "tokens": [7 * s for s in steps for _ in range(LAYERS)],
+            "layer": [lay for _ in steps for lay in range(LAYERS)], "layer_type": ["moe"] * (len(steps) * LAYERS),
+            "metric": ["resid_rms"] * (len(steps) * LAYERS), "value": vals.reshape(-1).tolist()})
+        w.write("scalars", {"attempt": [attempt] * len(steps), "step": steps, "tokens": [7 * s for s in steps],
+                            "name": ["loss/train"] * len(steps), "value": vals[:, 0].tolist(),
+                            "wall_time": [0.0] * len(steps)})
+        rows += [(attempt, s, 7 * s, lay, float(vals[i, lay])) for i, s in enumerate(steps) for lay in range(LAYERS)]
+        if merge:
+            w.compact_own("layer_stats")
+    w.close()
+    return rows
+
+
+@pytest.fixture
+def store_root(tmp_path: Path) -> tuple[Path, list[tuple]]:
+    root = tmp_path / "s"
+    rows = _write_attempt(root, "r", 1, 0, 3000, seed=1, merge=True)
+    rows += _write_attempt(root, "r", 2, 1800, 2600, seed=2, merge=False)  # a rollback to step 1800
+    _write_attempt(root, "other", 1, 0, 500, seed=3, merge=False)
+    return root, rows
+
+
+def _poison(root: Path, table: str, run: str) -> Path:
+    """A file in ``run``'s folder of ``table`` that is not a segment (garbage bytes named .parquet)."""
+    bad = root / f"table={table}" / f"run={run}" / "zz-not-a-segment-000000001-L0.parquet"
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(b"this is not parquet")
+    return bad
+
+
+def test_bounded_series_reads_no_sql_and_nothing_of_other_runs_or_tables(store_root: tuple[Path, list[tuple]]) -> None:
+    root, rows = store_root
+    # Unreadable files where the cheap path must not look: another run, other tables.
+    _poison(root, "layer_stats", "other")
+    _poison(root, "scalars", "r")
+    _poison(root, "expert_load", "r")
+    store = Store(root)
+    df = query.series(store, "r", "resid_rms", layer=2, step_min=1500, step_max=2199, max_points=2000)
+    assert store._con is None  # no DuckDB connection: answered by the per-run scan
+    assert store.bad_files == set()  # and it never opened the unrelated files
+    want = sorted((s, v) for a, s, _t, lay, v in rows if lay == 2 and 1500 <= s <= 2199 and (a == 2 or s < 1800))
+    assert list(zip(df["step"].to_list(), df["value"].to_list())) == want
+    assert dict(df.schema) == {"step": pl.Int64, "tokens": pl.Int64, "value": pl.Float64, "attempt": pl.Int32,
+                               "superseded": pl.Boolean}
+
+
+def test_scan_equals_sql_path_including_ghosts_and_older_paths(store_root: tuple[Path, list[tuple]]) -> None:
+    root, _rows = store_root
+    store = Store(root)
+    for attempt in (None, 1, 2):
+        for ghosts in (False, True):
+            kw = dict(layer=1, step_min=1000, step_max=2999, max_points=5000, attempt=attempt,
+                      include_superseded=ghosts)
+            fast = query.series(store, "r", "resid_rms", **kw)
+            # The same rows through SQL, with the rule's SQL form (superseded_expr).
+            params: list = ["r", "resid_rms", 1, 1000, 2999]
+            path = query.timeline(store, "r", attempt)
+            sup = path.superseded_expr(sp := [])
+            ref = store.sql(f"SELECT step, tokens, value, attempt, {sup} AS superseded FROM layer_stats WHERE run = ? "
+                            "AND metric = ? AND layer = ? AND step BETWEEN ? AND ?", sp + params).pl()
+            if not ghosts:
+                ref = ref.filter(~ref["superseded"])
+            assert fast.sort("superseded", "step", "attempt").rows() == ref.sort("superseded", "step", "attempt").rows()
+            assert fast.schema == ref.select(fast.columns).schema
+
+
+def test_a_foreign_file_in_the_runs_folder_sends_the_read_to_sql(store_root: tuple[Path, list[tuple]],
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    root, rows = store_root
+    bad = _poison(root, "layer_stats", "r")
+    # A readable Parquet file with the wrong columns is refused too.
+    pq.write_table(pa.table({"step": [1600], "value": [1e9]}), bad.with_name("zz-foreign-000000002-L0.parquet"))
+    store = Store(root)
+    assert store.scan_run("layer_stats", "r", ["step"], {"step": (0, 10)}) is None
+    df = query.series(store, "r", "resid_rms", layer=0, step_min=1500, step_max=1700, max_points=2000)
+    want = sorted((s, v) for a, s, _t, lay, v in rows if lay == 0 and 1500 <= s <= 1700 and (a == 2 or s < 1800))
+    assert list(zip(df["step"].to_list(), df["value"].to_list())) == want
+    assert str(bad) in store.bad_files
+
+
+def test_more_rows_than_points_is_downsampled_by_sql(store_root: tuple[Path, list[tuple]]) -> None:
+    root, rows = store_root
+    store = Store(root)
+    df = query.series(store, "r", "loss/train", step_min=0, step_max=2999, max_points=50)
+    eff = [v for a, s, _t, lay, v in rows if lay == 0 and (a == 2 or s < 1800)]
+    assert df.height <= 50
+    assert (df["value"].min(), df["value"].max()) == (min(eff), max(eff))
+
+
+def test_scan_run_rejects_unknown_names(store_root: tuple[Path, list[tuple]]) -> None:
+    store = Store(store_root[0])
+    with pytest.raises(ValueError, match="unknown table"):
+        store.scan_run("nope", "r", ["step"])
+    with pytest.raises(ValueError, match="no column"):
+        store.scan_run("scalars", "r", ["stepp"])
