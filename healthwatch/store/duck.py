@@ -25,5 +25,9 @@ def cursor() -> Any:
             if _BASE is None:
                 import duckdb  # imported on first use: a process that never queries never pays for it
 
-                _BASE = duckdb.connect()
+                base = duckdb.connect()
+                # Database-wide: daemons (alerts watch) and the app would otherwise print DuckDB's
+                # progress bars for long scans into their logs.
+                base.execute("SET enable_progress_bar = false")
+                _BASE = base
     return _BASE.cursor()
