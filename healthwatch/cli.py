@@ -49,8 +49,9 @@ def runs(store: StoreOpt = None) -> None:
     from healthwatch.store import fs as store_fs
     from healthwatch.store import open_store
 
+    path = _store_path(store)
     try:
-        st = open_store(_store_path(store))
+        st = open_store(path)
     except Exception as exc:  # noqa: BLE001 - shown to the user as one clear line
         _fail(str(exc))
     df = query.runs_overview(st)

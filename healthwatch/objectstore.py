@@ -295,6 +295,9 @@ class S3FS:
         """Translate a botocore error into one clear :class:`ObjectStoreError`."""
         from botocore import exceptions as bx
 
+        if path.startswith("s3:/") and not path.startswith("s3://"):  # pathlib's spelling: show the URI
+            path = "s3://" + path[4:]
+
         where = self.where()
         if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
             return CredentialsError(
@@ -531,8 +534,11 @@ class S3FS:
     # -- startup checks ---------------------------------------------------------------------------
     def check_bucket(self) -> None:
         """Raise a clear error unless the bucket exists and the credentials may read it."""
+        # A one-key LIST, not HEAD: a HEAD answer has no body, so a rejected signature and a missing
+        # permission both read as a bare 403; the LIST error names which (and NoSuchBucket).
         with self._call("head_bucket", f"s3://{self.bucket}"):
-            self.client.head_bucket(Bucket=self.bucket)
+            self.stats.count("list")
+            self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
 
     def probe(self, prefix: str = "") -> None:
         """Require the server to enforce ``If-None-Match: *`` before any segment is written.

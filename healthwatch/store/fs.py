@@ -17,6 +17,7 @@ Contract (what the segment protocol relies on):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 import uuid
@@ -190,7 +191,8 @@ class RootedFS:
 
         bucket, _key = split_s3(os.fspath(path).replace("s3a:/", "s3:/", 1))
         # Tests and tools point one process at several servers in turn: the environment is part of the key.
-        key = (bucket, endpoint_from_env(), os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+        secret = hashlib.sha256(os.environ.get("AWS_SECRET_ACCESS_KEY", "").encode()).hexdigest()
+        key = (bucket, endpoint_from_env(), os.environ.get("AWS_ACCESS_KEY_ID"), secret, os.environ.get("AWS_PROFILE"))
         with self._lock:
             fs = self._s3.get(key)
             if fs is None:
@@ -238,8 +240,9 @@ def store_exists(root: str | os.PathLike[str]) -> bool:
     """Whether a store lives at ``root``: a directory on disk; its metadata object or any table on S3."""
     if not is_remote(root):
         return os.path.isdir(root)
-    base = os.fspath(root).rstrip("/")
-    return FS.exists(f"{base}/healthwatch.json") or any(n.startswith("table=") for n in FS.list(base))
+    # One LIST answers it (and its error names a missing bucket or rejected credentials; a HEAD's cannot).
+    names = FS.list(os.fspath(root).rstrip("/"))
+    return "healthwatch.json" in names or any(n.startswith("table=") for n in names)
 
 
 def root_path(store: str | os.PathLike[str]) -> Path:
