@@ -17,6 +17,7 @@ import polars as pl
 from healthwatch.query.runs import timeline
 from healthwatch.query.series import _AGG_SQL, Signal
 from healthwatch.store import Store
+from healthwatch.store.reader import per_run
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Crossing:
     direction: str  # "up" | "down"
 
 
+@per_run
 def bucket_means(store: Store, run: str, signals: Sequence[Signal], attempt: int | None,
                  lo: int, hi: int, buckets: int) -> pl.DataFrame:
     """Per-bucket means of ``signals`` on the path of ``attempt`` within ``[lo, hi]``, as
@@ -105,6 +107,7 @@ def first_crossing(steps: np.ndarray, tokens: np.ndarray, z: np.ndarray, k: floa
     return None
 
 
+@per_run
 def last_checkpoint_before(store: Store, run: str, attempt: int | None, step: int) -> dict[str, Any] | None:
     """The last checkpoint event on the path of ``attempt`` strictly before ``step``, or None."""
     params: list[Any] = [run, int(step)]
@@ -116,6 +119,7 @@ def last_checkpoint_before(store: Store, run: str, attempt: int | None, step: in
     return {"step": int(row[0]), "tokens": row[1], "attempt": row[2], "message": row[3]}
 
 
+@per_run
 def path_span(store: Store, run: str, attempt: int | None) -> tuple[int, int] | None:
     """First and last scalar step on the path of ``attempt``."""
     params: list[Any] = [run]
@@ -130,11 +134,13 @@ def first_mover(crossings: Sequence[Crossing | None]) -> Crossing | None:
     return min(found, key=lambda c: c.step) if found else None
 
 
+@per_run
 def rollback_suggestion(store: Store, run: str, attempt: int | None, first: Crossing | None) -> dict[str, Any] | None:
     """The checkpoint to roll back to: the last one on the path strictly before the first mover's step."""
     return None if first is None else last_checkpoint_before(store, run, attempt, first.step)
 
 
+@per_run
 def loss_band_exit(store: Store, run: str, attempt: int | None = None, onset: int | None = None,
                    name: str = "loss/train") -> Any:
     """Where ``run``'s loss on the path of ``attempt`` (None: effective) first leaves its trailing band

@@ -16,6 +16,7 @@ from healthwatch.query.rollups import coarsest, display_width, plan
 from healthwatch.query.runs import timeline
 from healthwatch.query.timeline import Timeline
 from healthwatch.store import ROLLUP_BUCKETS, Store
+from healthwatch.store.reader import per_run
 
 HeatAgg = Literal["mean", "max", "min", "last"]
 _HEAT_SCHEMA = {"layer": pl.Int32, "layer_type": pl.Utf8, "step": pl.Int64, "value": pl.Float64}
@@ -56,6 +57,7 @@ def _span(store: Store, run: str, metric: str, path: Timeline, step_min: int | N
     return None if lo is None or hi is None else (lo, hi)
 
 
+@per_run
 def heatmap(
     store: Store,
     run: str,
@@ -130,6 +132,7 @@ def heatmap(
         qp).pl().cast(_HEAT_SCHEMA)  # type: ignore[arg-type]
 
 
+@per_run
 def layer_profiles(store: Store, run: str, metric: str, steps: tuple[int, ...] | list[int],
                    attempt: int | None = None) -> pl.DataFrame:
     """Per-layer values of ``metric`` at the logged step nearest at or before each of ``steps`` on a
@@ -153,6 +156,7 @@ def layer_profiles(store: Store, run: str, metric: str, steps: tuple[int, ...] |
     return pl.concat([f.cast(_PROFILE_SCHEMA) for f in frames]) if frames else pl.DataFrame(schema=_PROFILE_SCHEMA)
 
 
+@per_run
 def layer_profile(store: Store, run: str, metric: str, step: int) -> pl.DataFrame:
     """Per-layer values of ``metric`` at the logged step nearest at or before ``step`` (effective path)."""
     return layer_profiles(store, run, metric, (int(step),)).select("layer", "layer_type", "step", "value")
@@ -163,6 +167,7 @@ def profile_steps(lo: int, hi: int, rollup_until: int | None = None, n: int = 9)
     return sorted({int(lo + (hi - lo) * i // max(1, n - 1)) for i in range(n)})
 
 
+@per_run
 def layer_info(store: Store, run: str) -> pl.DataFrame:
     """Distinct ``(metric, layer, layer_type)`` of ``run`` (from the 10,000-step rollups plus the raw
     rows they do not cover, when there are rollups: a DISTINCT over 10^8 raw rows costs seconds)."""
@@ -180,11 +185,13 @@ def layer_info(store: Store, run: str) -> pl.DataFrame:
     return store.sql(f"SELECT * FROM ({q}) ORDER BY metric, layer", params).pl()
 
 
+@per_run
 def layer_metrics(store: Store, run: str) -> pl.DataFrame:
     """Distinct ``(metric, layer, layer_type)`` logged for a run."""
     return layer_info(store, run)
 
 
+@per_run
 def scalar_names(store: Store, run: str) -> list[str]:
     """Names of the scalars logged for a run, sorted (rollup names plus raw rows they do not cover)."""
     p = plan(store, run, "scalars", Timeline(None), ROLLUP_BUCKETS[-1])
@@ -201,6 +208,7 @@ def scalar_names(store: Store, run: str) -> list[str]:
     return sorted(r[0] for r in rows)
 
 
+@per_run
 def expert_load_steps(store: Store, run: str, attempt: int | None = None) -> list[int]:
     """Steps at which expert-load vectors were sampled on a path (default: effective), ascending."""
     params: list[Any] = [run]
@@ -209,6 +217,7 @@ def expert_load_steps(store: Store, run: str, attempt: int | None = None) -> lis
                                     params).fetchall()]
 
 
+@per_run
 def expert_load_at(store: Store, run: str, step: int, attempt: int | None = None) -> pl.DataFrame:
     """Full expert-load vectors ``(layer, step, tokens, counts)`` at the sample at or before ``step``."""
     path = timeline(store, run, attempt)

@@ -23,6 +23,7 @@ from typing import Any
 
 from healthwatch.query.timeline import Timeline
 from healthwatch.store import ROLLUP_BUCKETS, Store
+from healthwatch.store.reader import per_run
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class RollupPlan:
         return dict(self.limits).get(int(attempt))
 
 
+@per_run
 def plan(store: Store, run: str, table: str, path: Timeline, size: int = ROLLUP_BUCKETS[0],
          key_sql: str = "", key_params: Sequence[Any] = ()) -> RollupPlan:
     """The :class:`RollupPlan` of ``run``'s ``table`` rollups at ``size`` for ``path``.

@@ -10,6 +10,7 @@ import polars as pl
 from healthwatch.query.timeline import Timeline
 from healthwatch.store import END_EVENT, Store
 from healthwatch.store import fs as _fs
+from healthwatch.store.reader import per_run
 
 #: A run whose last row was written this recently (and whose writer did not close) counts as live.
 LIVE_S = 120.0
@@ -40,6 +41,7 @@ def store_signature(store: Store) -> tuple:
     return tuple(key)
 
 
+@per_run
 def attempts(store: Store, run: str) -> pl.DataFrame:
     """Attempts of ``run`` as ``(attempt, start_step, started_at, reason, superseded_from)``."""
     df = store.sql(
@@ -51,6 +53,7 @@ def attempts(store: Store, run: str) -> pl.DataFrame:
     return df.with_columns(pl.Series("superseded_from", later, dtype=pl.Int64))
 
 
+@per_run
 def timeline(store: Store, run: str, attempt: int | None = None) -> Timeline:
     """The :class:`Timeline` of ``attempt`` of ``run`` (None: the effective path)."""
     rows = store.sql("SELECT attempt, start_step FROM attempts WHERE run = ?", [run]).fetchall()
@@ -64,6 +67,7 @@ def path_for(att: pl.DataFrame, attempt: int | None = None) -> Timeline:
     return Timeline.of(zip(att["attempt"].to_list(), att["start_step"].to_list()), attempt)
 
 
+@per_run
 def finished(store: Store, run: str) -> bool:
     """Whether ``run``'s latest attempt was closed by its writer (a ``close`` event)."""
     row = store.sql(
@@ -123,6 +127,7 @@ def runs_overview(store: Store) -> pl.DataFrame:
         if df.height else pl.lit(None, dtype=pl.Utf8).alias("status"))
 
 
+@per_run
 def run_overview(store: Store, run: str) -> dict[str, Any]:
     """One run's facts for a page header: lineage, precision, attempts, first/last step and tokens, status."""
     meta = store.sql("SELECT parent, branch_step, branch_tokens, precision FROM runs WHERE run = ?", [run]).fetchone()
@@ -154,6 +159,7 @@ def run_names(store: Store) -> list[str]:
     return [r[0] for r in store.sql("SELECT run FROM runs GROUP BY run ORDER BY min(created), run").fetchall()]
 
 
+@per_run
 def events(store: Store, run: str, include_superseded: bool = True) -> pl.DataFrame:
     """Events of a run (checkpoints, rollbacks, notes) with a ``superseded`` flag."""
     src = "events_all" if include_superseded else "events_effective"
@@ -164,6 +170,7 @@ def events(store: Store, run: str, include_superseded: bool = True) -> pl.DataFr
     ).pl()
 
 
+@per_run
 def markers(store: Store, run: str) -> pl.DataFrame:
     """Vertical lines for a run's charts: events (not the Monitor's ``close``) and alert transitions,
     as ``(kind, step, tokens, label, superseded)``."""

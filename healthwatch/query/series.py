@@ -23,6 +23,7 @@ from healthwatch.query.rollups import RollupPlan, plan
 from healthwatch.query.runs import run_signature, timeline
 from healthwatch.query.timeline import Timeline
 from healthwatch.store import ROLLUP_BUCKETS, Store
+from healthwatch.store.reader import per_run, run_scope
 
 #: Points per drawn trace at most (a min and a max per bucket).
 MAX_POINTS = 2000
@@ -237,7 +238,11 @@ class SeriesCache:
         ``attempt`` picks the path (None: effective); with ``include_superseded`` the rows off the
         path are included and flagged (drawn ghosted).
         """
-        signals = tuple(signals)
+        with run_scope(run):
+            return self._get(store, run, tuple(signals), attempt, include_superseded)
+
+    def _get(self, store: Store, run: str, signals: tuple[Signal, ...], attempt: int | None,
+             include_superseded: bool) -> pl.DataFrame:
         key = (str(store.root), run, signals, attempt, include_superseded)
         state = self.state(key)
         tables = ("scalars", "attempts") if all(s.agg is None for s in signals) else ("scalars", "layer_stats", "attempts")
@@ -402,6 +407,7 @@ def _series_direct(store: Store, run: str, name: str, layer: int | None, max_poi
     return df.select([pl.col(k).cast(v) for k, v in _SERIES_SCHEMA.items()]).sort("superseded", "step", "attempt")
 
 
+@per_run
 def series(
     store: Store,
     run: str,
@@ -455,6 +461,7 @@ def series(
     return store.sql(_downsample_sql(source, max_points), params).pl()
 
 
+@per_run
 def series_many(
     store: Store, run: str, names: list[str], *, max_points: int = MAX_POINTS, include_superseded: bool = False
 ) -> pl.DataFrame:
@@ -466,6 +473,7 @@ def series_many(
     return pl.concat(frames) if frames else pl.DataFrame()
 
 
+@per_run
 def layer_aggregate(store: Store, run: str, metric: str, agg: Agg = "max", max_points: int = MAX_POINTS) -> pl.DataFrame:
     """Per-step aggregate over layers of one layer metric (effective rows) as ``(step, tokens, value)``,
     min/max-downsampled in SQL."""

@@ -11,6 +11,7 @@ import polars as pl
 
 from healthwatch.schema import SIGNAL_LAYER_METRICS
 from healthwatch.store import Store
+from healthwatch.store.reader import per_run
 
 #: Signal families and their metrics, in the order the Run page shows them.
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -23,6 +24,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
 assert all(m in SIGNAL_LAYER_METRICS for ms in FAMILIES.values() for m in ms)
 
 
+@per_run
 def signal_metrics(store: Store, run: str) -> list[str]:
     """The signal layer metrics (with operand suffixes) that ``run`` has rows of."""
     rows = store.sql("SELECT DISTINCT metric FROM layer_stats_effective WHERE run = ? ORDER BY metric", [run]).fetchall()
@@ -30,6 +32,7 @@ def signal_metrics(store: Store, run: str) -> list[str]:
     return [m for (m,) in rows if m.split("/", 1)[0] in base]
 
 
+@per_run
 def worst_layers(store: Store, run: str, metric: str, k: int = 10, window: int = 100,
                  lowest: bool = False) -> pl.DataFrame:
     """Top-``k`` layers of ``metric`` at the run's newest step: ``layer, layer_type, step, value, before,
@@ -57,6 +60,7 @@ def worst_layers(store: Store, run: str, metric: str, k: int = 10, window: int =
         .otherwise(None).alias("rise"))
 
 
+@per_run
 def expert_load_matrix(store: Store, run: str, step: int) -> tuple[list[int], int | None, np.ndarray]:
     """Expert x layer load at the newest sample at or before ``step``: ``(layers, sample step, [layers, E])``.
 

@@ -10,14 +10,17 @@ listing and reading, and skip (with one warning naming it) a file that is not a 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -92,6 +95,41 @@ def _fit(group: Any, index: dict[str, int], ranges: dict[str, tuple[Any, Any]]) 
     return inside
 
 
+#: The run whose rows the queries of a :func:`per_run` function read (None: any run).
+_RUN_SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("healthwatch_run_scope", default=None)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def per_run(fn: _F) -> _F:
+    """Mark a query function ``fn(store, run, ...)`` whose every query reads only ``run``'s rows.
+
+    While it runs, the store lists and reads only ``run``'s folders of the tables its queries name
+    (a cheap open: no listing or footer of another run); a view so built grows by a run at a time,
+    and covers every run from the first store-wide query on.
+    """
+
+    @functools.wraps(fn)
+    def scoped(store: Any, run: str, *args: Any, **kwargs: Any) -> Any:
+        token = _RUN_SCOPE.set(str(run))
+        try:
+            return fn(store, run, *args, **kwargs)
+        finally:
+            _RUN_SCOPE.reset(token)
+
+    return scoped  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def run_scope(run: str) -> Iterator[None]:
+    """Within the block, queries read only ``run``'s rows (as inside a :func:`per_run` function)."""
+    token = _RUN_SCOPE.set(str(run))
+    try:
+        yield
+    finally:
+        _RUN_SCOPE.reset(token)
+
+
 _FILE_IN_ERROR = re.compile(r"""(?:file|File)\s+["']?([^"'\s]+\.parquet)""")
 
 
@@ -162,6 +200,7 @@ class Store:
         self._con: Any = None  # DuckDB, connected at the first SQL query (see con)
         self._lock = threading.RLock()
         self._sigs: dict[str, tuple[Any, ...]] = {}  # per built table: its directories' signature
+        self._scope: dict[str, frozenset[str] | None] = {}  # per built table: the runs its view covers (None: all)
         self._bad_files: set[str] = set()
         self._warned: set[str] = set()
         self._checked: set[str] = set()  # files whose footer was checked (segments are immutable)
@@ -235,8 +274,9 @@ class Store:
                 need.update((table, "attempts"))
         return need
 
-    def _listing(self, tables: Sequence[str]) -> tuple[dict[str, list[Path]], dict[str, tuple[Any, ...]], int]:
-        """Live segments of ``tables``, each table's directories' signature, and how many files were new.
+    def _listing(self, scopes: dict[str, frozenset[str] | None]) -> tuple[dict[str, list[Path]], dict[str, tuple[Any, ...]], int]:
+        """Live segments of each table of ``scopes`` (of the runs named, or all runs for None), each
+        table's directories' signature, and how many files were new.
 
         New files get their footer checked after every directory is listed (see
         :func:`segment_problem`); the caller lists again when there were any, so that the time
@@ -245,12 +285,19 @@ class Store:
         files: dict[str, list[Path]] = {}
         sigs: dict[str, tuple[Any, ...]] = {}
         fresh: list[tuple[str, Path]] = []
-        for table in tables:
-            sig: list[Any] = [_fs.FS.mtime_ns(str(self.root / f"table={table}"))]
+        for table, runs in scopes.items():
+            if runs is None:  # every run: the table folder's listing
+                sig: list[Any] = [_fs.FS.mtime_ns(str(self.root / f"table={table}"))]
+                dirs = list(iter_run_dirs(self.root, table))
+            else:  # only these runs' folders: nothing of other runs is listed or read
+                sig = ["runs"]
+                dirs = [(r, table_dir(self.root, table, r)) for r in sorted(runs)]
             paths: list[Path] = []
-            for _run, rdir in iter_run_dirs(self.root, table):
+            for _run, rdir in dirs:
                 mt = _fs.FS.mtime_ns(str(rdir))
                 if mt is None:
+                    if runs is not None:
+                        sig.append((rdir.name, None))  # a run folder that appears later changes the signature
                     continue
                 sig.append((rdir.name, mt))
                 for p in list_segments(rdir):
@@ -290,11 +337,18 @@ class Store:
     def refresh(self, force: bool = False, tables: Sequence[str] | None = None) -> bool:
         """Rebuild the views of ``tables`` (default: those built so far) whose directories changed.
 
-        Returns True if any view was rebuilt.
+        A table built for some runs only (queries of :func:`per_run` functions) stays so; a table
+        named here that was never built is built over every run. Returns True if any view was rebuilt.
         """
+        want = sorted(set(self._sigs) if tables is None else set(tables))
+        return self._refresh({t: self._scope.get(t) for t in want}, force)
+
+    def _refresh(self, scopes: dict[str, frozenset[str] | None], force: bool = False) -> bool:
+        """Rebuild the views of the tables of ``scopes`` (each over the runs named, or all) whose
+        directories changed. Returns True if any view was rebuilt."""
         with self._lock:
             self._refreshed_at = time.monotonic()
-            want = sorted(set(self._sigs) if tables is None else set(tables))
+            want = sorted(scopes)
             if not want:
                 return False
             relisted = False
@@ -302,7 +356,7 @@ class Store:
                 if attempt > 1:  # files keep changing under us: let the writer or compactor finish
                     time.sleep(min(0.05, 0.002 * attempt))
                 try:
-                    files, sigs, fresh = self._listing(want)
+                    files, sigs, fresh = self._listing({t: scopes[t] for t in want})
                 except _Vanished:  # compaction retired a file while it was being checked
                     force = True
                     continue
@@ -310,6 +364,7 @@ class Store:
                     relisted = True
                     continue
                 changed = [t for t in want if force or self._sigs.get(t) != sigs[t]]
+                self._scope.update({t: scopes[t] for t in want if t not in changed})
                 if not changed:
                     return False
                 try:
@@ -320,6 +375,7 @@ class Store:
                     force = True
                     continue
                 self._sigs.update({t: sigs[t] for t in changed})
+                self._scope.update({t: scopes[t] for t in changed})
                 # Forget retired files of the listed tables (a long-lived app sees many come and go).
                 seen = {str(p) for t in want for p in files[t]}
                 prefixes = tuple(str(self.root / f"table={t}") + os.sep for t in want)
@@ -430,11 +486,15 @@ class Store:
     def _execute(self, query: str, params: Any, fn: str) -> Any:
         with self._lock:
             need = self._needed(query)
-            missing = [t for t in need if t not in self._sigs]
+            run = _RUN_SCOPE.get()
+            # Each table's view covers the runs queried so far (all of them once a store-wide query came).
+            scopes = {t: None if run is None or (t in self._sigs and self._scope.get(t) is None)
+                      else frozenset((self._scope.get(t) or frozenset()) | {run}) for t in need}
+            missing = {t: sc for t, sc in scopes.items() if t not in self._sigs or sc != self._scope.get(t)}
             if self.auto_refresh:
-                self.refresh(tables=sorted(need))
-            elif missing:  # first use of a table: build its view once
-                self.refresh(tables=missing)
+                self._refresh(scopes)
+            elif missing:  # first use of a table (or of a run in it): build its view once
+                self._refresh(missing)
             last: Exception | None = None
             for attempt in range(_QUERY_TRIES):
                 if attempt:  # a file was retired under us: give the compactor's publish a moment

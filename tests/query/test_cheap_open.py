@@ -130,3 +130,31 @@ def test_scan_run_rejects_unknown_names(store_root: tuple[Path, list[tuple]]) ->
         store.scan_run("nope", "r", ["step"])
     with pytest.raises(ValueError, match="no column"):
         store.scan_run("scalars", "r", ["stepp"])
+
+
+def test_sql_readers_of_one_run_list_only_that_runs_folders(store_root: tuple[Path, list[tuple]]) -> None:
+    """Whole-run readers (SQL over rollups and raw rows) list and check only the run's own folders;
+    the first store-wide query widens the views to every run (and then meets the other run's file)."""
+    root, rows = store_root
+    bad = [_poison(root, "layer_stats", "other"), _poison(root, "scalars", "other"),
+           _poison(root, "attempts", "other")]
+    store = Store(root)
+    hm = query.heatmap(store, "r", "resid_rms", max_buckets=6, agg="max")
+    ser = query.series(store, "r", "loss/train", max_points=10**6)
+    ov = query.run_overview(store, "r")
+    assert store.bad_files == set()  # nothing of run 'other' was listed or opened
+    eff = [(a, s, lay, v) for a, s, _t, lay, v in rows if a == 2 or s < 1800]
+    assert ov["last_step"] == 2999 and ov["attempts"] == 2
+    assert sorted(zip(ser["step"].to_list(), ser["value"].to_list())) == sorted((s, v) for _a, s, lay, v in eff if lay == 0)
+    width = query.display_width(0, 2999, 6)
+    want: dict = {}
+    for _a, s, lay, v in eff:
+        k = (lay, s // width * width)
+        want[k] = max(want.get(k, v), v)
+    assert {(r["layer"], r["step"]): r["value"] for r in hm.iter_rows(named=True)} == want
+    # A store-wide query lists every run: now the other run's unreadable files are found (and skipped).
+    names = [r["run"] for r in query.runs_overview(store).iter_rows(named=True)]
+    assert sorted(names) == ["other", "r"]
+    assert {str(bad[1]), str(bad[2])} <= store.bad_files
+    # and the per-run readers still answer the same over the widened views
+    assert query.heatmap(store, "r", "resid_rms", max_buckets=6, agg="max").equals(hm)
