@@ -119,8 +119,10 @@ def run_fleet(params: dict[str, Any]) -> dict[str, Any]:
 
     boto3.session.Session().client("s3", region_name="us-east-1", endpoint_url="http://127.0.0.1:1")
 
-    from healthwatch.objectstore import S3FS, S3Tables
+    from healthwatch.objectstore import S3FS
     from healthwatch.publish import Publisher
+    from healthwatch.store import open_store
+    from healthwatch.store.fs import fs_for
 
     runs, stages, flushes = int(params["runs"]), int(params["stages"]), int(params["flushes"])
     work = Path(params["workdir"]) / "fleet"
@@ -149,17 +151,20 @@ def run_fleet(params: dict[str, Any]) -> dict[str, Any]:
         cycles: list[dict[str, float]] = []
 
         def reader() -> None:
+            # The store's one reader on the s3:// root, as `alerts watch` uses it: every query lists
+            # the tables it reads (auto_refresh), so LIST calls per refresh are counted on its S3 client.
             tables = None
+            rfs = fs_for(root)
             while not stop.is_set():
                 try:
                     r0 = time.perf_counter()
+                    before = rfs.stats.snapshot()["list"]
                     if tables is None:
-                        tables = S3Tables(root, in_memory_bytes=0)
-                    else:
-                        tables.refresh()
+                        tables = open_store(root)
                     n = tables.sql("SELECT count(*) FROM layer_stats").fetchone()[0]
-                    refresh.append({"lists": tables.last_list_calls, "s": time.perf_counter() - r0, "rows": n,
-                                    "objects": sum(len(v) for v in tables.listed.values())})
+                    lists = rfs.stats.snapshot()["list"] - before
+                    refresh.append({"lists": lists, "s": time.perf_counter() - r0, "rows": n,
+                                    "objects": _live_objects(root, ("layer_stats",))})
                 except Exception as exc:  # noqa: BLE001 - recorded
                     refresh.append({"error": str(exc)[:200]})
                 stop.wait(1.0)
@@ -190,7 +195,7 @@ def run_fleet(params: dict[str, Any]) -> dict[str, Any]:
         # Final, counted state: what the writers say they wrote, what the store and Delta hold.
         final_pub = pub.publish_once()
         on_cycle(final_pub)
-        tables = S3Tables(root, in_memory_bytes=0)
+        tables = open_store(root)
         key = "run, step, layer, metric"
         store_rows, store_distinct = tables.sql(
             f"SELECT count(*), count(DISTINCT ({key})) FROM layer_stats").fetchone()
@@ -229,7 +234,7 @@ def run_fleet(params: dict[str, Any]) -> dict[str, Any]:
             "commit_s_median": median([c["commit_s"] for c in commits]) if commits else None,
             "commit_s_max": max((c["commit_s"] for c in commits), default=None),
             "files_per_commit_max": max((c["added"] for c in commits), default=None),
-            "final_objects": sum(len(v) for v in tables.listed.values()),
+            "final_objects": _live_objects(root),
         })
         tables.close()
         _ = S3FS  # the writers' and reader's client class, imported before forking
@@ -253,12 +258,13 @@ def _timed(fn: Any, repeat: int) -> dict[str, float]:
 
 
 def run_s3query(params: dict[str, Any]) -> dict[str, Any]:
-    """Child task: a synthetic run (steps x 108 layers, compacted) on a local S3 server, queried via S3Tables."""
+    """Child task: a synthetic run (steps x 108 layers, compacted) on a local S3 server, read by the store's
+    one reader on the ``s3://`` root (``Store(..., auto_refresh=False)``, refreshed once, as the app does)."""
     srv = _server_module()
     from benchmarks.synth_store import generate
     from healthwatch import query
-    from healthwatch.objectstore import S3FS, S3Tables
-    from healthwatch.store import open_store
+    from healthwatch.objectstore import S3FS
+    from healthwatch.store import Store, open_store
 
     steps, layers, repeat = int(params["steps"]), int(params.get("layers", 108)), int(params.get("repeat", 5))
     work = Path(params["workdir"]) / "s3query"
@@ -284,7 +290,8 @@ def run_s3query(params: dict[str, Any]) -> dict[str, Any]:
         out["objects"], out["upload_s"] = n, time.perf_counter() - t0
         emit_progress(2, 3, "queries")
         t0 = time.perf_counter()
-        remote = S3Tables(s3_root)
+        remote = Store(s3_root, auto_refresh=False)
+        remote.refresh(tables=["runs", "attempts", "scalars", "layer_stats", "scalars_rollup", "layer_stats_rollup"])
         out["open_s"] = time.perf_counter() - t0
         local = open_store(root)
         for where, st in (("s3", remote), ("local", local)):
@@ -300,6 +307,16 @@ def run_s3query(params: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     emit_progress(3, 3, "done")
     return out
+
+
+def _live_objects(root: str, tables: tuple[str, ...] | None = None) -> int:
+    """Live segment objects of ``tables`` (default: all) under ``root``, merges applied (not counted as reader LISTs)."""
+    from healthwatch.objectstore import S3FS, live_listing, parse_store_uri
+    from healthwatch.schema import TABLES
+
+    uri = parse_store_uri(root)
+    fs = S3FS.for_uri(uri)
+    return sum(len(live_listing(fs, uri, t)) for t in (tables or tuple(TABLES)))
 
 
 TASKS = {"fleet": run_fleet, "s3query": run_s3query}

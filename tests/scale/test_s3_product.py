@@ -215,3 +215,40 @@ def test_monitor_refuses_a_server_that_ignores_if_none_match(monkeypatch: pytest
         if proxy is not None:
             proxy.stop()
         moto.stop()
+
+
+# -- the app in headless Chromium on an s3:// store ---------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.timeout(600)
+def test_app_shows_an_s3_store_in_headless_chromium(s3_root: str) -> None:
+    from _deps import require
+
+    require("chromium", "Debian chromium (apt-get install -y chromium chromium-driver)")
+    require("chromedriver", "Debian chromium-driver (apt-get install -y chromium chromium-driver)")
+    require("selenium", "selenium (in the [dev] extra)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from selenium.webdriver.common.by import By
+
+    from benchmarks.apphost import app_server, headless_chromium, wait_for
+
+    _train(s3_root, "toy-app", steps=16)
+    plots_js = "return Array.from(document.querySelectorAll('.js-plotly-plot')).filter(p => p.data).length"
+    running_js = "return !!document.querySelector('[data-testid=\"stStatusWidget\"]')"
+    # `healthwatch app --store s3://…` (a child process; the S3 endpoint and keys come from the environment).
+    with app_server(s3_root) as url, headless_chromium() as driver:
+        driver.get(f"{url}/run?run=toy-app")
+        wait_for(lambda: any(h.text == "Run" for h in driver.find_elements(By.CSS_SELECTOR, "h1")), 120, "the Run title")
+        wait_for(lambda: driver.execute_script(plots_js) >= 1, 180, "a plotly chart of the s3 run")
+        wait_for(lambda: not driver.execute_script(running_js), 120, "the script run to finish")
+        assert not driver.find_elements(By.CSS_SELECTOR, "[data-testid='stException']")
+        body = driver.find_element(By.TAG_NAME, "body").text
+        assert "Traceback" not in body and "No healthwatch store" not in body
+        # The loss chart holds the 16 steps the Monitor wrote to S3.
+        steps = driver.execute_script(
+            "for (const p of document.querySelectorAll('.js-plotly-plot')) {"
+            "  for (const t of (p._fullData || [])) { if ((t.name || '').includes('loss/train')) return t.x.length; } }"
+            "return null;")
+        assert steps == 16, steps
