@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -36,27 +35,11 @@ import torch.distributed as dist  # noqa: E402
 megatron_shims.install()
 
 from megatron.core import parallel_state as ps  # noqa: E402
-from megatron.core.distributed import (  # noqa: E402
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
-from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402
-    get_gpt_decoder_block_spec,
-    get_gpt_layer_local_spec,
-    get_gpt_mtp_block_spec,
-)
-from megatron.core.models.gpt.gpt_model import GPTModel  # noqa: E402
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from megatron.core.tensor_parallel import random as mrandom  # noqa: E402
-from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+from megatron_setup import MBS, MICRO, MTP, NUM_LAYERS, SEQ, batches, build, forward_step  # noqa: E402
 
 import healthwatch as hw  # noqa: E402
 from healthwatch.hooks.adapters.megatron import mtp_losses, stage_process_group  # noqa: E402
-
-VOCAB, SEQ, MBS, MICRO, EXPERTS, TOP_K, HIDDEN, MTP = 64, 16, 2, 2, 8, 2, 32, 2
-NUM_LAYERS = 3
 
 
 def main() -> None:
@@ -64,32 +47,8 @@ def main() -> None:
     tp, pp, ep, sp, steps = (int(x) for x in sys.argv[4:9])
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 expert_model_parallel_size=ep)
-    first, last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-    mrandom.model_parallel_cuda_manual_seed(1234)
-    cfg = TransformerConfig(
-        num_layers=NUM_LAYERS, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=64, add_bias_linear=False,
-        num_moe_experts=EXPERTS, moe_router_topk=TOP_K, moe_ffn_hidden_size=32, moe_layer_freq=[0, 1, 1],
-        moe_token_dispatcher_type="alltoall", moe_router_score_function="sigmoid",
-        moe_router_enable_expert_bias=True, moe_aux_loss_coeff=0.0, expert_model_parallel_size=ep,
-        tensor_model_parallel_size=tp, sequence_parallel=bool(sp),
-        mtp_num_layers=MTP, mtp_loss_scaling_factor=0.1, use_cpu_initialization=True,
-        params_dtype=torch.float32, bf16=False, hidden_dropout=0.0, attention_dropout=0.0,
-        pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
-        num_layers_in_first_pipeline_stage=1 if pp == 2 else None,
-    )
-    block_spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
-    mtp_spec = get_gpt_mtp_block_spec(cfg, get_gpt_layer_local_spec(num_experts=EXPERTS), use_transformer_engine=False)
-    gpt = GPTModel(config=cfg, transformer_layer_spec=block_spec, vocab_size=VOCAB, max_sequence_length=SEQ,
-                   mtp_block_spec=mtp_spec if last else None, share_embeddings_and_output_weights=False,
-                   pre_process=first, post_process=last)
-    model = DistributedDataParallel(
-        config=cfg, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False),
-        module=gpt)
-    cfg.finalize_model_grads_func = finalize_model_grads
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, bf16=False, fp16=False, clip_grad=0.0,
-                                                 use_distributed_optimizer=False), [model])
+    trained = build(tp=tp, pp=pp, ep=ep, sp=bool(sp))
+    gpt, model, opt, last = trained.gpt, trained.model, trained.opt, trained.last
 
     mon = hw.Monitor(store=store, run=run, flush_every_steps=2, flush_every_s=1e9, expert_load_every=1,
                      process_group=stage_process_group())
@@ -125,28 +84,10 @@ def main() -> None:
         gpt.output_layer.register_forward_hook(
             lambda _m, _i, o: logits_seen.append(o[0].detach().clone()) if torch.is_grad_enabled() else None)
 
-    gen = torch.Generator().manual_seed(100 + ps.get_data_parallel_rank())  # data differs per DP rank only
-
-    def batches():
-        while True:
-            ids = torch.randint(0, VOCAB, (MBS, SEQ + 1), generator=gen)
-            yield ids[:, :-1], ids[:, 1:]
-
-    def loss_func(output: torch.Tensor):
-        loss = output.float().mean()
-        return loss, {"lm loss": loss.detach().clone()}  # the schedule divides loss in place
-
-    def forward_step(data, mdl):
-        tokens, labels = next(data)
-        labels_seen.append(labels.clone())
-        pos_ids = torch.arange(SEQ).unsqueeze(0).expand(MBS, -1)
-        output = mdl(input_ids=tokens, position_ids=pos_ids, attention_mask=None, labels=labels)
-        return output, partial(loss_func)
-
     coords = {"rank": rank, "stage": ps.get_pipeline_model_parallel_rank(), "tp": ps.get_tensor_model_parallel_rank(),
               "dp": ps.get_data_parallel_rank(), "ep": ps.get_expert_model_parallel_rank(),
               "etp": ps.get_expert_tensor_parallel_rank(), "edp": ps.get_expert_data_parallel_rank()}
-    data = batches()
+    data = batches(100 + ps.get_data_parallel_rank())  # data differs per DP rank only
     fb = get_forward_backward_func()
     expected: dict = {"steps": {}, "layers": None}
     for step in range(steps):
@@ -155,7 +96,7 @@ def main() -> None:
         labels_seen.clear()
         model.zero_grad_buffer()
         opt.zero_grad()
-        reduced = fb(forward_step_func=forward_step, data_iterator=data, model=[model], num_microbatches=MICRO,
+        reduced = fb(forward_step_func=forward_step(labels_seen.append), data_iterator=data, model=[model], num_microbatches=MICRO,
                      seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
         mon.after_backward()
         grads = [{"name": n, "grad": p.main_grad.detach().double().clone(),
