@@ -838,6 +838,8 @@ def s3_table_source(paths: list[str], schema: pa.Schema, cache: dict[str, Any],
         uri = fs.uri(fs._key(str(p)))
         run = uri.rsplit("/", 2)[-2]
         files.append((uri, run[4:] if run.startswith("run=") else run, fs.sizes.get(uri)))
+    # ``cache`` belongs to this table: forget the segments its listing no longer has (retired by merges).
+    forget_retired(cache, {path for path, _run, _size in files})
     table = uri.rsplit("/", 3)[-3] if files else ""
     known = [size for _p, _r, size in files]
     small = table.removeprefix("table=") in SMALL_TABLES or (

@@ -205,7 +205,7 @@ class Store:
         self._warned: set[str] = set()
         self._checked: set[str] = set()  # files whose footer was checked (segments are immutable)
         self._read_ok: set[str] = set()  # files read in full once after a query failed on corrupt data
-        self._s3_cache: dict[str, Any] = {}  # s3:// roots: footers (and small tables' rows) of immutable segments
+        self._s3_cache: dict[str, dict[str, Any]] = {}  # s3:// roots, per table: footers (small tables: rows)
         self.version = 0  # bumps whenever a built table's listing changed; apps cache on it
         self._refreshed_at = float("-inf")
 
@@ -392,7 +392,8 @@ class Store:
                 # Object storage: DuckDB cannot open s3:// offline; it scans a pyarrow dataset (pushdown).
                 from healthwatch.objectstore import s3_table_source
 
-                self.con.register(f"_s3_{table}", s3_table_source([str(p) for p in paths], TABLES[table], self._s3_cache))
+                self.con.register(f"_s3_{table}", s3_table_source([str(p) for p in paths], TABLES[table],
+                                                                    self._s3_cache.setdefault(table, {})))
                 body = f"SELECT run, {cols} FROM _s3_{table}"
             elif paths:
                 flist = "[" + ", ".join(_sql_str(_fs.FS.open_input(str(p))) for p in paths) + "]"
