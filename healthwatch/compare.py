@@ -634,8 +634,10 @@ def export_comparison(
         raise ValueError(f"--out must end in {', '.join(EXPORT_FORMATS)} (got {out.name!r})")
     if suffix == ".png":
         _require_kaleido()  # say so before any work is done
-    root = Path(store_root)
-    if not root.is_dir():
+    from healthwatch.store import fs as store_fs
+
+    root = store_fs.root_path(store_root)  # a directory or s3://bucket/prefix
+    if not store_fs.store_exists(root):
         raise LookupError(f"no healthwatch store at {root}")
     store = Store(root)
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from healthwatch.store import Store, default_store_path
+from healthwatch.store.fs import store_exists
 
 #: Per-rank runs (``<run>.rank<k>``) are left out by default: they would multiply the series.
 RANK_RUN = re.compile(r"\.rank\d+$")
@@ -80,7 +81,7 @@ class StoreSource:
     def __init__(self, store: str | os.PathLike[str] | None = None, runs: Sequence[str] | None = None,
                  per_rank: bool = False) -> None:
         self.root: Path = default_store_path(store)
-        if not self.root.is_dir():
+        if not store_exists(self.root):  # a directory, or an s3:// store
             raise FileNotFoundError(f"no healthwatch store at {self.root}")
         self.runs = list(runs) if runs else None
         self.per_rank = per_rank

@@ -8,13 +8,15 @@ one reader, :class:`~healthwatch.store.Store`, over pyarrow datasets of the S3 o
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
-from scale_store import PARENT, write_lineage
+from scale_store import BRANCHES, PARENT, write_lineage
 
 from healthwatch import compare, objectstore, query
 from healthwatch.objectstore import S3FS
@@ -66,3 +68,11 @@ def test_query_layer_on_s3_equals_local(tmp_path: Path, s3_root: str, in_memory_
         over_l = query.runs_overview(local).drop("last_write", strict=False).sort("run")
         assert_frame_equal(over_r, over_l)
         assert isinstance(over_r, pl.DataFrame) and over_r.height == 3
+    if in_memory_bytes is None:
+        # `healthwatch compare --store s3://…` writes the same table as on the local copy.
+        for where, store in (("local", str(root)), ("s3", s3_root)):
+            res = subprocess.run([sys.executable, "-m", "healthwatch.cli", "compare", "--store", store, "--runs",
+                                  PARENT, *BRANCHES, "--out", str(tmp_path / f"{where}.csv")],
+                                 capture_output=True, text=True, timeout=300)
+            assert res.returncode == 0, res.stderr
+        assert_frame_equal(pl.read_csv(tmp_path / "s3.csv"), pl.read_csv(tmp_path / "local.csv"))
