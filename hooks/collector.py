@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -122,6 +123,19 @@ class StatsCollector:
         #: (block position, bias buffer) of routers with an aux-loss-free expert bias.
         self.expert_bias = self._find_expert_bias()
         self._observed: list[nn.Module] = []
+        #: Quantisation statistics are staged per call (sampled blocks, amin/amax) and computed for
+        #: all of a step's operands at once in take_row (:func:`signals.quant_block_sums`).
+        self._qx: list[torch.Tensor] = []
+        self._qq: list[torch.Tensor] = []
+        self._qlen: list[int] = []
+        self._qmm: list[torch.Tensor] = []
+        self._qkeys: list[tuple[int, str | None]] = []
+        self._qstarts: dict[tuple[int, str | None], tuple[tuple[int, int], ...]] = {}
+        self._qplan: tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._qseg: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+        #: (positions, A_log tensors) of the Mamba mixers when all have the same number of heads.
+        self._decay_stack = self._stackable([m.A_log for _p, m in self.mamba])
+        self._bias_stack = self._stackable([b for _p, b in self.expert_bias])
 
     # -- hooks -------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -187,6 +201,16 @@ class StatsCollector:
             raise ValueError(f"layer {layer!r} is not a watched block (layers: {sorted(self._position)})")
         return found
 
+    @staticmethod
+    def _stackable(tensors: list[torch.Tensor]) -> bool:
+        """Whether ``tensors`` can be read with one ``torch.stack`` (same shape, device; at least one)."""
+        return bool(tensors) and all(t.shape == tensors[0].shape and t.device == tensors[0].device for t in tensors)
+
+    def _group(self, key: object, make: Callable[[], tuple[list, list]]) -> tuple[int, int]:
+        """The bank range of ``key``; ``make()`` builds its slots only the first time (host work per call)."""
+        found = self.bank.lookup(key)
+        return found if found is not None else self.bank.group(key, *make())
+
     # -- extra signals -----------------------------------------------------------------------
     def quant_stats(self, pos: int, operand: str | None, x: torch.Tensor, q: torch.Tensor) -> None:
         """Accumulate NVFP4 health of one quantised tensor into block ``pos`` (and ``operand``)."""
@@ -194,13 +218,63 @@ class StatsCollector:
             raise ValueError(f"quant_stats: x {tuple(x.shape)} and q {tuple(q.shape)} differ in shape")
         if not self.active or not self._sample or "quant" not in self.families or _in_backward():
             return
-        sums, amax = sig.quant_terms(x, q)
-        ratios, maxes = sig.quant_slots(pos, None)
-        self.bank.add(self.bank.group(("quant", pos, None), ratios, maxes), sums, amax)
-        if operand:
-            op = _OPERAND.sub("_", str(operand))[:60]
-            ratios, maxes = sig.quant_slots(pos, op)
-            self.bank.add(self.bank.group(("quant", pos, op), ratios, maxes), sums, amax)
+        op = _OPERAND.sub("_", str(operand))[:60] if operand else None
+        key = (pos, op)
+        starts = self._qstarts.get(key)
+        if starts is None:
+            starts = tuple(self._group(("quant", pos, o), lambda o=o: sig.quant_slots(pos, o))
+                           for o in ((None, op) if op else (None,)))
+            self._qstarts[key] = starts
+        with torch.no_grad():
+            xd, qd = x.detach(), q.detach()
+            if xd.dim() and xd.shape[-1] % sig.NVFP4_BLOCK == 0 and xd.numel():
+                xs, qs = sig.quant_sample(xd, qd)
+                # Copies: the operand may change in place (a weight at optimizer.step()) before take_row.
+                fmt = dict(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+                self._qx.append(xs.to(**fmt).view(-1, sig.NVFP4_BLOCK))
+                self._qq.append(qs.to(**fmt).view(-1, sig.NVFP4_BLOCK))
+                self._qlen.append(xs.numel() // sig.NVFP4_BLOCK)
+                self._qmm.append(torch.stack(torch.aminmax(xd)).float())
+                self._qkeys.append(key)
+                return
+            # Rows that do not divide into 16-blocks (rare): computed at once, whole tensor.
+            sums, amax = sig.quant_terms(xd, qd)
+            for start in starts:
+                self.bank.add(start, sums, amax)
+
+    def _quant_flush(self) -> None:
+        """Compute the staged operands' quantisation statistics in one pass and add them to the bank."""
+        if not self._qkeys:
+            return
+        keys = tuple(self._qkeys)
+        plan = self._qplan
+        if plan is None or plan[0] != keys:
+            # Where each operand's six sums and its amax go: its layer aggregate and its operand
+            # group. Cached: the same GEMMs report in the same order step after step.
+            rep, spos, mpos = [], [], []
+            for i, key in enumerate(keys):
+                for s_start, m_start in self._qstarts[key]:
+                    rep.append(i)
+                    spos.extend(range(s_start, s_start + 6))
+                    mpos.append(m_start)
+            dev = self.device
+            plan = (keys, torch.tensor(rep, device=dev), torch.tensor(spos, device=dev), torch.tensor(mpos, device=dev))
+            self._qplan = plan
+        _keys, rep, spos, mpos = plan
+        lens = tuple(self._qlen)
+        if self._qseg is None or self._qseg[0] != lens:
+            # Operand index of every block, made on the host (numpy) and copied once per shape change.
+            dev = self._qx[0].device
+            seg = torch.from_numpy(np.repeat(np.arange(len(lens)), lens)).to(dev)
+            self._qseg = (lens, seg, torch.tensor(lens, device=dev))
+        _lens, segments, lengths = self._qseg
+        with torch.no_grad():
+            sums = sig.quant_block_sums(torch.cat(self._qx), torch.cat(self._qq), segments, lengths)
+            mm = torch.stack(self._qmm)
+            amax = torch.maximum(mm[:, 1], -mm[:, 0]).to(self.device, torch.float64)
+            self.bank.sums.index_add_(0, spos, sums.to(self.device).index_select(0, rep).reshape(-1))
+            self.bank.maxes.scatter_reduce_(0, mpos, amax.index_select(0, rep), reduce="amax")
+        self._qx, self._qq, self._qlen, self._qmm, self._qkeys = [], [], [], [], []
 
     def _quant_observer(self, pos: int) -> Callable[[str, torch.Tensor, torch.Tensor], None]:
         def observe(operand: str, x: torch.Tensor, q: torch.Tensor) -> None:
@@ -217,11 +291,14 @@ class StatsCollector:
             out = output[0] if isinstance(output, (tuple, list)) else output
             if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[-1] < heads:
                 return
-            sums, maxes = sig.dt_terms(out[..., -heads:], getattr(mixer, "dt_bias", None))
-            ratios, mx = sig.dt_slots(pos)
-            self.bank.add(self.bank.group(("dt", pos), ratios, mx), sums, maxes)
+            self._dt_stats(pos, out[..., -heads:], getattr(mixer, "dt_bias", None))
 
         return hook
+
+    def _dt_stats(self, pos: int, dt_raw: torch.Tensor, dt_bias: torch.Tensor | None) -> None:
+        """Accumulate dt statistics of Mamba block ``pos`` (its ``in_proj`` output's dt columns)."""
+        sums, maxes = sig.dt_terms(dt_raw, dt_bias)
+        self.bank.add(self._group(("dt", pos), lambda: sig.dt_slots(pos)), sums, maxes)
 
     def router_ratio(self, pos: int, metric: str, num: torch.Tensor | float, den: torch.Tensor | float) -> None:
         """Accumulate a ratio statistic (e.g. ``token_drop_rate`` = dropped / routed) of block ``pos``."""
@@ -257,17 +334,46 @@ class StatsCollector:
         slots = [s for b in range(nb) for s in sig.update_slots(b)]
         self.bank.add(self.bank.group(("update",), slots), vec)
 
+    def _decay_slots_all(self) -> tuple[list, list]:
+        """Slots of every Mamba block's decay stats, block after block (the stacked layout)."""
+        ratios: list = []
+        maxes: list = []
+        for pos, _m in self.mamba:
+            r, m = sig.decay_slots(pos)
+            ratios.extend(r)
+            maxes.extend(m)
+        return ratios, maxes
+
     def _param_stats(self) -> None:
-        """Statistics read from parameters and buffers once per recorded step (Mamba decay, expert bias)."""
-        if "mamba" in self.families:
-            for pos, mixer in self.mamba:
-                sums, maxes = sig.decay_terms(mixer.A_log)
-                ratios, mx = sig.decay_slots(pos)
-                self.bank.add(self.bank.group(("decay", pos), ratios, mx), sums, maxes)
-        if "router" in self.families:
-            for pos, bias in self.expert_bias:
-                start = self.bank.group(("bias", pos), [], [sig.MaxSlot(pos, "expert_bias_range")])
-                self.bank.add(start, None, sig.bias_range(bias))
+        """Statistics read from parameters and buffers once per recorded step (Mamba decay, expert bias).
+
+        One stacked computation for all blocks when their tensors have the same shape (the usual
+        case), instead of a handful of small ops per block.
+        """
+        with torch.no_grad():
+            if "mamba" in self.families and self.mamba:
+                if self._decay_stack:
+                    a = torch.stack([m.A_log.detach() for _p, m in self.mamba]).float().exp()
+                    heads = torch.full((a.shape[0],), float(a[0].numel()), dtype=torch.float64, device=a.device)
+                    sums = torch.stack([a.sum(-1).to(torch.float64), heads], 1).reshape(-1)
+                    maxes = torch.stack([-a.amin(-1), a.amax(-1)], 1).to(torch.float64).reshape(-1)
+                    start = self._group(("decay",), self._decay_slots_all)
+                    self.bank.add(start, sums, maxes)
+                else:
+                    for pos, mixer in self.mamba:
+                        sums, maxes = sig.decay_terms(mixer.A_log)
+                        self.bank.add(self._group(("decay", pos), lambda pos=pos: sig.decay_slots(pos)), sums, maxes)
+            if "router" in self.families and self.expert_bias:
+                if self._bias_stack:
+                    b = torch.stack([t.detach() for _p, t in self.expert_bias]).float()
+                    rng = (b.amax(-1) - b.amin(-1)).to(torch.float64)
+                    start = self._group(("bias",), lambda: (
+                        [], [sig.MaxSlot(pos, "expert_bias_range") for pos, _b in self.expert_bias]))
+                    self.bank.add(start, None, rng)
+                else:
+                    for pos, bias in self.expert_bias:
+                        start = self._group(("bias", pos), lambda pos=pos: ([], [sig.MaxSlot(pos, "expert_bias_range")]))
+                        self.bank.add(start, None, sig.bias_range(bias))
 
     def _resid_hook(self, i: int):  # noqa: ANN202 - returns a torch hook
         extract = self.spec.blocks[i].hidden
@@ -306,14 +412,17 @@ class StatsCollector:
                     idx = decision.reshape(-1).to(torch.long)
                     row.index_add_(0, idx, torch.ones(idx.shape, device=idx.device, dtype=torch.float64))
             if health and self._sample:
-                logits = self._router_logits(spec, module, inputs, output)
-                if logits is not None:
-                    sums, mx = sig.router_terms(logits)
-                    ratios, maxes = sig.router_slots(pos)
-                    self.bank.add(self.bank.group(("router", pos), ratios, maxes), sums, mx)
+                self._router_health(pos, spec, module, inputs, output)
             self.router_calls[r] += 1
 
         return hook
+
+    def _router_health(self, pos: int, spec: Any, module: nn.Module, inputs: tuple, output: object) -> None:
+        """Accumulate routing entropy, z-loss and max logit of the MoE layer at block ``pos``."""
+        logits = self._router_logits(spec, module, inputs, output)
+        if logits is not None:
+            sums, mx = sig.router_terms(logits)
+            self.bank.add(self._group(("router", pos), lambda: sig.router_slots(pos)), sums, mx)
 
     def _router_logits(self, spec: Any, module: nn.Module, inputs: tuple, output: object) -> torch.Tensor | None:
         """Router logits ``[..., E]``: ``module.last_logits`` (reference model), a ``logits`` extractor
@@ -385,6 +494,11 @@ class StatsCollector:
         """The step's (sum row, max row, residual calls, router calls, has_wgrad); resets accumulators."""
         if self.active:
             self._param_stats()
+        if self._qkeys:
+            if self.active:
+                self._quant_flush()
+            else:  # an unrecorded step: drop what was staged
+                self._qx, self._qq, self._qlen, self._qmm, self._qkeys = [], [], [], [], []
         parts = [*(s.reshape(1) for s in scalars), self.resid_sum, self.grad_sq]
         if self.spec.routers:
             parts.append(self.counts.reshape(-1))

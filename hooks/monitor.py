@@ -361,14 +361,14 @@ class Monitor:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         def found(opt: Any, _args: Any, _kwargs: Any) -> None:
+            # Not removed from here: torch is iterating the global hooks, and removing one while
+            # another Monitor's hook is still to come raises "OrderedDict mutated during iteration"
+            # inside optimizer.step(). step() removes it once the optimizer is known.
             if self._optimizer is None and any(p is probe for g in opt.param_groups for p in g["params"]):
                 # From the next step on its own post-step hook records the update signals; this
                 # first step is recorded here, so a trainer needs no call at all.
                 self.watch_optimizer(opt)
                 self.after_optimizer_step(opt)
-            if self._optimizer is not None and self._discovery is not None:
-                self._discovery.remove()
-                self._discovery = None
 
         if self._discovery is not None:
             self._discovery.remove()
@@ -430,6 +430,9 @@ class Monitor:
         step = int(step)
         tokens = int(tokens) if tokens is not None else step
         self._last_step, self._last_tokens = step, tokens
+        if self._discovery is not None and self._optimizer is not None:
+            self._discovery.remove()  # the optimizer was found (outside torch's hook iteration here)
+            self._discovery = None
         if self._first_step is None:
             self._first_step = step
         collector = self._collector

@@ -90,6 +90,10 @@ class SignalBank:
         self._groups[key] = start
         return start
 
+    def lookup(self, key: object) -> tuple[int, int] | None:
+        """The group's start if it was allocated, else None (no allocation)."""
+        return self._groups.get(key)
+
     def add(self, start: tuple[int, int], sums: Tensor | None, maxes: Tensor | None = None) -> None:
         """Add ``sums`` (``[num0, den0, num1, den1, ...]``) and fold ``maxes`` into a group's slots."""
         with torch.no_grad():
@@ -141,36 +145,93 @@ def decode_bank(
 def quant_terms(x: Tensor, q: Tensor, block: int = NVFP4_BLOCK) -> tuple[Tensor, Tensor]:
     """Sums ``[underflow, nonzero, saturated, numel, err_sq, x_sq]`` and max ``[amax]`` of one tensor.
 
-    * underflow: elements with ``x != 0`` and ``q == 0``, over the non-zero elements;
-    * saturated: elements clipped at the top of their block's grid, i.e. ``|x| > |q|`` where
-      ``|q|`` equals the largest ``|q|`` of the ``block``-element block along the last dimension
-      (the format maximum 6 x block scale); blocks of the whole tensor when the last dimension does
-      not divide into blocks. With E2M1 the grid step below 6 is 2, so an unclipped value that
-      rounds to its block's top is never above it: only clipped values count;
+    * underflow: elements with ``x != 0`` and ``q == 0``, over the non-zero elements; counted as
+      ``nnz(x) - nnz(q)``, which assumes what every rounding quantiser does: ``x == 0`` gives ``q == 0``;
+    * saturated: elements clipped at the top of their block's grid, i.e. ``|x|`` above the largest
+      ``|q|`` of its ``block``-element block along the last dimension (the format maximum 6 x block
+      scale); blocks of the whole tensor when the last dimension does not divide into blocks. A
+      value above its block's top can only round to that top, so this is "clipped"; an all-zero
+      block has no top (its values underflowed, they did not clip);
     * ``err_sq = ||q - x||^2`` and ``x_sq = ||x||^2`` (relative MSE = their ratio).
+
+    About 10 memory passes over the operand (the first version took ~22: boolean masks combined
+    with ``&`` and a materialised per-element block top); docs/signals.md has the measured cost.
     """
     with torch.no_grad():
         xf = x.detach().float()
         qf = q.detach().float()
-        ax, aq = xf.abs(), qf.abs()
-        nz = xf != 0
-        under = (nz & (qf == 0)).sum()
-        if xf.dim() and xf.shape[-1] % block == 0 and xf.numel():
-            top = aq.reshape(-1, block).amax(-1, keepdim=True).expand(-1, block).reshape(aq.shape)
+        dev = xf.device
+        if not xf.numel():
+            zero = torch.zeros((), dtype=torch.float64, device=dev)
+            return torch.stack([zero, zero, zero, zero, zero, zero]), torch.zeros(1, dtype=torch.float64, device=dev)
+        ax = xf.abs()
+        aq = qf.abs()
+        if xf.dim() and xf.shape[-1] % block == 0:
+            top = aq.reshape(-1, block).amax(-1, keepdim=True)
+            ax_b = ax.reshape(-1, block)
         else:
-            top = aq.amax() if aq.numel() else aq.new_zeros(())
-        sat = ((ax > aq) & (aq == top) & (aq > 0)).sum()
-        diff = qf - xf
+            top = aq.amax().reshape(1, 1)
+            ax_b = ax.reshape(1, -1)
+        # An all-zero block (top 0) never counts as clipped: +inf is above every |x|.
+        top = top.masked_fill(top == 0, math.inf)
+        sat = torch.count_nonzero(ax_b > top)
+        nz = torch.count_nonzero(xf)
+        under = nz - torch.count_nonzero(qf)
+        err, xn = torch._foreach_norm([qf - xf, xf])
         sums = torch.stack([
-            under.to(torch.float64),
-            nz.sum().to(torch.float64),
-            sat.to(torch.float64),
-            torch.full((), float(xf.numel()), dtype=torch.float64, device=xf.device),
-            diff.pow(2).sum().to(torch.float64),
-            xf.pow(2).sum().to(torch.float64),
-        ])
-        amax = ax.amax().reshape(1).to(torch.float64) if ax.numel() else torch.zeros(1, dtype=torch.float64, device=xf.device)
-    return sums, amax
+            under, nz, sat,
+            torch.full((), xf.numel(), dtype=torch.int64, device=dev),
+        ]).to(torch.float64)
+        sq = torch.stack([err, xn]).to(torch.float64).pow(2)
+        amax = ax.amax().reshape(1).to(torch.float64)
+    return torch.cat([sums, sq]), amax
+
+
+#: Elements of one quantised operand that the Monitor's collector reads for underflow, saturation
+#: and relative MSE: larger operands are read on evenly strided whole rows (blocks stay intact),
+#: which bounds the per-call cost; ``fp4_amax`` always reads the whole operand. A ratio estimated
+#: from 2^14 elements has a standard error below 0.4 percentage points (docs/signals.md).
+QUANT_SAMPLE_ELEMS = 1 << 14
+
+
+def quant_sample(x: Tensor, q: Tensor, cap: int = QUANT_SAMPLE_ELEMS) -> tuple[Tensor, Tensor]:
+    """Evenly strided whole rows (last dimension) of ``x`` and ``q``, about ``cap`` elements (views).
+
+    Operands of at most ``cap`` elements, or whose rows are longer than ``cap``, come back whole.
+    """
+    n = x.numel()
+    if n <= cap or x.dim() == 0:
+        return x, q
+    k = x.shape[-1]
+    rows = n // max(1, k)
+    if k == 0 or k >= cap:
+        return x, q
+    stride = -(-rows * k // cap)  # ceil: at most ~cap elements
+    return x.reshape(rows, k)[::stride], q.reshape(rows, k)[::stride]
+
+
+def quant_block_sums(xb: Tensor, qb: Tensor, segments: Tensor, lengths: Tensor, block: int = NVFP4_BLOCK) -> Tensor:
+    """Per-operand sums ``[underflow, nonzero, saturated, numel, err_sq, x_sq]`` (float64 ``[n, 6]``)
+    of ``n`` operands given as the concatenation of their ``block``-element blocks ``xb, qb [NB, block]``,
+    ``lengths [n]`` blocks each, ``segments [NB]`` the operand of each block (``repeat(arange(n), lengths)``,
+    built by the caller on the host: ``repeat_interleave`` on a device tensor would sync). The same definitions as :func:`quant_terms`, for all of a step's
+    operands in one pass: ~15 device ops per step however many GEMMs reported."""
+    with torch.no_grad():
+        ax, aq = xb.abs(), qb.abs()
+        top = aq.amax(-1, keepdim=True)
+        top = top.masked_fill(top == 0, math.inf)
+        f32 = torch.float32
+        nz = (xb != 0).sum(-1, dtype=f32)
+        per_block = torch.stack([
+            nz - (qb != 0).sum(-1, dtype=f32),
+            nz,
+            (ax > top).sum(-1, dtype=f32),
+            (qb - xb).pow(2).sum(-1),
+            xb.pow(2).sum(-1),
+        ], dim=1)
+        seg = per_block.new_zeros(lengths.shape[0], 5).index_add_(0, segments, per_block).to(torch.float64)
+        numel = lengths.to(torch.float64).mul(block).unsqueeze(1)
+        return torch.cat([seg[:, :3], numel, seg[:, 3:]], dim=1)
 
 
 def quant_slots(layer: int, operand: str | None) -> tuple[list[RatioSlot], list[MaxSlot]]:
@@ -185,18 +246,22 @@ def router_terms(logits: Tensor) -> tuple[Tensor, Tensor]:
     """Sums ``[entropy_sum, tokens, zloss_sum, tokens]`` and max ``[max logit]`` of router logits ``[..., E]``.
 
     Entropy is per token, of ``softmax(logits)``, divided by ``log E`` (0 = one expert takes all
-    probability, 1 = uniform). z-loss is ``logsumexp(logits)^2`` per token.
+    probability, 1 = uniform). z-loss is ``logsumexp(logits)^2`` per token. Computed from one
+    ``logsumexp``: with ``lse`` per token, ``H = lse - sum_e p_e * logit_e`` (``sum_e p_e = 1``).
     """
     with torch.no_grad():
         lg = logits.detach().float().reshape(-1, logits.shape[-1])
         e = lg.shape[-1]
-        logp = torch.log_softmax(lg, -1)
-        ent = -(logp.exp() * logp).sum(-1)
-        ent = ent / math.log(e) if e > 1 else ent * 0.0
+        if not lg.numel():
+            zero = torch.zeros((), dtype=torch.float64, device=lg.device)
+            return torch.stack([zero, zero, zero, zero]), lg.new_full((1,), -math.inf, dtype=torch.float64)
         lse = torch.logsumexp(lg, -1)
-        n = torch.full((), float(lg.shape[0]), dtype=torch.float64, device=lg.device)
-        sums = torch.stack([ent.sum().to(torch.float64), n, lse.pow(2).sum().to(torch.float64), n])
-        mx = lg.amax().reshape(1).to(torch.float64) if lg.numel() else lg.new_full((1,), -math.inf, dtype=torch.float64)
+        p = (lg - lse.unsqueeze(-1)).exp_()
+        ent = lse.sum() - torch.dot(p.reshape(-1), lg.reshape(-1))
+        ent = ent / math.log(e) if e > 1 else ent * 0.0
+        n = torch.full((), float(lg.shape[0]), dtype=torch.float32, device=lg.device)
+        sums = torch.stack([ent, n, torch.dot(lse, lse), n]).to(torch.float64)
+        mx = lg.amax().reshape(1).to(torch.float64)
     return sums, mx
 
 
@@ -236,12 +301,12 @@ def dt_terms(dt_raw: Tensor, dt_bias: Tensor | None) -> tuple[Tensor, Tensor]:
     """Sums ``[sum dt, count]`` and maxes ``[max dt, -min dt]`` of ``dt = softplus(dt_raw + dt_bias)``."""
     with torch.no_grad():
         d = dt_raw.detach().float()
-        if dt_bias is not None:
-            d = d + dt_bias.detach().float()
+        d = d + dt_bias.detach().float() if dt_bias is not None else d
         dt = torch.nn.functional.softplus(d)
-        n = torch.full((), float(dt.numel()), dtype=torch.float64, device=dt.device)
-        sums = torch.stack([dt.sum().to(torch.float64), n])
-        maxes = torch.stack([dt.amax().to(torch.float64), (-dt.amin()).to(torch.float64)])
+        lo, hi = torch.aminmax(dt)
+        n = torch.full((), float(dt.numel()), dtype=torch.float32, device=dt.device)
+        sums = torch.stack([dt.sum(), n]).to(torch.float64)
+        maxes = torch.stack([hi, -lo]).to(torch.float64)
     return sums, maxes
 
 
@@ -261,7 +326,27 @@ def is_adam(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
 
 
-def adam_update_sq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> tuple[Tensor, Tensor] | None:
+#: Elements per chunk of the update computation: its transient memory is one float32 buffer of
+#: this many elements (or of the largest parameter, if larger), never a copy of all parameters.
+UPDATE_CHUNK_ELEMS = 1 << 24
+
+
+def _chunks(sizes: Sequence[int], limit: int) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges of consecutive items whose sizes sum to at most ``limit`` (one item may exceed it)."""
+    out: list[tuple[int, int]] = []
+    start, total = 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and total + n > limit:
+            out.append((start, i))
+            start, total = i, 0
+        total += n
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out
+
+
+def adam_update_sq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
+                   chunk_elems: int = UPDATE_CHUNK_ELEMS) -> tuple[Tensor, Tensor] | None:
     """``(||dθ_i||^2, ||θ_i||^2)`` per parameter of ``params`` just after an Adam/AdamW step.
 
     Rebuilt from the optimizer's state, not from a copy of the parameters. With ``u`` the Adam
@@ -269,16 +354,19 @@ def adam_update_sq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -
     Adam (L2 weight decay inside ``m``): ``dθ = -u``; AdamW (decoupled decay ``λ``):
     ``θ_new = θ_old (1 - lr λ) - u`` so ``dθ = -(u + lr λ θ_new) / (1 - lr λ)``. A parameter with
     no gradient this step was not updated (``dθ = 0``). Must run before ``zero_grad`` and before
-    the learning-rate scheduler changes ``lr`` (the post-step hook does). Transient memory: one
-    parameter-sized buffer per optimizer group chunk; time: about four elementwise passes over
-    the parameters. Returns None for optimizers it does not know.
+    the learning-rate scheduler changes ``lr`` (the post-step hook does).
+
+    Cost: multi-tensor (``torch._foreach_*``) ops over chunks of at most ``chunk_elems`` elements,
+    as torch's own foreach Adam does: per chunk one float32 buffer (the transient memory), about
+    five elementwise passes and one fused norm; no Python loop of tensor ops over parameters.
+    Returns None for optimizers it does not know.
     """
     if not is_adam(optimizer):
         return None
     want = {id(p): i for i, p in enumerate(params)}
     n = len(params)
     dev = params[0].device if n else torch.device("cpu")
-    upd = [torch.zeros((), dtype=torch.float64, device=dev) for _ in range(n)]
+    upd = torch.zeros(n, dtype=torch.float64, device=dev)
     decoupled_default = isinstance(optimizer, torch.optim.AdamW)
     with torch.no_grad():
         for group in optimizer.param_groups:
@@ -288,11 +376,10 @@ def adam_update_sq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -
                 st = optimizer.state.get(p)
                 if i is None or p.grad is None or not st or "exp_avg" not in st:
                     continue
-                v = st.get("max_exp_avg_sq") if group.get("amsgrad") else st["exp_avg_sq"]
                 idx.append(i)
                 ps.append(p.detach())
                 ms.append(st["exp_avg"])
-                vs.append(v)
+                vs.append(st.get("max_exp_avg_sq") if group.get("amsgrad") else st["exp_avg_sq"])
                 steps.append(st["step"])
             if not idx:
                 continue
@@ -301,23 +388,40 @@ def adam_update_sq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -
             decoupled = group.get("decoupled_weight_decay", decoupled_default)
             # Bias corrections as tensor ops on the step counters (on CPU unless capturable/fused):
             # reading a counter's value would be a host read.
-            stepv = torch.stack([s.reshape(()).to(torch.float64) for s in steps])
-            bc1 = 1 - torch.pow(torch.as_tensor(float(beta1), dtype=torch.float64), stepv)
-            bc2 = 1 - torch.pow(torch.as_tensor(float(beta2), dtype=torch.float64), stepv)
-            lr_t = torch.as_tensor(lr, dtype=torch.float64)
-            step_size = (lr_t / bc1).unbind()
-            sqrt_bc2 = bc2.sqrt().unbind()
-            for j, i in enumerate(idx):
-                denom = vs[j].float().sqrt().div_(sqrt_bc2[j].to(vs[j].device, torch.float32)).add_(eps)
-                u = ms[j].float().div(denom).mul_(step_size[j].to(ms[j].device, torch.float32))
-                if decoupled and wd:
-                    lam = lr_t * float(wd)
-                    u = u.add_(ps[j].float() * lam.to(u.device, torch.float32)).div_((1 - lam).to(u.device, torch.float32))
-                upd[i] = u.pow(2).sum().to(dev, torch.float64)
+            try:
+                stepv = torch.stack(steps).reshape(-1).to(dev, torch.float64)
+            except RuntimeError:  # counters of several shapes or devices
+                stepv = torch.stack([s.reshape(()).to(dev, torch.float64) for s in steps])
+            lr_t = torch.as_tensor(lr, dtype=torch.float64, device=dev)
+            step_size = lr_t / (1 - float(beta1) ** stepv)
+            sqrt_bc2 = (1 - float(beta2) ** stepv).sqrt()
+            lam = lr_t * float(wd) if decoupled and wd else None
+            # float32 copies split into 0-d views once (unbind is one op, not one per parameter).
+            sqrt_bc2_l = sqrt_bc2.to(torch.float32).unbind()
+            step_l = step_size.to(torch.float32).unbind()
+            out: list[Tensor] = []
+            for a, b in _chunks([p.numel() for p in ps], chunk_elems):
+                # r = m / (sqrt(v) / sqrt(bc2) + eps), built in one buffer per tensor of the chunk.
+                r = torch._foreach_sqrt([v.float() for v in vs[a:b]])
+                torch._foreach_div_(r, list(sqrt_bc2_l[a:b]))
+                torch._foreach_add_(r, eps)
+                torch._foreach_reciprocal_(r)
+                torch._foreach_mul_(r, [m.float() for m in ms[a:b]])
+                if lam is None:
+                    norms = torch.stack(torch._foreach_norm(r)).to(dev, torch.float64) * step_size[a:b]
+                else:
+                    # dθ (1 - lr λ) = -(step_size * r + lr λ θ_new)
+                    torch._foreach_mul_(r, list(step_l[a:b]))
+                    torch._foreach_add_(r, torch._foreach_mul([p.float() for p in ps[a:b]],
+                                                              lam.to(torch.float32)))
+                    norms = torch.stack(torch._foreach_norm(r)).to(dev, torch.float64) / (1 - lam)
+                out.append(norms)
+                del r
+            upd.index_copy_(0, torch.tensor(idx, device=dev), torch.cat(out).pow(2))
         # ||θ|| of every parameter, updated this step or not (one fused op).
         norms = torch._foreach_norm([p.detach() for p in params]) if n else []
         try:
             nrm = torch.stack(norms).to(dev, torch.float64).pow(2)
         except RuntimeError:  # norms on several devices
             nrm = torch.stack([t.to(dev, torch.float64) for t in norms]).pow(2)
-    return torch.stack(upd), nrm
+    return upd, nrm

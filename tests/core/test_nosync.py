@@ -4,8 +4,9 @@ reads a tensor back to the host.
 Coverage is generic, not a list of entry points: every host-reading tensor method and function is
 wrapped for whole real training steps of the reference model (forward, backward, optimizer step,
 all signals on, every step logged), and a call counts when *any* frame on the training thread's
-stack lies in the installed ``healthwatch.hooks`` package directory. Forward hooks,
-``after_backward``, ``step``, ``log``, and any hook added later (including code they call in
+stack lies in the installed ``healthwatch.hooks`` package directory. Forward hooks (residual,
+router counts and health, Mamba dt, NVFP4 quantisation observers), ``after_backward``,
+``after_optimizer_step`` (explicit and the optimizer's post-step hook), ``step``, ``log``, and any hook added later (including code they call in
 other packages) are therefore covered without being named here. The writer thread is exempt: it
 decodes on the host by design, after the flush's one copy.
 
@@ -30,6 +31,12 @@ import healthwatch as hw
 import healthwatch.hooks
 from healthwatch.demo.data import SyntheticTokens
 from healthwatch.demo.model import HybridConfig, HybridLM
+
+#: Every signal family, sampled at every step (the defaults sample some every 100th step only).
+ALL_FAMILIES = hw.MonitorConfig(signals=("quant", "router", "mamba", "update"), signals_every=1)
+#: One metric of each family that must be stored for every step, so the check is not vacuous.
+FAMILY_METRICS = ("fp4_underflow", "router_entropy", "ssm_dt_mean", "ssm_decay_min", "update_ratio",
+                  "resid_rms", "wgrad_norm", "maxvio")
 
 #: Everything under here is "the Monitor's own code", whatever the module names inside it.
 HOOKS_DIR = str(Path(healthwatch.hooks.__file__).resolve().parent) + "/"
@@ -158,8 +165,10 @@ def _train(store_dir: Path, steps: int, flush_every: int,
     model = HybridLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = SyntheticTokens(cfg.vocab_size, 32, 2, seed=0)
+    # Every signal family on and sampled at every step: their hooks (quant observers, router
+    # health, dt, decay, the optimizer post-step hook) run on the non-flush steps checked here.
     mon = hw.Monitor(store=store_dir, run="nosync", log_every=1, expert_load_every=1,
-                     flush_every_steps=flush_every, flush_every_s=1e9)
+                     flush_every_steps=flush_every, flush_every_s=1e9, monitor_config=ALL_FAMILIES)
     spec = mon.watch(model)
     assert spec.routers and any(b.layer_type == "mamba" for b in spec.blocks)
     if patch is not None:
@@ -198,8 +207,12 @@ def test_no_host_reads_on_non_flush_steps(store_dir: Path) -> None:
     st = hw.open_store(store_dir)
     stored = [v for (v,) in st.sql("SELECT value FROM scalars WHERE run='nosync' AND name='loss/train' "
                                    "ORDER BY step").fetchall()]
-    st.close()
     assert stored == pytest.approx(losses, rel=1e-6)
+    # Every family's hooks ran on every step, the non-flush ones included (each stored its metric).
+    per_metric = dict(st.sql("SELECT metric, count(DISTINCT step) FROM layer_stats WHERE run='nosync' "
+                             "GROUP BY metric").fetchall())
+    st.close()
+    assert {m: per_metric.get(m, 0) for m in FAMILY_METRICS} == {m: steps for m in FAMILY_METRICS}
 
 
 def test_counter_sees_a_host_read_injected_into_a_forward_hook(store_dir: Path) -> None:

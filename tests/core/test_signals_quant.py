@@ -12,7 +12,7 @@ from torch import nn
 import healthwatch as hw
 from healthwatch.demo.nvfp4 import QuantLinear, quantize_nvfp4
 from healthwatch.hooks.adapters import GenericAdapter
-from healthwatch.hooks.signals import SignalBank, decode_bank, quant_slots, quant_terms
+from healthwatch.hooks.signals import SignalBank, decode_bank, quant_sample, quant_slots, quant_terms
 
 
 def test_quant_terms_by_hand():
@@ -119,3 +119,57 @@ def test_fake_quantiser_reports_through_the_monitor(store_dir, scale):
     # The unquantised layer 1 has no quantisation rows (documented no-op).
     assert not [k for k in got if k[0] == 1 and k[1].startswith("fp4_")]
     assert math.isfinite(got[(0, "fp4_amax")])
+
+
+# -- the collector's batched path -----------------------------------------------------------------
+def _collected(operands: list[tuple[int, str, torch.Tensor, torch.Tensor]]) -> dict[tuple[int, str], float]:
+    """Feed ``operands`` through a real collector's staged path; decoded (layer, metric) -> value."""
+    from healthwatch.hooks.collector import StatsCollector
+
+    net = QNet()
+    spec = GenericAdapter(blocks=r"^layers\.\d+$").inspect(net)
+    col = StatsCollector(spec, torch.device("cpu"), families=("quant",))
+    for pos, op, x, q in operands:
+        col.quant_stats(pos, op, x, q)
+    sums, maxes, *_ = col.take_row([])
+    n_core = len(sums) - len(col.bank.sums)
+    return {(layer, m): v for layer, m, v in decode_bank(sums[n_core:].numpy(), maxes[-len(col.bank.maxes):].numpy(),
+                                                         col.bank.ratio_slots, col.bank.max_slots)}
+
+
+def test_batched_path_equals_quant_terms_per_operand_and_pooled():
+    torch.manual_seed(3)
+    ops = []
+    for pos, op, shape, scale in [(0, "act", (8, 32), 1.0), (0, "weight", (4, 16), 0.25), (1, "act", (3, 48), 0.5),
+                                  (1, "act", (5, 48), 1.0)]:
+        x = torch.randn(shape) * 3
+        x[0, :5] = 0.0
+        ops.append((pos, op, x, quantize_nvfp4(x, scale)))
+    got = _collected(ops)
+    for pos in (0, 1):
+        mine = [(x, q) for p, _op, x, q in ops if p == pos]
+        # Independent reference: the per-tensor definitions, pooled by hand over the layer's operands.
+        s = sum(quant_terms(x, q)[0] for x, q in mine)
+        assert got[(pos, "fp4_underflow")] == pytest.approx(float(s[0] / s[1]))
+        assert got[(pos, "fp4_saturation")] == pytest.approx(float(s[2] / s[3]))
+        assert got[(pos, "fp4_rel_mse")] == pytest.approx(float(s[4] / s[5]), rel=1e-5)
+        assert got[(pos, "fp4_amax")] == pytest.approx(max(float(x.abs().max()) for x, _q in mine))
+    w = ops[1]
+    s, amax = quant_terms(w[2], w[3])
+    assert got[(0, "fp4_saturation/weight")] == pytest.approx(float(s[2] / s[3])) and s[2] > 0
+    assert got[(0, "fp4_amax/weight")] == pytest.approx(float(amax))
+
+
+def test_large_operands_are_sampled_on_whole_rows_amax_exact():
+    # 4096 x 64 = 262,144 elements, 16x the sampling cap: ratios are estimates on every 16th row.
+    torch.manual_seed(4)
+    x = torch.randn(4096, 64) * torch.linspace(0.01, 4, 64)
+    x[1, 7] = 500.0                                  # an outlier in a row the sample skips
+    q = quantize_nvfp4(x)
+    got = _collected([(0, "act", x, q)])
+    full, _ = quant_terms(x, q)
+    assert got[(0, "fp4_underflow")] == pytest.approx(float(full[0] / full[1]), abs=0.01)
+    assert got[(0, "fp4_saturation")] == pytest.approx(float(full[2] / full[3]), abs=0.01)
+    assert got[(0, "fp4_amax")] == 500.0            # amax reads the whole operand
+    xs, _qs = quant_sample(x, q)
+    assert xs.shape == (256, 64) and xs.numel() <= 1 << 14

@@ -133,3 +133,32 @@ def test_public_quant_stats_hook_and_heartbeat(store_dir):
     assert got[(0, "token_drop_rate")] == pytest.approx(0.25)
     beats = st.sql("SELECT step, value, wall_time FROM scalars WHERE name = 'monitor/heartbeat'").fetchall()
     assert len(beats) == 1 and beats[0][0] == 0 and beats[0][1] >= beats[0][2]
+
+
+def test_two_monitors_find_their_optimizers_without_breaking_optimizer_step(store_dir):
+    """Each Monitor's optimizer discovery is a global post-step hook; removing one while torch
+    iterates them used to raise "OrderedDict mutated during iteration" inside ``opt.step()``."""
+    nets = [Net(), Net()]
+    opts = [torch.optim.Adam(n.parameters(), lr=0.1) for n in nets]
+    mons = [hw.Monitor(store=store_dir, run=f"two{i}", monitor_config=ON) for i in range(2)]
+    try:
+        for mon, net in zip(mons, nets):
+            mon.watch(net, adapter=GenericAdapter(blocks=r"^layers\.\d+$"))
+        for step in range(2):
+            for mon, net, opt in zip(mons, nets, opts):
+                net.layers[0].weight.grad = torch.tensor([[0.5, 0.5]])
+                net.layers[1].weight.grad = None
+                opt.step()  # both discovery hooks run here, for each optimizer
+                opt.zero_grad()
+                mon.step(step, loss=1.0)
+        assert all(m._optimizer is o and m._discovery is None for m, o in zip(mons, opts))
+    finally:
+        for mon in mons:
+            mon.close()
+    st = hw.open_store(store_dir)
+    rows = st.sql("SELECT run, step, value FROM layer_stats WHERE metric = 'update_norm' AND layer = 0 "
+                  "ORDER BY run, step").fetchall()
+    st.close()
+    # Adam's first steps move each weight by lr (bias-corrected m / sqrt(v) = 1 per element): ||dθ|| = 0.1 * sqrt(2).
+    assert [(r, s) for r, s, _v in rows] == [("two0", 0), ("two0", 1), ("two1", 0), ("two1", 1)]
+    assert [v for _r, _s, v in rows] == pytest.approx([0.1 * math.sqrt(2)] * 4, rel=1e-4)
