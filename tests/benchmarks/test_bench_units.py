@@ -34,7 +34,9 @@ def test_generated_store_is_live_with_rollups_and_checks_pass(tmp_path: Path) ->
     st = hw.open_store(tmp_path / "s")
     assert st.files("layer_stats_rollup", bench_query.RUN), "the writer keeps rollups while live"
     p = query.plan(st, bench_query.RUN, "layer_stats", query.timeline(st, bench_query.RUN), 100)
-    assert p.limits == ((1, 1_200),)  # 12 complete 100-step buckets; the open one is read raw
+    # A live writer publishes its closed rollup buckets once per 1,000 steps: 10 buckets are
+    # rolled up, the 2 closed since and the open one are read raw.
+    assert p.limits == ((1, 1_000),)
     hm = query.heatmap(st, bench_query.RUN, "resid_rms", max_buckets=5)
     assert bench_query._check_heatmap(st, hm, "resid_rms", 5)
     df = query.series(st, bench_query.RUN, "resid_rms", layer=2, max_points=50)
