@@ -309,6 +309,66 @@ def run_s3query(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def run_s3page(params: dict[str, Any]) -> dict[str, Any]:
+    """Child task: the Run page's first load (new browser session, running server) on an ``s3://`` store.
+
+    The Run-page benchmark's synthetic store (``bench_render.build_store``), uploaded object by object
+    with create-only PUTs; ``healthwatch app --store s3://…`` in headless Chromium, as
+    ``benchmarks/bench_render.py`` measures it on disk: one Runs-page visit opens the store, then a
+    new browser session loads the Run page until every chart is drawn (cold), then warm loads.
+    """
+    srv = _server_module()
+    from benchmarks.apphost import app_server, headless_chromium
+    from benchmarks.bench_render import RUN, build_store, expected_charts, load
+    from healthwatch.objectstore import S3FS
+
+    steps, layers = int(params["steps"]), int(params.get("layers", 108))
+    cold_n, warm_n = int(params.get("cold", 1)), int(params.get("warm", 2))
+    work = Path(params["workdir"]) / "s3page"
+    work.mkdir(parents=True, exist_ok=True)
+    emit_progress(0, 4, "synthetic store")
+    facts = build_store(work / f"store-{steps}x{layers}", steps, layers)
+    server = srv.SeaweedS3(work / "seaweed", buckets=(BUCKET,))
+    server.start()
+    os.environ.update(server.env())
+    s3_root = f"s3://{BUCKET}/render"
+    out: dict[str, Any] = {"steps": steps, "layers": layers, "rows": facts["layer_rows"] + facts["scalar_rows"],
+                           "load_average_before": os.getloadavg()}
+    try:
+        emit_progress(1, 4, "upload")
+        fs = S3FS.for_uri(s3_root)
+        root = work / f"store-{steps}x{layers}"
+        n = 0
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if path.is_file() and not path.name.startswith(".") and rel.startswith(("table=", "healthwatch.json")):
+                fs.put_create_only(f"{s3_root}/{rel}", path.read_bytes())
+                n += 1
+        out["objects"] = n
+        emit_progress(2, 4, "charts")
+        charts = expected_charts(s3_root)  # type: ignore[arg-type]  # the page's own count, on the s3 store
+        out["charts"] = charts
+        cold: list[float] = []
+        warm: list[float] = []
+        emit_progress(3, 4, "page loads")
+        for i in range(cold_n):
+            with app_server(s3_root, work / "server.log") as url:
+                with headless_chromium() as first:
+                    load(first, url + "/", "Runs", 0, timeout=900)
+                with headless_chromium() as driver:
+                    cold.append(load(driver, f"{url}/run?run={RUN}", "Run", charts, timeout=900))
+                if i == cold_n - 1:
+                    for _ in range(warm_n):
+                        with headless_chromium() as driver:
+                            warm.append(load(driver, f"{url}/run?run={RUN}", "Run", charts, timeout=900))
+        out.update({"cold_s": cold, "warm_s": warm, "cold_p50_s": median(cold), "warm_p50_s": median(warm) if warm else None,
+                    "load_average_after": os.getloadavg()})
+    finally:
+        server.stop()
+    emit_progress(4, 4, "done")
+    return out
+
+
 def _live_objects(root: str, tables: tuple[str, ...] | None = None) -> int:
     """Live segment objects of ``tables`` (default: all) under ``root``, merges applied (not counted as reader LISTs)."""
     from healthwatch.objectstore import S3FS, live_listing, parse_store_uri
@@ -319,7 +379,7 @@ def _live_objects(root: str, tables: tuple[str, ...] | None = None) -> int:
     return sum(len(live_listing(fs, uri, t)) for t in (tables or tuple(TABLES)))
 
 
-TASKS = {"fleet": run_fleet, "s3query": run_s3query}
+TASKS = {"fleet": run_fleet, "s3query": run_s3query, "s3page": run_s3page}
 
 
 def jobs(quick: bool, workdir: Path) -> list[Job]:
