@@ -865,12 +865,13 @@ def forget_retired(cache: dict[str, Any], alive: set[str]) -> None:
             del cache[key]
 
 
-def merge_s3(directory: str, sources: list[str], target_name: str, table: str) -> str:
+def merge_s3(directory: str, sources: list[str], target_name: str, table: str,
+             merge: Callable[[Any, list[Any], str, str], Any], manifest_prefix: str = "_merge-") -> str:
     """Merge segments of one ``s3://`` directory into ``target_name``, with the store's merge protocol.
 
     The sources (a writer's own small segments) are downloaded to a local temp folder and merged
-    there by :func:`healthwatch.store.merge.merge_files` (same DuckDB sort and chunking as on
-    disk). Then, on S3: the manifest naming target and sources is PUT first, the target second
+    there by ``merge`` (the writer passes :func:`healthwatch.store.merge.merge_files`: the same DuckDB
+    sort and chunking as on disk; passed in, because the store's lower layers import this module). Then, on S3: the manifest naming target and sources is PUT first, the target second
     (create-only), the sources are deleted third and the manifest last. A reader that lists the
     target also lists the manifest (LIST is strongly consistent on S3) and hides the sources, so
     it never counts a row twice; until the target is visible it reads the sources, which are
@@ -882,8 +883,6 @@ def merge_s3(directory: str, sources: list[str], target_name: str, table: str) -
     from pathlib import Path
 
     from healthwatch.store import fs as _fs
-    from healthwatch.store.merge import merge_files
-    from healthwatch.store.segments import MANIFEST_PREFIX
 
     fs = _fs.fs_for(directory)
     with tempfile.TemporaryDirectory(prefix="hw-merge-") as tmp:
@@ -892,9 +891,9 @@ def merge_s3(directory: str, sources: list[str], target_name: str, table: str) -
             name = str(src).rsplit("/", 1)[-1]
             (Path(tmp) / name).write_bytes(fs.read_bytes(str(src)))
             local.append(Path(tmp) / name)
-        data = merge_files(Path(tmp), local, target_name, table).read_bytes()
+        data = Path(merge(Path(tmp), local, target_name, table)).read_bytes()
     names = [str(s).rsplit("/", 1)[-1] for s in sources]
-    manifest = fs.publish_bytes(str(directory), f"{MANIFEST_PREFIX}{uuid.uuid4().hex}.json",
+    manifest = fs.publish_bytes(str(directory), f"{manifest_prefix}{uuid.uuid4().hex}.json",
                                 json.dumps({"target": target_name, "sources": names}).encode())
     target = fs.publish_bytes(str(directory), target_name, data)
     for src in sources:

@@ -45,6 +45,7 @@ from healthwatch.store.merge import (
 from healthwatch.store.meta import init_store
 from healthwatch.store.rollup import ROLLUP_KEYS, RollupAccumulator
 from healthwatch.store.segments import (
+    MANIFEST_PREFIX,
     list_segments,
     merge_lock,
     parse_segment,
@@ -314,7 +315,8 @@ class StoreWriter:
         merges = 0
         while (group := self._listed_group(directory)) is not None:
             target = f"{self.writer_id}-{group[-1].seq:09d}-L{group[-1].level + 1}.parquet"
-            merge_s3(str(directory), [str(s.path) for s in group], target, table)
+            merge_s3(str(directory), [str(s.path) for s in group], target, table,
+                     merge=merge_files, manifest_prefix=MANIFEST_PREFIX)
             merges += 1
         self._own.pop(table, None)  # the listing is the truth there
         for key in [k for k in self._cache if k[0] == table]:
