@@ -125,10 +125,10 @@ class StatsCollector:
         self._observed: list[nn.Module] = []
         #: Quantisation statistics are staged per call (sampled blocks, amin/amax) and computed for
         #: all of a step's operands at once in take_row (:func:`signals.quant_block_sums`).
+        #: Per call: sampled blocks of x and q stacked ``[2, blocks, 16]``, block count, (amin, amax).
         self._qx: list[torch.Tensor] = []
-        self._qq: list[torch.Tensor] = []
         self._qlen: list[int] = []
-        self._qmm: list[torch.Tensor] = []
+        self._qmm: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._qkeys: list[tuple[int, str | None]] = []
         self._qstarts: dict[tuple[int, str | None], tuple[tuple[int, int], ...]] = {}
         self._qplan: tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -227,14 +227,14 @@ class StatsCollector:
             self._qstarts[key] = starts
         with torch.no_grad():
             xd, qd = x.detach(), q.detach()
-            if xd.dim() and xd.shape[-1] % sig.NVFP4_BLOCK == 0 and xd.numel():
+            if xd.dim() and xd.shape[-1] % sig.NVFP4_BLOCK == 0 and xd.numel() and xd.dtype == qd.dtype:
                 xs, qs = sig.quant_sample(xd, qd)
-                # Copies: the operand may change in place (a weight at optimizer.step()) before take_row.
-                fmt = dict(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
-                self._qx.append(xs.to(**fmt).view(-1, sig.NVFP4_BLOCK))
-                self._qq.append(qs.to(**fmt).view(-1, sig.NVFP4_BLOCK))
+                # Two device ops per call: one stacked copy of the sampled rows of x and q (the
+                # operand may change in place, e.g. a weight at optimizer.step(), before take_row),
+                # and one aminmax of the whole operand (fp4_amax is exact).
+                self._qx.append(torch.stack([xs, qs]).view(2, -1, sig.NVFP4_BLOCK))
                 self._qlen.append(xs.numel() // sig.NVFP4_BLOCK)
-                self._qmm.append(torch.stack(torch.aminmax(xd)).float())
+                self._qmm.append(torch.aminmax(xd))
                 self._qkeys.append(key)
                 return
             # Rows that do not divide into 16-blocks (rare): computed at once, whole tensor.
@@ -269,12 +269,14 @@ class StatsCollector:
             self._qseg = (lens, seg, torch.tensor(lens, device=dev))
         _lens, segments, lengths = self._qseg
         with torch.no_grad():
-            sums = sig.quant_block_sums(torch.cat(self._qx), torch.cat(self._qq), segments, lengths)
-            mm = torch.stack(self._qmm)
-            amax = torch.maximum(mm[:, 1], -mm[:, 0]).to(self.device, torch.float64)
+            both = torch.cat([t.float() for t in self._qx], dim=1) if len(self._qx) > 1 else self._qx[0].float()
+            sums = sig.quant_block_sums(both[0], both[1], segments, lengths)
+            lo = torch.stack([m[0] for m in self._qmm]).float()
+            hi = torch.stack([m[1] for m in self._qmm]).float()
+            amax = torch.maximum(hi, -lo).to(self.device, torch.float64)
             self.bank.sums.index_add_(0, spos, sums.to(self.device).index_select(0, rep).reshape(-1))
             self.bank.maxes.scatter_reduce_(0, mpos, amax.index_select(0, rep), reduce="amax")
-        self._qx, self._qq, self._qlen, self._qmm, self._qkeys = [], [], [], [], []
+        self._qx, self._qlen, self._qmm, self._qkeys = [], [], [], []
 
     def _quant_observer(self, pos: int) -> Callable[[str, torch.Tensor, torch.Tensor], None]:
         def observe(operand: str, x: torch.Tensor, q: torch.Tensor) -> None:
@@ -498,7 +500,7 @@ class StatsCollector:
             if self.active:
                 self._quant_flush()
             else:  # an unrecorded step: drop what was staged
-                self._qx, self._qq, self._qlen, self._qmm, self._qkeys = [], [], [], [], []
+                self._qx, self._qlen, self._qmm, self._qkeys = [], [], [], []
         parts = [*(s.reshape(1) for s in scalars), self.resid_sum, self.grad_sq]
         if self.spec.routers:
             parts.append(self.counts.reshape(-1))

@@ -161,15 +161,15 @@ def test_batched_path_equals_quant_terms_per_operand_and_pooled():
 
 
 def test_large_operands_are_sampled_on_whole_rows_amax_exact():
-    # 4096 x 64 = 262,144 elements, 16x the sampling cap: ratios are estimates on every 16th row.
+    # 4096 x 64 = 262,144 elements, 64x the sampling cap: ratios are estimates on every 64th row.
     torch.manual_seed(4)
     x = torch.randn(4096, 64) * torch.linspace(0.01, 4, 64)
     x[1, 7] = 500.0                                  # an outlier in a row the sample skips
     q = quantize_nvfp4(x)
     got = _collected([(0, "act", x, q)])
     full, _ = quant_terms(x, q)
-    assert got[(0, "fp4_underflow")] == pytest.approx(float(full[0] / full[1]), abs=0.01)
-    assert got[(0, "fp4_saturation")] == pytest.approx(float(full[2] / full[3]), abs=0.01)
+    assert got[(0, "fp4_underflow")] == pytest.approx(float(full[0] / full[1]), abs=0.02)
+    assert got[(0, "fp4_saturation")] == pytest.approx(float(full[2] / full[3]), abs=0.02)
     assert got[(0, "fp4_amax")] == 500.0            # amax reads the whole operand
     xs, _qs = quant_sample(x, q)
-    assert xs.shape == (256, 64) and xs.numel() <= 1 << 14
+    assert xs.shape == (64, 64) and xs.numel() <= 1 << 12
