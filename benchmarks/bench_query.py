@@ -89,13 +89,15 @@ def _flush_tables(a: int, b: int, layers: int, seed: int) -> tuple[Any, Any]:
         for layer in range(layers):
             vals[:, m, layer] = _layer_values(m, layer, steps, rng)
     layer_idx = np.tile(np.arange(layers, dtype=np.int32), n * len(METRICS))
-    ls = pa.Table.from_pydict({
-        "attempt": np.ones(n * per_step, dtype=np.int32), "step": np.repeat(steps, per_step),
-        "tokens": np.repeat((steps + 1) * TOKENS_PER_STEP, per_step), "layer": layer_idx,
-        "layer_type": np.array(LAYER_TYPES, dtype=object)[layer_idx % len(LAYER_TYPES)],
-        "metric": np.array(METRICS, dtype=object)[np.tile(np.repeat(np.arange(len(METRICS)), layers), n)],
-        "value": vals.reshape(-1),
-    }, schema=TABLES["layer_stats"])
+    # Strings dictionary-encoded, as healthwatch.hooks.rows.RowBuilder hands them to the writer.
+    ls = pa.Table.from_arrays([
+        pa.array(np.ones(n * per_step, dtype=np.int32)), pa.array(np.repeat(steps, per_step)),
+        pa.array(np.repeat((steps + 1) * TOKENS_PER_STEP, per_step)), pa.array(layer_idx),
+        pa.DictionaryArray.from_arrays(pa.array(layer_idx % len(LAYER_TYPES)), pa.array(LAYER_TYPES, pa.string())),
+        pa.DictionaryArray.from_arrays(pa.array(np.tile(np.repeat(np.arange(len(METRICS), dtype=np.int32), layers), n)),
+                                       pa.array(METRICS, pa.string())),
+        pa.array(vals.reshape(-1)),
+    ], names=TABLES["layer_stats"].names)
     loss = _loss(steps, rng)
     sc = pa.Table.from_pydict({
         "attempt": np.ones(n * len(SCALARS), dtype=np.int32), "step": np.tile(steps, len(SCALARS)),

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from healthwatch.hooks.collector import Layout
 from healthwatch.hooks.signals import decode_bank
+from healthwatch.schema import TABLES
 
 
 @dataclass
@@ -108,9 +110,11 @@ class RowBuilder:
         self.attempt = attempt
         self._chunks: list[tuple[int, int, float, list[str], np.ndarray]] = []
         self._n_scalars = 0
-        self.layers: dict[str, list[Any]] = {
-            k: [] for k in ("attempt", "step", "tokens", "layer", "layer_type", "metric", "value")
-        }
+        # One chunk per (step, metric): the writer gets one Arrow table built from NumPy at the end
+        # (a flush of 100 steps x 108 layers x 3 metrics is ~32,000 rows: a Python object per
+        # value cost more than the store write itself).
+        self._layer_chunks: list[tuple[int, int, np.ndarray, list[str], str, np.ndarray]] = []
+        self._n_layers = 0
         self.load: dict[str, list[Any]] = {k: [] for k in ("attempt", "step", "tokens", "layer", "counts")}
 
     def scalar(self, step: int, tokens: int, wall: float, name: str, value: float) -> None:
@@ -142,20 +146,40 @@ class RowBuilder:
 
     def layer_block(self, step: int, tokens: int, layers: list[int], types: list[str], metric: str, values: np.ndarray) -> None:
         """Add one metric for many layers at one step."""
-        n = len(layers)
-        d = self.layers
-        d["attempt"].extend([self.attempt] * n)
-        d["step"].extend([step] * n)
-        d["tokens"].extend([tokens] * n)
-        d["layer"].extend(layers)
-        d["layer_type"].extend(types)
-        d["metric"].extend([metric] * n)
-        d["value"].extend(values.tolist())
+        if len(layers) != len(types) or len(layers) != len(values):
+            raise ValueError(f"layer_block {metric!r}: {len(layers)} layers, {len(types)} types, {len(values)} values")
+        self._layer_chunks.append((step, tokens, np.asarray(layers, dtype=np.int32), list(types), metric,
+                                   np.asarray(values, dtype=np.float64)))
+        self._n_layers += len(layers)
+
+    @property
+    def layers(self) -> pa.Table:
+        """The layer_stats table's rows (step-major, as added), strings dictionary-encoded."""
+        ch = self._layer_chunks
+        if not ch:
+            return pa.Table.from_pydict({k: [] for k in TABLES["layer_stats"].names}, schema=TABLES["layer_stats"])
+        sizes = np.fromiter((c[2].size for c in ch), dtype=np.int64, count=len(ch))
+        n = int(sizes.sum())
+        types: dict[str, int] = {}
+        type_idx = np.concatenate([np.fromiter((types.setdefault(t, len(types)) for t in c[3]), dtype=np.int32,
+                                               count=len(c[3])) for c in ch])
+        metrics: dict[str, int] = {}
+        metric_idx = np.repeat(np.fromiter((metrics.setdefault(c[4], len(metrics)) for c in ch), dtype=np.int32,
+                                           count=len(ch)), sizes)
+        return pa.Table.from_arrays([
+            pa.array(np.full(n, self.attempt, dtype=np.int32)),
+            pa.array(np.repeat(np.fromiter((c[0] for c in ch), dtype=np.int64, count=len(ch)), sizes)),
+            pa.array(np.repeat(np.fromiter((c[1] for c in ch), dtype=np.int64, count=len(ch)), sizes)),
+            pa.array(np.concatenate([c[2] for c in ch])),
+            pa.DictionaryArray.from_arrays(pa.array(type_idx), pa.array(list(types), pa.string())),
+            pa.DictionaryArray.from_arrays(pa.array(metric_idx), pa.array(list(metrics), pa.string())),
+            pa.array(np.concatenate([c[5] for c in ch])),
+        ], names=TABLES["layer_stats"].names)
 
     @property
     def n_rows(self) -> int:
         """Rows accumulated so far (all tables)."""
-        return self._n_scalars + len(self.layers["step"]) + len(self.load["step"])
+        return self._n_scalars + self._n_layers + len(self.load["step"])
 
 
 def build_rows(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from healthwatch.hooks.collector import Layout
@@ -329,13 +330,16 @@ class MonitorWriter:
         """
         written = []
         tables = (("scalars", rows.scalars), ("layer_stats", rows.layers), ("expert_load", rows.load))
+        def count(cols: Any) -> int:
+            return cols.num_rows if isinstance(cols, pa.Table) else len(cols["step"])
+
         try:
             for table, cols in tables:
-                if len(cols["step"]):
+                if count(cols):
                     writer.write(table, cols)
                     written.append(table)
         except OSError as exc:
-            lost = sum(len(cols["step"]) for table, cols in tables if table not in written)
+            lost = sum(count(cols) for table, cols in tables if table not in written)
             self.drops.drop(lost - (own_rows if "scalars" not in written else 0), f"cannot write to {self.root}: {exc}")
             return written
         for table in written:

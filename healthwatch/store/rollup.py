@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from healthwatch.schema import TABLES
-from healthwatch.store.merge import dictionary_columns, group_code, memory_schema, sort_table_code
+from healthwatch.store.merge import dictionary_columns, group_code, sort_table_code
 from healthwatch.store.meta import ROLLUP_BUCKETS
 
 #: Tables that get rollups, with their key columns (besides ``attempt``).
@@ -96,105 +96,51 @@ def _np(table: pa.Table, name: str) -> np.ndarray:
     return col.to_numpy()
 
 
-def _partials(table: str, keys: pa.Table, bucket_size: int | np.ndarray, cols: dict[str, np.ndarray]) -> pa.Table:
-    """A table of partial rollup rows (the writer's in-memory schema) from key rows and arrays."""
-    schema = memory_schema(f"{table}_rollup")
-    n = keys.num_rows
-    data: dict[str, Any] = dict(cols)
-    data["bucket_size"] = np.broadcast_to(np.asarray(bucket_size, dtype=np.int64), (n,))
-    for k in (*ROLLUP_KEYS[table], "layer_type", "attempt"):
-        if k in keys.column_names:
-            data[k] = keys.column(k)
-    return pa.Table.from_arrays([pa.array(data[f.name], f.type) if isinstance(data[f.name], np.ndarray)
-                                 else data[f.name].cast(f.type) for f in schema], schema=schema)
-
-
-def rollup_rows(rows: pa.Table, table: str, size: int, presorted: bool = False,
-                code: np.ndarray | None = None) -> pa.Table:
-    """Partial rollup rows of ``rows`` (rows of ``table``) in buckets of ``size`` steps, per attempt.
-
-    NumPy over the rows sorted by series and step (``presorted`` when the caller sorted them with
-    :func:`healthwatch.store.merge.sort_table`; ``code``: their series codes from
-    :func:`~healthwatch.store.merge.sort_table_code`): each (series, attempt, bucket) run of rows is one
-    partial row. Same values as :func:`rollup_select` in DuckDB: ``min`` ignores NaN unless all are
-    NaN, ``max`` is NaN when one is (DuckDB orders NaN above every number), the step and tokens of
-    the minimum and maximum are those of their first row in step order, ``last`` is the value at the
-    highest step.
-    """
-    if not presorted:
-        rows, code = sort_table_code(dictionary_columns(rows), table)
-    n = rows.num_rows
-    step, tokens, value, attempt = (_np(rows, c) for c in ("step", "tokens", "value", "attempt"))
-    if code is None:
-        code, _ = group_code(rows, ROLLUP_KEYS[table])
-    bucket = step // size
-    brk = np.flatnonzero((code[1:] != code[:-1]) | (bucket[1:] != bucket[:-1]) | (attempt[1:] != attempt[:-1])) + 1
-    starts = np.concatenate(([0], brk)).astype(np.int64)
-    counts = np.diff(np.concatenate((starts, [n])))
-    imin = _first_match(value, np.fmin.reduceat(value, starts), starts, counts)
-    imax = _first_match(value, np.maximum.reduceat(value, starts), starts, counts)
-    last = starts + counts - 1  # rows ascend by step within a run
-    keys = rows.take(starts)
-    return _partials(table, keys, size, {
-        "bucket": bucket[starts], "step_min": np.minimum.reduceat(step, starts),
-        "step_max": np.maximum.reduceat(step, starts), "tokens_min": np.minimum.reduceat(tokens, starts),
-        "tokens_max": np.maximum.reduceat(tokens, starts), "n": counts.astype(np.int64),
-        "vmin": value[imin], "vmax": value[imax], "vmean": np.add.reduceat(value, starts) / counts,
-        "vlast": value[last], "step_vmin": step[imin], "tokens_vmin": tokens[imin],
-        "step_vmax": step[imax], "tokens_vmax": tokens[imax],
-    })
-
-
-def combine_rows(parts: pa.Table, table: str) -> pa.Table:
-    """Partial rollup rows combined per (bucket_size, bucket, attempt, key), exactly (the NumPy twin
-    of :func:`combine_select`): min of minima, max of maxima, count-weighted mean, last by step_max."""
-    if parts.num_rows == 0:
-        return parts
-    code, _ = group_code(parts, ("bucket_size", "bucket", "attempt", *ROLLUP_KEYS[table]))
-    smax = _np(parts, "step_max")
-    order = np.lexsort((smax, code))
-    c = code[order]
-    starts = np.concatenate(([0], np.flatnonzero(c[1:] != c[:-1]) + 1)).astype(np.int64)
-    counts = np.diff(np.concatenate((starts, [c.size])))
-    col = {k: _np(parts, k)[order] for k in ("step_min", "tokens_min", "tokens_max", "n", "vmin", "vmax", "vmean",
-                                             "vlast", "step_vmin", "tokens_vmin", "step_vmax", "tokens_vmax")}
-    smax = smax[order]
-    vmin_t = np.fmin.reduceat(col["vmin"], starts)
-    vmax_t = np.maximum.reduceat(col["vmax"], starts)
-    imin = _first_match(col["vmin"], vmin_t, starts, counts)
-    imax = _first_match(col["vmax"], vmax_t, starts, counts)
-    n = np.add.reduceat(col["n"], starts)
-    last = starts + counts - 1
-    keys = parts.take(order[starts])
-    return _partials(table, keys, _np(keys, "bucket_size"), {
-        "bucket": _np(keys, "bucket"), "step_min": np.minimum.reduceat(col["step_min"], starts),
-        "step_max": smax[last], "tokens_min": np.minimum.reduceat(col["tokens_min"], starts),
-        "tokens_max": np.maximum.reduceat(col["tokens_max"], starts), "n": n,
-        "vmin": vmin_t, "vmax": vmax_t, "vmean": np.add.reduceat(col["vmean"] * col["n"], starts) / n,
-        "vlast": col["vlast"][last], "step_vmin": col["step_vmin"][imin], "tokens_vmin": col["tokens_vmin"][imin],
-        "step_vmax": col["step_vmax"][imax], "tokens_vmax": col["tokens_vmax"][imax],
-    })
-
-
-def _with_buckets(parts: pa.Table, size: int) -> pa.Table:
-    """Partial rows of a finer bucket size re-labelled with the buckets of ``size`` they fall in."""
-    bucket = _np(parts, "bucket") * _np(parts, "bucket_size") // size
-    parts = parts.set_column(parts.schema.get_field_index("bucket_size"), "bucket_size",
-                             pa.array(np.full(parts.num_rows, size, dtype=np.int64)))
-    return parts.set_column(parts.schema.get_field_index("bucket"), "bucket", pa.array(bucket))
-
-
+#: The value columns of a partial rollup row (everything but the bucket, attempt and series key).
+_VALUES = ("step_min", "step_max", "tokens_min", "tokens_max", "n", "vmin", "vmax", "vmean", "vlast",
+           "step_vmin", "tokens_vmin", "step_vmax", "tokens_vmax")
 _NEVER = 1 << 62
 
 
-def _first_end(parts: pa.Table, size: int) -> int:
-    """The earliest end (exclusive step) of the buckets of ``size`` that rows of ``parts`` fall in."""
-    return (int((_np(parts, "bucket") * _np(parts, "bucket_size")).min()) // size + 1) * size
+def _cat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _closed(parts: pa.Table, size: int, high: int) -> np.ndarray:
-    """Which rows of ``parts`` fall in buckets of ``size`` that end at or below step ``high``."""
-    return (_np(parts, "bucket") * _np(parts, "bucket_size") // size + 1) * size <= high + 1
+def _take(parts: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[idx] for k, v in parts.items()}
+
+
+def _combine(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Partial rows (NumPy columns, series as ids ``sid``) combined per (bucket_size, bucket,
+    attempt, sid): the NumPy twin of :func:`combine_select` (min of minima, max of maxima,
+    count-weighted mean, last by step_max; the step and tokens of the extremes follow them)."""
+    order = np.lexsort((parts["step_max"], parts["sid"], parts["attempt"], parts["bucket"], parts["bucket_size"]))
+    p = _take(parts, order)
+    change = np.zeros(order.size - 1, dtype=bool)
+    for k in ("bucket_size", "bucket", "attempt", "sid"):
+        change |= p[k][1:] != p[k][:-1]
+    starts = np.concatenate(([0], np.flatnonzero(change) + 1)).astype(np.int64)
+    counts = np.diff(np.concatenate((starts, [order.size])))
+    last = starts + counts - 1
+    vmin = np.fmin.reduceat(p["vmin"], starts)
+    vmax = np.maximum.reduceat(p["vmax"], starts)
+    imin = _first_match(p["vmin"], vmin, starts, counts)
+    imax = _first_match(p["vmax"], vmax, starts, counts)
+    n = np.add.reduceat(p["n"], starts)
+    return {
+        "bucket_size": p["bucket_size"][starts], "bucket": p["bucket"][starts], "attempt": p["attempt"][starts],
+        "sid": p["sid"][starts], "step_min": np.minimum.reduceat(p["step_min"], starts), "step_max": p["step_max"][last],
+        "tokens_min": np.minimum.reduceat(p["tokens_min"], starts),
+        "tokens_max": np.maximum.reduceat(p["tokens_max"], starts), "n": n, "vmin": vmin, "vmax": vmax,
+        "vmean": np.add.reduceat(p["vmean"] * p["n"], starts) / n, "vlast": p["vlast"][last],
+        "step_vmin": p["step_vmin"][imin], "tokens_vmin": p["tokens_vmin"][imin],
+        "step_vmax": p["step_vmax"][imax], "tokens_vmax": p["tokens_vmax"][imax],
+    }
+
+
+def _ends(parts: dict[str, np.ndarray], size: int) -> np.ndarray:
+    """The end (exclusive step) of the bucket of ``size`` each partial row falls in."""
+    return (parts["bucket"] * parts["bucket_size"] // size + 1) * size
 
 
 class RollupAccumulator:
@@ -204,10 +150,11 @@ class RollupAccumulator:
     buckets that closed (a row at or beyond a bucket's end was seen) plus partials for rows that
     arrived for already closed buckets; :meth:`drain` returns every open bucket (at close).
 
-    NumPy, no DuckDB: a batch is reduced once into partial rows of the finest size; the partial
-    rows of each closed bucket wait in the next size's queue, which is combined only when one of
-    its buckets closes (every 1,000 steps for the 1,000-step size, or at once for a late row of an
-    already closed bucket). A flush costs one pass over its rows and a few small array operations.
+    NumPy, no DuckDB: a batch is reduced once into partial rows of the finest size (series as
+    small integer ids); the partial rows of each closed bucket wait in the next size's queue, which
+    is combined only when one of its buckets closes (every 1,000 steps for the 1,000-step size, or
+    at once for a late row of an already closed bucket). A flush costs one pass over its rows and a
+    few small array operations; Arrow tables are built only for the rows returned.
     """
 
     def __init__(self, table: str, sizes: tuple[int, ...] = ROLLUP_BUCKETS) -> None:
@@ -219,9 +166,12 @@ class RollupAccumulator:
         if not self.sizes or any(b % a for a, b in zip(self.sizes, self.sizes[1:])):
             raise ValueError(f"rollup bucket sizes must each divide the next, got {self.sizes}")
         self.schema = TABLES[self.rtable]
+        self._key_cols = (*ROLLUP_KEYS[table], *(("layer_type",) if "layer_type" in self.schema.names else ()))
+        self._sid: dict[tuple[Any, ...], int] = {}  # series key (+ layer_type) -> id
+        self._keys: list[tuple[Any, ...]] = []
         # Per size: partial rows not combined yet (finest size: of this size; coarser sizes: the
         # closed rows of the size below, to be combined into this size when one of its buckets closes).
-        self._queue: list[list[pa.Table]] = [[] for _ in self.sizes]
+        self._queue: list[list[dict[str, np.ndarray]]] = [[] for _ in self.sizes]
         self._first_end = [_NEVER for _ in self.sizes]  # per size: the earliest end of a queued row's bucket
         self._high = -1  # highest step seen: buckets ending at or below it are closed
         self._emitted_end = [-1 for _ in self.sizes]  # per size: the latest bucket end returned so far
@@ -231,24 +181,75 @@ class RollupAccumulator:
         self.coarse = False
         """Whether the last :meth:`add` closed a bucket bigger than the finest size."""
 
+    def _series_ids(self, rows: pa.Table, code: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Stable ids of the series of the runs starting at ``starts`` (a dict lookup per series)."""
+        ucode, first = np.unique(code[starts], return_index=True)
+        at = pa.array(starts[first])
+        vals = [rows.column(k).take(at) for k in self._key_cols]
+        vals = [v.cast(v.type.value_type) if pa.types.is_dictionary(v.type) else v for v in vals]
+        ids = np.empty(ucode.size, dtype=np.int64)
+        for i, key in enumerate(zip(*(v.to_pylist() for v in vals))):
+            sid = self._sid.get(key)
+            if sid is None:
+                sid = self._sid[key] = len(self._keys)
+                self._keys.append(key)
+            ids[i] = sid
+        return ids[np.searchsorted(ucode, code[starts])]
+
+    def _raw(self, rows: pa.Table, code: np.ndarray) -> dict[str, np.ndarray]:
+        """Partial rows of the finest size from ``rows`` sorted by series then step."""
+        size = self.sizes[0]
+        n = rows.num_rows
+        step, tokens, value, attempt = (_np(rows, c) for c in ("step", "tokens", "value", "attempt"))
+        bucket = step // size
+        brk = np.flatnonzero((code[1:] != code[:-1]) | (bucket[1:] != bucket[:-1]) | (attempt[1:] != attempt[:-1])) + 1
+        starts = np.concatenate(([0], brk)).astype(np.int64)
+        counts = np.diff(np.concatenate((starts, [n])))
+        vmin = np.fmin.reduceat(value, starts)
+        vmax = np.maximum.reduceat(value, starts)
+        imin = _first_match(value, vmin, starts, counts)
+        imax = _first_match(value, vmax, starts, counts)
+        last = starts + counts - 1  # rows ascend by step within a run
+        return {
+            "bucket_size": np.full(starts.size, size, dtype=np.int64), "bucket": bucket[starts],
+            "attempt": attempt[starts].astype(np.int64), "sid": self._series_ids(rows, code, starts),
+            "step_min": step[starts], "step_max": step[last], "tokens_min": np.minimum.reduceat(tokens, starts),
+            "tokens_max": np.maximum.reduceat(tokens, starts), "n": counts.astype(np.int64), "vmin": vmin,
+            "vmax": vmax, "vmean": np.add.reduceat(value, starts) / counts, "vlast": value[last],
+            "step_vmin": step[imin], "tokens_vmin": tokens[imin], "step_vmax": step[imax], "tokens_vmax": tokens[imax],
+        }
+
+    def _table(self, parts: dict[str, np.ndarray]) -> pa.Table:
+        """Rows of the rollup table's schema from partial rows."""
+        sid = parts["sid"]
+        cols: dict[str, Any] = {k: parts[k] for k in ("bucket_size", "bucket", *_VALUES)}
+        cols["attempt"] = parts["attempt"]
+        for i, k in enumerate(self._key_cols):
+            cols[k] = [self._keys[j][i] for j in sid.tolist()]
+        return pa.Table.from_arrays([pa.array(cols[f.name], f.type) for f in self.schema], schema=self.schema)
+
     def add(self, rows: pa.Table, presorted: bool = False, code: np.ndarray | None = None) -> pa.Table | None:
         """Fold ``rows`` (a batch of ``table``) in; returns the rollup rows to publish now, or None.
 
         ``presorted``: the rows are already sorted by :func:`healthwatch.store.merge.sort_table`
-        with dictionary-encoded strings (the writer's segments are), ``code`` their series codes.
+        (the writer's segments are), ``code`` their series codes
+        (:func:`~healthwatch.store.merge.sort_table_code`).
         """
         self.late = self.coarse = False
         if rows.num_rows == 0:
             return None
-        fine = rollup_rows(rows, self.table, self.sizes[0], presorted=presorted, code=code)
-        self._high = max(self._high, int(_np(fine, "step_max").max()))
-        out: list[pa.Table] = []
-        incoming = fine
+        if not presorted:
+            rows, code = sort_table_code(dictionary_columns(rows), self.table)
+        if code is None:
+            code, _ = group_code(rows, ROLLUP_KEYS[self.table])
+        incoming: dict[str, np.ndarray] | None = self._raw(rows, code)
+        self._high = max(self._high, int(incoming["step_max"].max()))
+        out: list[dict[str, np.ndarray]] = []
         for level, size in enumerate(self.sizes):
             queue = self._queue[level]
-            if incoming is not None and incoming.num_rows:
+            if incoming is not None and incoming["n"].size:
                 queue.append(incoming)
-                self._first_end[level] = min(self._first_end[level], _first_end(incoming, size))
+                self._first_end[level] = min(self._first_end[level], int(_ends(incoming, size).min()))
             incoming = None
             # Combine this size's queue only when one of its buckets closed (at once for a late row).
             if not queue or self._first_end[level] > self._high + 1:
@@ -256,40 +257,46 @@ class RollupAccumulator:
             if level == 0 and len(queue) == 1:
                 combined = queue[0]  # one batch's partials: nothing to combine
             else:
-                parts = pa.concat_tables(queue)
-                combined = combine_rows(parts if level == 0 else _with_buckets(parts, size), self.table)
-            closed = _closed(combined, size, self._high)
-            done = combined.filter(pa.array(closed))
-            rest = combined.filter(pa.array(~closed))
-            self._queue[level] = [rest] if rest.num_rows else []
-            self._first_end[level] = _first_end(rest, size) if rest.num_rows else _NEVER
-            if done.num_rows:
-                ends = (_np(done, "bucket") + 1) * size
-                self.late |= int(ends.min()) <= self._emitted_end[level]
-                self._emitted_end[level] = max(self._emitted_end[level], int(ends.max()))
+                cat = _cat(queue)
+                if level:
+                    cat = dict(cat, bucket=cat["bucket"] * cat["bucket_size"] // size,
+                               bucket_size=np.full(cat["n"].size, size, dtype=np.int64))
+                combined = _combine(cat)
+            ends = _ends(combined, size)
+            closed = ends <= self._high + 1
+            rest = _take(combined, ~closed)
+            self._queue[level] = [rest] if rest["n"].size else []
+            self._first_end[level] = int(ends[~closed].min()) if rest["n"].size else _NEVER
+            if closed.any():
+                done = _take(combined, closed)
+                self.late |= int(ends[closed].min()) <= self._emitted_end[level]
+                self._emitted_end[level] = max(self._emitted_end[level], int(ends[closed].max()))
                 self.coarse |= level > 0
                 out.append(done)
-            incoming = done
-        if not out:
-            return None
-        return pa.concat_tables(out).cast(self.schema)
+                incoming = done
+        return self._table(_cat(out)) if out else None
 
     def drain(self) -> pa.Table | None:
         """Every open bucket's rows (the attempt ends: its buckets are as complete as they get)."""
-        out: list[pa.Table] = []
+        out: list[dict[str, np.ndarray]] = []
+        below: dict[str, np.ndarray] | None = None
         for level, size in enumerate(self.sizes):
             queue = self._queue[level]
             self._queue[level] = []
             self._first_end[level] = _NEVER
             # What the size below still held open also belongs to this size's open buckets.
-            below = out[-1] if out else None
-            parts = [*queue, below] if below is not None else queue
+            parts = [*queue, below] if below is not None else list(queue)
+            below = None
             if not parts:
                 continue
-            cat = pa.concat_tables(parts)
-            out.append(combine_rows(cat if level == 0 else _with_buckets(cat, size), self.table))
-        out = [t for t in out if t.num_rows]
-        return pa.concat_tables(out).cast(self.schema) if out else None
+            cat = _cat(parts)
+            if level:
+                cat = dict(cat, bucket=cat["bucket"] * cat["bucket_size"] // size,
+                           bucket_size=np.full(cat["n"].size, size, dtype=np.int64))
+            below = _combine(cat)
+            out.append(below)
+        out = [p for p in out if p["n"].size]
+        return self._table(_cat(out)) if out else None
 
     def close(self) -> None:
         """Nothing to release (kept for callers of the DuckDB-based accumulator it replaced)."""

@@ -35,6 +35,7 @@ from healthwatch.store import fs as _fs
 from healthwatch.store.merge import (
     SERIES_KEYS,
     dictionary_columns,
+    memory_schema,
     merge_files,
     merge_tables,
     read_segment,
@@ -164,7 +165,9 @@ class StoreWriter:
             missing = [n for n in schema.names if n not in data.column_names]
             if missing:
                 raise ValueError(f"{table}: missing column(s) {', '.join(missing)}")
-            data = data.select(schema.names).cast(schema)
+            # Series tables keep (or get) their strings dictionary-encoded: a producer that built
+            # them so (the Monitor's row builder) saves the writer hashing every string.
+            data = data.select(schema.names).cast(memory_schema(table) if table in SERIES_KEYS else schema)
         if data.num_rows == 0:
             return None
         acc = self._rollups.get(table)
