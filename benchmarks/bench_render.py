@@ -1,13 +1,15 @@
-"""Run-page render time: the real app server, a real headless Chromium, a large compacted store.
+"""Run-page render time: the real app server, a real headless Chromium, a large live store.
 
 Builds (or reuses) a synthetic store with :mod:`benchmarks.synth_store` (default 1M steps × 108
-layers × 3 layer metrics, compacted, with rollups), starts ``healthwatch app`` on it, opens the
+layers × 3 layer metrics, written through the writer path with its live rollups and never compacted
+by hand; ``HEALTHWATCH_BENCH_LAYOUT=direct`` builds the same layout fast), starts ``healthwatch app`` on it, opens the
 Run page in headless Chromium and measures the time from navigation until every plotly chart of
 the page is drawn and Streamlit's "Running" status is gone (a JS condition polled every 25 ms).
 
-* **cold**: a fresh server process (empty Streamlit caches, fresh DuckDB connection) and a fresh
-  browser profile; the OS page cache is warm (the store was just written or read).
-* **warm**: the same server and browser, a new page load (a new Streamlit session: the query
+* **cold** (budget ≤ 3 s): a running server — started, and warmed by one visit to the Runs page
+  in another browser (imports, the store handle) — and a new browser session opening the Run
+  page, whose data caches are cold (nothing of it was read yet); the OS page cache is warm.
+* **warm** (budget ≤ 1.5 s): the same server, a new browser session each time (the query
   results come from the server's caches).
 
 The expected number of charts comes from running the same page once with Streamlit's AppTest on
@@ -39,7 +41,8 @@ from typing import Any
 from benchmarks.apphost import app_server, free_port, headless_chromium, healthy, stop, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUDGET_S = 3.0
+BUDGET_S = 3.0  # first load, new browser session on a running server, cold data caches
+WARM_BUDGET_S = 1.5  # the same with warm data caches
 RUN = "synth"
 
 #: Charts counted as drawn: plotly has laid out the figure (``_fullData``) and drawn its SVG.
@@ -62,18 +65,26 @@ def build_store(root: Path, steps: int, layers: int) -> dict[str, Any]:
     """
     from benchmarks.synth_store import generate
 
+    # HEALTHWATCH_BENCH_LAYOUT=direct: the writer's self-merged layout built without running the
+    # flushes (benchmarks/live_layout.py); the writer path takes hours at 1M steps on 2 shared cores.
+    layout = os.environ.get("HEALTHWATCH_BENCH_LAYOUT", "writer")
     meta_file = root / "bench-render.json"
     if meta_file.exists():
         meta = json.loads(meta_file.read_text())
-        if meta.get("steps") == steps and meta.get("layers") == layers:
+        if meta.get("steps") == steps and meta.get("layers") == layers and meta.get("layout", "writer") == layout:
             meta["reused"] = True
             meta["bytes"] = store_bytes(root)
             return meta
     if root.exists():
         shutil.rmtree(root)
     t0 = time.perf_counter()
-    res = generate(root, run=RUN, steps=steps, layers=layers)
-    meta = {"steps": steps, "layers": layers, "layer_rows": int(res["layer_rows"]),
+    if layout == "direct":
+        from benchmarks.live_layout import generate_synth
+
+        res = generate_synth(root, steps, layers)
+    else:
+        res = generate(root, run=RUN, steps=steps, layers=layers)
+    meta = {"steps": steps, "layers": layers, "layout": layout, "layer_rows": int(res["layer_rows"]),
             "scalar_rows": int(res["scalar_rows"]), "write_s": res["write_s"], "compact_s": res["compact_s"],
             "build_s": time.perf_counter() - t0}
     meta_file.write_text(json.dumps(meta))
@@ -204,25 +215,35 @@ def run(quick: bool, workdir: Path, steps: int | None = None, layers: int = 108,
     load_before = os.getloadavg()[0]
     say("framework floor (a trivial Streamlit page)")
     floor_cold, floor_warm = floor(workdir, warm_loads=1 if quick else 3)
+    first_visit: list[float] = []
     for i in range(cold_n):
         say(f"cold load {i + 1}/{cold_n}")
-        with app_server(store, log) as url, headless_chromium() as driver:
-            cold.append(load(driver, url + url_path, "Run", charts))
-            server_build.append(built_in(driver))
+        with app_server(store, log) as url:
+            # A running server: started, and one visit to the Runs page has imported the app and opened
+            # the store. The Run page's own data caches are still cold (nothing of it was read).
+            with headless_chromium() as first:
+                first_visit.append(load(first, url + "/", "Runs", 0))
+            with headless_chromium() as driver:  # a new browser session
+                cold.append(load(driver, url + url_path, "Run", charts))
+                server_build.append(built_in(driver))
             if i == cold_n - 1:
                 for j in range(warm_n):
                     say(f"warm load {j + 1}/{warm_n}")
-                    warm.append(load(driver, url + url_path, "Run", charts))
+                    with headless_chromium() as driver:  # a new browser session, warm data caches
+                        warm.append(load(driver, url + url_path, "Run", charts))
     return {
         "steps": steps, "layers": layers, "layer_rows": facts["layer_rows"], "scalar_rows": facts["scalar_rows"],
         "rows": facts["layer_rows"] + facts["scalar_rows"], "store_bytes": facts["bytes"],
+        "layout_note": ("" if facts.get("layout", "writer") == "writer" else
+                        ", in the layout its writer path leaves (built by benchmarks/live_layout.py), never compacted"),
         "store_build_s": None if facts["reused"] else facts["build_s"], "store_reused": facts["reused"],
         "charts": charts, "apptest_first_run_s": apptest_s,
         "cold_s": cold, "warm_s": warm, "cold_p50_s": statistics.median(cold), "warm_p50_s": statistics.median(warm),
-        "server_build_cold_s": server_build, "budget_s": BUDGET_S,
+        "server_build_cold_s": server_build, "budget_s": BUDGET_S, "warm_budget_s": WARM_BUDGET_S,
+        "first_visit_s": first_visit, "cold_definition": "running server (one Runs-page visit), new browser session",
         "floor_cold_s": floor_cold, "floor_warm_p50_s": floor_warm,
         "load_average": [load_before, os.getloadavg()[0]], "cpus": os.cpu_count(),
-        "within_budget": statistics.median(cold) <= BUDGET_S and statistics.median(warm) <= BUDGET_S,
+        "within_budget": statistics.median(cold) <= BUDGET_S and statistics.median(warm) <= WARM_BUDGET_S,
     }
 
 
@@ -295,22 +316,28 @@ def section(results: dict[str, dict[str, Any]]) -> Any:
         return sec
     sec.intro = (
         f"Synthetic store of {r['steps']:,} steps × {r['layers']} layers: {fmt_count(r['rows'])} rows, "
-        f"{fmt_bytes(r['store_bytes'])} of Parquet, compacted with rollups. `healthwatch app` on it; headless "
+        f"{fmt_bytes(r['store_bytes'])} of Parquet{r.get('layout_note', '')}. `healthwatch app` on it; headless "
         f"Chromium opens the Run page and the clock stops when all {r['charts']} plotly charts are drawn and "
-        "Streamlit's status widget is gone (a JS condition polled every 25 ms). Cold = a fresh server process "
-        "and browser; warm = a new page load on the same server (server-side caches warm)."
+        "Streamlit's status widget is gone (a JS condition polled every 25 ms). Cold = a new browser session on "
+        "a running server (started and visited once on its Runs page) whose Run-page data caches are cold; "
+        "warm = a new browser session on the same server (data caches warm)."
     )
     sec.tables.append(Table("Run page load", ["", "p50", "samples"], [
-        ["cold (fresh server + browser)", fmt_time(r["cold_p50_s"]), ", ".join(fmt_time(x) for x in r["cold_s"])],
-        ["warm (new page load)", fmt_time(r["warm_p50_s"]), ", ".join(fmt_time(x) for x in r["warm_s"])],
+        ["cold (running server, new browser session, cold data caches)", fmt_time(r["cold_p50_s"]),
+         ", ".join(fmt_time(x) for x in r["cold_s"])],
+        ["warm (new browser session, warm data caches)", fmt_time(r["warm_p50_s"]),
+         ", ".join(fmt_time(x) for x in r["warm_s"])],
+        ["first visit of the fresh server (Runs page, not budgeted)",
+         fmt_time(statistics.median(r["first_visit_s"])) if r.get("first_visit_s") else "-",
+         ", ".join(fmt_time(x) for x in r.get("first_visit_s", []))],
         ["floor: trivial Streamlit page, cold / warm", f"{fmt_time(r['floor_cold_s'])} / "
          f"{fmt_time(r['floor_warm_p50_s'])}", "what Streamlit + Chromium cost here with one 2-point chart"],
     ], f"load average {r['load_average'][0]:.1f} → {r['load_average'][1]:.1f} on {r['cpus']} CPUs"))
-    for kind in ("warm", "cold"):
+    for kind, budget in (("cold", BUDGET_S), ("warm", WARM_BUDGET_S)):
         v = r[f"{kind}_p50_s"]
-        sec.budgets.append(Budget(f"Run page render, {kind}, {r['steps']:,} steps × {r['layers']} layers", "≤ 3 s",
-                                  fmt_time(v), verdict(v <= BUDGET_S),
-                                  "includes Streamlit's own cold start (floor above)" if kind == "cold" else ""))
+        sec.budgets.append(Budget(f"Run page first load, {kind} data caches, {r['steps']:,} steps × {r['layers']} "
+                                  "layers", f"≤ {budget:g} s", fmt_time(v), verdict(v <= budget),
+                                  "new browser session on a running server"))
     return sec
 
 

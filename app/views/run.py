@@ -249,7 +249,7 @@ LOW_IS_BAD = ("router_entropy", "ssm_decay_min", "ssm_decay_mean")
 def _signals(store: Store, run: str, x: str, log_y: bool) -> None:
     """Signals beyond the report (docs/signals.md): per family, max/median over layers, the layer x step
     heatmap, the worst layers now, and the expert x layer load at a step (and its change)."""
-    metrics = signal_metrics(store, run)
+    metrics = cached_run(store, run, signal_metrics)
     samples = cached_run(store, run, expert_load_steps, tables=("expert_load", "attempts"))
     if not metrics and not samples:
         return
@@ -273,8 +273,9 @@ def _signals(store: Store, run: str, x: str, log_y: bool) -> None:
         k1, k2 = st.columns(2)
         k = int(k1.number_input("Worst layers: top K", 1, 200, 10, key="sig_k"))
         window = int(k2.number_input("Rise over the last N steps", 1, 10**9, 100, key="sig_window"))
-        worst = worst_layers(store, run, metric, k=k, window=window, lowest=metric.split("/", 1)[0] in LOW_IS_BAD)
-        by_rise = worst_layers(store, run, metric, k=10**6, window=window).drop_nulls("rise").sort(
+        worst = cached_run(store, run, worst_layers, metric, k=k, window=window,
+                           lowest=metric.split("/", 1)[0] in LOW_IS_BAD)
+        by_rise = cached_run(store, run, worst_layers, metric, k=10**6, window=window).drop_nulls("rise").sort(
             "rise", descending=True).head(k)
         w1, w2 = st.columns(2)
         w1.caption(f"Worst {k} layers by value now ({'lowest' if metric.split('/', 1)[0] in LOW_IS_BAD else 'highest'})")
@@ -285,11 +286,12 @@ def _signals(store: Store, run: str, x: str, log_y: bool) -> None:
         a1, a2 = st.columns(2)
         at = a1.select_slider("Expert x layer load at step", samples, samples[-1], key="sig_load_at")
         base = a2.select_slider("... change since step", ["none", *samples], "none", key="sig_load_base")
-        layers, step_a, mat = expert_load_matrix(store, run, int(at))
+        layers, step_a, mat = cached_run(store, run, expert_load_matrix, int(at), tables=("expert_load", "attempts"))
         if layers:
             title = f"Share of each MoE layer's assignments per expert at step {step_a}"
             if base != "none":
-                lb, step_b, mb = expert_load_matrix(store, run, int(base))
+                lb, step_b, mb = cached_run(store, run, expert_load_matrix, int(base),
+                                            tables=("expert_load", "attempts"))
                 if lb == layers and mb.shape == mat.shape:
                     mat, title = mat - mb, f"Change of the expert load share, step {step_b} -> {step_a}"
             import plotly.express as px

@@ -34,6 +34,7 @@ from healthwatch.query.grid import (
     layer_metrics,
     layer_profile,
     layer_profiles,
+    metric_names,
     profile_steps,
     scalar_names,
 )
@@ -66,14 +67,15 @@ from healthwatch.query.series import (
     series,
     series_many,
 )
+from healthwatch.query.signals import expert_load_matrix, signal_metrics, worst_layers
 from healthwatch.query.timeline import Timeline
 
 __all__ = [
     "LIVE_S", "MAX_POINTS", "WIDTHS", "Agg", "Crossing", "RollupPlan", "SeriesCache", "Signal", "Timeline",
     "alert_transitions", "attempts", "bucket_means", "display_width", "events", "expert_load_at",
     "expert_load_steps", "finished", "first_crossing", "first_mover", "heatmap", "last_checkpoint_before",
-    "layer_aggregate", "layer_info", "loss_band_exit", "layer_metrics", "layer_profile", "layer_profiles", "lineage", "markers",
+    "layer_aggregate", "layer_info", "loss_band_exit", "layer_metrics", "layer_profile", "layer_profiles", "lineage", "markers", "metric_names",
     "path_for", "path_span", "plan", "profile_steps", "rollback_suggestion", "run_names", "run_overview",
-    "run_signature", "runs_overview", "scalar_names", "series", "series_many", "status", "store_signature",
-    "timeline", "trailing_z", "tree_order",
+    "run_signature", "runs_overview", "scalar_names", "series", "series_many", "signal_metrics", "status", "store_signature",
+    "timeline", "trailing_z", "tree_order", "expert_load_matrix", "worst_layers",
 ]

@@ -22,6 +22,8 @@ HeatAgg = Literal["mean", "max", "min", "last"]
 _HEAT_SCHEMA = {"layer": pl.Int32, "layer_type": pl.Utf8, "step": pl.Int64, "value": pl.Float64}
 _PROFILE_SCHEMA = {"asked": pl.Int64, "step": pl.Int64, "tokens": pl.Int64, "layer": pl.Int32, "layer_type": pl.Utf8,
                    "value": pl.Float64}
+#: Steps below an asked step searched first for the nearest logged one (then the whole history).
+_PROFILE_WINDOW = 10_000
 _FINAL = {"mean": "sum(vsum) / sum(n)", "max": "max(vmax)", "min": "min(vmin)", "last": "arg_max(vlast, laststep)"}
 
 
@@ -37,7 +39,7 @@ def _span(store: Store, run: str, metric: str, path: Timeline, step_min: int | N
     if step_max is not None:
         rng += " AND step <= ?"
         params.append(int(step_max))
-    rawx = ""
+    raw: list[tuple[str, list[Any]]] = [("", [])]
     if use_rollups:
         p = plan(store, run, "layer_stats", path, ROLLUP_BUCKETS[-1], " AND metric = ?", [metric])
         if p.used:
@@ -47,10 +49,14 @@ def _span(store: Store, run: str, metric: str, path: Timeline, step_min: int | N
                             f"AND bucket_size = ? AND {pred}", [run, metric, p.size, *rp]).fetchone()
             if row and row[0] is not None:
                 lo, hi = int(row[0]), int(row[1])
-            rawx = p.raw_pred(params)
-    pred = path.predicate(params)
-    row = store.sql(f"SELECT min(step), max(step) FROM layer_stats WHERE run = ? AND metric = ?{rng}{rawx}{pred}",
-                    params).fetchone()
+            raw = p.raw_parts()  # the raw rows the rollups do not serve: the tail, pruned by statistics
+    parts, qp = [], []
+    for cond, cp in raw:
+        pp: list[Any] = [*params, *cp]
+        pred = path.predicate(pp)
+        parts.append(f"SELECT min(step) AS lo, max(step) AS hi FROM layer_stats WHERE run = ? AND metric = ?{rng}{cond}{pred}")
+        qp += pp
+    row = store.sql(f"SELECT min(lo), max(hi) FROM ({' UNION ALL '.join(parts)})", qp).fetchone()
     if row and row[0] is not None:
         lo = int(row[0]) if lo is None else min(lo, int(row[0]))
         hi = int(row[1]) if hi is None else max(hi, int(row[1]))
@@ -116,16 +122,22 @@ def heatmap(
     if step_max is not None:
         rng += " AND step <= ?"
         rp.append(int(step_max))
-    for a, lim in sorted(served.items()):
-        if lim > 0:
-            rng += " AND NOT (attempt = ? AND step < ?)"
-            rp += [a, lim]
-    pred = path.predicate(rp)
+    # The raw rows the rollups did not serve, as disjoint plain conjunctions (statistics prune them
+    # to the tail): per served attempt its steps from the served limit on, and every other attempt.
+    lims = sorted((a, lim) for a, lim in served.items() if lim > 0)
+    raw_conds: list[tuple[str, list[Any]]] = [(" AND attempt = ? AND step >= ?", [a, lim]) for a, lim in lims]
+    raw_conds.append((f" AND attempt NOT IN ({', '.join('?' for _ in lims)})", [a for a, _ in lims]) if lims
+                     else ("", []))
+    inner = []
+    for cond, cond_params in raw_conds:
+        pp = [*rp, *cond_params]
+        pred = path.predicate(pp)
+        inner.append(f"SELECT layer, layer_type, step, value FROM layer_stats WHERE run = ? AND metric = ?{rng}{cond}{pred}")
+        qp += pp
     parts.append(
         f"SELECT layer, any_value(layer_type) AS layer_type, step // {int(width)} AS b, min(value) AS vmin, "
         "max(value) AS vmax, sum(value) AS vsum, count(*) AS n, arg_max(value, step) AS vlast, max(step) AS laststep "
-        f"FROM layer_stats WHERE run = ? AND metric = ?{rng}{pred} GROUP BY layer, b")
-    qp += rp
+        f"FROM ({' UNION ALL '.join(inner)}) GROUP BY layer, b")
     return store.sql(
         f"SELECT layer::INTEGER AS layer, any_value(layer_type) AS layer_type, (b * {int(width)})::BIGINT AS step, "
         f"{_FINAL[agg]}::DOUBLE AS value FROM ({' UNION ALL '.join(parts)}) GROUP BY layer, b ORDER BY layer, step",
@@ -141,11 +153,21 @@ def layer_profiles(store: Store, run: str, metric: str, steps: tuple[int, ...] |
     frames = []
     for asked in steps:
         asked = int(asked)
-        # The nearest logged step (sorted segments prune to a few row groups), then one exact-step read.
-        params: list[Any] = [run, metric, asked]
-        pred = path.predicate(params)
-        at = store.sql(f"SELECT max(step) FROM layer_stats WHERE run = ? AND metric = ? AND step <= ?{pred}",
-                       params).fetchone()
+        # The nearest logged step at or before the asked one: first within a window below it (statistics
+        # prune the read to its row groups), the whole history only when the window is empty; then one
+        # exact-step read.
+        at = None
+        for floor in (asked - _PROFILE_WINDOW, None):
+            params: list[Any] = [run, metric, asked]
+            lo = ""
+            if floor is not None:
+                lo = " AND step >= ?"
+                params.append(floor)
+            pred = path.predicate(params)
+            at = store.sql(f"SELECT max(step) FROM layer_stats WHERE run = ? AND metric = ? AND step <= ?{lo}{pred}",
+                           params).fetchone()
+            if at is not None and at[0] is not None:
+                break
         if at is None or at[0] is None:
             continue
         p2: list[Any] = [run, metric, int(at[0])]
@@ -177,12 +199,35 @@ def layer_info(store: Store, run: str) -> pl.DataFrame:
     else:
         rp: list[Any] = []
         pred = p.rollup_pred(rp)
-        raw: list[Any] = []
-        rawx = p.raw_pred(raw)
         q = ("SELECT DISTINCT metric, layer, layer_type FROM layer_stats_rollup WHERE run = ? AND bucket_size = ? "
-             f"AND {pred} UNION SELECT DISTINCT metric, layer, layer_type FROM layer_stats WHERE run = ?{rawx}")
-        params = [run, p.size, *rp, run, *raw]
+             f"AND {pred}")
+        params = [run, p.size, *rp]
+        for cond, cp in p.raw_parts():  # the raw tail only (pruned by statistics), not 10^8 rows
+            q += f" UNION SELECT DISTINCT metric, layer, layer_type FROM layer_stats WHERE run = ?{cond}"
+            params += [run, *cp]
     return store.sql(f"SELECT * FROM ({q}) ORDER BY metric, layer", params).pl()
+
+
+@per_run
+def metric_names(store: Store, run: str, attempt: int | None = None) -> list[str]:
+    """Layer metrics with rows on a path of ``run`` (default: effective), sorted.
+
+    From the 10,000-step rollups below their valid limit on the path plus the raw rows they do not
+    serve (the tail, pruned by statistics), never a DISTINCT over every raw row (10^8 at 1M steps).
+    """
+    path = timeline(store, run, attempt)
+    p = plan(store, run, "layer_stats", path, ROLLUP_BUCKETS[-1])
+    q, params = "", []
+    if p.used:
+        rp: list[Any] = []
+        q = f"SELECT DISTINCT metric FROM layer_stats_rollup WHERE run = ? AND bucket_size = ? AND {p.rollup_pred(rp)}"
+        params = [run, p.size, *rp]
+    for cond, cp in p.raw_parts():
+        pp: list[Any] = [run, *cp]
+        pred = path.predicate(pp)
+        q += (" UNION " if q else "") + f"SELECT DISTINCT metric FROM layer_stats WHERE run = ?{cond}{pred}"
+        params += pp
+    return sorted(r[0] for r in store.sql(q, params).fetchall())
 
 
 @per_run
@@ -200,11 +245,12 @@ def scalar_names(store: Store, run: str) -> list[str]:
     else:
         rp: list[Any] = []
         pred = p.rollup_pred(rp)
-        raw: list[Any] = []
-        rawx = p.raw_pred(raw)
-        rows = store.sql(
-            f"SELECT DISTINCT name FROM scalars_rollup WHERE run = ? AND bucket_size = ? AND {pred} UNION "
-            f"SELECT DISTINCT name FROM scalars WHERE run = ?{rawx}", [run, p.size, *rp, run, *raw]).fetchall()
+        q = f"SELECT DISTINCT name FROM scalars_rollup WHERE run = ? AND bucket_size = ? AND {pred}"
+        params = [run, p.size, *rp]
+        for cond, cp in p.raw_parts():
+            q += f" UNION SELECT DISTINCT name FROM scalars WHERE run = ?{cond}"
+            params += [run, *cp]
+        rows = store.sql(q, params).fetchall()
     return sorted(r[0] for r in rows)
 
 

@@ -54,8 +54,14 @@ def _plans(store: Store, run: str, signals: Sequence[Signal], path: Timeline) ->
         out["scalars"] = plan(store, run, "scalars", path, ROLLUP_BUCKETS[0],
                               f" AND name IN ({', '.join('?' for _ in scalars)})", scalars)
     if metrics:
-        out["layer_stats"] = plan(store, run, "layer_stats", path, ROLLUP_BUCKETS[0],
-                                  f" AND metric IN ({', '.join('?' for _ in metrics)})", metrics)
+        key, kp = f" AND metric IN ({', '.join('?' for _ in metrics)})", list(metrics)
+        ranges = {s.layers for s in signals if s.agg is not None}
+        if len(ranges) == 1 and None not in ranges:
+            # One layer range read (a single layer's series): only its keys' coverage matters, and its
+            # rollup rows are a hundredth of the metric's.
+            (lo, hi), = ranges
+            key, kp = key + " AND layer BETWEEN ? AND ?", kp + [int(lo), int(hi)]
+        out["layer_stats"] = plan(store, run, "layer_stats", path, ROLLUP_BUCKETS[0], key, kp)
     return out
 
 
@@ -114,13 +120,13 @@ def _source_sql(run: str, signals: Sequence[Signal], path: Timeline, step_from: 
                 f"FROM scalars_rollup WHERE run = ? AND name IN ({marks}) AND bucket_size = ? AND {pred})")
             params += [run, *scalars, pl_.size, *rp]
             rawx = pl_.raw_pred(rawp)
-        sp = []
-        sup = path.superseded_expr(sp)
         # Raw rows: off-path rows (ghosts) always; on-path rows unless a rollup serves them.
-        keep = f" AND ({sup} OR (true{rawx}))" if rawx else ""
-        parts.append(f"SELECT name AS sig, {sup} AS superseded, step, tokens, value, attempt FROM scalars "
-                     f"WHERE run = ? AND name IN ({marks}) AND step >= ?{keep}")
-        params += sp + [run, *scalars, int(step_from)] + ((sp + rawp) if rawx else [])
+        for cond, cp in (pl_.raw_parts() if rawx and pl_ is not None else [("", [])]):
+            sp = []
+            sup = path.superseded_expr(sp)
+            parts.append(f"SELECT name AS sig, {sup} AS superseded, step, tokens, value, attempt FROM scalars "
+                         f"WHERE run = ? AND name IN ({marks}) AND step >= ?{cond}")
+            params += sp + [run, *scalars, int(step_from), *cp]
     for s in signals:
         if s.agg is None:
             continue
@@ -151,14 +157,17 @@ def _source_sql(run: str, signals: Sequence[Signal], path: Timeline, step_from: 
                 f"{rng} GROUP BY bucket)")
             params += [s.key, run, s.metric, pl_.size, *rp, *rparams]
             rawx = pl_.raw_pred(rawp)
-        sp = []
-        sup = path.superseded_expr(sp)
-        keep = f" AND ({sup} OR (true{rawx}))" if rawx else ""
+        inner, ip = [], []
+        for cond, cp in (pl_.raw_parts() if rawx and pl_ is not None else [("", [])]):
+            sp = []
+            sup = path.superseded_expr(sp)
+            inner.append(f"SELECT {sup} AS superseded, step, tokens, value, attempt FROM layer_stats "
+                         f"WHERE run = ? AND metric = ? AND step >= ?{rng}{cond}")
+            ip += [*sp, run, s.metric, int(step_from), *rparams, *cp]
         parts.append(
             f"SELECT ? AS sig, superseded, step, any_value(tokens) AS tokens, {_AGG_SQL[s.agg]} AS value, "
-            "any_value(attempt) AS attempt FROM (SELECT " + sup + " AS superseded, step, tokens, value, attempt "
-            f"FROM layer_stats WHERE run = ? AND metric = ? AND step >= ?{rng}{keep}) GROUP BY superseded, step")
-        params += [s.key, *sp, run, s.metric, int(step_from), *rparams] + ((sp + rawp) if rawx else [])
+            f"any_value(attempt) AS attempt FROM ({' UNION ALL '.join(inner)}) GROUP BY superseded, step")
+        params += [s.key, *ip]
     return " UNION ALL ".join(parts), params
 
 

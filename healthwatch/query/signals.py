@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from healthwatch.query.grid import metric_names
 from healthwatch.schema import SIGNAL_LAYER_METRICS
 from healthwatch.store import Store
 from healthwatch.store.reader import per_run
@@ -27,9 +28,8 @@ assert all(m in SIGNAL_LAYER_METRICS for ms in FAMILIES.values() for m in ms)
 @per_run
 def signal_metrics(store: Store, run: str) -> list[str]:
     """The signal layer metrics (with operand suffixes) that ``run`` has rows of."""
-    rows = store.sql("SELECT DISTINCT metric FROM layer_stats_effective WHERE run = ? ORDER BY metric", [run]).fetchall()
     base = set(SIGNAL_LAYER_METRICS)
-    return [m for (m,) in rows if m.split("/", 1)[0] in base]
+    return [m for m in metric_names(store, run) if m.split("/", 1)[0] in base]
 
 
 @per_run

@@ -479,6 +479,64 @@ class Store:
                 return None  # unreadable: the SQL path finds out which file and skips it
         return None
 
+    def run_extremes(self, table: str, run: str, columns: Sequence[str]) -> dict[str, tuple[Any, Any]] | None:
+        """``{column: (min, max)}`` over every row of one run's ``table``, from Parquet footers only.
+
+        No row is decoded: the minimum and maximum of each row group's statistics (exact: the
+        writers keep full statistics; NULLs are ignored as SQL's ``min``/``max`` do). A run without
+        rows maps every column to ``(None, None)``. Returns ``None`` when a file lacks exact
+        statistics for a column (a live writer's unsealed segments keep them on step columns only)
+        or cannot be read: then ask SQL. Float columns: Parquet statistics leave NaN out.
+        """
+        import pyarrow.parquet as pq
+
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
+        unknown = [c for c in columns if c not in TABLES[table].names]
+        if unknown:
+            raise ValueError(f"table {table!r} has no column(s) {', '.join(unknown)}")
+        is_remote = getattr(_fs, "is_remote", None)
+        if (is_remote is not None and is_remote(str(self.root))) or not isinstance(self.root, Path):
+            return None
+        out: dict[str, tuple[Any, Any]] = {c: (None, None) for c in columns}
+        for _try in range(3):
+            try:
+                out = {c: (None, None) for c in columns}
+                for path in list_segments(table_dir(self.root, table, run)):
+                    key = str(path)
+                    if key in self._bad_files:
+                        return None
+                    pf = pq.ParquetFile(key)
+                    if key not in self._checked:
+                        if schema_problem(pf.schema_arrow, table):
+                            return None
+                        self._checked.add(key)
+                    meta = pf.metadata
+                    idx = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
+                    for g in range(meta.num_row_groups):
+                        group = meta.row_group(g)
+                        for c in columns:
+                            chunk = group.column(idx[c])
+                            stats = chunk.statistics
+                            if stats is None or not stats.has_null_count:
+                                return None
+                            if not stats.has_min_max:
+                                if stats.null_count == chunk.num_values:
+                                    continue  # all NULL: nothing to count
+                                return None
+                            if not getattr(stats, "is_max_value_exact", True) or \
+                                    not getattr(stats, "is_min_value_exact", True):
+                                return None
+                            lo, hi = out[c]
+                            out[c] = (stats.min if lo is None else min(lo, stats.min),
+                                      stats.max if hi is None else max(hi, stats.max))
+                return out
+            except FileNotFoundError:
+                continue
+            except (OSError, pa.ArrowException, ValueError, KeyError):
+                return None
+        return None
+
     # -- queries -----------------------------------------------------------------------------
     def sql(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Result:
         """A parameterised query over the store's views; call ``.pl()``/``.arrow()``/``.fetchall()``."""

@@ -158,3 +158,39 @@ def test_sql_readers_of_one_run_list_only_that_runs_folders(store_root: tuple[Pa
     assert {str(bad[1]), str(bad[2])} <= store.bad_files
     # and the per-run readers still answer the same over the widened views
     assert query.heatmap(store, "r", "resid_rms", max_buckets=6, agg="max").equals(hm)
+
+
+def test_run_overview_from_footers_equals_sql(store_root: tuple[Path, list[tuple]]) -> None:
+    """The run header's first/last step, tokens and last write come from footer statistics; they equal
+    the rows written, and a folder with a foreign file falls back to SQL (which skips the file)."""
+    root, rows = store_root
+    store = Store(root)
+    ov = query.run_overview(store, "r")
+    steps = [s for _a, s, _t, lay, _v in rows if lay == 0]
+    assert (ov["first_step"], ov["last_step"], ov["last_tokens"]) == (min(steps), max(steps), 7 * max(steps))
+    assert ov["last_write"] == 0.0 and ov["several_steps"] is True
+    assert store.run_extremes("scalars", "r", ["step"]) == {"step": (min(steps), max(steps))}
+    assert store.run_extremes("scalars", "nobody", ["step"]) == {"step": (None, None)}
+    _poison(root, "scalars", "r")
+    store2 = Store(root)
+    assert store2.run_extremes("scalars", "r", ["step"]) is None
+    ov2 = query.run_overview(store2, "r")
+    assert (ov2["first_step"], ov2["last_step"], ov2["last_tokens"]) == (ov["first_step"], ov["last_step"],
+                                                                        ov["last_tokens"])
+
+
+def test_profile_at_a_step_far_after_the_last_logged_one(tmp_path: Path) -> None:
+    """The nearest logged step is searched in a window below the asked step first; a gap wider than the
+    window still finds the step before it (the whole history is read then)."""
+    root = tmp_path / "s"
+    w = StoreWriter(root, "g", attempt=1)
+    w.write("runs", run_row(precision="bf16"))
+    w.write("attempts", attempt_row(attempt=1, start_step=0))
+    steps = [5, 6, 50_000]
+    w.write("layer_stats", {"attempt": [1] * 6, "step": [s for s in steps for _ in range(2)],
+                            "tokens": [s for s in steps for _ in range(2)], "layer": [0, 1] * 3,
+                            "layer_type": ["moe"] * 6, "metric": ["m"] * 6, "value": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]})
+    w.close()
+    prof = query.layer_profiles(Store(root), "g", "m", (30_000, 50_000, 4))
+    got = {(r["asked"], r["layer"]): (r["step"], r["value"]) for r in prof.iter_rows(named=True)}
+    assert got == {(30_000, 0): (6, 3.0), (30_000, 1): (6, 4.0), (50_000, 0): (50_000, 5.0), (50_000, 1): (50_000, 6.0)}
