@@ -12,30 +12,39 @@ from its ``onset`` and the Monitor measures the consequences.
   more than E4M3's 448 saturate there, and the values of those blocks above 6 x scale clip. Signals:
   that block's ``fp4_saturation`` and ``fp4_rel_mse`` rise at once while every other block stays
   put. Loss: the clipped largest activations and weights are the ones that carry the most signal,
-  so the block's output degrades and the train loss rises above its trend as the scale shrinks.
-  Measured (demo trainer, seed 0, onset 60, same run without the fault as reference): block 0's
-  saturation 3.3 % -> 11 % / 54 % / 83 % and relative MSE 0.85 % -> 5 % / 47 % / 84 % over steps
-  60-80 / 80-100 / 100-120; mean train loss +0.06 % / +0.6 % / +1.5 % over the same windows. Only
-  acts where the block runs NVFP4 (not in a BF16 branch).
+  so the block's output degrades and the train loss climbs above its healthy trend, slowly (the
+  other blocks and the residual path carry on), without leaving its band. Measured without any
+  intervention (demo trainer, seed 0, onset 60, the same run without the fault as reference; mean
+  train loss per 20-step window): +0.06 % / +0.6 % / +1.5 % / +2.5 % / +3.4 % over steps 60-80 /
+  80-100 / 100-120 / 120-140 / 140-160; the band exit (``healthwatch.band``) did not happen by step
+  159. Block 0's saturation went 3.3 % -> 11 % / 54 % / 83 % and its relative MSE 0.85 % -> 5 % /
+  47 % / 84 % over the first three windows. The same shrink on *every* quantised block costs more
+  (+2.4 % / +2.8 % / +4.2 % / +5.9 % from step 80) and still stays inside the band: the loss drifts
+  up rather than jumping, and the band follows a drift. Only acts where the block runs NVFP4 (not
+  in a BF16 branch).
 * ``alog_drift`` -- the ``A_log`` parameters of one Mamba block (:data:`MAMBA_LAYER`-th Mamba
   block) are pushed down by :data:`ALOG_RATE` per step (a spurious constant update, as from a
   gradient with a constant bias or decay applied with the wrong sign). ``A = -exp(A_log) -> 0``:
   the SSM state stops decaying (``exp(dt * A) -> 1``) and the block turns into an accumulator over
   the sequence. Signals: ``ssm_decay_min``/``ssm_decay_mean`` of that block fall exponentially from
-  the onset. Loss: once ``dt * exp(A_log) * seq_len << 1`` the block sums its whole prefix and its
-  output grows with position; in a long run the unbounded state ends in Inf/NaN. Measured (demo
-  trainer, seed 0, onset 60, reference without the fault): block 0's ``ssm_decay_min`` 3.9 ->
-  2.4 / 0.88 / 0.32 over steps 60-80 / 80-100 / 100-120 while the train loss did NOT move (within
-  0.05 % of the reference): with 64-token sequences the state still decays within a sequence at
-  these values. The decay signal is the early warning; the loss follows only much later.
+  the onset. Loss: none measurable in this model. Measured without intervention (seed 0, onset 60,
+  reference without the fault): block 0's ``ssm_decay_min`` 3.9 -> 2.4 / 0.88 / 0.32 over steps
+  60-80 / 80-100 / 100-120, and the train loss within 0.1 % of the reference in every 20-step
+  window up to step 160 -- also with every Mamba block drifting at twice the rate. Why: with
+  64-token sequences and dt <= 0.1 an accumulator still sums a short prefix, and the mixer's gated
+  RMSNorm rescales the summed state before ``out_proj``, so the block's output keeps its size. On
+  long sequences (thousands of tokens) the unnormalised state grows with the prefix and overflows
+  BF16 -- the Inf/NaN end the issue describes -- which this CPU demo does not train long enough to
+  reach. The decay signal is the warning; there is no loss movement here to lead.
 
 Default pack on those runs (``healthwatch alerts backtest``, statistics at every step): under
 ``quant_scale_shrink`` FP4SaturationHigh and FP4RelMSEHigh fire first, at step 90 (30 steps after
 onset), in block 0 only; under ``alog_drift`` MambaDecayCollapsing fires at step 110 (50 steps
-after onset), block 0 only. No loss rule fired and the train loss did not leave its band within
-the 60 steps after onset, so there is no lead over the loss to report yet. Both need the
-activation-side statistics at every step to show this quickly: run the Monitor with
-``MonitorConfig(signals_every=1)`` (the default samples every 100th step, see docs/signals.md).
+after onset), block 0 only. Neither run's train loss left its band (to step 159), so neither has a
+lead over the band exit to report: both faults are faults to catch, as ``router_collapse`` and
+``mtp_starvation`` are. Both need the activation-side statistics at every step to show this
+quickly: run the Monitor with ``MonitorConfig(signals_every=1)`` (see docs/signals.md for what
+that costs).
 """
 
 from __future__ import annotations

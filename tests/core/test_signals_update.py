@@ -162,3 +162,29 @@ def test_two_monitors_find_their_optimizers_without_breaking_optimizer_step(stor
     # Adam's first steps move each weight by lr (bias-corrected m / sqrt(v) = 1 per element): ||dθ|| = 0.1 * sqrt(2).
     assert [(r, s) for r, s, _v in rows] == [("two0", 0), ("two0", 1), ("two1", 0), ("two1", 1)]
     assert [v for _r, _s, v in rows] == pytest.approx([0.1 * math.sqrt(2)] * 4, rel=1e-4)
+
+
+def test_large_tensors_are_read_on_a_sample_close_to_the_exact_update():
+    """Above UPDATE_SAMPLE_ELEMS a tensor's sums of squares are estimated on a strided sample,
+    scaled by numel / sampled; the exact value (everything read) is the independent reference."""
+    from healthwatch.hooks.signals import UPDATE_SAMPLE_ELEMS, adam_update_sq
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 256)                      # 65,536 weights: 16x the sample
+    opt = torch.optim.AdamW(lin.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        lin(torch.randn(8, 256)).pow(2).mean().backward()
+        opt.step()
+    params = list(lin.parameters())
+    upd, nrm = adam_update_sq(opt, params)
+    exact_u, exact_n = adam_update_sq(opt, params, sample=10**9)
+    assert lin.weight.numel() > UPDATE_SAMPLE_ELEMS
+    assert upd[0].item() == pytest.approx(exact_u[0].item(), rel=0.1)
+    assert nrm[0].item() == pytest.approx(exact_n[0].item(), rel=0.1)
+    assert (upd[1].item(), nrm[1].item()) == pytest.approx((exact_u[1].item(), exact_n[1].item()))  # bias: whole
+    # The exact path agrees with the parameter change itself (θ_before kept here only for the check).
+    before = lin.weight.detach().clone()
+    lin(torch.randn(8, 256)).pow(2).mean().backward()
+    opt.step()
+    u, _ = adam_update_sq(opt, params, sample=10**9)
+    assert u[0].item() == pytest.approx((lin.weight.detach() - before).pow(2).sum().item(), rel=1e-4)

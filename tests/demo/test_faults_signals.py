@@ -51,3 +51,33 @@ def test_alog_drift_drops_the_decay_of_one_mamba_block(tmp_path):
     assert first[STEPS - 1] < 0.7 * first[ONSET - 1]
     second = [got[(s, 3, "ssm_decay_min")] for s in range(STEPS)]
     assert second[STEPS - 1] > 0.9 * second[ONSET - 1]
+
+
+def test_quant_scale_shrink_degrades_the_blocks_output():
+    """The loss mechanism without training noise: on the same weights and input, block 0's residual
+    branch with the scale at the fault's floor is much further from the unquantised branch than
+    with the recipe's scale (the clipped largest values carry the most signal)."""
+    import torch
+
+    from healthwatch.demo.data import SyntheticTokens
+    from healthwatch.demo.faults_signals import QUANT_FLOOR
+    from healthwatch.demo.model import HybridLM
+
+    torch.manual_seed(0)
+    model = HybridLM(TINY)
+    ids = SyntheticTokens(TINY.vocab_size, 32, 4, seed=0).batch_at(0)
+    block = model.blocks[QUANT_LAYER]
+
+    def branch(scale: float | None) -> torch.Tensor:
+        model.set_precision("bf16" if scale is None else "nvfp4")
+        for m in block.modules():
+            if hasattr(m, "quant_scale"):
+                m.quant_scale = 1.0 if scale is None else scale
+        with torch.no_grad():
+            h = model.embedding(ids[:, :32])
+            return block(h) - h
+
+    ref = branch(None)
+    err = {s: float((branch(s) - ref).norm() / ref.norm()) for s in (1.0, QUANT_FLOOR)}
+    assert err[1.0] < 0.5                       # NVFP4 with the recipe's scale: a rounding error
+    assert err[QUANT_FLOOR] > 3 * err[1.0], err  # clipped at the floor: the branch is mostly lost
