@@ -16,11 +16,14 @@ SMALL = HybridConfig(d_model=48, pattern="M E * E M E", num_experts=8, top_k=2, 
 
 
 def _train(root: Path, run: str, fault: str | None, steps: int, onset: int, precision: str = "bf16",
-           model: HybridConfig = SMALL, seq_len: int = 32) -> hw.Store:
+           model: HybridConfig = SMALL, seq_len: int = 32, lr_delay: int | None = None) -> hw.Store:
     cfg = TrainConfig(run=run, store=root, precision=precision, model=model, total_steps=400, batch_size=8,
                       seq_len=seq_len, checkpoint_every=10**9)
+    f = make_fault(fault, onset)
+    if f is not None and lr_delay is not None:
+        f.lr_delay = lr_delay  # the mechanism alone, without the fault's delayed LR amplification
     with hw.Monitor(store=root, run=run, precision=precision, flush_every_steps=20, dead_window=10) as mon:
-        Trainer(cfg, mon, make_fault(fault, onset)).train(steps)
+        Trainer(cfg, mon, f).train(steps)
     return hw.open_store(root)
 
 
@@ -74,14 +77,14 @@ def test_router_collapse_raises_first_moe_maxvio_and_kills_experts(tmp_path):
 
 @pytest.mark.slow
 def test_residual_growth_raises_early_layer_resid_rms(tmp_path):
-    st = _train(tmp_path, "rg", "residual_growth", 90, 40)
+    st = _train(tmp_path, "rg", "residual_growth", 90, 40, lr_delay=10**6)
     before, after = _mean(st, "rg", _layer("resid_rms", 0), 30, 40), _mean(st, "rg", _layer("resid_rms", 0), 80, 90)
     assert after > 1.3 * before, (before, after)
 
 
 @pytest.mark.slow
 def test_mtp_starvation_raises_mtp_loss_before_train_loss(tmp_path):
-    st = _train(tmp_path, "mtp", "mtp_starvation", 130, 30)
+    st = _train(tmp_path, "mtp", "mtp_starvation", 130, 30, lr_delay=10**6)
     ctrl = _train(tmp_path, "ctrl", None, 130, 30)
     gap = _mean(st, "mtp", _scalar("loss/mtp_2"), 110, 130) - _mean(ctrl, "ctrl", _scalar("loss/mtp_2"), 110, 130)
     train_gap = _mean(st, "mtp", _scalar("loss/train"), 110, 130) - _mean(ctrl, "ctrl", _scalar("loss/train"), 110, 130)
@@ -149,3 +152,16 @@ def test_residual_growth_scales_a_few_channels_and_registry_extends() -> None:
         faults.REGISTRY.pop("test_only_fault", None)
     with pytest.raises(ValueError, match="unknown fault"):
         make_fault("no_such_fault", 0)
+
+
+@pytest.mark.parametrize("name", ["mtp_starvation", "residual_growth"])
+def test_amplified_faults_ramp_the_learning_rate_only_after_their_delay(name: str) -> None:
+    """The mechanism runs alone for ``lr_delay`` steps after onset, then the LR ramps (faults.py docstring)."""
+    from healthwatch.demo.faults import DEFAULT_LR_DELAY, Fault
+
+    f = Fault(name=name, onset=80)
+    delay = DEFAULT_LR_DELAY[name]
+    assert f.lr_delay == delay > 0 and f.active(80)
+    assert f.lr_scale(80) == f.lr_scale(80 + delay) == 1.0  # the ramp starts at onset + delay
+    assert 1.0 < f.lr_scale(80 + delay + 1) < f.lr_scale(80 + delay + f.lr_ramp) == f.lr_factor
+    assert Fault(name=name, onset=80, lr_delay=5).lr_scale(90) > 1.0  # an explicit delay wins
