@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from datetime import datetime
+from urllib.parse import urlencode
 
 import polars as pl
 import streamlit as st
@@ -246,6 +247,23 @@ def _at_steps(store: Store, run: str, x: str, log_y: bool) -> None:
 LOW_IS_BAD = ("router_entropy", "ssm_decay_min", "ssm_decay_mean")
 
 
+def _with_history(df: pl.DataFrame, run: str, metric: str) -> pl.DataFrame:
+    """``df`` (one row per layer) with a ``history`` column: a link to that layer's history of ``metric``."""
+    if not df.height or "layer" not in df.columns:
+        return df
+    urls = [f"?{urlencode({'run': run, 'signal': metric, 'layer': int(layer)})}" for layer in df["layer"]]
+    return df.with_columns(pl.Series("history", urls, dtype=pl.Utf8))
+
+
+def _layer_history(store: Store, run: str, metric: str, layer: int, x: str, log_y: bool) -> None:
+    """The whole history of ``metric`` in one layer (opened from a worst-layers link)."""
+    sig = Signal(metric, "max", layers=(layer, layer))  # max over one layer = its value
+    pts = series(store, run, [sig])
+    fig = charts.lines(_frames(pts, [sig.key], {sig.key: f"layer {layer}"}), x, metric,
+                       f"{metric}: history of layer {layer}", log_y, 0.0, revision=f"{run}-sig-{metric}-{layer}")
+    st.plotly_chart(fig, width="stretch", key="chart_sig_layer")
+
+
 def _signals(store: Store, run: str, x: str, log_y: bool) -> None:
     """Signals beyond the report (docs/signals.md): per family, max/median over layers, the layer x step
     heatmap, the worst layers now, and the expert x layer load at a step (and its change)."""
@@ -256,8 +274,16 @@ def _signals(store: Store, run: str, x: str, log_y: bool) -> None:
     st.subheader("Signals: quantisation, updates, routers, Mamba")
     if metrics:
         fams = [f for f, ms in FAMILIES.items() if any(m.split("/", 1)[0] in ms for m in metrics)]
-        fam = st.radio("Family", fams, horizontal=True, key="sig_family")
-        metric = st.selectbox("Signal", [m for m in metrics if m.split("/", 1)[0] in FAMILIES[fam]], key="sig_metric")
+        # A "layer history" link of the worst-layers tables opens ?run=R&signal=M&layer=L: preselect M.
+        linked, linked_layer = st.query_params.get("signal"), st.query_params.get("layer")
+        linked_fam = next((f for f in fams if linked in metrics and linked.split("/", 1)[0] in FAMILIES[f]), None)
+        fam = st.radio("Family", fams, index=fams.index(linked_fam) if linked_fam else 0, horizontal=True,
+                       key="sig_family")
+        choices = [m for m in metrics if m.split("/", 1)[0] in FAMILIES[fam]]
+        metric = st.selectbox("Signal", choices, index=choices.index(linked) if linked in choices else 0,
+                              key="sig_metric")
+        if linked == metric and linked_layer is not None and linked_layer.lstrip("-").isdigit():
+            _layer_history(store, run, metric, int(linked_layer), x, log_y)
         agg = series(store, run, [Signal(metric, "max"), Signal(metric, "median")])
         c1, c2 = st.columns(2)
         with c1:
@@ -279,9 +305,10 @@ def _signals(store: Store, run: str, x: str, log_y: bool) -> None:
             "rise", descending=True).head(k)
         w1, w2 = st.columns(2)
         w1.caption(f"Worst {k} layers by value now ({'lowest' if metric.split('/', 1)[0] in LOW_IS_BAD else 'highest'})")
-        w1.dataframe(worst, hide_index=True, width="stretch")
-        w2.caption(f"Top {k} layers by rise over {window} steps (pick one in the heatmap for its history)")
-        w2.dataframe(by_rise, hide_index=True, width="stretch")
+        links = {"history": st.column_config.LinkColumn("history", display_text="layer history")}
+        w1.dataframe(_with_history(worst, run, metric), hide_index=True, width="stretch", column_config=links)
+        w2.caption(f"Top {k} layers by rise over {window} steps")
+        w2.dataframe(_with_history(by_rise, run, metric), hide_index=True, width="stretch", column_config=links)
     if samples:
         a1, a2 = st.columns(2)
         at = a1.select_slider("Expert x layer load at step", samples, samples[-1], key="sig_load_at")
