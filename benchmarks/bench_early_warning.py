@@ -40,8 +40,9 @@ from typing import Any
 
 from benchmarks.bench_common import Budget, Job, Section, Table, child_main, emit_progress, verdict
 
-#: Seeds the pack's thresholds were derived from. Never reported as results.
-TUNING_SEEDS: tuple[int, ...] = (11, 12)
+#: Seeds the pack's thresholds were derived from (healthy runs on all six, the faults on 11 and 12).
+#: Never reported as results.
+TUNING_SEEDS: tuple[int, ...] = (11, 12, 13, 14, 15, 16)
 #: Seeds the results are reported on (disjoint from TUNING_SEEDS, from the demo's seed 0 and from
 #: the issue's seeds 101-505).
 EVAL_SEEDS: tuple[int, ...] = tuple(range(1001, 1011))
@@ -116,8 +117,14 @@ def record_run(scenario: str, seed: int, out: Path, spec: RunSpec = FULL) -> dic
         cfg = TrainConfig(run=run, store=store, precision="nvfp4", model=HybridConfig(**spec.model),
                           batch_size=spec.batch_size, seq_len=spec.seq_len, total_steps=spec.steps, seed=seed,
                           checkpoint_every=10**9)
+        # Every signal family on every step (the Monitor's defaults sample the costly ones every 100
+        # steps and leave `update` off): the benchmark asks what the signals can see, and issue 19
+        # asks whether the newer families add lead -- a sampled signal could not answer that.
+        from healthwatch.hooks.config import MonitorConfig
+
+        mcfg = MonitorConfig(signals=("quant", "router", "mamba", "update"), signals_every=1)
         mon = hw.Monitor(store=store, run=run, precision="nvfp4", flush_every_steps=50, expert_load_every=10,
-                         dead_window=20)
+                         dead_window=20, monitor_config=mcfg)
         fault = None if scenario == HEALTHY else make_fault(scenario, spec.onset)
         trainer = Trainer(cfg, mon, fault)
         t0 = time.perf_counter()
@@ -229,8 +236,21 @@ def _fmt_lead(values: Sequence[int], tokens_per_step: float | None) -> tuple[str
     return f"{med:g} / {worst:g}", tok
 
 
+#: The pack restricted to the report's signals: every rule outside the pack's ``signals`` group
+#: (issue 19: do the newer signals -- update ratio, FP4 quantisation health, router, Mamba -- add lead?).
+CORE_PACK = "PACK (report's signals only)"
+
+
+def signal_rules(pack: str = "default") -> frozenset[str]:
+    """Names of the rules in ``pack``'s ``signals`` group (the signals beyond the report)."""
+    from healthwatch.alerts.loader import load_rules
+
+    return frozenset(lr.rule.alert for lr in load_rules(pack) if lr.group == "signals")
+
+
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per scenario x (rule or pack): detection, leads; healthy false alarms and pending episodes."""
+    newer = signal_rules()
     by_scen: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by_scen.setdefault(r["scenario"], []).append(r)
@@ -258,14 +278,15 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         exits = [r for r in runs if r["exit"] is not None]
         row: dict[str, Any] = {"runs": len(runs), "exits": len(exits), "tokens_per_step": tps,
                                "exit_after_onset": [r["exit"]["step"] - r["onset"] for r in exits], "rules": {}}
-        for name in [*rules, "PACK"]:
+        for name in [*rules, "PACK", CORE_PACK]:
             detected, leads, delays = 0, [], []
             early_before_onset = 0
             for r in runs:
-                if name == "PACK":
-                    firsts = [f for n in rules if (f := _first_after(r["rules"][n]["firing"], r["onset"])) is not None]
+                if name in ("PACK", CORE_PACK):
+                    members = [n for n in rules if name == "PACK" or n not in newer]
+                    firsts = [f for n in members if (f := _first_after(r["rules"][n]["firing"], r["onset"])) is not None]
                     first = min(firsts) if firsts else None
-                    pre = [f for n in rules for f in r["rules"][n]["firing"] if f < r["onset"]]
+                    pre = [f for n in members for f in r["rules"][n]["firing"] if f < r["onset"]]
                 else:
                     first = _first_after(r["rules"][name]["firing"], r["onset"])
                     pre = [f for f in r["rules"][name]["firing"] if f < r["onset"]]
@@ -276,7 +297,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 delays.append(first - r["onset"])
                 if r["exit"] is not None:
                     leads.append(r["exit"]["step"] - first)
-            if name != "PACK" and not detected and not early_before_onset:
+            if name not in ("PACK", CORE_PACK) and not detected and not early_before_onset:
                 continue
             row["rules"][name] = {
                 "detected": detected, "leads": leads, "delays": delays, "fired_before_onset": early_before_onset,
