@@ -376,10 +376,11 @@ def sort_table_code(table: pa.Table, name: str) -> tuple[pa.Table, np.ndarray | 
     return (table if idx is None else table.take(idx)), code
 
 
-def _runs(table: pa.Table, keys: Sequence[str], step_key: str) -> tuple[np.ndarray, list[tuple[Any, ...]], np.ndarray] | None:
-    """Series runs of a table grouped by ``keys``: run starts, each run's key values, the
-    ``step_key`` of each run's first and last row. None when a key has nulls or is not a
-    string/integer column."""
+def _runs(table: pa.Table, keys: Sequence[str],
+          step_key: str) -> tuple[np.ndarray, list[tuple[np.ndarray, list[Any] | None]], np.ndarray] | None:
+    """Series runs of a table grouped by ``keys``: run starts; per key, each run's value (integer)
+    or dictionary index with the dictionary's words (string); the ``step_key`` of each run's first
+    and last row. None when a key has nulls or is not a string/integer column."""
     change = np.zeros(max(0, table.num_rows - 1), dtype=bool)
     firsts: list[tuple[np.ndarray, list[Any] | None]] = []
     for k in keys:
@@ -401,13 +402,12 @@ def _runs(table: pa.Table, keys: Sequence[str], step_key: str) -> tuple[np.ndarr
             return None
         change |= codes[1:] != codes[:-1]
     starts = np.concatenate(([0], np.flatnonzero(change) + 1)).astype(np.int64)
-    key_vals = [[words[i] for i in codes[starts]] if words is not None else codes[starts].tolist()
-                for codes, words in firsts]
+    key_vals = [(codes[starts], words) for codes, words in firsts]
     if step_key not in table.column_names or table.column(step_key).null_count:
         return None
     step = table.column(step_key).to_numpy()
     ends = np.concatenate((starts[1:], [table.num_rows])) - 1
-    return starts, list(zip(*key_vals)), np.stack((step[starts], step[ends]), axis=1)
+    return starts, key_vals, np.stack((step[starts], step[ends]), axis=1)
 
 
 #: Runs shorter than this on average: :func:`merge_sorted` gathers rows with one ``take`` instead of
@@ -429,26 +429,36 @@ def merge_sorted(tables: Sequence[pa.Table], name: str) -> pa.Table | None:
     if not lead or not tables or any(k not in t.column_names for t in tables for k in keys):
         return None
     step_key = "bucket" if name.endswith("_rollup") else "step"
-    rank_of: dict[tuple[Any, ...], int] = {}
-    cols: list[list[np.ndarray]] = [[], [], [], [], [], []]  # key id, table, start, length, first, last
+    found = []
     offset = 0
-    for ti, t in enumerate(tables):
+    for t in tables:
         runs = _runs(t, keys, step_key)
         if runs is None:
             return None
-        starts, kv, steps = runs
-        ids = np.fromiter((rank_of.setdefault(key, len(rank_of)) for key in kv), dtype=np.int64, count=len(kv))
-        for c, v in zip(cols, (ids, np.full(ids.size, ti), offset + starts,
-                               np.diff(np.concatenate((starts, [t.num_rows]))), steps[:, 0], steps[:, 1])):
-            c.append(v)
+        found.append(runs)
         offset += t.num_rows
-    key_id, tab, start, length, first, last = (np.concatenate(c) for c in cols)
-    # Key ids in the order of the keys themselves (Python orders str by code point: UTF-8 bytes).
-    order_of_id = np.empty(len(rank_of), dtype=np.int64)
-    order_of_id[[rank_of[k] for k in sorted(rank_of)]] = np.arange(len(rank_of))
-    o = np.lexsort((tab, order_of_id[key_id]))
-    key_s, tab_s = order_of_id[key_id][o], tab[o]
-    same = key_s[1:] == key_s[:-1]
+    # Per key, every run's rank in the key's own order (strings: the sorted union of the tables'
+    # dictionaries, code point = UTF-8 byte order, as DuckDB sorts VARCHAR; integers: themselves).
+    ranks = []
+    for k in range(len(keys)):
+        if found[0][1][k][1] is None:
+            ranks.append(np.concatenate([r[1][k][0].astype(np.int64) for r in found]))
+            continue
+        union = sorted(set().union(*(r[1][k][1] for r in found)))
+        pos = {w: i for i, w in enumerate(union)}
+        ranks.append(np.concatenate([np.array([pos[w] for w in r[1][k][1]], dtype=np.int64)[r[1][k][0]]
+                                     for r in found]))
+    tab = np.concatenate([np.full(r[0].size, ti, dtype=np.int64) for ti, r in enumerate(found)])
+    bases = np.concatenate(([0], np.cumsum([t.num_rows for t in tables])[:-1]))
+    start = np.concatenate([bases[ti] + r[0] for ti, r in enumerate(found)])
+    length = np.concatenate([np.diff(np.concatenate((r[0], [t.num_rows]))) for r, t in zip(found, tables)])
+    first = np.concatenate([r[2][:, 0] for r in found])
+    last = np.concatenate([r[2][:, 1] for r in found])
+    o = np.lexsort((tab, *ranks[::-1]))
+    tab_s = tab[o]
+    same = np.ones(o.size - 1, dtype=bool)
+    for r in ranks:
+        same &= r[o][1:] == r[o][:-1]
     # Within one series: one run per table, and steps that never go back from one table to the next.
     if bool((same & ((tab_s[1:] == tab_s[:-1]) | (first[o][1:] < last[o][:-1]))).any()):
         return None
@@ -458,7 +468,6 @@ def merge_sorted(tables: Sequence[pa.Table], name: str) -> pa.Table | None:
         data = pa.concat_tables(tables).unify_dictionaries().combine_chunks()
         return data if bool((idx[1:] > idx[:-1]).all()) else data.take(idx)
     # Long runs: zero-copy slices laid end to end, then one copy into contiguous columns.
-    bases = np.concatenate(([0], np.cumsum([t.num_rows for t in tables])[:-1]))
     pieces = [tables[t].slice(int(s - bases[t]), int(n)) for t, s, n in zip(tab[o], start[o], length[o])]
     return pa.concat_tables(pieces).unify_dictionaries().combine_chunks()
 

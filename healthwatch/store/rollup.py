@@ -167,8 +167,9 @@ class RollupAccumulator:
             raise ValueError(f"rollup bucket sizes must each divide the next, got {self.sizes}")
         self.schema = TABLES[self.rtable]
         self._key_cols = (*ROLLUP_KEYS[table], *(("layer_type",) if "layer_type" in self.schema.names else ()))
-        self._sid: dict[tuple[Any, ...], int] = {}  # series key (+ layer_type) -> id
-        self._keys: list[tuple[Any, ...]] = []
+        self._sid: dict[tuple[Any, ...], int] = {}  # series key -> id
+        self._keys: list[tuple[Any, ...]] = []  # id -> key + layer_type
+        self._code_cache: tuple[Any, np.ndarray, np.ndarray] | None = None
         # Per size: partial rows not combined yet (finest size: of this size; coarser sizes: the
         # closed rows of the size below, to be combined into this size when one of its buckets closes).
         self._queue: list[list[dict[str, np.ndarray]]] = [[] for _ in self.sizes]
@@ -181,20 +182,53 @@ class RollupAccumulator:
         self.coarse = False
         """Whether the last :meth:`add` closed a bucket bigger than the finest size."""
 
+    def _basis(self, rows: pa.Table) -> tuple[Any, ...] | None:
+        """What the batch's series codes are relative to (each key's dictionary or lowest value):
+        two batches with the same basis give a series the same code. None when unknown."""
+        basis: list[Any] = []
+        for k in ROLLUP_KEYS[self.table]:
+            col = rows.column(k)
+            if pa.types.is_dictionary(col.type) and col.num_chunks == 1:
+                basis.append(tuple(col.chunk(0).dictionary.to_pylist()))
+            elif pa.types.is_integer(col.type) and not col.null_count:
+                lo, hi = (v.as_py() for v in pc.min_max(col).values())
+                if hi - lo + 1 > 4 * len(col) + 64:
+                    return None  # group_code ranks such values densely: codes depend on the values present
+                basis.append((lo, hi))
+            else:
+                return None
+        return tuple(basis)
+
     def _series_ids(self, rows: pa.Table, code: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        """Stable ids of the series of the runs starting at ``starts`` (a dict lookup per series)."""
-        ucode, first = np.unique(code[starts], return_index=True)
+        """Stable ids of the series of the runs starting at ``starts``.
+
+        A series is its key (metric, layer or name); its ``layer_type`` is the first one seen (the
+        SQL rollup takes any value). The code -> id map of the last batch is reused when the next
+        batch has the same basis (a Monitor's flushes do), else one dict lookup per series.
+        """
+        run_codes = code[starts]
+        basis = self._basis(rows)
+        cached = self._code_cache
+        if basis is not None and cached is not None and cached[0] == basis:
+            ucode, ids = cached[1], cached[2]
+            pos = np.searchsorted(ucode, run_codes)
+            pos[pos >= ucode.size] = 0
+            if bool((ucode[pos] == run_codes).all()):
+                return ids[pos]
+        ucode, first = np.unique(run_codes, return_index=True)
         at = pa.array(starts[first])
         vals = [rows.column(k).take(at) for k in self._key_cols]
         vals = [v.cast(v.type.value_type) if pa.types.is_dictionary(v.type) else v for v in vals]
+        nkey = len(ROLLUP_KEYS[self.table])
         ids = np.empty(ucode.size, dtype=np.int64)
-        for i, key in enumerate(zip(*(v.to_pylist() for v in vals))):
-            sid = self._sid.get(key)
+        for i, full in enumerate(zip(*(v.to_pylist() for v in vals))):
+            sid = self._sid.get(full[:nkey])
             if sid is None:
-                sid = self._sid[key] = len(self._keys)
-                self._keys.append(key)
+                sid = self._sid[full[:nkey]] = len(self._keys)
+                self._keys.append(full)
             ids[i] = sid
-        return ids[np.searchsorted(ucode, code[starts])]
+        self._code_cache = (basis, ucode, ids) if basis is not None else None
+        return ids[np.searchsorted(ucode, run_codes)]
 
     def _raw(self, rows: pa.Table, code: np.ndarray) -> dict[str, np.ndarray]:
         """Partial rows of the finest size from ``rows`` sorted by series then step."""
