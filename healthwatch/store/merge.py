@@ -167,6 +167,9 @@ def _merge_chunked(con: Any, src: str, cols: str, order: str, keys: tuple[str, .
 
 #: Rows per Parquet row group in segments a live writer writes (DuckDB's own row group size).
 ROW_GROUP_ROWS = 122_880
+#: Row groups of rollup files: small, so that their key statistics prune a one-series read to a few
+#: thousand rows (a rollup file holds every series' buckets of its steps, sorted by key).
+ROLLUP_ROW_GROUP_ROWS = 8_192
 #: String columns with few distinct values: dictionary-encoded in memory and in Parquet (hashing
 #: them once at write time is the price; every later merge, sort and rollup reuses the codes).
 DICT_COLUMNS = frozenset({"metric", "layer_type", "name"})
@@ -513,12 +516,15 @@ def write_parquet(table: pa.Table, where: str | os.PathLike[str], name: str, com
     cols = table.column_names
     if name not in SERIES_KEYS:
         stats: bool | list[str] = True
-    elif compress:
+    elif compress or name.endswith("_rollup"):
+        # Rollup files are read by key on every chart (a series, a heatmap) and never grow large
+        # enough to seal: without key statistics a one-layer series scanned every rollup row.
         stats = [c for c in cols if c in STAT_COLUMNS]
     else:
         stats = [c for c in cols if c in ("step", "bucket", "step_min", "step_max")]
     pq.write_table(
-        table, str(where), row_group_size=ROW_GROUP_ROWS, compression="snappy" if compress else "none",
+        table, str(where), row_group_size=ROLLUP_ROW_GROUP_ROWS if name.endswith("_rollup") else ROW_GROUP_ROWS,
+        compression="snappy" if compress else "none",
         use_dictionary=[c for c in cols if c in DICT_COLUMNS or c in INT_DICT_COLUMNS],
         write_statistics=stats, store_schema=False,
     )
