@@ -75,6 +75,9 @@ class StoreWriter:
     ``merge_fanout`` segments of one level merge into one of the next; a segment of at least
     ``seal_rows`` rows is not merged again by its writer; segments of up to ``cache_rows`` rows in
     all stay in memory until merged (about 40 bytes a row), so merging them reads nothing back.
+    Memory: ``cache_rows`` x ~40 bytes, plus, during a merge, its sources and result in memory
+    (the largest merge is ``merge_fanout`` segments just under ``seal_rows``: ~8M rows, ~0.7 GB
+    with the defaults, in the writer's thread).
     """
 
     def __init__(
