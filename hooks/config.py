@@ -67,20 +67,23 @@ class MonitorConfig:
     signals: tuple[str, ...] = ("quant", "router", "mamba")
     """Signal families beyond the core five (docs/signals.md): ``quant`` (NVFP4 quantisation health),
     ``router`` (routing entropy, z-loss, max logit, expert-bias range), ``mamba`` (state decay, dt),
-    ``update`` (update norm and ratio after ``optimizer.step()``; off by default: it costs about one
-    extra Adam step, ~11 % of a CPU step of the overhead benchmark's model). Each is a no-op on a
-    model without such layers or a trainer that never calls its hook."""
+    ``update`` (update norm and ratio after ``optimizer.step()``; off by default: at every step it
+    measured 1.7 percentage points of the overhead benchmark's NVFP4 step, over the +0.5 pp budget;
+    ``update_every=4`` fits it). Each is a no-op on a model without such layers or a trainer that
+    never calls its hook. Costs: docs/signals.md, BENCHMARKS.md section 1."""
 
     signals_every: int = 100
     """Activation-side statistics of the ``quant`` and ``router`` families and Mamba's ``dt`` are
-    computed on every N-th step (>= 1; the first step included): at every step the NVFP4
-    statistics cost ~30 % of a CPU NVFP4 step (about as much as the fake quantiser itself, see
-    docs/signals.md). Parameter-side ones (``exp(A_log)``, expert-bias range) cost nothing and
-    come with every logged step."""
+    computed on every N-th step (>= 1; the first step included). At every step they measured
+    4.1 percentage points of the overhead benchmark's NVFP4 step (quant 3.65, router 0.31, dt 0.10;
+    docs/signals.md): any N >= 9 keeps them within the +0.5 pp budget, 100 costs ~0.04 pp. Use a
+    small N (e.g. 10) when rules must see NVFP4 or router faults within tens of steps.
+    Parameter-side ones (``exp(A_log)``, expert-bias range: 0.03 pp) come with every logged step."""
 
     update_every: int = 1
     """Compute the update family on every N-th ``after_optimizer_step`` of recorded steps (>= 1):
-    it costs about four elementwise passes over the parameters (docs/signals.md)."""
+    1.7 pp of the benchmark's NVFP4 step when computed at every step, so N >= 4 fits the +0.5 pp
+    budget (docs/signals.md)."""
 
     def __post_init__(self) -> None:
         _int_at_least("log_every", self.log_every, 1)
