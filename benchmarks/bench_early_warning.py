@@ -63,6 +63,9 @@ class RunSpec:
     batch_size: int = 4
     seq_len: int = 32
     model: dict[str, Any] = dataclasses.field(default_factory=dict)  # HybridConfig overrides
+    #: Every signal family on every step (the evaluation); False: the Monitor's defaults (CI's
+    #: quick mode checks structure, and the every-step NVFP4/update statistics would double its cost).
+    all_signals: bool = True
 
     def describe(self) -> str:
         """One line for the report."""
@@ -81,7 +84,8 @@ FULL = RunSpec(steps=200, onset=80, model={"pattern": "M E * E"})
 #: CI size: a tiny model, few steps.
 QUICK = RunSpec(steps=90, onset=40, batch_size=4, seq_len=16,
                 model={"d_model": 32, "pattern": "M E * E", "n_heads": 2, "n_kv_heads": 1, "headdim": 16,
-                       "num_experts": 8, "top_k": 2, "moe_latent_dim": 16, "moe_ffn": 32, "shared_expert_ffn": 32})
+                       "num_experts": 8, "top_k": 2, "moe_latent_dim": 16, "moe_ffn": 32, "shared_expert_ffn": 32},
+                all_signals=False)
 
 
 def scenarios() -> tuple[str, ...]:
@@ -122,7 +126,8 @@ def record_run(scenario: str, seed: int, out: Path, spec: RunSpec = FULL) -> dic
         # asks whether the newer families add lead -- a sampled signal could not answer that.
         from healthwatch.hooks.config import MonitorConfig
 
-        mcfg = MonitorConfig(signals=("quant", "router", "mamba", "update"), signals_every=1)
+        mcfg = (MonitorConfig(signals=("quant", "router", "mamba", "update"), signals_every=1) if spec.all_signals
+                else MonitorConfig())
         mon = hw.Monitor(store=store, run=run, precision="nvfp4", flush_every_steps=50, expert_load_every=10,
                          dead_window=20, monitor_config=mcfg)
         fault = None if scenario == HEALTHY else make_fault(scenario, spec.onset)
