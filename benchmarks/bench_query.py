@@ -444,7 +444,7 @@ FRESH_BUDGET_S = 0.020
 
 def section(results: dict[str, dict[str, Any]], size_note: str = "") -> Section:
     """Budget rows and tables from the live-store phase."""
-    sec = Section("query", "4. Queries at scale (live store, written through the writer path)")
+    sec = Section("query", "4. Queries at scale (live store, never compacted by hand)")
     gen = results.get("query:generate")
     if gen is None or "error" in gen:
         sec.errors.append((gen or {}).get("error", "did not run"))
@@ -463,8 +463,9 @@ def section(results: dict[str, dict[str, Any]], size_note: str = "") -> Section:
         sec.intro = sec.intro.replace(
             "written in", "laid out as the writer leaves it after").replace(
             "never compacted by hand;", "never compacted by hand (built by `benchmarks/live_layout.py`: the same "
-            f"self-merged files — levels {gen.get('levels')} — and rollups, without running the flushes; no "
-            "ingest row from this store);")
+            "self-merged files — " + ", ".join(f"{lv_n} × L{lv}" for lv, lv_n in sorted(
+                {lv: gen.get("levels", []).count(lv) for lv in set(gen.get("levels", []))}.items(), reverse=True))
+            + " — and rollups, without running the flushes; no ingest row from this store);")
     else:
         rate = gen["ingest_rows"] / gen["ingest_cpu_s"] if gen.get("ingest_cpu_s") else 0.0
         sec.budgets.append(Budget(

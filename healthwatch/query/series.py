@@ -401,10 +401,11 @@ def _series_direct(store: Store, run: str, name: str, layer: int | None, max_poi
     path = Timeline.of(zip(att["attempt"].to_list(), att["start_step"].to_list()), attempt)
     lo = -(2**62) if step_min is None else int(step_min)
     hi = 2**62 if step_max is None else int(step_max)
+    # Step first: a segment of other steps is ruled out by its first statistic looked at.
     if layer is None:
-        table, ranges = "scalars", {"name": (name, name), "step": (lo, hi)}
+        table, ranges = "scalars", {"step": (lo, hi), "name": (name, name)}
     else:
-        table, ranges = "layer_stats", {"metric": (name, name), "layer": (int(layer), int(layer)), "step": (lo, hi)}
+        table, ranges = "layer_stats", {"step": (lo, hi), "metric": (name, name), "layer": (int(layer), int(layer))}
     rows = scan(table, run, ["step", "tokens", "value", "attempt"], ranges)
     if rows is None:
         return None
