@@ -356,7 +356,8 @@ class StatsCollector:
         with torch.no_grad():
             if "mamba" in self.families and self.mamba:
                 if self._decay_stack:
-                    a = torch.stack([m.A_log.detach() for _p, m in self.mamba]).float().exp()
+                    # [blocks, heads] (Mamba-1's A_log is [d_inner, d_state]: flattened per block).
+                    a = torch.stack([m.A_log.detach() for _p, m in self.mamba]).float().exp().flatten(1)
                     heads = torch.full((a.shape[0],), float(a[0].numel()), dtype=torch.float64, device=a.device)
                     sums = torch.stack([a.sum(-1).to(torch.float64), heads], 1).reshape(-1)
                     maxes = torch.stack([-a.amin(-1), a.amax(-1)], 1).to(torch.float64).reshape(-1)
