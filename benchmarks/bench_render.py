@@ -337,7 +337,7 @@ def section(results: dict[str, dict[str, Any]]) -> Any:
         v = r[f"{kind}_p50_s"]
         sec.budgets.append(Budget(f"Run page first load, {kind} data caches, {r['steps']:,} steps × {r['layers']} "
                                   "layers", f"≤ {budget:g} s", fmt_time(v), verdict(v <= budget),
-                                  "new browser session on a running server"))
+                                  "new session (page load) on a running server"))
     return sec
 
 
