@@ -188,3 +188,26 @@ def test_large_tensors_are_read_on_a_sample_close_to_the_exact_update():
     opt.step()
     u, _ = adam_update_sq(opt, params, sample=10**9)
     assert u[0].item() == pytest.approx((lin.weight.detach() - before).pow(2).sum().item(), rel=1e-4)
+
+
+def test_all_families_on_a_model_without_their_layers_is_a_no_op(store_dir):
+    """Every family on, at every step, on a model with no quantised layer, router or Mamba block,
+    trained with SGD by a loop that never calls quant_stats / after_optimizer_step / router_drops:
+    training runs, the core signals are stored, no family writes a row (the unsupported optimizer
+    is said once in the log)."""
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    cfg = hw.MonitorConfig(signals=("quant", "router", "mamba", "update"), signals_every=1)
+    with hw.Monitor(store=store_dir, run="plain", monitor_config=cfg) as mon:
+        spec = mon.watch(net, adapter=GenericAdapter(blocks=r"^layers\.\d+$"))
+        assert not spec.routers
+        for step in range(3):
+            net(torch.ones(4, 2)).pow(2).mean().backward()
+            mon.after_backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step(step, loss=1.0)
+    st = hw.open_store(store_dir)
+    metrics = {m for (m,) in st.sql("SELECT DISTINCT metric FROM layer_stats WHERE run = 'plain'").fetchall()}
+    st.close()
+    assert metrics == {"wgrad_norm", "resid_rms", "resid_rms_max"}  # the core signals only
