@@ -525,6 +525,7 @@ def write_parquet(table: pa.Table, where: str | os.PathLike[str], name: str, com
     pq.write_table(
         table, str(where), row_group_size=ROLLUP_ROW_GROUP_ROWS if name.endswith("_rollup") else ROW_GROUP_ROWS,
         compression="snappy" if compress else "none",
-        use_dictionary=[c for c in cols if c in DICT_COLUMNS or c in INT_DICT_COLUMNS],
+        # Small integer keys are dictionary-encoded only in segments that stay (a few ns a row).
+        use_dictionary=[c for c in cols if c in DICT_COLUMNS or (compress and c in INT_DICT_COLUMNS)],
         write_statistics=stats, store_schema=False,
     )

@@ -258,9 +258,15 @@ class RollupAccumulator:
         sid = parts["sid"]
         cols: dict[str, Any] = {k: parts[k] for k in ("bucket_size", "bucket", *_VALUES)}
         cols["attempt"] = parts["attempt"]
-        for i, k in enumerate(self._key_cols):
-            cols[k] = [self._keys[j][i] for j in sid.tolist()]
-        return pa.Table.from_arrays([pa.array(cols[f.name], f.type) for f in self.schema], schema=self.schema)
+        ids = pa.array(sid.astype(np.int32))
+        arrays = []
+        for f in self.schema:
+            if f.name in self._key_cols:  # the series' key values: a dictionary over all series seen
+                words = pa.array([key[self._key_cols.index(f.name)] for key in self._keys], f.type)
+                arrays.append(pa.DictionaryArray.from_arrays(ids, words).cast(f.type))
+            else:
+                arrays.append(pa.array(cols[f.name], f.type))
+        return pa.Table.from_arrays(arrays, schema=self.schema)
 
     def add(self, rows: pa.Table, presorted: bool = False, code: np.ndarray | None = None) -> pa.Table | None:
         """Fold ``rows`` (a batch of ``table``) in; returns the rollup rows to publish now, or None.
