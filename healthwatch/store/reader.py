@@ -426,7 +426,6 @@ class Store:
         takes the SQL path, which handles all of those.
         """
         import polars as pl
-        import pyarrow.parquet as pq
 
         if table not in TABLES:
             raise ValueError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
@@ -447,14 +446,9 @@ class Store:
             try:
                 parts = []
                 for path in list_segments(table_dir(self.root, table, run)):
-                    key = str(path)
-                    if key in self._bad_files:
+                    pf = self._checked_footer(str(path), table)
+                    if pf is None:
                         return None  # the SQL path skips it, with its warning
-                    pf = pq.ParquetFile(key)
-                    if key not in self._checked:
-                        if schema_problem(pf.schema_arrow, table):
-                            return None
-                        self._checked.add(key)
                     meta = pf.metadata
                     idx = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
                     for g in range(meta.num_row_groups):
@@ -479,6 +473,20 @@ class Store:
                 return None  # unreadable: the SQL path finds out which file and skips it
         return None
 
+    def _checked_footer(self, key: str, table: str) -> Any:
+        """The segment's ``pq.ParquetFile`` with its schema checked once, or None for a known-bad or
+        wrong-schema file (the caller then asks SQL, which skips the file with its warning)."""
+        import pyarrow.parquet as pq
+
+        if key in self._bad_files:
+            return None
+        pf = pq.ParquetFile(key)
+        if key not in self._checked:
+            if schema_problem(pf.schema_arrow, table):
+                return None
+            self._checked.add(key)
+        return pf
+
     def run_extremes(self, table: str, run: str, columns: Sequence[str]) -> dict[str, tuple[Any, Any]] | None:
         """``{column: (min, max)}`` over every row of one run's ``table``, from Parquet footers only.
 
@@ -488,7 +496,6 @@ class Store:
         statistics for a column (a live writer's unsealed segments keep them on step columns only)
         or cannot be read: then ask SQL. Float columns: Parquet statistics leave NaN out.
         """
-        import pyarrow.parquet as pq
 
         if table not in TABLES:
             raise ValueError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
@@ -503,14 +510,9 @@ class Store:
             try:
                 out = {c: (None, None) for c in columns}
                 for path in list_segments(table_dir(self.root, table, run)):
-                    key = str(path)
-                    if key in self._bad_files:
+                    pf = self._checked_footer(str(path), table)
+                    if pf is None:
                         return None
-                    pf = pq.ParquetFile(key)
-                    if key not in self._checked:
-                        if schema_problem(pf.schema_arrow, table):
-                            return None
-                        self._checked.add(key)
                     meta = pf.metadata
                     idx = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
                     for g in range(meta.num_row_groups):
