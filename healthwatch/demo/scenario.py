@@ -216,13 +216,14 @@ def _print_summary(store: Path, summary: dict[str, Any], console: Console) -> No
         + (f"first alert at step {summary['first_alert']}" if summary["first_alert"] is not None
            else "no alert fired")
         + (f"; rolled back to step {summary['rollback_step']}" if summary.get("rollback_step") is not None
-           else "; no rollback")
+           else "; no rollback"),
+        soft_wrap=True,  # one line per fact (the terminal wraps it): no newline inserted mid-phrase
     )
     if summary["alerts"]:
         names = ", ".join(sorted({a for a, _ in summary["alerts"]}))
-        console.print(f"alerts that fired: {names}")
+        console.print(f"alerts that fired: {names}", soft_wrap=True)
     if "first_rule" in summary:
-        console.print(_lead_line(summary))
+        console.print(_lead_line(summary), soft_wrap=True)
     try:
         from healthwatch.compare import gap_summary
 

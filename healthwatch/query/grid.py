@@ -39,7 +39,8 @@ def _span(store: Store, run: str, metric: str, path: Timeline, step_min: int | N
     if step_max is not None:
         rng += " AND step <= ?"
         params.append(int(step_max))
-    raw: list[tuple[str, list[Any]]] = [("", [])]
+    conds: list[str] = [""]
+    cps: list[list[Any]] = [[]]
     if use_rollups:
         p = plan(store, run, "layer_stats", path, ROLLUP_BUCKETS[-1], " AND metric = ?", [metric])
         if p.used:
@@ -49,9 +50,9 @@ def _span(store: Store, run: str, metric: str, path: Timeline, step_min: int | N
                             f"AND bucket_size = ? AND {pred}", [run, metric, p.size, *rp]).fetchone()
             if row and row[0] is not None:
                 lo, hi = int(row[0]), int(row[1])
-            raw = p.raw_parts()  # the raw rows the rollups do not serve: the tail, pruned by statistics
+            conds, cps = p.raw_conditions(), p.raw_params()  # the raw rows the rollups do not serve: the tail, pruned by statistics
     parts, qp = [], []
-    for cond, cp in raw:
+    for cond, cp in zip(conds, cps):
         pp: list[Any] = [*params, *cp]
         pred = path.predicate(pp)
         parts.append(f"SELECT min(step) AS lo, max(step) AS hi FROM layer_stats WHERE run = ? AND metric = ?{rng}{cond}{pred}")
@@ -202,7 +203,7 @@ def layer_info(store: Store, run: str) -> pl.DataFrame:
         q = ("SELECT DISTINCT metric, layer, layer_type FROM layer_stats_rollup WHERE run = ? AND bucket_size = ? "
              f"AND {pred}")
         params = [run, p.size, *rp]
-        for cond, cp in p.raw_parts():  # the raw tail only (pruned by statistics), not 10^8 rows
+        for cond, cp in zip(p.raw_conditions(), p.raw_params()):  # the raw tail only (pruned by statistics), not 10^8 rows
             q += f" UNION SELECT DISTINCT metric, layer, layer_type FROM layer_stats WHERE run = ?{cond}"
             params += [run, *cp]
     return store.sql(f"SELECT * FROM ({q}) ORDER BY metric, layer", params).pl()
@@ -222,7 +223,7 @@ def metric_names(store: Store, run: str, attempt: int | None = None) -> list[str
         rp: list[Any] = []
         q = f"SELECT DISTINCT metric FROM layer_stats_rollup WHERE run = ? AND bucket_size = ? AND {p.rollup_pred(rp)}"
         params = [run, p.size, *rp]
-    for cond, cp in p.raw_parts():
+    for cond, cp in zip(p.raw_conditions(), p.raw_params()):
         pp: list[Any] = [run, *cp]
         pred = path.predicate(pp)
         q += (" UNION " if q else "") + f"SELECT DISTINCT metric FROM layer_stats WHERE run = ?{cond}{pred}"
@@ -247,7 +248,7 @@ def scalar_names(store: Store, run: str) -> list[str]:
         pred = p.rollup_pred(rp)
         q = f"SELECT DISTINCT name FROM scalars_rollup WHERE run = ? AND bucket_size = ? AND {pred}"
         params = [run, p.size, *rp]
-        for cond, cp in p.raw_parts():
+        for cond, cp in zip(p.raw_conditions(), p.raw_params()):
             q += f" UNION SELECT DISTINCT name FROM scalars WHERE run = ?{cond}"
             params += [run, *cp]
         rows = store.sql(q, params).fetchall()

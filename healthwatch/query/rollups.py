@@ -56,21 +56,26 @@ class RollupPlan:
             params += [a, lim]
         return sql
 
-    def raw_parts(self) -> list[tuple[str, list[Any]]]:
-        """The raw rows not served by the rollups as disjoint conditions (``AND …``, parameters).
+    def raw_conditions(self) -> list[str]:
+        """The raw rows not served by the rollups as disjoint conditions (``AND …``); see :meth:`raw_params`.
 
         One per attempt with rollups (its steps from ``L(a)`` on) and one for every other attempt:
         the union of the rows they select is what :meth:`raw_pred` keeps, but each is a plain
         conjunction of comparisons that Parquet min/max statistics prune, so reading the raw tail of
         a million-step series decodes the tail's row groups, not the whole history. (Rows off the
-        path are never below ``L(a)``: ``L(a)`` is at most the cut of ``a``.)
+        path are never below ``L(a)``: ``L(a)`` is at most the cut of ``a``.) The text holds only
+        placeholders, so it is built apart from the values (:meth:`raw_params`, same order).
         """
         if not self.limits:
-            return [("", [])]
-        parts: list[tuple[str, list[Any]]] = [(" AND attempt = ? AND step >= ?", [a, lim]) for a, lim in self.limits]
-        attempts = [a for a, _ in self.limits]
-        parts.append((f" AND attempt NOT IN ({', '.join('?' for _ in attempts)})", attempts))
-        return parts
+            return [""]
+        marks = ", ".join("?" for _ in self.limits)
+        return [" AND attempt = ? AND step >= ?" for _ in self.limits] + [f" AND attempt NOT IN ({marks})"]
+
+    def raw_params(self) -> list[list[Any]]:
+        """The parameters of each of :meth:`raw_conditions`, in the same order."""
+        if not self.limits:
+            return [[]]
+        return [[a, lim] for a, lim in self.limits] + [[a for a, _ in self.limits]]
 
     @property
     def used(self) -> bool:

@@ -121,7 +121,8 @@ def _source_sql(run: str, signals: Sequence[Signal], path: Timeline, step_from: 
             params += [run, *scalars, pl_.size, *rp]
             rawx = pl_.raw_pred(rawp)
         # Raw rows: off-path rows (ghosts) always; on-path rows unless a rollup serves them.
-        for cond, cp in (pl_.raw_parts() if rawx and pl_ is not None else [("", [])]):
+        conds, cps = (pl_.raw_conditions(), pl_.raw_params()) if rawx and pl_ is not None else ([""], [[]])
+        for cond, cp in zip(conds, cps):
             sp = []
             sup = path.superseded_expr(sp)
             parts.append(f"SELECT name AS sig, {sup} AS superseded, step, tokens, value, attempt FROM scalars "
@@ -158,7 +159,8 @@ def _source_sql(run: str, signals: Sequence[Signal], path: Timeline, step_from: 
             params += [s.key, run, s.metric, pl_.size, *rp, *rparams]
             rawx = pl_.raw_pred(rawp)
         inner, ip = [], []
-        for cond, cp in (pl_.raw_parts() if rawx and pl_ is not None else [("", [])]):
+        conds, cps = (pl_.raw_conditions(), pl_.raw_params()) if rawx and pl_ is not None else ([""], [[]])
+        for cond, cp in zip(conds, cps):
             sp = []
             sup = path.superseded_expr(sp)
             inner.append(f"SELECT {sup} AS superseded, step, tokens, value, attempt FROM layer_stats "

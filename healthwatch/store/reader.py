@@ -137,6 +137,11 @@ _FILE_IN_ERROR = re.compile(r"""(?:file|File)\s+["']?([^"'\s]+\.parquet)""")
 _QUERY_TRIES = 20
 
 
+def _vanished_object(exc: OSError) -> bool:
+    """Whether ``exc`` says a listed object is gone (retired by a merge), not that it is unreadable."""
+    return isinstance(exc, FileNotFoundError) or "NOT_FOUND" in str(exc) or "NoSuchKey" in str(exc)
+
+
 class _Vanished(Exception):
     """A listed file disappeared before it could be checked (compaction retired it): list again."""
 
@@ -372,6 +377,13 @@ class Store:
                 except (duckdb.IOException, duckdb.InvalidInputException) as exc:
                     # A file retired by compaction between listing and binding: list again.
                     self._handle_read_error(exc)
+                    force = True
+                    continue
+                except OSError as exc:
+                    # Object storage: the small tables are read while their views are built, so a
+                    # segment a merge retired after the LIST surfaces here (pyarrow: NOT_FOUND).
+                    if not _vanished_object(exc):
+                        raise
                     force = True
                     continue
                 self._sigs.update({t: sigs[t] for t in changed})

@@ -3,9 +3,12 @@
 The worker imports torch and healthwatch once, then forks one real training process per trial
 (so 20+ trials do not pay 20+ interpreter and torch start-ups). Commands on stdin:
 
-``start K START STEPS SEED``  fork trial K: train steps START.. with a real ``Monitor`` on the toy
-                              model; answers ``pid K <pid>``, then ``exit K <code>`` once the
-                              process is gone (``-9`` when killed by SIGKILL).
+``start K START STEPS SEED HOLD``  fork trial K: train steps START.. with a real ``Monitor`` on the
+                              toy model; answers ``pid K <pid>``, then ``exit K <code>`` once the
+                              process is gone (``-9`` when killed by SIGKILL). With HOLD=1 the
+                              process does not close the Monitor after its steps: it waits to be
+                              killed (its writer thread still running), so a kill can never come
+                              too late however slowly the test's poller is scheduled.
 ``quit``                      exit.
 
 Each trial appends to ``LOGDIR/trial-K.log`` (``O_APPEND`` writes go to the kernel at once, so
@@ -17,12 +20,14 @@ they survive kill -9):
                          <step> (every table of it is published: a completed flush)
 ``C <step>``             checkpoint: ``Monitor.state_dict()`` returned, so every step up to
                          <step> is written to the store (fsynced)
+``H``                    HOLD: every step was handed over; waiting for the kill
 ``D``                    ``Monitor.close()`` returned (fsynced)
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -39,7 +44,7 @@ CHECKPOINT_EVERY = 10
 EXPERT_LOAD_EVERY = 10
 
 
-def trial(store: str, run: str, logdir: Path, k: int, start: int, steps: int, seed: int) -> None:
+def trial(store: str, run: str, logdir: Path, k: int, start: int, steps: int, seed: int, hold: bool) -> None:
     """One training process: a Monitor on ``run``, steps ``start..start+steps-1``, checkpoints."""
     fd = os.open(logdir / f"trial-{k:03d}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
@@ -68,6 +73,10 @@ def trial(store: str, run: str, logdir: Path, k: int, start: int, steps: int, se
         if (step + 1) % CHECKPOINT_EVERY == 0:
             mon.state_dict()  # a checkpoint: flushes and waits until the writer has written
             note(f"C {step}", sync=True)
+    if hold:
+        note("H")
+        while True:  # only SIGKILL ends this process (the writer thread keeps flushing meanwhile)
+            signal.pause()
     mon.close()
     note("D", sync=True)
 
@@ -83,12 +92,12 @@ def main() -> None:
             continue
         if cmd[0] == "quit":
             return
-        k, start, steps, seed = map(int, cmd[1:5])
+        k, start, steps, seed, hold = map(int, cmd[1:6])
         pid = os.fork()
         if pid == 0:  # the training process
             code = 0
             try:
-                trial(store, run, logdir, k, start, steps, seed)
+                trial(store, run, logdir, k, start, steps, seed, bool(hold))
             except BaseException:  # noqa: BLE001 - report and exit non-zero, never return into the loop
                 traceback.print_exc()
                 code = 1

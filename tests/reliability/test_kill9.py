@@ -107,10 +107,10 @@ class Worker:
         assert line.split()[0] == word, f"worker said {line!r}, expected {word!r}"
         return line.split()
 
-    def start(self, k: int, start: int, steps: int, seed: int) -> int:
-        """Fork trial ``k``; returns the training process's pid."""
+    def start(self, k: int, start: int, steps: int, seed: int, hold: bool = False) -> int:
+        """Fork trial ``k`` (``hold``: it waits to be killed after its steps); returns its pid."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"start {k} {start} {steps} {seed}\n")
+        self.proc.stdin.write(f"start {k} {start} {steps} {seed} {int(hold)}\n")
         self.proc.stdin.flush()
         return int(self.expect("pid")[2])
 
@@ -208,7 +208,7 @@ def test_kill9_at_random_moments_loses_only_unflushed_rows(tmp_path: Path) -> No
         for k in range(TRIALS):
             kill_after = rng.randint(0, 22)  # steps handed to the Monitor before the kill (0: while starting)
             jitter = rng.uniform(0.0, 0.04)  # and a random moment inside that step / the writer's work
-            pid = worker.start(k, start, 40, seed=k)
+            pid = worker.start(k, start, 40, seed=k, hold=True)  # never ends before the kill
             log = logdir / f"trial-{k:03d}.log"
 
             def progressed(k: int = k, log: Path = log, kill_after: int = kill_after) -> bool:

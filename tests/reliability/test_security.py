@@ -358,6 +358,12 @@ class SqlTaint:
                     # ``for table, names, col in (("scalars", …, "name"), …)``: only that column counts
                     i = next(i for i, x in enumerate(t.elts) if isinstance(x, ast.Name) and x.id == name)
                     results += [self.safe_element(m, row, i) for row in node.iter.elts]
+                elif (isinstance(t, ast.Tuple) and isinstance(node.iter, ast.Call) and isinstance(node.iter.func, ast.Name)
+                      and node.iter.func.id == "zip" and not node.iter.keywords and len(node.iter.args) == len(t.elts)
+                      and any(isinstance(x, ast.Name) and x.id == name for x in t.elts)):
+                    # ``for cond, params in zip(conds, values)``: ``cond`` only ever holds items of ``conds``
+                    i = next(i for i, x in enumerate(t.elts) if isinstance(x, ast.Name) and x.id == name)
+                    results.append(self.safe(m, node.iter.args[i]))
                 elif any(isinstance(x, ast.Name) and x.id == name for x in ast.walk(t)):
                     results.append(self.safe(m, node.iter))
             elif isinstance(node, (ast.With, ast.AsyncWith)):
@@ -476,6 +482,12 @@ def helper(x):
     return f"WHERE name = '{x}'"
 def caller(store, user):
     store.sql("SELECT * FROM scalars " + helper(user))
+def zipped(store, user: str, n: int):
+    for cond, value in zip([" AND step > ?"], [user]):
+        store.sql("SELECT * FROM scalars WHERE true" + cond, [value])  # safe: cond from the constant list
+def zipped_user(store, user: str, n: int):
+    for value, cond in zip([n], [user]):
+        store.sql("SELECT * FROM scalars WHERE true" + cond)  # unsafe: cond from the user's list
 '''
     import tempfile
 
@@ -486,7 +498,7 @@ def caller(store, user):
         m = taint.modules[path]
         verdicts = [taint.safe(m, n.args[0]) for n in ast.walk(m.tree)
                     if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in SQL_METHODS]
-    assert verdicts == [False, False, False, False, False, False, True, False], verdicts
+    assert verdicts == [False, False, False, False, False, False, True, False, True, False], verdicts
 
 
 # --------------------------------------------------------------------------------------------
