@@ -244,12 +244,15 @@ class RollupAccumulator:
         imin = _first_match(value, vmin, starts, counts)
         imax = _first_match(value, vmax, starts, counts)
         last = starts + counts - 1  # rows ascend by step within a run
+        # A bucket holding both +inf and -inf has no mean: NaN is the answer, not a warning to print.
+        with np.errstate(invalid="ignore", over="ignore"):
+            vmean = np.add.reduceat(value, starts) / counts
         return {
             "bucket_size": np.full(starts.size, size, dtype=np.int64), "bucket": bucket[starts],
             "attempt": attempt[starts].astype(np.int64), "sid": self._series_ids(rows, code, starts),
             "step_min": step[starts], "step_max": step[last], "tokens_min": np.minimum.reduceat(tokens, starts),
             "tokens_max": np.maximum.reduceat(tokens, starts), "n": counts.astype(np.int64), "vmin": vmin,
-            "vmax": vmax, "vmean": np.add.reduceat(value, starts) / counts, "vlast": value[last],
+            "vmax": vmax, "vmean": vmean, "vlast": value[last],
             "step_vmin": step[imin], "tokens_vmin": tokens[imin], "step_vmax": step[imax], "tokens_vmax": tokens[imax],
         }
 
