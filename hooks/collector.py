@@ -52,6 +52,8 @@ class Layout:
     special: list[str]
     max_experts: int
     scalar_names: list[str] = field(default_factory=list)
+    #: Special groups computed (their all-reduces pair up) but not written: another Monitor writes them.
+    unrecorded: frozenset[str] = frozenset()
     #: Slots of the extra signals (:class:`healthwatch.hooks.signals.SignalBank`), or None.
     bank: Any = None
 
@@ -100,6 +102,7 @@ class StatsCollector:
             router_experts=[r.num_experts for r in spec.routers],
             special=[g for g in SPECIAL_GROUPS if g == "total" or spec.special_params.get(g)],
             max_experts=max((r.num_experts for r in spec.routers), default=0),
+            unrecorded=frozenset(spec.recorded_elsewhere),
             bank=self.bank,
         )
         f64 = dict(device=device, dtype=torch.float64)

@@ -233,7 +233,8 @@ def build_rows(
         if meta.has_wgrad:
             out.layer_block(st, tk, ids, block_types, "wgrad_norm", np.sqrt(gsq[:nb]))
             for g, name in enumerate(layout.special):
-                out.scalar(st, tk, wt, f"grad_norm/{name}", float(np.sqrt(gsq[nb + g])))
+                if name not in layout.unrecorded:
+                    out.scalar(st, tk, wt, f"grad_norm/{name}", float(np.sqrt(gsq[nb + g])))
         if r_layers:
             base = ns + nb + layout.n_groups
             counts = row[base : base + n_counts].reshape(len(r_layers), layout.max_experts)

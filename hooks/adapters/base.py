@@ -96,6 +96,11 @@ class ModelSpec:
     #: parameter split into N shards across the Monitor's process group needs N, because the group
     #: reduction averages squared norms over ranks (megatron tensor/expert-parallel weights).
     grad_scale: dict[int, float] = field(default_factory=dict)
+    #: Special groups (``total``, ``embedding`` …) whose global norm this Monitor computes but another
+    #: Monitor of the same run records: under pipeline parallelism every stage computes the global
+    #: ``grad_norm/total`` (its all-reduce must pair up on every stage), and only the first stage writes
+    #: it, so the run holds one row per step, not one per stage.
+    recorded_elsewhere: frozenset[str] = frozenset()
 
     @property
     def num_layers(self) -> int:

@@ -30,9 +30,9 @@ Pipeline parallelism: each stage's Monitor sees only its own layers, so a stage'
 word embeddings, a last stage with MTP its own position embeddings). The spec therefore carries
 one stand-in "parameter" per such group whose gradient norm is the other stages' share, obtained
 with one small SUM all-reduce over the pipeline group inside ``after_backward`` (device tensors
-only, no host sync): every stage then records the global value, as megatron's own grad norm
-does. Log ``lr`` and losses from the last stage only; every stage records the (identical) global
-grad norms.
+only, no host sync): every stage then holds the global value, as megatron's own grad norm does,
+and only the first stage writes it (``ModelSpec.recorded_elsewhere`` on the others), so the run has
+one ``grad_norm/total`` row per step. Log ``lr`` and losses from the last stage only.
 
 Tensor parallelism: megatron trains MoE with tensor parallelism only together with sequence
 parallelism (it refuses the combination otherwise), so each tensor-parallel rank routes its own
@@ -351,6 +351,9 @@ class MegatronAdapter:
             # The same groups, in the same order, on every stage: the all-reduces must pair up.
             spec.all_params.append(PipelinePeers(all_params, scales, group, "total"))  # type: ignore[arg-type]
             spec.special_params["embedding"] = [*embedding, PipelinePeers(embedding, scales, group, "embedding")]  # type: ignore[list-item]
+            if ps_.get_pipeline_model_parallel_rank() > 0:
+                # Every stage now holds the global values; the first stage writes them (one row per step).
+                spec.recorded_elsewhere = frozenset({"total", "embedding"})
         return spec
 
 

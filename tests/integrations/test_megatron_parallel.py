@@ -78,11 +78,10 @@ def _check(tmp_path: Path, run: str, tp: int, pp: int, ep: int, sp: int) -> None
         for group in ("output", "mtp"):  # held by the last stage only: one row
             assert scal[(f"grad_norm/{group}", step)] == [pytest.approx(exp["grad_norm"][group], rel=1e-5)]
         for group in ("total", "embedding"):
-            # Every stage records the global value (its Monitor adds the other stages' share), so
-            # under pipeline parallelism each stage's writer stores the same number.
+            # Every stage computes the global value (its Monitor adds the other stages' share) and
+            # only the first stage writes it: one row per step, whatever the pipeline size.
             rows = scal[(f"grad_norm/{group}", step)]
-            assert len(rows) == pp, (group, rows)
-            assert rows == [pytest.approx(exp["grad_norm"][group], rel=1e-5)] * pp, (step, group)
+            assert rows == [pytest.approx(exp["grad_norm"][group], rel=1e-5)], (step, group, rows)
         # Losses from the gathered logits: main CE and each MTP head's CE on labels shifted by its depth.
         assert scal[("loss/train", step)] == [pytest.approx(exp["loss"], rel=1e-5)]
         for head in (1, 2):
