@@ -580,7 +580,8 @@ class Monitor:
         item = FlushItem(flat, event, steps, extras, extras_offset, [], self._decoder, self._first_step, local,
                          threading.Event() if wait else None)
         if self.writes or local is not None:
-            self.writer.put(item, rows=estimate_rows(steps, extras, self._decoder))
+            self.writer.put(item, rows=estimate_rows(steps, extras, self._decoder),
+                            block_s=self.monitor_config.close_timeout_s if wait and self.writer.is_alive() else 0.0)
         elif item.done is not None:
             item.done.set()  # nothing queued on a non-writing rank: waiting would only hit the timeout
         if item.done is not None and self.writer.is_alive():

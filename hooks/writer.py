@@ -192,10 +192,17 @@ class MonitorWriter:
         self._thread.start()
 
     # -- training-thread side --------------------------------------------------------------
-    def put(self, item: FlushItem, rows: int) -> None:
-        """Queue ``item`` without blocking; when the queue is full its ``rows`` are dropped and counted."""
+    def put(self, item: FlushItem, rows: int, block_s: float = 0.0) -> None:
+        """Queue ``item``; when the queue is full its ``rows`` are dropped and counted.
+
+        ``block_s`` > 0 waits up to that long for room first: a flush the caller waits on (a
+        checkpoint's ``state_dict``) must not be dropped just because the writer is a few flushes behind.
+        """
         try:
-            self.queue.put_nowait(item)
+            if block_s > 0:
+                self.queue.put(item, timeout=block_s)
+            else:
+                self.queue.put_nowait(item)
         except queue.Full:
             self.drops.drop(rows, "writer queue full (store too slow)")
             if item.done is not None:

@@ -201,8 +201,8 @@ def test_slow_store_fills_the_queue_training_keeps_pace(tmp_path: Path, monkeypa
     release.set()
     monkeypatch.undo()
     # The writer drains what it held (the stuck flush and the queued ones); a flush queued behind
-    # them returns once they are written. (A wait-flush offered to a full queue is dropped and
-    # would not wait: hence the drain first, with a timeout only against a hang.)
+    # them returns once they are written. (The drain first: the steps below check pacing on an
+    # empty queue; a wait-flush offered to a full queue waits for room, the next test's subject.)
     wait_for(lambda: mon._queue.qsize() == 0, 120, "the writer to take the queued flushes")
     mon.flush(wait=True)
     assert calls["out"] == 1 and mon._queue.qsize() == 0
@@ -229,6 +229,51 @@ def test_slow_store_fills_the_queue_training_keeps_pace(tmp_path: Path, monkeypa
     reported = st.sql("SELECT max(value) FROM scalars WHERE name = 'monitor/dropped_rows'").fetchone()[0]
     assert reported == mon.dropped_rows
     assert len(_monitor_warnings(caplog)) == 1
+
+
+def test_a_waited_flush_waits_for_room_in_a_full_queue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``flush(wait=True)`` (what a checkpoint's ``state_dict`` does) on a full queue waits for room
+    instead of dropping the flush: the checkpointed steps are all in the store, nothing is dropped.
+
+    Logical pacing: the writer hangs in its first write, ordinary flushes fill the queue, then a
+    thread calls ``state_dict()``; the store is released only once that thread waits on the queue.
+    """
+    release, entered = threading.Event(), threading.Event()
+    real = segments.pq.write_table
+
+    def hanging_write_table(*args: Any, **kwargs: Any) -> None:
+        entered.set()
+        release.wait(120)  # a timeout only so that a broken test cannot hang forever
+        real(*args, **kwargs)
+
+    store = tmp_path / "store"
+    model = toy_model()
+    queue_size = 2
+    mon = hw.Monitor(store=store, run=RUN, flush_every_steps=1, flush_every_s=3600, queue_size=queue_size,
+                     expert_load_every=0)
+    mon.watch(model)
+    monkeypatch.setattr(segments.pq, "write_table", hanging_write_table)
+    train(mon, model, range(0, 1))  # the writer takes this flush and hangs in it
+    assert entered.wait(120), "the writer never started writing step 0"
+    train(mon, model, range(1, 1 + queue_size))  # these fill the queue
+    assert mon._queue.full() and mon.dropped_rows == 0
+    mon.flush_every_steps = 10**6  # the next step stays in the Monitor until the checkpoint flushes it
+    train(mon, model, range(1 + queue_size, 2 + queue_size))
+    states: list[dict[str, Any]] = []
+    checkpoint = threading.Thread(target=lambda: states.append(mon.state_dict()))
+    checkpoint.start()
+    # The checkpoint's flush is waiting for room (CPython's Condition keeps its waiters in ``_waiters``).
+    wait_for(lambda: len(mon._queue.not_full._waiters) == 1, 120, "the checkpoint's flush to wait on the full queue")
+    assert checkpoint.is_alive() and not states
+    release.set()
+    monkeypatch.undo()
+    checkpoint.join(120)
+    assert not checkpoint.is_alive() and len(states) == 1
+    assert mon.dropped_rows == 0 and states[0]["dropped_rows"] == 0
+    mon.close()
+    st = hw.open_store(store)
+    steps = [s for (s,) in st.sql("SELECT step FROM scalars WHERE name = 'loss/train' ORDER BY step").fetchall()]
+    assert steps == list(range(2 + queue_size)), steps
 
 
 def _delete_randomly(root: Path, stop: threading.Event, seed: int, counts: dict[str, int],
