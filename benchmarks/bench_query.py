@@ -217,28 +217,68 @@ def _append_flush(root: Path, first_step: int, layers: int) -> int:
 ALERT_HISTORY_MAX_STEPS = 100_000
 
 
-def _alert_eval(root: Path, steps: int, layers: int) -> dict[str, Any]:
-    """One backfill and one incremental evaluation of the default rule pack, if the evaluator exists."""
+def _alert_eval(root: Path, steps: int, layers: int, rounds: int = 2) -> dict[str, Any]:
+    """Incremental evaluations of the default rule pack after new flushes, two evaluators side by side.
+
+    ``new``: the engine as it is. ``store_sql``: the same engine with every ``sql`` rule run on the
+    store (how the engine evaluated them before they moved to the snapshot; the regression of
+    2026-12-03). Both start at the newest step and evaluate the same flushes (rounds alternate
+    which goes first); their cursors and pending/firing instances must agree, so a fast wrong
+    answer fails.
+    """
     try:
+        from healthwatch.alerts import detectors  # type: ignore[import-not-found]
         from healthwatch.alerts.engine import Evaluator  # type: ignore[import-not-found]
     except ImportError as exc:
         return {"skipped": f"healthwatch.alerts.engine not importable ({exc})"}
+
+    def on_store(ev: Any) -> Any:
+        """``ev.evaluate_once`` with every sql rule sent to the store (the engine before the fix)."""
+        def run() -> Any:
+            saved = detectors.sql_on_snapshot
+            detectors.sql_on_snapshot = lambda query: False  # type: ignore[assignment]
+            try:
+                return ev.evaluate_once()
+            finally:
+                detectors.sql_on_snapshot = saved
+        return run
+
     try:
         # A first evaluation replays the whole history (~0.5M rows/s here: minutes at 1M steps x
         # 108 layers); a daemon started on a store that large starts at the newest step instead.
         start = "latest" if steps > ALERT_HISTORY_MAX_STEPS else "history"
-        ev = Evaluator(root, "default", runs=[RUN, REF_RUN], start=start)
-        t0 = time.perf_counter()
-        ev.evaluate_once()
-        backfill = time.perf_counter() - t0
-        appended = _append_flush(root, steps, layers)
-        t0 = time.perf_counter()
-        ev.evaluate_once()
-        incremental = time.perf_counter() - t0
-        ev.close()
+        evs = {"new": Evaluator(root, "default", runs=[RUN, REF_RUN], start=start),
+               "store_sql": Evaluator(root, "default", runs=[RUN, REF_RUN], start=start, record=False)}
+        calls = {"new": evs["new"].evaluate_once, "store_sql": on_store(evs["store_sql"])}
+        out: dict[str, Any] = {"start": start, "rounds": rounds, "appended_rows": 0,
+                               "sql_rules": [r.name for r in evs["new"].rules if detectors._sql_queries(r.rule.expr)]}
+        for name in ("new", "store_sql"):
+            t0 = time.perf_counter()
+            calls[name]()
+            out[f"backfill_{name}_s"] = time.perf_counter() - t0
+        times: dict[str, list[float]] = {"new": [], "store_sql": []}
+        same = True
+        first = steps
+        for k in range(rounds):
+            out["appended_rows"] += _append_flush(root, first, layers)
+            first += FLUSH_STEPS
+            seen: dict[str, Any] = {}
+            for name in (("new", "store_sql") if k % 2 == 0 else ("store_sql", "new")):
+                t0 = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - t0)
+                ev = evs[name]
+                seen[name] = (sorted((a["alert"], a["run"], a["layer"] if a["layer"] is not None else -1, a["state"],
+                                      a["since"]) for a in ev.active_alerts()),
+                              {(r.name, run): ev.cursor(r.name, run) for r in ev.rules for run in (RUN, REF_RUN)})
+            same = same and seen["new"] == seen["store_sql"]
+        for ev in evs.values():
+            ev.close()
     except Exception as exc:  # noqa: BLE001 - an evaluator in progress must not sink the benchmark
         return {"error": f"{type(exc).__name__}: {exc}"}
-    return {"backfill_s": backfill, "incremental_s": incremental, "appended_rows": appended, "start": start}
+    out.update({"incremental_s": median(times["new"]), "incremental_runs_s": times["new"],
+                "incremental_store_sql_s": times["store_sql"], "backfill_s": out["backfill_new_s"], "same": same})
+    return out
 
 
 def run_generate(params: dict[str, Any]) -> dict[str, Any]:
@@ -395,6 +435,8 @@ def run_queries(params: dict[str, Any]) -> dict[str, Any]:
     tick("fresh process")
     # one incremental alert evaluation (appends a flush: keep it last)
     out["alerts"] = _alert_eval(root, steps, layers)
+    if "same" in out["alerts"]:
+        checks["alert evaluation"] = out["alerts"]["same"]
     tick("alerts")
     tick("done")
     out["checks"] = checks
@@ -505,8 +547,12 @@ def section(results: dict[str, dict[str, Any]], size_note: str = "") -> Section:
         ]
     a = p.get("alerts", {})
     if "incremental_s" in a:
-        rows.append(["one incremental alert evaluation after a flush", fmt_time(a["incremental_s"]),
+        rows.append(["one incremental alert evaluation after a flush (median)", fmt_time(a["incremental_s"]),
                      f"first: {fmt_time(a['backfill_s'])} ({a.get('start')})"])
+    if a.get("incremental_store_sql_s"):
+        rows.append([f"the same with the {len(a.get('sql_rules', []))} sql rules on the store (engine before "
+                     "2026-12-03 04:05 UTC; median)", fmt_time(median(a["incremental_store_sql_s"])),
+                     "same cursors and active alerts" if a.get("same") else "DIFFERENT cursors or active alerts"])
     sec.tables.append(Table("Query latency on the live store", ["query", "time", "check"], rows,
                             f"series ≤ {max(p['series_points'])} points; heatmap {p['heatmap_layers']} layers, "
                             f"{p['heatmap_cells']:,} cells; gap via {p['gap_source']}."))
