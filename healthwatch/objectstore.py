@@ -266,6 +266,9 @@ class S3FS:
         self.last_modified: dict[str, float] = {}
         #: Object sizes seen by :meth:`list`/:meth:`walk` (a dataset fragment then needs no HEAD).
         self.sizes: dict[str, int] = {}
+        #: Entity tags seen by :meth:`list`/:meth:`walk`: with the size, the name of a local copy
+        #: (:class:`SegmentCache`), so a re-created bucket's same-named object is never mistaken for it.
+        self.etags: dict[str, str] = {}
         self._arrow_fs: Any = None
 
     @classmethod
@@ -370,6 +373,8 @@ class S3FS:
             names.extend(o["Key"][len(prefix):] for o in objects)
             for o in objects:
                 self.sizes[self.uri(o["Key"])] = int(o["Size"])
+                if o.get("ETag"):
+                    self.etags[self.uri(o["Key"])] = str(o["ETag"]).strip('"')
             names.extend(p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", ()))
             if not page.get("IsTruncated"):
                 return names
@@ -392,6 +397,8 @@ class S3FS:
                 if not o["Key"].endswith("/"):
                     out.append((self.uri(o["Key"]), int(o["Size"])))
                     self.sizes[self.uri(o["Key"])] = int(o["Size"])
+                    if o.get("ETag"):
+                        self.etags[self.uri(o["Key"])] = str(o["ETag"]).strip('"')
                     if "LastModified" in o:
                         self.last_modified[self.uri(o["Key"])] = o["LastModified"].timestamp()
             if not page.get("IsTruncated"):
@@ -813,6 +820,127 @@ def live_listing(fs: S3FS, root: StoreURI, table: str, sizes: dict[str, int] | N
         if run.startswith("run="):
             out[(run[4:], name)] = p
     return out
+
+
+#: Where :class:`SegmentCache` keeps local copies of ``s3://`` segments (env ``HEALTHWATCH_S3_CACHE_DIR``).
+CACHE_DIR = Path(os.environ.get("HEALTHWATCH_S3_CACHE_DIR") or Path.home() / ".cache" / "healthwatch" / "s3")
+#: Most bytes the cache holds (env ``HEALTHWATCH_S3_CACHE_BYTES``; 0 turns the cache off).
+CACHE_BYTES = int(os.environ.get("HEALTHWATCH_S3_CACHE_BYTES", 8 * 2**30))
+
+
+class SegmentCache:
+    """Local copies of ``s3://`` segments, so queries on an object store run at local-disk speed.
+
+    A published segment never changes (create-only PUTs; merges write new names and retire old
+    ones), so a copy needs no invalidation: it is named by endpoint, bucket, key, size and entity
+    tag, and a retired segment's copy simply stops being asked for. The reader asks for the live
+    segments of a table (its scoped runs) when it builds the table's view; missing copies are
+    downloaded in parallel (temp name + rename, so concurrent readers never see half a file), then
+    DuckDB reads them exactly as it reads a local store (one read path). Least recently used copies
+    are removed when the cache exceeds ``max_bytes``; a table that would not fit is not cached (the
+    caller then scans it over HTTP). Before this cache, every query scanned raw segments over HTTP:
+    a 100k-step layer series took 5.9 s on S3 against 0.64 s on disk (docs/scale.md).
+    """
+
+    def __init__(self, root: Path = CACHE_DIR, max_bytes: int = CACHE_BYTES, workers: int = 8) -> None:
+        self.root = Path(root)
+        self.max_bytes = int(max_bytes)
+        self.workers = workers
+        self._lock = threading.Lock()
+        self._sizes: dict[Path, int] | None = None  # every copy on disk -> bytes (read once, then kept)
+        self.downloads = 0
+        self.downloaded_bytes = 0
+
+    @classmethod
+    def from_env(cls) -> SegmentCache | None:
+        """The cache configured by ``HEALTHWATCH_S3_CACHE_DIR``/``_BYTES``, or None when turned off."""
+        budget = int(os.environ.get("HEALTHWATCH_S3_CACHE_BYTES", CACHE_BYTES))
+        if budget <= 0:
+            return None
+        return cls(Path(os.environ.get("HEALTHWATCH_S3_CACHE_DIR") or CACHE_DIR), budget)
+
+    def local_path(self, fs: S3FS, path: str) -> Path:
+        """Where the copy of ``path`` lives (the key's ``table=``/``run=`` folders kept for DuckDB)."""
+        key = fs._key(str(path))
+        where = hashlib.blake2b((fs.endpoint or fs.region).encode(), digest_size=6).hexdigest()
+        folder, _, name = key.rpartition("/")
+        stem = name.removesuffix(".parquet")
+        tag = fs.etags.get(fs.uri(key), "")
+        tag = hashlib.blake2b(f"{fs.sizes.get(fs.uri(key))}:{tag}".encode(), digest_size=6).hexdigest()
+        return self.root / where / fs.bucket / folder / f"{stem}.{tag}.parquet"
+
+    def _index(self) -> dict[Path, int]:
+        if self._sizes is None:
+            sizes: dict[Path, int] = {}
+            if self.root.exists():
+                for f in self.root.rglob("*.parquet"):
+                    with contextlib.suppress(OSError):
+                        sizes[f] = f.stat().st_size
+            self._sizes = sizes
+        return self._sizes
+
+    def fetch(self, fs: S3FS, paths: list[str]) -> list[Path] | None:
+        """Local copies of ``paths`` (downloading the missing ones), or None when they do not fit.
+
+        Raises ``FileNotFoundError`` when a listed object is gone (a merge retired it): the caller lists again.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        wanted = [(p, self.local_path(fs, p)) for p in paths]
+        with self._lock:
+            index = self._index()
+            need = sum(fs.sizes.get(fs.uri(fs._key(str(p))), 0) for p, _ in wanted)
+            if need > self.max_bytes:
+                return None
+            missing = [(p, local) for p, local in wanted if local not in index or not local.exists()]
+
+        def download(item: tuple[str, Path]) -> tuple[Path, int]:
+            p, local = item
+            data = fs.read_bytes(str(p))  # FileNotFoundError when retired meanwhile
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.partial")
+            tmp.write_bytes(data)
+            os.replace(tmp, local)
+            return local, len(data)
+
+        if missing:
+            with ThreadPoolExecutor(max_workers=min(self.workers, len(missing))) as pool:
+                got = list(pool.map(download, missing))
+            with self._lock:
+                for local, n in got:
+                    self._index()[local] = n
+                    self.downloads += 1
+                    self.downloaded_bytes += n
+        now = None
+        for _, local in wanted:  # used now: the newest in the LRU order (mtime)
+            with contextlib.suppress(OSError):
+                os.utime(local, now)
+        self._evict({local for _, local in wanted})
+        return [local for _, local in wanted]
+
+    def _evict(self, keep: set[Path]) -> None:
+        """Remove least recently used copies (not in ``keep``) until the cache fits its budget."""
+        with self._lock:
+            index = self._index()
+            total = sum(index.values())
+            if total <= self.max_bytes:
+                return
+            def age(f: Path) -> float:
+                try:
+                    return f.stat().st_mtime
+                except OSError:
+                    return 0.0
+            for f in sorted((f for f in index if f not in keep), key=age):
+                if total <= self.max_bytes:
+                    break
+                with contextlib.suppress(OSError):
+                    f.unlink()
+                total -= index.pop(f)
+
+    def size_bytes(self) -> int:
+        """Bytes of the copies this process knows of."""
+        with self._lock:
+            return sum(self._index().values())
 
 
 def s3_table_source(paths: list[str], schema: pa.Schema, cache: dict[str, Any],

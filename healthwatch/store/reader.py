@@ -74,25 +74,53 @@ def _polars_type(t: pa.DataType) -> Any:
     return {"int32": pl.Int32, "int64": pl.Int64, "double": pl.Float64, "string": pl.Utf8}.get(str(t), pl.Utf8)
 
 
-def _fit(group: Any, index: dict[str, int], ranges: dict[str, tuple[Any, Any]]) -> set[str] | None:
-    """Which ``ranges`` columns hold only values in ``[lo, hi]`` in a Parquet row group, from its
-    min/max statistics; ``None`` when the statistics rule the group out (no row can match).
+class _Footer:
+    """One segment's Parquet footer, kept per open :class:`Store` (segments are immutable), with
+    each column's per-row-group ``(min, max)`` made plain Python once, on first use.
 
-    A column without exact statistics neither rules the group out nor counts as inside.
+    A bounded read (the last N steps of one series) then picks the row groups to decode from
+    cached tuples instead of re-reading ~40 footers and making a pyarrow call per row group and
+    column each time.
     """
-    inside: set[str] = set()
-    for col, (lo, hi) in ranges.items():
-        i = index.get(col)
-        stats = None if i is None else group.column(i).statistics
-        if stats is None or not stats.has_min_max or stats.null_count:
-            continue
-        if not getattr(stats, "is_max_value_exact", True) or not getattr(stats, "is_min_value_exact", True):
-            continue
-        if stats.max < lo or stats.min > hi:
-            return None
-        if stats.min >= lo and stats.max <= hi:
-            inside.add(col)
-    return inside
+
+    __slots__ = ("meta", "index", "_bounds")
+
+    def __init__(self, meta: Any) -> None:
+        self.meta = meta
+        self.index = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
+        self._bounds: dict[str, list[tuple[Any, Any] | None]] = {}
+
+    def bounds(self, col: str) -> list[tuple[Any, Any] | None]:
+        """Per row group, the exact ``(min, max)`` of ``col``, or None where the statistics are
+        missing, inexact or the group holds NULLs (such a group is neither ruled out nor inside)."""
+        out = self._bounds.get(col)
+        if out is None:
+            i = self.index.get(col)
+            out = []
+            for g in range(self.meta.num_row_groups):
+                stats = None if i is None else self.meta.row_group(g).column(i).statistics
+                if stats is None or not stats.has_min_max or stats.null_count or \
+                        not getattr(stats, "is_max_value_exact", True) or \
+                        not getattr(stats, "is_min_value_exact", True):
+                    out.append(None)
+                else:
+                    out.append((stats.min, stats.max))
+            self._bounds[col] = out
+        return out
+
+    def fit(self, group: int, ranges: dict[str, tuple[Any, Any]]) -> set[str] | None:
+        """Which ``ranges`` columns hold only values in ``[lo, hi]`` in row group ``group``, from its
+        statistics; ``None`` when the statistics rule the group out (no row can match)."""
+        inside: set[str] = set()
+        for col, (lo, hi) in ranges.items():
+            b = self.bounds(col)[group]
+            if b is None:
+                continue
+            if b[1] < lo or b[0] > hi:
+                return None
+            if b[0] >= lo and b[1] <= hi:
+                inside.add(col)
+        return inside
 
 
 #: The run whose rows the queries of a :func:`per_run` function read (None: any run).
@@ -209,8 +237,10 @@ class Store:
         self._bad_files: set[str] = set()
         self._warned: set[str] = set()
         self._checked: set[str] = set()  # files whose footer was checked (segments are immutable)
+        self._footers: dict[str, tuple[tuple[int, int], _Footer]] = {}  # scan_run/run_extremes footers
         self._read_ok: set[str] = set()  # files read in full once after a query failed on corrupt data
         self._s3_cache: dict[str, dict[str, Any]] = {}  # s3:// roots, per table: footers (small tables: rows)
+        self._segment_cache: Any = False  # s3:// roots: local copies of segments (objectstore.SegmentCache)
         self.version = 0  # bumps whenever a built table's listing changed; apps cache on it
         self._refreshed_at = float("-inf")
 
@@ -401,7 +431,10 @@ class Store:
         for table, paths in files.items():
             cols = ", ".join(f'"{f.name}"' for f in TABLES[table])
             if paths and _fs.is_remote(paths[0]):
-                # Object storage: DuckDB cannot open s3:// offline; it scans a pyarrow dataset (pushdown).
+                paths = self._local_copies(paths)
+            if paths and _fs.is_remote(paths[0]):
+                # Object storage without local copies: DuckDB cannot open s3:// offline; it scans a
+                # pyarrow dataset (pushdown), each footer fetched once.
                 from healthwatch.objectstore import s3_table_source
 
                 self.con.register(f"_s3_{table}", s3_table_source([str(p) for p in paths], TABLES[table],
@@ -416,6 +449,26 @@ class Store:
             else:
                 body = _empty_select(table)
             self.con.execute(f"CREATE OR REPLACE TEMP VIEW {self._view_name(table)} AS {body}")
+
+    def _local_copies(self, paths: list[Path]) -> list[Path]:
+        """``paths`` (``s3://`` segments) as local copies (:class:`~healthwatch.objectstore.SegmentCache`),
+        or unchanged when the cache is off or the table does not fit in it."""
+        from healthwatch.objectstore import S3FS, SegmentCache
+
+        if self._segment_cache is False:
+            self._segment_cache = SegmentCache.from_env()
+        if self._segment_cache is None:
+            return paths
+        fs = _fs.fs_for(str(paths[0]))
+        if not isinstance(fs, S3FS):
+            return paths
+        local = self._segment_cache.fetch(fs, [str(p) for p in paths])
+        return paths if local is None else local
+
+    @property
+    def segment_cache(self) -> Any:
+        """The local cache of ``s3://`` segments this store reads through (None: off or a local store)."""
+        return self._segment_cache or None
 
     def files(self, table: str, run: str | None = None) -> list[Path]:
         """Live segment files of ``table`` (optionally of one run)."""
@@ -438,6 +491,7 @@ class Store:
         takes the SQL path, which handles all of those.
         """
         import polars as pl
+        import pyarrow.parquet as pq
 
         if table not in TABLES:
             raise ValueError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
@@ -458,15 +512,16 @@ class Store:
             try:
                 parts = []
                 for path in list_segments(table_dir(self.root, table, run)):
-                    pf = self._checked_footer(str(path), table)
-                    if pf is None:
+                    fo = self._checked_footer(str(path), table)
+                    if fo is None:
                         return None  # the SQL path skips it, with its warning
-                    meta = pf.metadata
-                    idx = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
-                    for g in range(meta.num_row_groups):
-                        fit = _fit(meta.row_group(g), idx, ranges)
+                    pf = None
+                    for g in range(fo.meta.num_row_groups):
+                        fit = fo.fit(g, ranges)
                         if fit is None:
                             continue
+                        if pf is None:  # opened only for a file with rows to decode (footer known)
+                            pf = pq.ParquetFile(str(path), metadata=fo.meta)
                         # Columns whose statistics put the whole group inside their range are
                         # neither decoded nor filtered (a sorted segment's group is often one key).
                         open_ = [c for c in ranges if c not in fit]
@@ -485,19 +540,29 @@ class Store:
                 return None  # unreadable: the SQL path finds out which file and skips it
         return None
 
-    def _checked_footer(self, key: str, table: str) -> Any:
-        """The segment's ``pq.ParquetFile`` with its schema checked once, or None for a known-bad or
-        wrong-schema file (the caller then asks SQL, which skips the file with its warning)."""
+    def _checked_footer(self, key: str, table: str) -> _Footer | None:
+        """The segment's footer (cached while the file's size and mtime stay the same) with its
+        schema checked once, or None for a known-bad or wrong-schema file (the caller then asks
+        SQL, which skips the file with its warning)."""
         import pyarrow.parquet as pq
 
         if key in self._bad_files:
             return None
-        pf = pq.ParquetFile(key)
+        st = os.stat(key)
+        stamp = (st.st_size, st.st_mtime_ns)
+        hit = self._footers.get(key)
+        if hit is not None and hit[0] == stamp:
+            fo = hit[1]
+        else:
+            fo = _Footer(pq.read_metadata(key))
+            if len(self._footers) >= 4096:  # files retired by merges: forget them all now and then
+                self._footers.clear()
+            self._footers[key] = (stamp, fo)
         if key not in self._checked:
-            if schema_problem(pf.schema_arrow, table):
+            if schema_problem(fo.meta.schema.to_arrow_schema(), table):
                 return None
             self._checked.add(key)
-        return pf
+        return fo
 
     def run_extremes(self, table: str, run: str, columns: Sequence[str]) -> dict[str, tuple[Any, Any]] | None:
         """``{column: (min, max)}`` over every row of one run's ``table``, from Parquet footers only.
@@ -522,11 +587,10 @@ class Store:
             try:
                 out = {c: (None, None) for c in columns}
                 for path in list_segments(table_dir(self.root, table, run)):
-                    pf = self._checked_footer(str(path), table)
-                    if pf is None:
+                    fo = self._checked_footer(str(path), table)
+                    if fo is None:
                         return None
-                    meta = pf.metadata
-                    idx = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
+                    meta, idx = fo.meta, fo.index
                     for g in range(meta.num_row_groups):
                         group = meta.row_group(g)
                         for c in columns:

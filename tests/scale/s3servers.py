@@ -147,6 +147,9 @@ class SeaweedS3:
             "AWS_ACCESS_KEY_ID": creds[0],
             "AWS_SECRET_ACCESS_KEY": creds[1],
             "AWS_REGION": "us-east-1",
+            # Readers keep local copies of segments (objectstore.SegmentCache): this server's own
+            # folder, so tests never share copies (nor write to the user's ~/.cache).
+            "HEALTHWATCH_S3_CACHE_DIR": str(self.workdir / "segment-cache"),
         }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -216,6 +217,7 @@ def _layer_rows(run_steps: np.ndarray, layers: int, values: np.ndarray) -> pa.Ta
 
 def test_segments_round_trip_bit_exact_through_duckdb(s3_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(objectstore, "IN_MEMORY_BYTES", 0)  # read from S3 at every query, not held in memory
+    monkeypatch.setenv("HEALTHWATCH_S3_CACHE_BYTES", "0")  # no local copies: the HTTP scan path
     rng = np.random.default_rng(7)
     layers, steps = 6, np.arange(0, 300, dtype=np.int64)
     values = rng.normal(size=steps.size * layers) * 1e3
@@ -247,3 +249,54 @@ def test_segments_round_trip_bit_exact_through_duckdb(s3_root: str, monkeypatch:
     ).arrow()["value"].to_numpy()
     assert np.array_equal(sub.view(np.uint64), values.reshape(-1, layers)[200:, 3].view(np.uint64))
     tables.close()
+
+
+def test_segment_cache_reads_local_copies_bit_exact(s3_root: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the segment cache (the default), the reader downloads each live segment once and DuckDB
+    reads the local copies: same bits as written, no download on a second open, retired segments
+    dropped from the views, and a table larger than the budget read over HTTP instead."""
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setenv("HEALTHWATCH_S3_CACHE_DIR", str(cache_dir))
+    rng = np.random.default_rng(11)
+    layers, steps = 4, np.arange(0, 200, dtype=np.int64)
+    values = rng.normal(size=steps.size * layers)
+    values[:3] = [np.nan, -0.0, np.inf]
+    fs = S3FS.for_uri(s3_root)
+    writer = S3SegmentWriter(fs, s3_root, "run-c")
+    writer.start()
+    keys = [writer.write("layer_stats", _layer_rows(steps[i * 50:(i + 1) * 50], layers,
+                                                    values[i * 50 * layers:(i + 1) * 50 * layers])) for i in range(4)]
+    query = "SELECT step, layer, value FROM layer_stats WHERE run = 'run-c' ORDER BY step, layer"
+
+    def read(st: Any) -> np.ndarray:
+        return st.sql(query).arrow()["value"].to_numpy()
+
+    st = open_store(s3_root)
+    got = read(st)
+    assert np.array_equal(got.view(np.uint64), values.view(np.uint64))
+    cache = st.segment_cache
+    assert cache is not None and cache.downloads == 4  # one GET per live segment, nothing else
+    plan = "\n".join(r[1] for r in st.sql("EXPLAIN " + query).fetchall())
+    assert "READ_PARQUET" in plan and "ARROW_SCAN" not in plan  # DuckDB reads the local copies
+    copies = sorted(cache_dir.rglob("*.parquet"))
+    assert len(copies) == 4 and all("table=layer_stats" in str(c) and "run=run-c" in str(c) for c in copies)
+    st.close()
+    # A second reader (a new process would do the same) finds every copy: no download.
+    st2 = open_store(s3_root)
+    assert np.array_equal(read(st2).view(np.uint64), values.view(np.uint64))
+    assert st2.segment_cache.downloads == 0
+    # A segment retired (as a merge retires its sources): the next view leaves its copy out.
+    assert keys[0] is not None
+    fs.delete(keys[0] if keys[0].startswith("s3://") else fs.uri(keys[0]))
+    st2.refresh(force=True)
+    assert np.array_equal(read(st2).view(np.uint64), values[50 * layers:].view(np.uint64))
+    st2.close()
+    # A budget smaller than the table: no copies, the HTTP scan serves the same rows.
+    monkeypatch.setenv("HEALTHWATCH_S3_CACHE_BYTES", "1000")
+    st3 = open_store(s3_root)
+    assert np.array_equal(read(st3).view(np.uint64), values[50 * layers:].view(np.uint64))
+    assert st3.segment_cache.downloads == 0
+    plan = "\n".join(r[1] for r in st3.sql("EXPLAIN " + query).fetchall())
+    assert "ARROW_SCAN" in plan or "SEQ_SCAN" in plan
+    st3.close()
