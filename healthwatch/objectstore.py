@@ -1028,15 +1028,3 @@ def merge_s3(directory: str, sources: list[str], target_name: str, table: str,
         fs.delete(str(src))
     fs.delete(manifest)
     return target
-
-
-def _duck_type(t: pa.DataType) -> str:
-    if pa.types.is_int32(t):
-        return "INTEGER"
-    if pa.types.is_int64(t):
-        return "BIGINT"
-    if pa.types.is_floating(t):
-        return "DOUBLE"
-    if pa.types.is_list(t):
-        return _duck_type(t.value_type) + "[]"
-    return "VARCHAR"

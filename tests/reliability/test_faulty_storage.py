@@ -157,6 +157,31 @@ def test_storage_fault_training_continues_drops_counted_and_recovers(
     assert not st.bad_files
 
 
+class _HangingStore:
+    """``pq.write_table`` that hangs until ``release`` (``entered`` once a write started; ``calls`` counts)."""
+
+    def __init__(self) -> None:
+        self.release, self.entered = threading.Event(), threading.Event()
+        self.calls = {"in": 0, "out": 0}
+        self._real = segments.pq.write_table
+
+    def write_table(self, *args: Any, **kwargs: Any) -> None:
+        """The patched writer: wait for ``release``, then write for real."""
+        self.calls["in"] += 1
+        self.entered.set()
+        self.release.wait(120)  # a timeout only so that a broken test cannot hang forever
+        self._real(*args, **kwargs)
+        self.calls["out"] += 1
+
+
+def _queued_monitor(store: Path, model: Any, queue_size: int) -> hw.Monitor:
+    """A Monitor flushing every step into a bounded writer queue (no time-based flushes)."""
+    mon = hw.Monitor(store=store, run=RUN, flush_every_steps=1, flush_every_s=3600, queue_size=queue_size,
+                     expert_load_every=0)
+    mon.watch(model)
+    return mon
+
+
 def test_slow_store_fills_the_queue_training_keeps_pace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     """A store that hangs: the bounded queue fills, flushes beyond it are dropped and counted, and
@@ -166,23 +191,12 @@ def test_slow_store_fills_the_queue_training_keeps_pace(tmp_path: Path, monkeypa
     Pacing in logical terms: training finishes while the writer is still inside its first write;
     the queue holds ``queue_size`` flushes and every other flush of the hang is dropped.
     """
-    release, entered = threading.Event(), threading.Event()
-    real = segments.pq.write_table
-    calls = {"in": 0, "out": 0}
-
-    def hanging_write_table(*args: Any, **kwargs: Any) -> None:
-        calls["in"] += 1
-        entered.set()
-        release.wait(120)  # a timeout only so that a broken test cannot hang forever
-        real(*args, **kwargs)
-        calls["out"] += 1
-
+    hang = _HangingStore()
+    release, entered, calls, hanging_write_table = hang.release, hang.entered, hang.calls, hang.write_table
     store = tmp_path / "store"
     model = toy_model()
     queue_size = 2
-    mon = hw.Monitor(store=store, run=RUN, flush_every_steps=1, flush_every_s=3600, queue_size=queue_size,
-                     expert_load_every=0)
-    mon.watch(model)
+    mon = _queued_monitor(store, model, queue_size)
     for step in range(0, 3):  # healthy: one writer iteration per step (a busy machine's writer lags)
         train(mon, model, range(step, step + 1))
         mon.flush(wait=True)
@@ -238,21 +252,13 @@ def test_a_waited_flush_waits_for_room_in_a_full_queue(tmp_path: Path, monkeypat
     Logical pacing: the writer hangs in its first write, ordinary flushes fill the queue, then a
     thread calls ``state_dict()``; the store is released only once that thread waits on the queue.
     """
-    release, entered = threading.Event(), threading.Event()
-    real = segments.pq.write_table
-
-    def hanging_write_table(*args: Any, **kwargs: Any) -> None:
-        entered.set()
-        release.wait(120)  # a timeout only so that a broken test cannot hang forever
-        real(*args, **kwargs)
-
+    hang = _HangingStore()
+    release, entered = hang.release, hang.entered
     store = tmp_path / "store"
     model = toy_model()
     queue_size = 2
-    mon = hw.Monitor(store=store, run=RUN, flush_every_steps=1, flush_every_s=3600, queue_size=queue_size,
-                     expert_load_every=0)
-    mon.watch(model)
-    monkeypatch.setattr(segments.pq, "write_table", hanging_write_table)
+    mon = _queued_monitor(store, model, queue_size)
+    monkeypatch.setattr(segments.pq, "write_table", hang.write_table)
     train(mon, model, range(0, 1))  # the writer takes this flush and hangs in it
     assert entered.wait(120), "the writer never started writing step 0"
     train(mon, model, range(1, 1 + queue_size))  # these fill the queue
