@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -194,3 +195,64 @@ def test_profile_at_a_step_far_after_the_last_logged_one(tmp_path: Path) -> None
     prof = query.layer_profiles(Store(root), "g", "m", (30_000, 50_000, 4))
     got = {(r["asked"], r["layer"]): (r["step"], r["value"]) for r in prof.iter_rows(named=True)}
     assert got == {(30_000, 0): (6, 3.0), (30_000, 1): (6, 4.0), (50_000, 0): (50_000, 5.0), (50_000, 1): (50_000, 6.0)}
+
+
+def test_one_open_store_keeps_footers_and_sees_appends_merges_and_rewrites(tmp_path: Path) -> None:
+    """Footers are cached per open Store (bounded reads re-read none of them), yet every read equals
+    the rows written while a live writer appends, self-merges (retiring files) and a file changes."""
+    root = tmp_path / "s"
+    rows = _write_attempt(root, "r", 1, 0, 1000, seed=5, merge=True)
+    store = Store(root)
+
+    def want(layer: int, lo: int, hi: int) -> list[tuple[int, float]]:
+        return sorted((s, v) for _a, s, _t, lay, v in rows if lay == layer and lo <= s <= hi)
+
+    def got(layer: int, lo: int, hi: int) -> list[tuple[int, float]]:
+        df = query.series(store, "r", "resid_rms", layer=layer, step_min=lo, step_max=hi, max_points=5000)
+        return list(zip(df["step"].to_list(), df["value"].to_list()))
+
+    assert got(1, 0, 999) == want(1, 0, 999)
+    cached = dict(store._footers)
+    assert {str(p) for p in store.files("layer_stats", "r")} <= set(cached)
+    reads: list[str] = []
+    real = pq.read_metadata
+
+    def counting(path: object, *a: object, **kw: object) -> object:
+        reads.append(str(path))
+        return real(path, *a, **kw)
+
+    pq.read_metadata = counting  # type: ignore[assignment]
+    try:
+        assert got(3, 250, 749) == want(3, 250, 749)
+        assert [r for r in reads if "layer_stats" in r] == []  # every footer of the table was known
+        # The live writer appends 1,000 steps with self-merges: retired files leave the listing,
+        # merged ones are read once each.
+        w = StoreWriter(root, "r", attempt=1, merge_fanout=3)
+        rng = np.random.default_rng(6)
+        for a in range(1000, 2000, 100):
+            steps = list(range(a, a + 100))
+            vals = np.round(rng.normal(size=(100, LAYERS)), 4)
+            w.write("layer_stats", {
+                "attempt": [1] * (100 * LAYERS), "step": [s for s in steps for _ in range(LAYERS)],
+                "tokens": [7 * s for s in steps for _ in range(LAYERS)],
+                "layer": [lay for _ in steps for lay in range(LAYERS)], "layer_type": ["moe"] * (100 * LAYERS),
+                "metric": ["resid_rms"] * (100 * LAYERS), "value": vals.reshape(-1).tolist()})
+            rows.extend((1, s, 7 * s, lay, float(vals[i, lay])) for i, s in enumerate(steps) for lay in range(LAYERS))
+            w.compact_own("layer_stats")
+            assert got(0, a - 150, a + 99) == want(0, a - 150, a + 99)
+        w.close()
+        live = {str(p) for p in store.files("layer_stats", "r")}
+        assert got(2, 0, 1999) == want(2, 0, 1999)
+        ls_reads = [r for r in reads if "layer_stats" in r]
+        assert ls_reads and len(ls_reads) == len(set(ls_reads))  # new files read once each, none again
+        # A file replaced under the same name (a different size and mtime) is read again, not trusted.
+        victim = sorted(live)[-1]
+        t = pq.read_table(victim)
+        keep = t.filter(pc.not_equal(t["layer"], 2))
+        pq.write_table(keep, victim)
+        gone = {(int(s), int(lay)) for s, lay in zip(t["step"].to_pylist(), t["layer"].to_pylist()) if lay == 2}
+        n = len(reads)
+        assert got(2, 0, 1999) == [(s, v) for s, v in want(2, 0, 1999) if (s, 2) not in gone]
+        assert reads[n:].count(victim) == 1
+    finally:
+        pq.read_metadata = real  # type: ignore[assignment]
