@@ -144,12 +144,28 @@ class DropCounter:
 
 
 def estimate_rows(steps: list[StepMeta], extras: list[ExtraMeta], decoder: Decoder) -> int:
-    """Rows a flush would write (counted as dropped when it is lost)."""
+    """Rows of ``scalars`` and ``layer_stats`` a flush would write (counted as dropped when it is lost).
+
+    Exact for scalars, residual, gradient-norm and router rows (from each step's own call counts,
+    known on the host without decoding); the extra signals count one row per slot, as if every slot
+    saw data that step (an upper bound for sampled families). Computed in the training thread when
+    the queue is full, so it never decodes the buffer.
+    """
     lay = decoder.layout
-    per = 3 * lay.num_blocks + 2 * len(lay.router_layers) + 4 if lay.num_blocks else 0
-    return sum(len(s.scalar_names) + len(s.host_scalars) + per for s in steps) + sum(
-        len(e.device_names) + len(e.host_scalars) for e in extras
-    )
+    specials = sum(1 for g in lay.special if g not in lay.unrecorded)
+    routers = len(lay.router_layers) * (2 if decoder.dead is not None else 1)  # maxvio (+ dead_experts)
+    bank = lay.bank
+    bank_rows = len(bank.ratio_slots) + len(bank.max_slots) if bank is not None else 0
+    residual = decoder.residual or [True] * lay.num_blocks
+    total = 0
+    for s in steps:
+        total += len(s.scalar_names) + len(s.host_scalars) + bank_rows
+        total += 2 * sum(1 for i, c in enumerate(s.resid_calls) if c > 0 and i < len(residual) and residual[i])
+        if s.has_wgrad:
+            total += lay.num_blocks + specials
+        if any(s.router_calls):
+            total += routers
+    return total + sum(len(e.device_names) + len(e.host_scalars) for e in extras)
 
 
 class MonitorWriter:

@@ -235,9 +235,9 @@ def test_slow_store_fills_the_queue_training_keeps_pace(tmp_path: Path, monkeypa
     per_step = sum(st.sql(f"SELECT count(*) FROM {t} WHERE step = 0").fetchone()[0]
                    for t in ("scalars", "layer_stats", "expert_load"))
     # Each dropped flush is counted alike. A flush dropped at the queue is counted by the Monitor's
-    # row estimate (its rows are never built), which is not exact: it assumes four special grad
-    # norms and leaves out newer per-layer signals, so it is compared with the written rows of a
-    # step (`per_step`) only loosely here.
+    # row estimate (its rows are never built): exact except for the sampled extra signals, counted
+    # on every step (test_dropped_row_estimate_equals_the_rows_a_flush_writes checks it exactly
+    # with every signal sampled), so it is compared with a step's written rows only loosely here.
     per_flush, rest = divmod(mon.dropped_rows, dropped_steps)
     assert rest == 0 and per_flush > 0, (mon.dropped_rows, per_step, dropped_steps)
     reported = st.sql("SELECT max(value) FROM scalars WHERE name = 'monitor/dropped_rows'").fetchone()[0]
@@ -280,6 +280,36 @@ def test_a_waited_flush_waits_for_room_in_a_full_queue(tmp_path: Path, monkeypat
     st = hw.open_store(store)
     steps = [s for (s,) in st.sql("SELECT step FROM scalars WHERE name = 'loss/train' ORDER BY step").fetchall()]
     assert steps == list(range(2 + queue_size)), steps
+
+
+def test_dropped_row_estimate_equals_the_rows_a_flush_writes(tmp_path: Path) -> None:
+    """What a lost flush is counted as (``estimate_rows``, computed without decoding) equals the
+    ``scalars`` + ``layer_stats`` rows the same flush writes when it is not lost."""
+    from healthwatch.hooks.writer import estimate_rows
+
+    model = toy_model()
+    from healthwatch.hooks.config import MonitorConfig
+
+    mon = hw.Monitor(store=tmp_path / "store", run=RUN, flush_every_steps=1, flush_every_s=3600,
+                     expert_load_every=0, monitor_config=MonitorConfig(signals_every=1))
+    mon.watch(model)
+    estimates: dict[int, int] = {}
+    real_put = mon.writer.put
+
+    def put(item: Any, rows: int, block_s: float = 0.0) -> None:
+        for meta in item.steps:  # one step per flush here
+            estimates[meta.step] = estimate_rows(item.steps, item.extras, item.decoder)
+        real_put(item, rows, block_s)
+
+    mon.writer.put = put  # type: ignore[method-assign]
+    train(mon, model, range(0, 6), extra=lambda s: {"extra/a": float(s), "extra/b": 2.0 * s})
+    mon.close()
+    st = hw.open_store(tmp_path / "store")
+    written = {step: n for step, n in st.sql(
+        "SELECT step, count(*) FROM (SELECT step FROM scalars WHERE run = ? UNION ALL "
+        "SELECT step FROM layer_stats WHERE run = ?) GROUP BY step", [RUN, RUN]).fetchall()}
+    assert estimates and set(estimates) <= set(written)
+    assert {s: written[s] for s in estimates} == estimates
 
 
 def _delete_randomly(root: Path, stop: threading.Event, seed: int, counts: dict[str, int],
