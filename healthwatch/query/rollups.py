@@ -32,6 +32,9 @@ class RollupPlan:
 
     size: int
     limits: tuple[tuple[int, int], ...] = ()
+    #: Whether the table may hold rows of attempts without rollups here (False only when the
+    #: store's files say none: then :meth:`raw_conditions` has no "every other attempt" part).
+    others: bool = True
 
     def rollup_pred(self, params: list[Any], lo: int | None = None) -> str:
         """SQL (a boolean) selecting the usable rollup rows (rollup columns ``attempt``, ``bucket``).
@@ -69,13 +72,17 @@ class RollupPlan:
         if not self.limits:
             return [""]
         marks = ", ".join("?" for _ in self.limits)
-        return [" AND attempt = ? AND step >= ?" for _ in self.limits] + [f" AND attempt NOT IN ({marks})"]
+        # Without "others" (no file holds another attempt), the "NOT IN" part is left out: in a live
+        # writer's unsealed segments (no attempt statistics) it decoded every row just to find none.
+        other = [f" AND attempt NOT IN ({marks})"] if self.others else []
+        return [" AND attempt = ? AND step >= ?" for _ in self.limits] + other
 
     def raw_params(self) -> list[list[Any]]:
         """The parameters of each of :meth:`raw_conditions`, in the same order."""
         if not self.limits:
             return [[]]
-        return [[a, lim] for a, lim in self.limits] + [[a for a, _ in self.limits]]
+        other = [[a for a, _ in self.limits]] if self.others else []
+        return [[a, lim] for a, lim in self.limits] + other
 
     @property
     def used(self) -> bool:
@@ -116,7 +123,10 @@ def plan(store: Store, run: str, table: str, path: Timeline, size: int = ROLLUP_
             lim = min(lim, (c // size) * size)
         if lim > 0:
             limits.append((a, lim))
-    return RollupPlan(size, tuple(sorted(limits)))
+    present = getattr(store, "attempts_present", None)
+    held = present(table, run) if present is not None and limits else None
+    others = held is None or not held <= {a for a, _ in limits}
+    return RollupPlan(size, tuple(sorted(limits)), others)
 
 
 def coarsest(width: int) -> int | None:

@@ -83,12 +83,13 @@ class _Footer:
     column each time.
     """
 
-    __slots__ = ("meta", "index", "_bounds")
+    __slots__ = ("meta", "index", "_bounds", "attempts")
 
     def __init__(self, meta: Any) -> None:
         self.meta = meta
         self.index = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
         self._bounds: dict[str, list[tuple[Any, Any] | None]] = {}
+        self.attempts: frozenset[Any] | None = None  # the file's attempt values, once known
 
     def bounds(self, col: str) -> list[tuple[Any, Any] | None]:
         """Per row group, the exact ``(min, max)`` of ``col``, or None where the statistics are
@@ -563,6 +564,46 @@ class Store:
                 return None
             self._checked.add(key)
         return fo
+
+    def attempts_present(self, table: str, run: str) -> frozenset[Any] | None:
+        """The ``attempt`` values of every row of one run's ``table``, or None when it cannot tell here
+        (object storage, an unreadable or foreign file: then assume any attempt may be there).
+
+        From footer statistics where every row group holds one attempt (sealed segments); a file
+        without them (a live writer's unsealed segments keep statistics on step columns only) has its
+        ``attempt`` column read once per open Store (segments are immutable). Readers use it to skip
+        a raw read of "rows of other attempts" that no file holds (see :class:`~healthwatch.query.rollups.RollupPlan`).
+        """
+        import polars as pl
+        import pyarrow.parquet as pq
+
+        if table not in ATTEMPT_TABLES:
+            raise ValueError(f"table {table!r} has no attempts (tables with attempts: {', '.join(ATTEMPT_TABLES)})")
+        is_remote = getattr(_fs, "is_remote", None)
+        if (is_remote is not None and is_remote(str(self.root))) or not isinstance(self.root, Path):
+            return None
+        for _try in range(3):  # a merge may retire a listed file while it is read: list again
+            try:
+                out: set[Any] = set()
+                for path in list_segments(table_dir(self.root, table, run)):
+                    fo = self._checked_footer(str(path), table)
+                    if fo is None:
+                        return None
+                    if fo.attempts is None:
+                        b = fo.bounds("attempt")
+                        if all(x is not None and x[0] == x[1] for x in b):
+                            fo.attempts = frozenset(int(x[0]) for x in b)  # type: ignore[index]
+                        else:  # NULLs or several attempts per group, or no statistics: read the column
+                            col = pl.from_arrow(pq.read_table(str(path), columns=["attempt"]).column(0))
+                            assert isinstance(col, pl.Series)
+                            fo.attempts = frozenset(col.unique().to_list())
+                    out |= fo.attempts
+                return frozenset(out)
+            except FileNotFoundError:
+                continue
+            except (OSError, pa.ArrowException, ValueError):
+                return None
+        return None
 
     def run_extremes(self, table: str, run: str, columns: Sequence[str]) -> dict[str, tuple[Any, Any]] | None:
         """``{column: (min, max)}`` over every row of one run's ``table``, from Parquet footers only.

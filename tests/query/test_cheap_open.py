@@ -256,3 +256,39 @@ def test_one_open_store_keeps_footers_and_sees_appends_merges_and_rewrites(tmp_p
         assert reads[n:].count(victim) == 1
     finally:
         pq.read_metadata = real  # type: ignore[assignment]
+
+
+def test_raw_read_of_other_attempts_is_skipped_only_when_no_file_holds_one(tmp_path: Path) -> None:
+    """A whole series over rollups leaves out the raw "rows of other attempts" part only while no
+    segment holds such rows; a live rollback's first rows (no rollups yet) are read again at once."""
+    from healthwatch.query.rollups import plan
+
+    root = tmp_path / "s"
+    rows = _write_attempt(root, "r", 1, 0, 3000, seed=7, merge=True)
+    store = Store(root)
+    path = query.timeline(store, "r")
+    p = plan(store, "r", "layer_stats", path, 100, " AND metric = ? AND layer = ?", ["resid_rms", 1])
+    assert p.used and p.others is False and store.attempts_present("layer_stats", "r") == {1}
+    df = query.series(store, "r", "resid_rms", layer=1, max_points=200)
+    vals = [v for _a, _s, _t, lay, v in rows if lay == 1]
+    assert (df["value"].min(), df["value"].max()) == (min(vals), max(vals))
+    # A rollback: attempt 2 from step 2500, 50 steps written by a live writer (no rollup yet), one spike.
+    w = StoreWriter(root, "r", attempt=2)
+    w.write("attempts", attempt_row(attempt=2, start_step=2500, started_at=2.0))
+    steps = list(range(2500, 2550))
+    w.write("layer_stats", {
+        "attempt": [2] * (50 * LAYERS), "step": [s for s in steps for _ in range(LAYERS)],
+        "tokens": [7 * s for s in steps for _ in range(LAYERS)],
+        "layer": [lay for _ in steps for lay in range(LAYERS)], "layer_type": ["moe"] * (50 * LAYERS),
+        "metric": ["resid_rms"] * (50 * LAYERS),
+        "value": [1000.0 if (s, lay) == (2520, 1) else 0.5 for s in steps for lay in range(LAYERS)]})
+    try:
+        path = query.timeline(store, "r")
+        p = plan(store, "r", "layer_stats", path, 100, " AND metric = ? AND layer = ?", ["resid_rms", 1])
+        assert p.others is True and store.attempts_present("layer_stats", "r") == {1, 2}
+        df = query.series(store, "r", "resid_rms", layer=1, max_points=200)
+        eff = [v for _a, s, _t, lay, v in rows if lay == 1 and s < 2500] + [1000.0, 0.5]
+        assert (df["value"].min(), df["value"].max()) == (min(eff), max(eff))
+        assert df.filter(pl.col("value") == 1000.0)["step"].to_list() == [2520]
+    finally:
+        w.close()
