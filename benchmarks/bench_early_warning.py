@@ -66,12 +66,15 @@ class RunSpec:
     #: Every signal family on every step (the evaluation); False: the Monitor's defaults (CI's
     #: quick mode checks structure, and the every-step NVFP4/update statistics would double its cost).
     all_signals: bool = True
+    #: Training precision of the demo trainer (the evaluation: NVFP4, as the reference report).
+    precision: str = "nvfp4"
 
     def describe(self) -> str:
         """One line for the report."""
         over = ", ".join(f"{k}={v}" for k, v in self.model.items()) or "the demo model (HybridConfig defaults)"
+        prec = "" if self.precision == "nvfp4" else f", {self.precision}"
         return (f"{self.steps} steps, fault onset at step {self.onset}, batch {self.batch_size} x {self.seq_len} "
-                f"tokens, model: {over}")
+                f"tokens{prec}, model: {over}")
 
 
 #: The evaluation size: the demo model's blocks cut to one of each kind of the first half of its
@@ -81,11 +84,14 @@ class RunSpec:
 #: full-size step costs 0.16 CPU-s with the Monitor (this size: 0.10), and under `nice` the
 #: benchmark got 7-25 % of a core -- 12 seeds x 6 scenarios at full size would not have finished.
 FULL = RunSpec(steps=200, onset=80, model={"pattern": "M E * E"})
-#: CI size: a tiny model, few steps.
+#: CI size: a tiny model, few steps, BF16. CI checks the pipeline's structure and the band exit; in
+#: 90 steps no rule of the pack with a `min_step` of 100 can fire and the Monitor's default NVFP4
+#: statistics are sampled only at step 0, while NVFP4 fake quantisation doubles the step (tiny model:
+#: ~60 vs ~30 ms per step, Monitor on, 2026-12-03).
 QUICK = RunSpec(steps=90, onset=40, batch_size=4, seq_len=16,
                 model={"d_model": 32, "pattern": "M E * E", "n_heads": 2, "n_kv_heads": 1, "headdim": 16,
                        "num_experts": 8, "top_k": 2, "moe_latent_dim": 16, "moe_ffn": 32, "shared_expert_ffn": 32},
-                all_signals=False)
+                all_signals=False, precision="bf16")
 
 
 def scenarios() -> tuple[str, ...]:
@@ -118,7 +124,7 @@ def record_run(scenario: str, seed: int, out: Path, spec: RunSpec = FULL) -> dic
     run = _stem(scenario, seed)
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
-        cfg = TrainConfig(run=run, store=store, precision="nvfp4", model=HybridConfig(**spec.model),
+        cfg = TrainConfig(run=run, store=store, precision=spec.precision, model=HybridConfig(**spec.model),
                           batch_size=spec.batch_size, seq_len=spec.seq_len, total_steps=spec.steps, seed=seed,
                           checkpoint_every=10**9)
         # Every signal family on every step (the Monitor's defaults sample the costly ones every 100
@@ -128,7 +134,7 @@ def record_run(scenario: str, seed: int, out: Path, spec: RunSpec = FULL) -> dic
 
         mcfg = (MonitorConfig(signals=("quant", "router", "mamba", "update"), signals_every=1) if spec.all_signals
                 else MonitorConfig())
-        mon = hw.Monitor(store=store, run=run, precision="nvfp4", flush_every_steps=50, expert_load_every=10,
+        mon = hw.Monitor(store=store, run=run, precision=spec.precision, flush_every_steps=50, expert_load_every=10,
                          dead_window=20, monitor_config=mcfg)
         fault = None if scenario == HEALTHY else make_fault(scenario, spec.onset)
         trainer = Trainer(cfg, mon, fault)
@@ -154,14 +160,14 @@ def record_run(scenario: str, seed: int, out: Path, spec: RunSpec = FULL) -> dic
 # evaluation
 
 
-def _load_into_store(root: Path, data: Path, run: str) -> None:
+def _load_into_store(root: Path, data: Path, run: str, precision: str = "nvfp4") -> None:
     import pyarrow.parquet as pq
 
     from healthwatch.schema import SCHEMA_VERSION
     from healthwatch.store import StoreWriter
 
     w = StoreWriter(root, run, attempt=1)
-    w.write("runs", {"parent": [None], "branch_step": [None], "branch_tokens": [None], "precision": ["nvfp4"],
+    w.write("runs", {"parent": [None], "branch_step": [None], "branch_tokens": [None], "precision": [precision],
                      "config": ["{}"], "created": [0.0], "schema_version": [SCHEMA_VERSION]})
     w.write("attempts", {"attempt": [1], "start_step": [0], "started_at": [0.0], "host": ["bench"],
                          "reason": ["start"], "schema_version": [SCHEMA_VERSION]})
@@ -198,7 +204,7 @@ def evaluate_run(data: Path, scenario: str, seed: int, rules: Any = "default") -
     ruleset = load_rules(rules)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "store"
-        _load_into_store(root, data, run)
+        _load_into_store(root, data, run, str(meta["spec"].get("precision", "nvfp4")))
         ev = Evaluator(root, ruleset, runs=[run], record=False, evaluator_id="bench-early-warning")
         try:
             transitions = ev.evaluate_once()
