@@ -25,6 +25,7 @@ SIGNAL_LAYER_METRICS = (
     "update_norm", "update_ratio",
     "router_entropy", "router_zloss", "router_max_logit", "expert_bias_range", "token_drop_rate",
     "ssm_decay_min", "ssm_decay_mean", "ssm_decay_max", "ssm_dt_mean", "ssm_dt_max", "ssm_dt_min",
+    "attn_logit_max",
 )
 
 

@@ -29,7 +29,7 @@ SPECIAL_GROUPS = ("total", "output", "embedding", "mtp")
 
 #: Signal families beyond the core five, and whether each is on by default (docs/signals.md: the
 #: defaults follow the measured per-family costs; "update" is off, 1.7 pp at every step).
-FAMILIES = {"quant": True, "router": True, "mamba": True, "update": False}
+FAMILIES = {"quant": True, "router": True, "mamba": True, "update": False, "attention": False}
 _OPERAND = re.compile(r"[^A-Za-z0-9_.:+-]")
 
 
@@ -305,6 +305,16 @@ class StatsCollector:
         """Accumulate dt statistics of Mamba block ``pos`` (its ``in_proj`` output's dt columns)."""
         sums, maxes = sig.dt_terms(dt_raw, dt_bias)
         self.bank.add(self._group(("dt", pos), lambda: sig.dt_slots(pos)), sums, maxes)
+
+    def attention_logits(self, pos: int, logits: torch.Tensor) -> None:
+        """Fold the maximum of ``logits`` (pre-softmax attention scores of block ``pos``) into ``attn_logit_max``."""
+        if not self.active or not self._sample or "attention" not in self.families or _in_backward():
+            return
+        if not isinstance(logits, torch.Tensor) or not logits.numel():
+            return
+        with torch.no_grad():
+            peak = logits.detach().amax().reshape(1)
+        self.bank.add(self._group(("attention", pos), lambda: sig.attention_slots(pos)), None, peak)
 
     def router_ratio(self, pos: int, metric: str, num: torch.Tensor | float, den: torch.Tensor | float) -> None:
         """Accumulate a ratio statistic (e.g. ``token_drop_rate`` = dropped / routed) of block ``pos``."""

@@ -409,6 +409,20 @@ class Monitor:
             raise ValueError("quant_stats() before watch(model): the Monitor does not know the layers yet")
         self._collector.quant_stats(self._collector.block_position(layer), name, x, q)
 
+    def attention_logits(self, layer: int | nn.Module, logits: torch.Tensor) -> None:
+        """Record ``attn_logit_max``: the largest pre-softmax attention score of a watched block this step.
+
+        For attention implementations that have the scores at hand (eager attention, or a kernel that
+        returns each query row's maximum: pass those maxima, the max of them is the same number).
+        Fused kernels that never materialise ``q·kᵀ`` have nothing cheap to pass, which is why the
+        ``attention`` family is off by default (``MonitorConfig(signals=(..., "attention"))``).
+        Device ops only (one ``amax``); a no-op on unrecorded steps, when the family is off, during
+        activation recomputation, and before ``watch``. Raises ``ValueError`` for a layer that is not watched.
+        """
+        if self._closed or self._collector is None:
+            return
+        self._collector.attention_logits(self._collector.block_position(layer), logits)
+
     def router_drops(self, layer: int | nn.Module, dropped: Number, routed: Number) -> None:
         """Record ``token_drop_rate`` = dropped / routed token assignments of a capacity-limited MoE layer."""
         if self._closed or self._collector is None:

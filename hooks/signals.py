@@ -277,6 +277,12 @@ def bias_range(bias: Tensor) -> Tensor:
         return (b.amax() - b.amin()).reshape(1).to(torch.float64)
 
 
+# -- attention health ---------------------------------------------------------------------------
+def attention_slots(layer: int) -> tuple[list[RatioSlot], list[MaxSlot]]:
+    """Slot of one attention block's maximum pre-softmax logit (``attn_logit_max``)."""
+    return [], [MaxSlot(layer, "attn_logit_max")]
+
+
 # -- Mamba health -------------------------------------------------------------------------------
 def decay_terms(a_log: Tensor) -> tuple[Tensor, Tensor]:
     """Sums ``[sum exp(A_log), heads]`` and maxes ``[-min exp(A_log), max exp(A_log)]`` of one Mamba block.

@@ -21,6 +21,7 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "Optimizer updates": ("update_ratio", "update_norm"),
     "Router health": ("router_entropy", "router_zloss", "router_max_logit", "expert_bias_range", "token_drop_rate"),
     "Mamba health": ("ssm_decay_min", "ssm_decay_mean", "ssm_decay_max", "ssm_dt_mean", "ssm_dt_max", "ssm_dt_min"),
+    "Attention health": ("attn_logit_max",),
 }
 assert all(m in SIGNAL_LAYER_METRICS for ms in FAMILIES.values() for m in ms)
 

@@ -33,7 +33,7 @@ from healthwatch.demo.data import SyntheticTokens
 from healthwatch.demo.model import HybridConfig, HybridLM
 
 #: Every signal family, sampled at every step (the defaults sample some every 100th step only).
-ALL_FAMILIES = hw.MonitorConfig(signals=("quant", "router", "mamba", "update"), signals_every=1)
+ALL_FAMILIES = hw.MonitorConfig(signals=("quant", "router", "mamba", "update", "attention"), signals_every=1)
 #: One metric of each family that must be stored for every step, so the check is not vacuous.
 FAMILY_METRICS = ("fp4_underflow", "router_entropy", "ssm_dt_mean", "ssm_decay_min", "update_ratio",
                   "resid_rms", "wgrad_norm", "maxvio")
@@ -129,6 +129,11 @@ def _optional_hooks(mon: hw.Monitor, model: torch.nn.Module, opt: torch.optim.Op
         weight = next(p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2)
         # A stand-in quantiser output: what matters is that the hook reads it without syncing.
         calls.append(lambda: quant(0, "weight", weight.detach(), weight.detach().half().float()))
+    attention = getattr(mon, "attention_logits", None)
+    if callable(attention):
+        weight = next(p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2)
+        # Stand-in scores: what matters is that the hook folds their max in without syncing.
+        calls.append(lambda: attention(0, weight.detach() @ weight.detach().T))
     drops = getattr(mon, "router_drops", None)
     if callable(drops) and mon.spec is not None and mon.spec.routers:
         layer = mon.spec.blocks[mon.spec.routers[0].layer].index
