@@ -373,6 +373,10 @@ class Sql(_Strict):
     …), so only a ``SELECT``/``WITH`` can run; statements that could write (COPY, ATTACH, SET, …)
     are refused when the file is loaded. A row is active when its value is above ``above`` / below
     ``below``, or, with neither given, when the value is non-zero.
+
+    A query that reads only the two ``*_effective`` step views runs on the evaluation snapshot: each
+    run's new steps plus ``lookback`` steps before its cursor (so without ``lookback`` it sees only the
+    new steps). A query reading any other view runs on the store, over all of its history.
     """
 
     query: str
