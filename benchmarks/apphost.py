@@ -62,19 +62,40 @@ def healthy(port: int, proc: subprocess.Popen | None = None) -> bool:
 
 def start_app(store: str | Path, port: int | None = None, log: Path | None = None,
               timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start ``healthwatch app --store S --port P`` as a child process; returns it and its URL once healthy."""
-    port = port or free_port()
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it open
-    proc = subprocess.Popen([sys.executable, "-m", "healthwatch.cli", "app", "--store", str(store),
-                             "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
-    if log:
-        out.close()  # the child has its own copy of the descriptor
-    try:
-        wait_for(lambda: healthy(port, proc), timeout, "the Streamlit server's health endpoint")
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, f"http://127.0.0.1:{port}"
+    """Start ``healthwatch app --store S --port P`` as a child process; returns it and its URL once healthy.
+
+    With ``port`` None a free port is picked; another process may take it between the pick and the
+    server's bind (a busy machine running several servers does), so a server that exits saying its port
+    is in use is started again on a new port (three tries). Any other early exit raises with the tail of
+    the server's output.
+    """
+    for attempt in range(3):
+        chosen = port or free_port()
+        own_log = log is None
+        path = Path(tempfile.mkstemp(prefix="hw-app-", suffix=".log")[1]) if own_log else log
+        out = open(path, "ab")  # noqa: SIM115 - the child keeps its own copy
+        proc = subprocess.Popen([sys.executable, "-m", "healthwatch.cli", "app", "--store", str(store),
+                                 "--port", str(chosen)], stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        try:
+            wait_for(lambda c=chosen, p=proc: healthy(c, p), timeout, "the Streamlit server's health endpoint")
+        except RuntimeError as exc:  # the server exited before answering
+            stop(proc)
+            tail = path.read_text(errors="replace")[-2000:] if path.exists() else ""
+            if own_log:
+                path.unlink(missing_ok=True)
+            if port is None and attempt < 2 and ("is not available" in tail or "already in use" in tail):
+                continue  # the picked port was taken meanwhile: pick another
+            raise RuntimeError(f"{exc}; its output ended with:\n{tail}") from None
+        except BaseException:
+            stop(proc)
+            if own_log:
+                path.unlink(missing_ok=True)
+            raise
+        if own_log:
+            path.unlink(missing_ok=True)  # the child's descriptor keeps writing to the unlinked file
+        return proc, f"http://127.0.0.1:{chosen}"
+    raise AssertionError("unreachable")  # every path of the loop returns or raises
 
 
 def stop(proc: subprocess.Popen) -> None:
