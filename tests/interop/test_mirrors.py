@@ -5,8 +5,10 @@ scalar type), through a rollback and a compaction; W&B offline gets the same val
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,23 +120,38 @@ def test_wandb_offline_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     w.write_steps(range(0, 4))
     res = CliRunner().invoke(app, ["export", "wandb", "--store", str(root), "--run", "child", "--out", str(tmp_path / "wb")])
     assert res.exit_code == 0, res.output
+    # The exporter read the store: it says how many values it handed to W&B (steps 0-3 of a run with scalars).
+    logged = re.search(r"logged ([\d,]+) values", res.output)
+    assert logged and int(logged.group(1).replace(",", "")) > 0, res.output
     runs = list((tmp_path / "wb").rglob("offline-run-*"))
     assert len(runs) == 1
-    history: dict[int, dict] = {}
-    config: dict = {}
     pb = needs("wandb.proto.wandb_internal_pb2")
-    for data in _wandb_records(next(runs[0].glob("*.wandb"))):
-        rec = pb.Record()
-        rec.ParseFromString(data)
-        kind = rec.WhichOneof("record_type")
-        if kind == "history":
-            row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
-            history[row["_step"]] = row
-        elif kind in ("run", "config"):
-            items = rec.run.config.update if kind == "run" else rec.config.update
-            config.update({i.key: json.loads(i.value_json) for i in items})
+
+    def read_log() -> tuple[dict[int, dict], dict]:
+        history: dict[int, dict] = {}
+        config: dict = {}
+        for data in _wandb_records(next(runs[0].glob("*.wandb"))):
+            rec = pb.Record()
+            rec.ParseFromString(data)
+            kind = rec.WhichOneof("record_type")
+            if kind == "history":
+                row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+                history[row["_step"]] = row
+            elif kind in ("run", "config"):
+                items = rec.run.config.update if kind == "run" else rec.config.update
+                config.update({i.key: json.loads(i.value_json) for i in items})
+        return history, config
+
+    # W&B's service process writes the transaction log; read it once it holds the 4 steps (once seen
+    # in a full-suite run, the log read right after export held none of them). The timeout only stops
+    # a hung test; the message then says what the exporter reported.
+    deadline = time.monotonic() + 60
+    history, config = read_log()
+    while sorted(history) != [0, 1, 2, 3] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        history, config = read_log()
     expected = _expected(w.logged)
-    assert sorted(history) == [0, 1, 2, 3]
+    assert sorted(history) == [0, 1, 2, 3], (res.output, sorted(history))
     for tag, series in expected.items():
         assert [(s, np.float32(history[s][tag])) for s, _ in series] == series, tag
     # Exact float64 values (W&B keeps JSON doubles), not only float32.
