@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -450,11 +451,12 @@ def compile_expr(expr: Expr, sources: Sources | None = None, sql_columns: dict[s
     return query, q.params
 
 
-def _probe_columns(store: Store, sql: Sql) -> list[str]:
+def _probe_columns(run_sql: Callable[[str], Any], sql: Sql, where: str) -> list[str]:
+    """Column names a ``sql`` detector's query returns where ``run_sql`` runs it (``where`` names it in errors)."""
     try:
-        return list(store.sql(f"SELECT * FROM ({sql.query}) AS u LIMIT 0").arrow().schema.names)
+        return list(run_sql(f"SELECT * FROM ({sql.query}) AS u LIMIT 0").arrow().schema.names)
     except Exception as exc:  # noqa: BLE001 - any DuckDB error is a rule error, said once
-        raise ValueError(f"sql detector: the query does not run on this store: {str(exc).splitlines()[0]}") from exc
+        raise ValueError(f"sql detector: the query does not run on {where}: {str(exc).splitlines()[0]}") from exc
 
 
 #: Views a ``sql`` detector may read and still run on a :class:`Snapshot`.
@@ -560,12 +562,7 @@ class Snapshot:
         """Column names a ``sql`` detector's query returns on the snapshot (probed once per query)."""
         cols = self._columns.get(sql.query)
         if cols is None:
-            try:
-                cols = list(self.con.sql(f"SELECT * FROM ({sql.query}) AS u LIMIT 0").arrow().schema.names)
-            except Exception as exc:  # noqa: BLE001 - any DuckDB error is a rule error, said once
-                raise ValueError(f"sql detector: the query does not run on the evaluated runs' rows: "
-                                 f"{str(exc).splitlines()[0]}") from exc
-            self._columns[sql.query] = cols
+            cols = self._columns[sql.query] = _probe_columns(self.con.sql, sql, "the evaluated runs' rows")
         return cols
 
     def sql(self, query: str, params: dict[str, Any]) -> Any:
@@ -636,7 +633,7 @@ def evaluate(
         assert snapshot is not None
         cols = {s.query: snapshot.columns(s) for s in _sql_queries(expr)}
     else:
-        cols = {s.query: _probe_columns(store, s) for s in _sql_queries(expr)}
+        cols = {s.query: _probe_columns(store.sql, s, "this store") for s in _sql_queries(expr)}
     query, params = compile_expr(expr, None if on_snapshot else sources, cols, on_snapshot=on_snapshot)
     runs = sorted(cursors)
     params["runs"] = runs

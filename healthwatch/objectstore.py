@@ -911,10 +911,9 @@ class SegmentCache:
                     self._index()[local] = n
                     self.downloads += 1
                     self.downloaded_bytes += n
-        now = None
         for _, local in wanted:  # used now: the newest in the LRU order (mtime)
             with contextlib.suppress(OSError):
-                os.utime(local, now)
+                os.utime(local)
         self._evict({local for _, local in wanted})
         return [local for _, local in wanted]
 
@@ -936,11 +935,6 @@ class SegmentCache:
                 with contextlib.suppress(OSError):
                     f.unlink()
                 total -= index.pop(f)
-
-    def size_bytes(self) -> int:
-        """Bytes of the copies this process knows of."""
-        with self._lock:
-            return sum(self._index().values())
 
 
 def s3_table_source(paths: list[str], schema: pa.Schema, cache: dict[str, Any],

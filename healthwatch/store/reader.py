@@ -499,8 +499,7 @@ class Store:
         unknown = [c for c in (*columns, *(ranges or {})) if c not in TABLES[table].names]
         if unknown:
             raise ValueError(f"table {table!r} has no column(s) {', '.join(unknown)}")
-        is_remote = getattr(_fs, "is_remote", None)
-        if (is_remote is not None and is_remote(str(self.root))) or not isinstance(self.root, Path):
+        if not self._local_root:
             return None  # object storage: the SQL path (pyarrow datasets over S3) serves it
         ranges = dict(ranges or {})
         schema = pa.schema([TABLES[table].field(c) for c in columns])
@@ -541,6 +540,12 @@ class Store:
                 return None  # unreadable: the SQL path finds out which file and skips it
         return None
 
+    @property
+    def _local_root(self) -> bool:
+        """Whether the root is a local directory (the footer paths: ``scan_run``, ``run_extremes``,
+        ``attempts_present``); object storage is answered by the SQL path instead."""
+        return isinstance(self.root, Path) and not _fs.is_remote(str(self.root))
+
     def _checked_footer(self, key: str, table: str) -> _Footer | None:
         """The segment's footer (cached while the file's size and mtime stay the same) with its
         schema checked once, or None for a known-bad or wrong-schema file (the caller then asks
@@ -579,8 +584,7 @@ class Store:
 
         if table not in ATTEMPT_TABLES:
             raise ValueError(f"table {table!r} has no attempts (tables with attempts: {', '.join(ATTEMPT_TABLES)})")
-        is_remote = getattr(_fs, "is_remote", None)
-        if (is_remote is not None and is_remote(str(self.root))) or not isinstance(self.root, Path):
+        if not self._local_root:
             return None
         for _try in range(3):  # a merge may retire a listed file while it is read: list again
             try:
@@ -614,14 +618,12 @@ class Store:
         statistics for a column (a live writer's unsealed segments keep them on step columns only)
         or cannot be read: then ask SQL. Float columns: Parquet statistics leave NaN out.
         """
-
         if table not in TABLES:
             raise ValueError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
         unknown = [c for c in columns if c not in TABLES[table].names]
         if unknown:
             raise ValueError(f"table {table!r} has no column(s) {', '.join(unknown)}")
-        is_remote = getattr(_fs, "is_remote", None)
-        if (is_remote is not None and is_remote(str(self.root))) or not isinstance(self.root, Path):
+        if not self._local_root:
             return None
         out: dict[str, tuple[Any, Any]] = {c: (None, None) for c in columns}
         for _try in range(3):
