@@ -170,6 +170,9 @@ class RollupAccumulator:
         self._sid: dict[tuple[Any, ...], int] = {}  # series key -> id
         self._keys: list[tuple[Any, ...]] = []  # id -> key + layer_type
         self._code_cache: tuple[Any, np.ndarray, np.ndarray] | None = None
+        # The key columns' dictionaries (one word per series id), rebuilt only when a series is new:
+        # built per batch they cost more than the rollup arithmetic (a Python list per key column).
+        self._words: tuple[int, dict[str, pa.Array]] = (0, {})
         # Per size: partial rows not combined yet (finest size: of this size; coarser sizes: the
         # closed rows of the size below, to be combined into this size when one of its buckets closes).
         self._queue: list[list[dict[str, np.ndarray]]] = [[] for _ in self.sizes]
@@ -262,11 +265,14 @@ class RollupAccumulator:
         cols: dict[str, Any] = {k: parts[k] for k in ("bucket_size", "bucket", *_VALUES)}
         cols["attempt"] = parts["attempt"]
         ids = pa.array(sid.astype(np.int32))
+        if self._words[0] != len(self._keys):
+            self._words = (len(self._keys), {
+                f.name: pa.array([key[self._key_cols.index(f.name)] for key in self._keys], f.type)
+                for f in self.schema if f.name in self._key_cols})
         arrays = []
         for f in self.schema:
             if f.name in self._key_cols:  # the series' key values: a dictionary over all series seen
-                words = pa.array([key[self._key_cols.index(f.name)] for key in self._keys], f.type)
-                arrays.append(pa.DictionaryArray.from_arrays(ids, words).cast(f.type))
+                arrays.append(pa.DictionaryArray.from_arrays(ids, self._words[1][f.name]).cast(f.type))
             else:
                 arrays.append(pa.array(cols[f.name], f.type))
         return pa.Table.from_arrays(arrays, schema=self.schema)
