@@ -228,9 +228,12 @@ def _spike(q: _Query, d: Spike, extra: int) -> str:
 def _trend(q: _Query, d: Trend, extra: int) -> str:
     b = _base(q, d, extra + d.lookback())
     s, w = d.smooth_steps, d.window
+    # `smooth_by` picks each end's summary; the columns keep their names (`now_mean`) either way.
+    # median() skips the NULLs non-finite values become, as avg() does.
+    agg = "median" if d.smooth_by == "median" else "avg"
     win = q.cte(
-        f"SELECT *, avg(fv) OVER (PARTITION BY run, layer ORDER BY step RANGE BETWEEN {_int(s - 1)} PRECEDING AND CURRENT ROW) AS now_mean, "
-        f"avg(fv) OVER (PARTITION BY run, layer ORDER BY step RANGE BETWEEN {_int(w + s - 1)} PRECEDING AND {_int(w)} PRECEDING) AS then_mean "
+        f"SELECT *, {agg}(fv) OVER (PARTITION BY run, layer ORDER BY step RANGE BETWEEN {_int(s - 1)} PRECEDING AND CURRENT ROW) AS now_mean, "
+        f"{agg}(fv) OVER (PARTITION BY run, layer ORDER BY step RANGE BETWEEN {_int(w + s - 1)} PRECEDING AND {_int(w)} PRECEDING) AS then_mean "
         f"FROM (SELECT *, CASE WHEN isfinite(value) THEN value END AS fv FROM {b})"
     )
     rel = "(now_mean - then_mean) / abs(then_mean)"
@@ -241,7 +244,8 @@ def _trend(q: _Query, d: Trend, extra: int) -> str:
         f"SELECT run, layer, at_layer, step, tokens, "
         f"CASE WHEN then_mean IS NOT NULL AND then_mean <> 0 THEN {rel} END AS value, "
         f"coalesce(then_mean IS NOT NULL AND then_mean <> 0 AND {test}, false) AS active, "
-        f"printf('mean %.4g now vs %.4g %d steps earlier', now_mean, then_mean, {_int(w)}) AS detail, since "
+        f"printf('{'median' if d.smooth_by == 'median' else 'mean'} %.4g now vs %.4g %d steps earlier', "
+        f"now_mean, then_mean, {_int(w)}) AS detail, since "
         f"FROM {win} WHERE step > since - {_int(extra)}"
     )
 

@@ -315,11 +315,18 @@ class Trend(Selector):
     ``window`` steps earlier, so one noisy point does not make a trend. A negative ``rise`` detects
     a fall of at least that much. ``min_value`` ignores series still below a floor (e.g. MaxVio
     rising from 0.1 to 0.2 is +100 % but harmless).
+
+    ``smooth_by: median`` compares the two ends' medians instead of their means: for signals with
+    heavy-tailed noise (a gradient norm, where one batch can carry ~10x its neighbours' value and
+    lift a mean by +100 %), the median moves only when at least half of the ``smooth`` steps moved,
+    i.e. on a change of level.
     """
 
     window: int = _window()
     rise: float = Field(..., description="relative change, e.g. 0.05 for +5 %")
     smooth: int | None = Field(None, ge=1)
+    smooth_by: Literal["mean", "median"] = Field(
+        "mean", description="how each end's `smooth` steps are summarised: mean (default) or median")
     min_value: float | None = None
 
     @field_validator("rise")

@@ -177,19 +177,20 @@ GN_RULE = "LossAndGradNormRising"
 
 
 def _gn_part() -> Any:
-    """The grad-norm part (the ``sql`` expression) of LossAndGradNormRising's ``all``."""
+    """The grad-norm part (a ``trend`` with ``smooth_by: median``) of LossAndGradNormRising's ``all``."""
     rule = load_pack("default").get(GN_RULE).rule
-    parts = [e for e in rule.expr.body.of if e.kind == "sql"]
-    assert len(parts) == 1, "LossAndGradNormRising should have exactly one sql (grad-norm) part"
+    parts = [e for e in rule.expr.body.of if e.kind == "trend" and e.body.metric == "grad_norm/total"]
+    assert len(parts) == 1, "LossAndGradNormRising should have exactly one grad-norm trend part"
+    assert parts[0].body.smooth_by == "median"
     return parts[0]
 
 
-def numpy_median_rise(g: np.ndarray, now: int = 10, gap: int = 30, min_then: int = 5) -> dict[int, float]:
+def numpy_median_rise(g: np.ndarray, now: int = 10, gap: int = 30) -> dict[int, float]:
     """median(g[t-9..t]) / median(g[t-39..t-30]) - 1 per step t (g[i] is step i), written independently."""
     out = {}
     for t in range(g.size):
         then = g[max(0, t - gap - now + 1):max(0, t - gap + 1)]
-        if then.size >= min_then:
+        if then.size:
             out[t] = float(np.median(g[max(0, t - now + 1):t + 1]) / np.median(then) - 1)
     return out
 
@@ -213,7 +214,7 @@ def _noisy_run(seed: int, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_grad_norm_part_is_the_median_rise(tmp_path: Path) -> None:
-    """The rule's SQL value equals an independent numpy median-of-10 rise, outliers included."""
+    """The rule's grad-norm value equals an independent numpy median-of-10 rise, outliers included."""
     loss, gn = _noisy_run(7)
     gn[[60, 61, 112, 150]] *= [8.0, 12.0, 12.0, 30.0]  # single and paired outlier batches
     root = tmp_path / "store"
@@ -223,7 +224,8 @@ def test_grad_norm_part_is_the_median_rise(tmp_path: Path) -> None:
         obs = evaluate(st, _gn_part(), {"r": NEVER})
     finally:
         st.close()
-    got = dict(zip(obs["step"].to_list(), obs["value"].to_list()))
+    assert obs["step"].to_list() == list(range(gn.size))  # one observation per step
+    got = {t: v for t, v in zip(obs["step"].to_list(), obs["value"].to_list()) if v is not None}
     want = numpy_median_rise(gn)
     assert set(got) == set(want)
     for t, v in want.items():
@@ -253,7 +255,7 @@ def test_one_outlier_batch_does_not_fire_it_a_level_change_does(tmp_path: Path) 
     spike[112] *= 12.0
     mean_rise = [np.mean(spike[t - 9:t + 1]) / np.mean(spike[t - 39:t - 29]) - 1 for t in range(112, 122)]
     # the same threshold on a 10-step mean would hold for 10 steps (and the old +100 % too)
-    assert min(mean_rise) > _gn_part().body.above
+    assert min(mean_rise) > _gn_part().body.rise
     _write_run(tmp_path / "a", "spike", loss, spike)
     assert _transitions(tmp_path / "a", "spike") == []
     level = gn.copy()
@@ -265,8 +267,8 @@ def test_one_outlier_batch_does_not_fire_it_a_level_change_does(tmp_path: Path) 
 
 
 def test_median_rule_incremental_equals_one_shot(tmp_path: Path) -> None:
-    """Evaluated live after each of three flushes (the SQL part sees its 40-step lookback across
-    flush boundaries), the rule makes the same transitions as one evaluation of the whole run."""
+    """Evaluated live after each of three flushes (the median trend reads its 40-step lookback
+    across flush boundaries), the rule makes the same transitions as one evaluation of the whole run."""
     from healthwatch.alerts.engine import Evaluator
 
     loss, gn = _noisy_run(5)
