@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import tempfile
 import threading
 import uuid
@@ -538,6 +539,95 @@ class S3FS:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(path))
         return True
 
+    # -- conditional operations (merge leases, see S3Lease) ----------------------------------------
+    def _conditional_refused(self, exc: BaseException) -> bool:
+        """Whether a ClientError is a failed precondition (412) or a concurrent conditional write (409)."""
+        from botocore import exceptions as bx
+
+        if not isinstance(exc, bx.ClientError):
+            return False
+        code = exc.response.get("Error", {}).get("Code")
+        return self._status(exc) in (412, 409) or code in ("PreconditionFailed", "ConditionalRequestConflict")
+
+    def put_conditional(self, path: str, data: bytes, *, if_match: str | None = None) -> str | None:
+        """PUT ``data`` only if ``path`` is absent (``if_match`` None) or still has entity tag ``if_match``.
+
+        Returns the new object's entity tag, or None when the condition failed (412/409): another
+        process created or replaced the object first. On AWS S3 ``If-Match`` on PutObject exists
+        since 2024-11; SeaweedFS and moto enforce both conditions (docs/scale.md).
+        """
+        from botocore import exceptions as bx
+
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(path), "Body": data}
+        if if_match is None:
+            kwargs["IfNoneMatch"] = "*"
+        else:
+            kwargs["IfMatch"] = if_match
+        try:
+            self.stats.count("put")
+            return str(self.client.put_object(**kwargs)["ETag"])
+        except bx.ClientError as exc:
+            if self._conditional_refused(exc):
+                return None
+            raise self._error(exc, "put (conditional)", path) from exc
+        except bx.BotoCoreError as exc:
+            raise self._error(exc, "put (conditional)", path) from exc
+
+    def get_versioned(self, path: str) -> tuple[bytes, str, float, float] | None:
+        """``(body, etag, last_modified, server_now)`` of ``path`` (epoch seconds), or None when absent.
+
+        ``server_now`` is the response's ``Date`` header: the age of an object is then measured on
+        the server's one clock (``server_now - last_modified``), never against a local clock that may
+        be skewed from the writer's.
+        """
+        from email.utils import parsedate_to_datetime
+
+        from botocore import exceptions as bx
+
+        try:
+            self.stats.count("get")
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(path))
+            body = resp["Body"].read()
+        except bx.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404") or self._status(exc) == 404:
+                return None
+            raise self._error(exc, "get", path) from exc
+        except bx.BotoCoreError as exc:
+            raise self._error(exc, "get", path) from exc
+        modified = resp["LastModified"].timestamp()
+        date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        try:
+            now = parsedate_to_datetime(date).timestamp() if date else modified
+        except (TypeError, ValueError):
+            now = modified  # no usable Date header: the object always looks fresh (never broken early)
+        return body, str(resp["ETag"]), modified, now
+
+    def delete_if_match(self, path: str, etag: str) -> bool:
+        """Delete ``path`` only if it still has entity tag ``etag``; False when it does not (or is gone).
+
+        A server that does not take ``If-Match`` on DELETE (400/501) gets a GET and a plain DELETE
+        when the tag still matches (a window of one round trip; see docs/scale.md).
+        """
+        from botocore import exceptions as bx
+
+        with self._call("delete", path):
+            try:
+                self.stats.count("delete")
+                self.client.delete_object(Bucket=self.bucket, Key=self._key(path), IfMatch=etag)
+                return True
+            except bx.ClientError as exc:
+                if self._conditional_refused(exc) or self._status(exc) == 404:
+                    return False
+                if self._status(exc) not in (400, 501):
+                    raise
+        got = self.get_versioned(path)
+        if got is None or got[1] != etag:
+            return False
+        with self._call("delete", path):
+            self.stats.count("delete")
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(path))
+        return True
+
     # -- startup checks ---------------------------------------------------------------------------
     def check_bucket(self) -> None:
         """Raise a clear error unless the bucket exists and the credentials may read it."""
@@ -586,6 +676,36 @@ class S3FS:
                 "silently overwrite each other's segments, so healthwatch refuses to write to it; use AWS S3 "
                 "or a server that enforces conditional writes (e.g. SeaweedFS)"
             )
+        finally:
+            with contextlib.suppress(ObjectStoreError, OSError):
+                self.delete(path)
+
+    def probe_if_match(self, prefix: str = "") -> None:
+        """Require the server to enforce ``If-Match`` on PUT (merge leases: :class:`S3Lease`).
+
+        Creates a probe key, then overwrites it with ``If-Match`` of a tag it does not have: that PUT
+        must be refused with 412, and one with the right tag must succeed. A server that ignores the
+        condition would let two mergers break the same stale lease and publish the same rows twice.
+        """
+        key = "/".join(p for p in (prefix.strip("/"), PROBE_DIR, f"{uuid.uuid4().hex}.probe") if p)
+        path = self.uri(key)
+        try:
+            tag = self.put_conditional(path, b"1")
+            if tag is None:
+                raise ConditionalWriteUnsupportedError(f"S3 endpoint {self.where()}: a fresh probe key {path} already existed")
+            try:
+                wrong = self.put_conditional(path, b"2", if_match='"0123456789abcdef0123456789abcdef"')
+                right = self.put_conditional(path, b"3", if_match=tag)
+            except ObjectStoreError as exc:
+                raise ConditionalWriteUnsupportedError(
+                    f"S3 endpoint {self.where()} rejects conditional overwrites (PUT with If-Match): {exc}; "
+                    "healthwatch compact needs them for its merge leases (docs/scale.md)") from exc
+            if wrong is not None or right is None:
+                raise ConditionalWriteUnsupportedError(
+                    f"S3 endpoint {self.where()} does not enforce If-Match on PUT (a PUT with a wrong entity tag "
+                    f"{'succeeded' if wrong is not None else 'was fine, but one with the right tag failed'}): two "
+                    "compactors could then both break a stale merge lease and publish the same rows twice, so "
+                    "healthwatch compact refuses to run there (docs/scale.md)")
         finally:
             with contextlib.suppress(ObjectStoreError, OSError):
                 self.delete(path)
@@ -988,18 +1108,29 @@ def forget_retired(cache: dict[str, Any], alive: set[str]) -> None:
 
 
 def merge_s3(directory: str, sources: list[str], target_name: str, table: str,
-             merge: Callable[[Any, list[Any], str, str], Any], manifest_prefix: str = "_merge-") -> str:
+             merge: Callable[[Any, list[Any], str, str], Any], manifest_prefix: str = "_merge-",
+             leases: dict[str, S3Lease] | None = None) -> str:
     """Merge segments of one ``s3://`` directory into ``target_name``, with the store's merge protocol.
 
-    The sources (a writer's own small segments) are downloaded to a local temp folder and merged
-    there by ``merge`` (the writer passes :func:`healthwatch.store.merge.merge_files`: the same DuckDB
-    sort and chunking as on disk; passed in, because the store's lower layers import this module). Then, on S3: the manifest naming target and sources is PUT first, the target second
+    Every merger on object storage (a writer merging its own segments, ``healthwatch compact``) holds
+    the **merge lease of each source's owner** (:func:`owner_leases`; the writer id in the segment
+    name) while it merges: ``leases`` when the caller took them (the compactor), else this function
+    takes them without waiting and raises :class:`MergeSkipped` when one is held by a live merger (a
+    writer never blocks; it merges at a later flush). Holding the leases, it lists the directory
+    again and raises :class:`MergeSkipped` unless every source is still live (a merger that held them
+    before may have merged them), after finishing merges that died after publishing (:func:`recover_s3`).
+
+    The sources are downloaded to a local temp folder and merged there by ``merge`` (the writer
+    passes :func:`healthwatch.store.merge.merge_files`: the same DuckDB sort and chunking as on disk;
+    passed in, because the store's lower layers import this module), with the leases renewed in the
+    background. Then, each step after a lease check (renewal by conditional PUT; :class:`LeaseLost`
+    if a lease was broken): the manifest naming target and sources is PUT first, the target second
     (create-only), the sources are deleted third and the manifest last. A reader that lists the
-    target also lists the manifest (LIST is strongly consistent on S3) and hides the sources, so
-    it never counts a row twice; until the target is visible it reads the sources, which are
-    deleted only after. A writer killed in between leaves either an unused manifest (target never
-    published: ignored) or target + manifest + some sources (hidden by the manifest).
-    Returns the target's path.
+    target also lists the manifest (LIST is strongly consistent on S3) and hides the sources, so it
+    never counts a row twice; until the target is visible it reads the sources, which are deleted
+    only after. A merger killed in between leaves either an unused manifest (target never published:
+    ignored) or target + manifest + some sources (hidden by the manifest; finished by the next
+    merger's :func:`recover_s3`). Returns the target's path.
     """
     import json
     from pathlib import Path
@@ -1007,18 +1138,286 @@ def merge_s3(directory: str, sources: list[str], target_name: str, table: str,
     from healthwatch.store import fs as _fs
 
     fs = _fs.fs_for(directory)
-    with tempfile.TemporaryDirectory(prefix="hw-merge-") as tmp:
-        local = []
-        for src in sources:
-            name = str(src).rsplit("/", 1)[-1]
-            (Path(tmp) / name).write_bytes(fs.read_bytes(str(src)))
-            local.append(Path(tmp) / name)
-        data = Path(merge(Path(tmp), local, target_name, table)).read_bytes()
+    assert isinstance(fs, S3FS)
+    directory = str(directory).rstrip("/")
     names = [str(s).rsplit("/", 1)[-1] for s in sources]
-    manifest = fs.publish_bytes(str(directory), f"{manifest_prefix}{uuid.uuid4().hex}.json",
-                                json.dumps({"target": target_name, "sources": names}).encode())
-    target = fs.publish_bytes(str(directory), target_name, data)
-    for src in sources:
-        fs.delete(str(src))
-    fs.delete(manifest)
+    owners = {segment_owner(n) for n in names}
+    with contextlib.ExitStack() as stack:
+        held = leases if leases is not None else stack.enter_context(
+            owner_leases(directory, owners, segment_owner(target_name) or f"merger{uuid.uuid4().hex[:8]}"))
+        if missing := owners - set(held):
+            raise MergeSkipped(f"{directory}: the merge leases of {sorted(missing)} are held by another merger")
+        mine = [held[o] for o in sorted(owners)]
+        live, finished = _live_names(fs, directory)
+        if finished:
+            recover_s3(directory)
+            live, _ = _live_names(fs, directory)
+        if gone := [n for n in names if n not in live]:
+            raise MergeSkipped(f"{directory}: {len(gone)} of the {len(names)} sources were merged or removed "
+                               f"meanwhile (e.g. {gone[0]})")
+        with contextlib.ExitStack() as beating, tempfile.TemporaryDirectory(prefix="hw-merge-") as tmp:
+            for lease in mine:
+                beating.enter_context(lease.keep_alive())
+            local = []
+            for src in sources:
+                name = str(src).rsplit("/", 1)[-1]
+                (Path(tmp) / name).write_bytes(fs.read_bytes(f"{directory}/{name}"))
+                local.append(Path(tmp) / name)
+            data = Path(merge(Path(tmp), local, target_name, table)).read_bytes()
+        for lease in mine:
+            lease.check()
+        manifest = fs.publish_bytes(directory, f"{manifest_prefix}{uuid.uuid4().hex}.json",
+                                    json.dumps({"target": target_name, "sources": names}).encode())
+        try:
+            for lease in mine:
+                lease.check()
+        except BaseException:
+            with contextlib.suppress(ObjectStoreError):
+                fs.delete(manifest)  # unused (no target): harmless, but tidy
+            raise
+        target = fs.publish_bytes(directory, target_name, data)
+        for name in names:
+            fs.delete(f"{directory}/{name}")
+        fs.delete(manifest)
     return target
+
+
+# --------------------------------------------------------------------------------------------
+# merge leases: who may merge which segments on object storage
+
+
+#: Seconds a merge lease stays valid without renewal (env ``HEALTHWATCH_S3_LEASE_S``): how long a
+#: merger that died holding one blocks the merges of those segments.
+LEASE_S = float(os.environ.get("HEALTHWATCH_S3_LEASE_S", 60.0))
+#: Both times of a staleness check have one-second resolution (``Last-Modified``, ``Date``).
+LEASE_SLACK_S = 2.0
+#: Name of the lease that serialises compactors' rollup backfill in one ``table=…/run=…`` folder.
+COMPACT_LEASE = ".compact.lock"
+
+
+def owner_lease_name(owner: str) -> str:
+    """The lease object (in a segment's folder) that every merger of ``owner``'s segments must hold."""
+    return f".merge-{owner or '_foreign'}.lock"
+
+
+#: ``<writer>-<seq>[-s<lo>_<hi>]-L<level>``, as ``healthwatch.store.segments.parse_segment`` reads it
+#: (not imported: the store's lower layers import this module).
+_SEGMENT_NAME = re.compile(r"^(?P<writer>.+)-[0-9]+(?:-s[0-9]+_[0-9]+)?-L[0-9]+$")
+
+
+def segment_owner(path: str) -> str:
+    """The writer id in a segment name ``<writer>-<seq>[-s<lo>_<hi>]-L<level>.parquet`` (``""``: foreign)."""
+    m = _SEGMENT_NAME.match(str(path).rsplit("/", 1)[-1].removesuffix(".parquet"))
+    return m.group("writer") if m else ""
+
+
+class LeaseLost(ObjectStoreError):
+    """A merger no longer holds its lease (it expired and another merger took it over)."""
+
+
+class MergeSkipped(ObjectStoreError):
+    """A merge on object storage was not done: its lease is held by someone else, or its sources changed."""
+
+
+class S3Lease:
+    """A lease on one lock object, taken and kept with conditional PUTs (no lock service needed).
+
+    * **take**: ``PUT If-None-Match: *`` of a body that names the holder, a fresh nonce and the lease
+      length. The nonce makes every write's entity tag unique, so no two holders ever share a tag.
+    * **break a stale lease**: GET the lock; it is stale when the server's ``Date`` minus its
+      ``Last-Modified`` exceeds the lease length it states (one clock: the server's). Then
+      ``PUT If-Match: <that tag>``: of several breakers exactly one succeeds, the others get 412.
+    * **keep**: :meth:`renew` is ``PUT If-Match: <own tag>`` with a new nonce; 412 means the lease
+      was broken and :class:`LeaseLost` is raised. A merger renews before each publish step and
+      a :meth:`keep_alive` thread renews every third of the lease during long downloads and merges.
+    * **release**: ``DELETE If-Match: <own tag>`` (never removes a successor's lease).
+    """
+
+    def __init__(self, fs: S3FS, path: str, holder: str, lease_s: float | None = None) -> None:
+        self.fs = fs
+        self.path = path
+        self.holder = holder
+        self.lease_s = float(LEASE_S if lease_s is None else lease_s)
+        self.etag: str | None = None
+        #: ``time.monotonic()`` when the last successful take/renew was sent (the lease runs from there).
+        self.since = 0.0
+        self.broke: str | None = None  # holder of the stale lease this one replaced, if any
+        self._lock = threading.Lock()
+        self._lost = False
+
+    @property
+    def held(self) -> bool:
+        """Whether this lease was taken and not released or lost."""
+        return self.etag is not None and not self._lost
+
+    def _body(self) -> bytes:
+        import json
+        import socket
+
+        return json.dumps({"holder": self.holder, "nonce": uuid.uuid4().hex, "lease_s": self.lease_s,
+                           "host": socket.gethostname(), "pid": os.getpid()}).encode()
+
+    def remaining(self) -> float:
+        """Seconds the lease surely still runs (local monotonic clock; <= 0 when it may have expired)."""
+        import time
+
+        return self.lease_s - (time.monotonic() - self.since) if self.held else 0.0
+
+    def acquire(self) -> bool:
+        """Take the lease if it is free or stale; False (at once) when a live holder has it."""
+        import json
+        import time
+
+        for _ in range(3):
+            sent = time.monotonic()
+            etag = self.fs.put_conditional(self.path, self._body())
+            if etag is not None:
+                self.etag, self.since, self._lost = etag, sent, False
+                return True
+            got = self.fs.get_versioned(self.path)
+            if got is None:
+                continue  # released between our PUT and GET: try to take it again
+            body, tag, modified, now = got
+            try:
+                info = json.loads(body)
+                lease_s = float(info.get("lease_s", LEASE_S))
+                holder = str(info.get("holder", "?"))
+            except (ValueError, TypeError, AttributeError):
+                lease_s, holder = LEASE_S, "?"  # unreadable lock: still honour a default lease
+            if now - modified <= lease_s + LEASE_SLACK_S:
+                return False  # live
+            sent = time.monotonic()
+            etag = self.fs.put_conditional(self.path, self._body(), if_match=tag)
+            if etag is None:
+                return False  # another breaker (or the holder's renewal) won
+            self.etag, self.since, self._lost, self.broke = etag, sent, False, holder
+            import logging
+
+            logging.getLogger("healthwatch.store").warning(
+                "took over the stale merge lease %s of %s (%.0f s without renewal)", self.path, holder, now - modified)
+            return True
+        return False
+
+    def renew(self) -> None:
+        """Extend the lease (conditional overwrite of our own version); :class:`LeaseLost` if it was broken."""
+        import time
+
+        with self._lock:
+            if self.etag is None or self._lost:
+                raise LeaseLost(f"merge lease {self.path} is not held by {self.holder}")
+            sent = time.monotonic()
+            etag = self.fs.put_conditional(self.path, self._body(), if_match=self.etag)
+            if etag is None:
+                self._lost = True
+                raise LeaseLost(f"merge lease {self.path} of {self.holder} was taken over by another merger "
+                                f"(it went {self.lease_s:g} s without renewal)")
+            self.etag, self.since = etag, sent
+
+    def check(self, margin: float = 0.5) -> None:
+        """Renew, and require that at least ``margin`` of the lease is left afterwards.
+
+        Called right before each publish step: a process stalled so long that its own renewal took
+        more than half the lease is too close to losing it to publish anything.
+        """
+        self.renew()
+        if self.remaining() < self.lease_s * margin:
+            raise LeaseLost(f"merge lease {self.path}: renewal took too long ({self.lease_s - self.remaining():.1f} s "
+                            f"of a {self.lease_s:g} s lease); not publishing")
+
+    def release(self) -> None:
+        """Give the lease back (only our own version of the lock object is deleted)."""
+        with self._lock:
+            etag, self.etag = self.etag, None
+            if etag is None or self._lost:
+                return
+        with contextlib.suppress(ObjectStoreError):  # an unreleased lease just expires
+            self.fs.delete_if_match(self.path, etag)
+
+    @contextlib.contextmanager
+    def keep_alive(self) -> Iterator[None]:
+        """Renew every third of the lease in a background thread for the duration of the block."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.lease_s / 3):
+                try:
+                    self.renew()
+                except (ObjectStoreError, OSError):
+                    return  # lost (or the server is away): the next check() raises
+
+        thread = threading.Thread(target=beat, name="healthwatch-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+
+@contextlib.contextmanager
+def owner_leases(directory: str, owners: set[str], holder: str, wait_s: float = 0.0,
+                 lease_s: float | None = None) -> Iterator[dict[str, S3Lease]]:
+    """Take the merge leases of ``owners`` in ``directory``; yields ``{owner: lease}`` of those taken.
+
+    Retries the ones held by live mergers for up to ``wait_s`` seconds (a writer's own merge is short);
+    releases every lease taken when the block ends.
+    """
+    import time
+
+    from healthwatch.store import fs as _fs
+
+    fs = _fs.fs_for(directory)
+    assert isinstance(fs, S3FS)
+    held: dict[str, S3Lease] = {}
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            for owner in sorted(owners - set(held)):
+                lease = S3Lease(fs, f"{directory.rstrip('/')}/{owner_lease_name(owner)}", holder, lease_s)
+                if lease.acquire():
+                    held[owner] = lease
+            if len(held) == len(owners) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        yield held
+    finally:
+        for lease in held.values():
+            lease.release()
+
+
+def _live_names(fs: S3FS, directory: str) -> tuple[set[str], dict[str, dict[str, Any]]]:
+    """Names in ``directory`` that are live segments (manifests applied), and every manifest by name."""
+    import json
+
+    names = set(fs.list(directory))
+    manifests: dict[str, dict[str, Any]] = {}
+    for n in names:
+        if n.startswith("_merge-") and n.endswith(".json"):
+            try:
+                manifests[n] = json.loads(fs.read_bytes(f"{directory}/{n}"))
+            except (FileNotFoundError, ValueError):
+                continue
+    hidden = {s for m in manifests.values() if m.get("target") in names for s in m.get("sources", [])}
+    live = {n for n in names if n.endswith(".parquet") and not n.startswith(".") and n not in hidden}
+    return live, {n: m for n, m in manifests.items() if m.get("target") in names}
+
+
+def recover_s3(directory: str) -> int:
+    """Finish merges that died after publishing their target: delete their sources, then the manifest.
+
+    Safe beside a live merger of the same manifest (both delete the same hidden sources; the
+    manifest goes last, so no source is ever visible beside its target). Must run before a merge
+    that may retire such a target: once the target is gone, its manifest would no longer hide the
+    sources and their rows would count twice. Returns the number of manifests finished.
+    """
+    from healthwatch.store import fs as _fs
+
+    fs = _fs.fs_for(directory)
+    assert isinstance(fs, S3FS)
+    directory = directory.rstrip("/")
+    _live, done = _live_names(fs, directory)
+    for name, manifest in done.items():
+        for src in manifest.get("sources", []):
+            fs.delete(f"{directory}/{src}")
+        fs.delete(f"{directory}/{name}")
+    return len(done)

@@ -314,15 +314,18 @@ class StoreWriter:
         return None if level is None else sorted(by_level[level], key=lambda s: s.seq)[: self.merge_fanout]
 
     def _compact_remote(self, directory: Path, table: str) -> int:
-        # On object storage a writer merges only its own segments without the directory lock: no
-        # compaction runs there (``compact_store`` refuses s3:// roots), so no one else merges them.
-        from healthwatch.objectstore import merge_s3
+        # On object storage a merger holds the merge lease of its sources' owner (merge_s3 takes this
+        # writer's own, without waiting): while ``healthwatch compact`` holds it, merging waits a flush.
+        from healthwatch.objectstore import LeaseLost, MergeSkipped, merge_s3
 
         merges = 0
         while (group := self._listed_group(directory)) is not None:
             target = f"{self.writer_id}-{group[-1].seq:09d}-L{group[-1].level + 1}.parquet"
-            merge_s3(str(directory), [str(s.path) for s in group], target, table,
-                     merge=merge_files, manifest_prefix=MANIFEST_PREFIX)
+            try:
+                merge_s3(str(directory), [str(s.path) for s in group], target, table,
+                         merge=merge_files, manifest_prefix=MANIFEST_PREFIX)
+            except (MergeSkipped, LeaseLost):
+                break
             merges += 1
         self._own.pop(table, None)  # the listing is the truth there
         for key in [k for k in self._cache if k[0] == table]:

@@ -137,14 +137,6 @@ def test_monitor_trains_into_s3_and_everything_reads_it_back(s3_root: str, tmp_p
     assert len(fs.list(f"{s3_root}/_alert_claims/run=toy-s3")) >= 1
 
 
-def test_compact_on_s3_is_refused_clearly(s3_root: str) -> None:
-    from healthwatch.store import init_store
-
-    init_store(s3_root)  # probe + metadata object: an (empty) s3 store
-    res = _cli("compact", "--store", s3_root)
-    assert res.returncode == 2 and "compaction runs on local stores only" in res.stderr
-
-
 # -- bad input: one clear error each, at the API and at the CLI --------------------------------------
 
 
