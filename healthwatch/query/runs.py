@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import threading
 import time
 from typing import Any
 
@@ -16,12 +19,57 @@ from healthwatch.store.reader import per_run
 LIVE_S = 120.0
 
 
+#: On object storage a folder's signature is a LIST walk (no directory mtimes there): signatures asked for
+#: within this many seconds share one walk per table (env ``HEALTHWATCH_S3_SIGNATURE_TTL_S``; 0 = none).
+SIGNATURE_TTL_S = float(os.environ.get("HEALTHWATCH_S3_SIGNATURE_TTL_S", 1.0))
+_walks: dict[str, tuple[float, dict[str, int]]] = {}
+_walks_lock = threading.Lock()
+
+
+def _remote_table_sig(table_dir: str) -> dict[str, int]:
+    """``{"": whole table, "run=<r>": that run}`` change signatures of an ``s3://`` table folder, from one walk.
+
+    A signature is a hash of the keys and sizes listed (what ``S3FS.mtime_ns`` of a prefix is), so it
+    changes when a segment is published, merged or retired. Before this, every signature paid one
+    LIST walk per ``table=/run=`` prefix: a warm Run page on S3 made 721 LIST calls (docs/scale.md).
+    """
+    now = time.monotonic()
+    with _walks_lock:
+        hit = _walks.get(table_dir)
+        if hit is not None and now - hit[0] < SIGNATURE_TTL_S:
+            return hit[1]
+    fs = _fs.fs_for(table_dir)
+    listing = sorted(fs.walk(table_dir))  # type: ignore[attr-defined]  # S3FS: one paginated LIST
+    prefix = table_dir.rstrip("/") + "/"
+    groups: dict[str, list[tuple[str, int]]] = {"": listing}
+    for path, size in listing:
+        folder = path[len(prefix):].split("/", 1)[0] if path.startswith(prefix) else ""
+        if folder.startswith("run="):
+            groups.setdefault(folder, []).append((path, size))
+    sigs = {k: int.from_bytes(hashlib.blake2b(repr(v).encode(), digest_size=8).digest(), "big") >> 1
+            for k, v in groups.items() if v}
+    with _walks_lock:
+        _walks[table_dir] = (now, sigs)
+    return sigs
+
+
+def _table_root(store: Store, table: str) -> str:
+    root = str(store.root).rstrip("/")
+    if _fs.is_remote(root):  # pathlib spells s3://b/p as s3:/b/p; S3FS.walk lists as s3://
+        root = _fs.root_uri(root)
+    return f"{root}/table={table}"
+
+
 def run_signature(store: Store, run: str, tables: tuple[str, ...] = ("scalars", "layer_stats", "attempts")) -> tuple:
     """A cheap cache key for ``run``: its table directories' modification times.
 
     Changes exactly when segments are published, merged or retired for that run, so a writer
-    appending to run A never invalidates run B's cached results.
+    appending to run A never invalidates run B's cached results. On an ``s3://`` store: one LIST
+    walk per table, shared by every signature asked for within ``SIGNATURE_TTL_S`` (so a signature
+    may lag a new segment by that long).
     """
+    if _fs.is_remote(str(store.root)):
+        return (str(store.root), run, *(_remote_table_sig(_table_root(store, t)).get(f"run={run}") for t in tables))
     return (str(store.root), run, *(_fs.FS.mtime_ns(f"{str(store.root).rstrip('/')}/table={t}/run={run}") for t in tables))
 
 
@@ -30,10 +78,17 @@ def store_signature(store: Store) -> tuple:
 
     The run directories count too: a segment published into an existing ``run=`` folder changes that
     folder's mtime, not the table folder's (a stale Alerts page under the soak test showed it).
+    On an ``s3://`` store: one shared LIST walk per table, as in :func:`run_signature`.
     """
     from healthwatch.schema import TABLES
 
     key: list = [str(store.root)]
+    if _fs.is_remote(str(store.root)):
+        for t in TABLES:
+            sigs = _remote_table_sig(_table_root(store, t))
+            key.append(sigs.get(""))
+            key.extend(sorted((k, v) for k, v in sigs.items() if k))
+        return tuple(key)
     for t in TABLES:
         table_dir = f"{str(store.root).rstrip('/')}/table={t}"
         key.append(_fs.FS.mtime_ns(table_dir))
