@@ -94,6 +94,8 @@ class StatsCollector:
         self.bank = sig.SignalBank(device)
         self._update_calls = 0
         self._update_done = False
+        #: The update family's sampled views and gather buffers, reused from step to step.
+        self._update_cache: dict = {}
         self._warned_optim: set[str] = set()
         nb = spec.num_layers
         self.layout = Layout(
@@ -131,6 +133,14 @@ class StatsCollector:
         #: all of a step's operands at once in take_row (:func:`signals.quant_block_sums`).
         #: Per call: sampled blocks of x and q stacked ``[2, blocks, 16]``, block count, (amin, amax).
         self._qx: list[torch.Tensor] = []
+        #: Router health staged per call, computed for all calls at once in take_row: the (sampled)
+        #: logits as float32 copies, their max, the call's bank starts, and the cached layout.
+        self._rx: list[torch.Tensor] = []
+        self._rmax: list[torch.Tensor] = []
+        self._rkeys: list[tuple[int, int]] = []
+        self._rplan: tuple | None = None
+        #: Sanitised operand name of each name a quantiser reported ("" for none).
+        self._opnames: dict[str | None, str] = {}
         self._qlen: list[int] = []
         self._qmm: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._qkeys: list[tuple[int, str | None]] = []
@@ -222,29 +232,33 @@ class StatsCollector:
             raise ValueError(f"quant_stats: x {tuple(x.shape)} and q {tuple(q.shape)} differ in shape")
         if not self.active or not self._sample or "quant" not in self.families or _in_backward():
             return
-        op = _OPERAND.sub("_", str(operand))[:60] if operand else None
-        key = (pos, op)
+        # Host work per call is most of this family's cost at small operand sizes (~80 calls a step
+        # in the benchmark model): the operand's sanitised name and its bank slots are looked up once.
+        op = self._opnames.get(operand)
+        if op is None:
+            op = self._opnames[operand] = _OPERAND.sub("_", str(operand))[:60] if operand else ""
+        key = (pos, op or None)
         starts = self._qstarts.get(key)
         if starts is None:
             starts = tuple(self._group(("quant", pos, o), lambda o=o: sig.quant_slots(pos, o))
                            for o in ((None, op) if op else (None,)))
             self._qstarts[key] = starts
-        with torch.no_grad():
-            xd, qd = x.detach(), q.detach()
-            if xd.dim() and xd.shape[-1] % sig.NVFP4_BLOCK == 0 and xd.numel() and xd.dtype == qd.dtype:
-                xs, qs = sig.quant_sample(xd, qd)
-                # Two device ops per call: one stacked copy of the sampled rows of x and q (the
-                # operand may change in place, e.g. a weight at optimizer.step(), before take_row),
-                # and one aminmax of the whole operand (fp4_amax is exact).
-                self._qx.append(torch.stack([xs, qs]).view(2, -1, sig.NVFP4_BLOCK))
-                self._qlen.append(xs.numel() // sig.NVFP4_BLOCK)
-                self._qmm.append(torch.aminmax(xd))
-                self._qkeys.append(key)
-                return
-            # Rows that do not divide into 16-blocks (rare): computed at once, whole tensor.
-            sums, amax = sig.quant_terms(xd, qd)
-            for start in starts:
-                self.bank.add(start, sums, amax)
+        # detach(): nothing below records a graph, so no no_grad() context is needed.
+        xd, qd = x.detach(), q.detach()
+        if xd.dim() and xd.shape[-1] % sig.NVFP4_BLOCK == 0 and xd.numel() and xd.dtype == qd.dtype:
+            xs, qs = sig.quant_sample(xd, qd)
+            # Two device ops per call: one stacked copy of the sampled rows of x and q (the
+            # operand may change in place, e.g. a weight at optimizer.step(), before take_row),
+            # and one aminmax of the whole operand (fp4_amax is exact).
+            self._qx.append(torch.stack([xs, qs]).view(2, -1, sig.NVFP4_BLOCK))
+            self._qlen.append(xs.numel() // sig.NVFP4_BLOCK)
+            self._qmm.append(torch.aminmax(xd))
+            self._qkeys.append(key)
+            return
+        # Rows that do not divide into 16-blocks (rare): computed at once, whole tensor.
+        sums, amax = sig.quant_terms(xd, qd)
+        for start in starts:
+            self.bank.add(start, sums, amax)
 
     def _quant_flush(self) -> None:
         """Compute the staged operands' quantisation statistics in one pass and add them to the bank."""
@@ -274,7 +288,7 @@ class StatsCollector:
         _lens, segments, lengths = self._qseg
         with torch.no_grad():
             both = torch.cat([t.float() for t in self._qx], dim=1) if len(self._qx) > 1 else self._qx[0].float()
-            sums = sig.quant_block_sums(both[0], both[1], segments, lengths)
+            sums = sig.quant_block_sums(both, segments, lengths)
             lo = torch.stack([m[0] for m in self._qmm]).float()
             hi = torch.stack([m[1] for m in self._qmm]).float()
             amax = torch.maximum(hi, -lo).to(self.device, torch.float64)
@@ -332,7 +346,7 @@ class StatsCollector:
         self._update_calls += 1
         if (self._update_calls - 1) % self.update_every:
             return
-        got = sig.adam_update_sq(optimizer, self._params)
+        got = sig.adam_update_sq(optimizer, self._params, cache=self._update_cache)
         if got is None:
             kind = type(optimizer).__name__
             if kind not in self._warned_optim:
@@ -435,11 +449,51 @@ class StatsCollector:
         return hook
 
     def _router_health(self, pos: int, spec: Any, module: nn.Module, inputs: tuple, output: object) -> None:
-        """Accumulate routing entropy, z-loss and max logit of the MoE layer at block ``pos``."""
+        """Stage routing entropy, z-loss and max logit of the MoE layer at block ``pos`` for take_row.
+
+        Two device ops per call: a float32 copy of the (token-sampled) logits and their max; the
+        entropy and z-loss of all of a step's router calls are computed at once in take_row
+        (:meth:`_router_flush`), where one call each used to cost ~20 small ops."""
         logits = self._router_logits(spec, module, inputs, output)
-        if logits is not None:
-            sums, mx = sig.router_terms(logits)
-            self.bank.add(self._group(("router", pos), lambda: sig.router_slots(pos)), sums, mx)
+        if logits is None:
+            return
+        lg = logits.detach().reshape(-1, logits.shape[-1])
+        if not lg.shape[0]:
+            return
+        self._rkeys.append(self._group(("router", pos), lambda: sig.router_slots(pos)))
+        self._rx.append(sig.router_sample(lg))
+        self._rmax.append(lg.amax())
+
+    def _router_flush(self) -> None:
+        """Compute the staged router calls' entropy and z-loss in one pass per expert count; add them to the bank."""
+        if not self._rkeys:
+            return
+        shape = (tuple(self._rkeys), tuple(t.shape for t in self._rx))
+        plan = self._rplan
+        if plan is None or plan[0] != shape:
+            # Per expert count E: the calls, the call of each row (host numpy), rows per call, and
+            # where each call's four sums go. Cached: the same routers report in the same order.
+            by_width: dict[int, list[int]] = {}
+            for i, t in enumerate(self._rx):
+                by_width.setdefault(t.shape[1], []).append(i)
+            dev = self.device
+            groups = []
+            for calls in by_width.values():
+                lens = [self._rx[i].shape[0] for i in calls]
+                seg = torch.from_numpy(np.repeat(np.arange(len(calls)), lens)).to(self._rx[calls[0]].device)
+                spos = torch.tensor([self._rkeys[i][0] + k for i in calls for k in range(4)], device=dev)
+                groups.append((calls, seg, torch.tensor(lens, device=seg.device), spos))
+            mpos = torch.tensor([k[1] for k in self._rkeys], device=dev)
+            plan = self._rplan = (shape, groups, mpos)
+        _shape, groups, mpos = plan
+        with torch.no_grad():
+            for calls, seg, lens, spos in groups:
+                x = torch.cat([self._rx[i] for i in calls]) if len(calls) > 1 else self._rx[calls[0]]
+                sums = sig.router_block_sums(x, seg, lens)
+                self.bank.sums.index_add_(0, spos, sums.to(self.device).reshape(-1))
+            mx = torch.stack(self._rmax).to(self.device, torch.float64)
+            self.bank.maxes.scatter_reduce_(0, mpos, mx, reduce="amax")
+        self._rx, self._rmax, self._rkeys = [], [], []
 
     def _router_logits(self, spec: Any, module: nn.Module, inputs: tuple, output: object) -> torch.Tensor | None:
         """Router logits ``[..., E]``: ``module.last_logits`` (reference model), a ``logits`` extractor
@@ -516,6 +570,11 @@ class StatsCollector:
                 self._quant_flush()
             else:  # an unrecorded step: drop what was staged
                 self._qx, self._qlen, self._qmm, self._qkeys = [], [], [], []
+        if self._rkeys:
+            if self.active:
+                self._router_flush()
+            else:
+                self._rx, self._rmax, self._rkeys = [], [], []
         parts = [*(s.reshape(1) for s in scalars), self.resid_sum, self.grad_sq]
         if self.spec.routers:
             parts.append(self.counts.reshape(-1))

@@ -210,28 +210,38 @@ def quant_sample(x: Tensor, q: Tensor, cap: int = QUANT_SAMPLE_ELEMS) -> tuple[T
     return x.reshape(rows, k)[::stride], q.reshape(rows, k)[::stride]
 
 
-def quant_block_sums(xb: Tensor, qb: Tensor, segments: Tensor, lengths: Tensor, block: int = NVFP4_BLOCK) -> Tensor:
+def quant_block_sums(both: Tensor, segments: Tensor, lengths: Tensor, block: int = NVFP4_BLOCK) -> Tensor:
     """Per-operand sums ``[underflow, nonzero, saturated, numel, err_sq, x_sq]`` (float64 ``[n, 6]``)
-    of ``n`` operands given as the concatenation of their ``block``-element blocks ``xb, qb [NB, block]``,
-    ``lengths [n]`` blocks each, ``segments [NB]`` the operand of each block (``repeat(arange(n), lengths)``,
-    built by the caller on the host: ``repeat_interleave`` on a device tensor would sync). The same definitions as :func:`quant_terms`, for all of a step's
-    operands in one pass: ~15 device ops per step however many GEMMs reported."""
+    of ``n`` operands given as the concatenation of their ``block``-element blocks, ``both[0]`` the
+    blocks of x and ``both[1]`` those of q (``[2, NB, block]`` float32), ``lengths [n]`` blocks each,
+    ``segments [NB]`` the operand of each block (``repeat(arange(n), lengths)``, built by the caller on
+    the host: ``repeat_interleave`` on a device tensor would sync). The same definitions as
+    :func:`quant_terms`, for all of a step's operands in one pass.
+
+    The five per-element quantities (``x != 0``, ``q != 0``, clipped, ``(q - x)^2``, ``x^2``) are
+    written into one ``[5, NB, block]`` float32 buffer and summed per block by one matrix-vector
+    product: a reduction over a 16-wide inner dimension is several times slower per element on CPU
+    than the product, and bool-to-float sums cost a conversion pass each (measured 2x faster in all
+    than five separate ``sum(-1)``). Counts stay exact in float32 (below 2^24 per block)."""
     with torch.no_grad():
-        ax, aq = xb.abs(), qb.abs()
-        top = aq.amax(-1, keepdim=True)
-        top = top.masked_fill(top == 0, math.inf)
+        nb = both.shape[1]
         f32 = torch.float32
-        nz = (xb != 0).sum(-1, dtype=f32)
-        per_block = torch.stack([
-            nz - (qb != 0).sum(-1, dtype=f32),
-            nz,
-            (ax > top).sum(-1, dtype=f32),
-            (qb - xb).pow(2).sum(-1),
-            xb.pow(2).sum(-1),
-        ], dim=1)
+        feats = torch.empty(5, nb, block, dtype=f32, device=both.device)
+        x, q = both[0], both[1]
+        torch.ne(both, 0, out=feats[0:2])
+        ax = torch.abs(x, out=feats[2])
+        # The top of each block's grid: max |q| of the block (a 16-wide max-pool, ~2x amax(-1) on CPU).
+        top = torch.nn.functional.max_pool1d(q.abs().reshape(1, 1, -1), block, block).reshape(-1, 1)
+        # An all-zero block (top 0) never counts as clipped: +inf is above every |x|.
+        top.masked_fill_(top == 0, math.inf)
+        torch.gt(ax, top, out=feats[2])
+        torch.sub(q, x, out=feats[3]).square_()
+        torch.mul(x, x, out=feats[4])
+        per_block = (feats.view(-1, block) @ feats.new_ones(block)).view(5, nb).t()
         seg = per_block.new_zeros(lengths.shape[0], 5).index_add_(0, segments, per_block).to(torch.float64)
         numel = lengths.to(torch.float64).mul(block).unsqueeze(1)
-        return torch.cat([seg[:, :3], numel, seg[:, 3:]], dim=1)
+        # [nnz(x) - nnz(q), nnz(x), saturated, numel, err_sq, x_sq]
+        return torch.cat([seg[:, 0:1] - seg[:, 1:2], seg[:, 0:1], seg[:, 2:3], numel, seg[:, 3:5]], dim=1)
 
 
 def quant_slots(layer: int, operand: str | None) -> tuple[list[RatioSlot], list[MaxSlot]]:
@@ -263,6 +273,36 @@ def router_terms(logits: Tensor) -> tuple[Tensor, Tensor]:
         sums = torch.stack([ent, n, torch.dot(lse, lse), n]).to(torch.float64)
         mx = lg.amax().reshape(1).to(torch.float64)
     return sums, mx
+
+
+#: Tokens of one router call whose logits the collector reads for entropy and z-loss: larger calls
+#: are read on evenly strided tokens (both are means over tokens; 1,024 tokens put the standard
+#: error of the mean entropy below 0.01 for any distribution, docs/signals.md). The max logit
+#: always reads every token.
+ROUTER_SAMPLE_TOKENS = 1 << 10
+
+
+def router_sample(logits: Tensor, cap: int = ROUTER_SAMPLE_TOKENS) -> Tensor:
+    """A float32 copy of evenly strided rows (tokens) of ``logits [T, E]``, at most ``cap`` of them."""
+    rows = logits if logits.shape[0] <= cap else logits[:: -(-logits.shape[0] // cap)]
+    return rows.to(torch.float32, copy=True)
+
+
+def router_block_sums(logits: Tensor, segments: Tensor, lengths: Tensor) -> Tensor:
+    """Sums ``[entropy_sum, tokens, zloss_sum, tokens]`` per call (float64 ``[n, 4]``) of ``n`` router
+    calls whose logits rows are concatenated in ``logits [T, E]`` (one expert count E), ``segments [T]``
+    the call of each row and ``lengths [n]`` the rows of each call. The same definitions as
+    :func:`router_terms`, for all of a step's routers in ~10 device ops."""
+    with torch.no_grad():
+        e = logits.shape[-1]
+        lse = torch.logsumexp(logits, -1)
+        p = (logits - lse.unsqueeze(-1)).exp_()
+        ent = lse - p.mul_(logits).sum(-1)
+        ent = ent / math.log(e) if e > 1 else ent * 0.0
+        per = torch.stack([ent, lse * lse], 1)
+        seg = per.new_zeros(lengths.shape[0], 2).index_add_(0, segments, per).to(torch.float64)
+        n = lengths.to(torch.float64)
+        return torch.stack([seg[:, 0], n, seg[:, 1], n], 1)
 
 
 def router_slots(layer: int) -> tuple[list[RatioSlot], list[MaxSlot]]:
@@ -344,26 +384,91 @@ UPDATE_SAMPLE_ELEMS = 1 << 11
 SAMPLE_CHUNK = 64
 
 
-def _strided(t: Tensor, cap: int) -> Tensor:
+def _sample_view(t: Tensor, cap: int) -> Tensor:
     """An evenly strided sample of about ``cap`` elements of ``t``, read in contiguous chunks of
-    :data:`SAMPLE_CHUNK` elements (flat; a view when ``t`` is contiguous)."""
+    :data:`SAMPLE_CHUNK` elements, as a view (``[rows, SAMPLE_CHUNK]`` or flat; ``t`` contiguous).
+
+    Tensors of at most ``cap`` elements come back whole. Never more than ``cap`` elements."""
     flat = t.reshape(-1)
     n = flat.numel()
     if n <= cap:
         return flat
     if n % SAMPLE_CHUNK == 0:
         rows = flat.view(-1, SAMPLE_CHUNK)
-        return rows[:: -(-rows.shape[0] * SAMPLE_CHUNK // cap)].reshape(-1)
+        return rows[:: -(-rows.shape[0] * SAMPLE_CHUNK // cap)]
     return flat[:: -(-n // cap)]
 
 
-def _segments(counts: Sequence[int], device: torch.device) -> Tensor:
-    """``repeat(arange(len(counts)), counts)`` built on the host (a device ``repeat_interleave`` syncs)."""
-    return torch.from_numpy(np.repeat(np.arange(len(counts)), counts)).to(device)
+class _Gather:
+    """Copies the samples of many tensors into the rows of one preallocated ``[rows, width]``
+    float32 buffer with one ``torch._foreach_copy_`` (row ``i`` holds tensor ``i``'s sample in
+    its first elements and ``pad`` after them), so per-tensor sums are row sums: no per-tensor
+    op, no per-element segment index on the hot path."""
+
+    def __init__(self, views: Sequence[Tensor], width: int, pad: float, device: torch.device) -> None:
+        self.views = list(views)
+        self.buf = torch.full((len(views), width), pad, dtype=torch.float32, device=device)
+        self.dst = [self.buf[i, : v.numel()].view(v.shape) for i, v in enumerate(self.views)]
+
+    def __call__(self) -> Tensor:
+        if self.views:
+            torch._foreach_copy_(self.dst, self.views)
+        return self.buf
+
+
+class _UpdatePlan:
+    """What :func:`adam_update_sq` reads, built once and reused while the optimizer's state tensors
+    stay the same objects at the same addresses (torch's Adam updates them in place): the sampled
+    views of every parameter and of its moments, their gather buffers, the scale of each sample.
+    ``key`` says what it was built for; a new parameter, a new state tensor, a parameter that got or
+    lost its gradient, or a changed ``lr``/``betas`` *type* rebuilds it (host work only)."""
+
+    def __init__(self, key: tuple, params: Sequence[Tensor], groups: list[tuple[dict, list[int], list[dict]]],
+                 sample: int, dev: torch.device) -> None:
+        self.key = key
+        views = [_sample_view(p.detach(), sample) for p in params]
+        counts = [v.numel() for v in views]
+        width = max(1, max(counts, default=1))
+        #: numel / sampled of each parameter (sums of squares are scaled by it).
+        self.scale = torch.tensor([p.numel() / max(1, c) for p, c in zip(params, counts)], dtype=torch.float64,
+                                  device=dev)
+        self.theta = _Gather(views, width, 0.0, dev)
+        self.sq = torch.empty_like(self.theta.buf)
+        self.groups = []
+        for group, idx, states in groups:
+            amsgrad = bool(group.get("amsgrad"))
+            ms = [_sample_view(st["exp_avg"], sample) for st in states]
+            vs = [_sample_view(st["max_exp_avg_sq"] if amsgrad else st["exp_avg_sq"], sample) for st in states]
+            # Padding: m = 0 and v = 1 make a padded element's update exactly 0 whatever eps is.
+            gv = _Gather(vs, width, 1.0, dev)
+            # Per group: rows, gathers of m and v, step counters, whether its rows are all
+            # parameters in order (no index_select of θ), and the work buffer the update is computed in.
+            self.groups.append((
+                group, torch.tensor(idx, device=dev), _Gather(ms, width, 0.0, dev), gv,
+                [st["step"] for st in states], idx == list(range(len(params))), torch.empty_like(gv.buf),
+            ))
+
+
+def _plan_key(optimizer: torch.optim.Optimizer, want: dict[int, int]) -> tuple:
+    """Identity of everything an :class:`_UpdatePlan` holds views of (host attributes only, no device read)."""
+    key: list = []
+    for group in optimizer.param_groups:
+        amsgrad = bool(group.get("amsgrad"))
+        for p in group["params"]:
+            i = want.get(id(p))
+            st = optimizer.state.get(p)
+            if i is None or p.grad is None or not st or "exp_avg" not in st:
+                continue
+            v = st.get("max_exp_avg_sq") if amsgrad else st.get("exp_avg_sq")
+            if v is None:
+                continue
+            key.append((i, p.data_ptr(), st["exp_avg"].data_ptr(), v.data_ptr(), id(st["step"])))
+        key.append(None)  # group boundary
+    return tuple(key)
 
 
 def adam_update_sq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
-                   sample: int = UPDATE_SAMPLE_ELEMS) -> tuple[Tensor, Tensor] | None:
+                   sample: int = UPDATE_SAMPLE_ELEMS, cache: dict | None = None) -> tuple[Tensor, Tensor] | None:
     """``(||dθ_i||^2, ||θ_i||^2)`` per parameter of ``params`` just after an Adam/AdamW step.
 
     Rebuilt from the optimizer's state, not from a copy of the parameters. With ``u`` the Adam
@@ -374,10 +479,13 @@ def adam_update_sq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
     the learning-rate scheduler changes ``lr`` (the post-step hook does).
 
     Cost: every tensor is read on an evenly strided sample of at most ``sample`` elements
-    (:data:`UPDATE_SAMPLE_ELEMS`; smaller tensors whole), the samples of all parameters are
-    concatenated and the update computed on them with ~20 device ops in all, whatever the number
-    of parameters; sums of squares are scaled by numel / sampled. Transient memory: the samples
-    (~4 x 16 KiB per parameter). Returns None for optimizers it does not know.
+    (:data:`UPDATE_SAMPLE_ELEMS`; smaller tensors whole) and sums of squares are scaled by
+    numel / sampled. The samples are copied into the rows of preallocated ``[tensors, sample]``
+    buffers with one ``_foreach_copy_`` per kind (θ, m, v), and the update is computed on those
+    with ~15 device ops in all, whatever the number of parameters. ``cache`` (a dict the caller
+    keeps) holds the views and buffers from step to step: without it they are rebuilt per call
+    (the same values, more host work). Memory: the buffers, 3 x 4 bytes x ``sample`` per
+    parameter tensor at most. Returns None for optimizers it does not know.
     """
     if not is_adam(optimizer):
         return None
@@ -387,29 +495,35 @@ def adam_update_sq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
         z = torch.zeros(0, dtype=torch.float64, device=dev)
         return z, z.clone()
     want = {id(p): i for i, p in enumerate(params)}
-    decoupled_default = isinstance(optimizer, torch.optim.AdamW)
-    f32 = torch.float32
-    with torch.no_grad():
-        # ||θ||^2 of every parameter, updated this step or not, from the same kind of sample.
-        p_samples = [_strided(p.detach(), sample) for p in params]
-        counts = [t.numel() for t in p_samples]
-        scale = torch.tensor([p.numel() / max(1, c) for p, c in zip(params, counts)], dtype=torch.float64, device=dev)
-        flat = torch.cat([t.to(dev, f32) for t in p_samples])
-        nrm = torch.zeros(n, dtype=f32, device=dev).index_add_(0, _segments(counts, dev), flat.pow(2)) * scale
-        upd = torch.zeros(n, dtype=torch.float64, device=dev)
+    key = (tuple(p.data_ptr() for p in params), sample, _plan_key(optimizer, want))
+    plan: _UpdatePlan | None = cache.get("plan") if cache is not None else None
+    if plan is None or plan.key != key:
+        groups = []
         for group in optimizer.param_groups:
-            idx, ps, ms, vs, steps = [], [], [], [], []
+            idx, states = [], []
+            amsgrad = bool(group.get("amsgrad"))
             for p in group["params"]:
                 i = want.get(id(p))
                 st = optimizer.state.get(p)
                 if i is None or p.grad is None or not st or "exp_avg" not in st:
                     continue
+                if (st.get("max_exp_avg_sq") if amsgrad else st.get("exp_avg_sq")) is None:
+                    continue
                 idx.append(i)
-                ps.append(p_samples[i])
-                ms.append(_strided(st["exp_avg"], sample))
-                vs.append(_strided(st.get("max_exp_avg_sq") if group.get("amsgrad") else st["exp_avg_sq"], sample))
-                steps.append(st["step"])
-            if not idx:
+                states.append(st)
+            groups.append((group, idx, states))
+        plan = _UpdatePlan(key, params, groups, sample, dev)
+        if cache is not None:
+            cache["plan"] = plan
+    decoupled_default = isinstance(optimizer, torch.optim.AdamW)
+    f32, f64 = torch.float32, torch.float64
+    with torch.no_grad():
+        # ||θ||^2 of every parameter, updated this step or not, from the same kind of sample.
+        theta_all = plan.theta()
+        nrm = torch.mul(theta_all, theta_all, out=plan.sq).sum(1).to(f64) * plan.scale
+        upd = torch.zeros(n, dtype=f64, device=dev)
+        for group, sel, gm, gv, steps, sel_all, work in plan.groups:
+            if not steps:
                 continue
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group.get("weight_decay", 0.0)
@@ -417,22 +531,20 @@ def adam_update_sq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
             # Bias corrections as tensor ops on the step counters (on CPU unless capturable/fused):
             # reading a counter's value would be a host read.
             try:
-                stepv = torch.stack(steps).reshape(-1).to(dev, torch.float64)
+                stepv = torch.stack(steps).reshape(-1, 1).to(dev, f64)
             except RuntimeError:  # counters of several shapes or devices
-                stepv = torch.stack([c.reshape(()).to(dev, torch.float64) for c in steps])
-            lr_t = torch.as_tensor(lr, dtype=torch.float64, device=dev)
-            step_size = lr_t / (1 - float(beta1) ** stepv)
-            sqrt_bc2 = (1 - float(beta2) ** stepv).sqrt()
-            seg = _segments([t.numel() for t in ps], dev)
-            m = torch.cat([t.to(dev, f32) for t in ms])
-            v = torch.cat([t.to(dev, f32) for t in vs])
-            r = m / (v.sqrt() / sqrt_bc2.to(f32).index_select(0, seg) + eps)
-            r = r * step_size.to(f32).index_select(0, seg)
+                stepv = torch.stack([c.reshape(()).to(dev, f64) for c in steps]).reshape(-1, 1)
+            lr_t = torch.as_tensor(lr, dtype=f64, device=dev)
+            step_size = (lr_t / (1 - float(beta1) ** stepv)).to(f32)
+            sqrt_bc2 = (1 - float(beta2) ** stepv).sqrt().to(f32)
+            # In place in one work buffer (no full-size temporaries): r = m / (sqrt(v) / sqrt_bc2 + eps) * step_size.
+            m = gm()
+            r = torch.sqrt(gv(), out=work)
+            r.div_(sqrt_bc2).add_(eps)
+            torch.div(m, r, out=r).mul_(step_size)
             if decoupled and wd:
-                lam = lr_t * float(wd)
-                theta = torch.cat([t.to(dev, f32) for t in ps])
-                r = (r + theta * lam.to(f32)) / (1 - lam).to(f32)
-            sq = torch.zeros(len(idx), dtype=f32, device=dev).index_add_(0, seg, r.pow(2)).to(torch.float64)
-            sel = torch.tensor(idx, device=dev)
-            upd.index_copy_(0, sel, sq * scale.index_select(0, sel))
+                lam = (lr_t * float(wd)).to(f32)
+                theta = theta_all if sel_all else theta_all.index_select(0, sel)
+                r.addcmul_(theta, lam).div_(1 - lam)
+            upd.index_copy_(0, sel, r.mul_(r).sum(1).to(f64) * plan.scale.index_select(0, sel))
     return upd, nrm
