@@ -46,6 +46,7 @@ from benchmarks.bench_query import (
     _layer_values,
     _loss,
 )
+from healthwatch.store.segments import segment_name
 
 SIZES = (100, 1000, 10_000)
 
@@ -150,7 +151,7 @@ def write_layout(root: Path, run: str, table: str, steps: int, keys: list[Any], 
         t = pa.table([cols[f.name] for f in schema], names=schema.names)
         tmp = d / f".tmp-{uuid.uuid4().hex}.partial"
         write_parquet(t, tmp, table, compress=t.num_rows >= seal_rows)
-        tmp.rename(d / f"{wid}-{2 * g1 - 1:09d}-L{lv}.parquet")
+        tmp.rename(d / segment_name(wid, 2 * g1 - 1, lv, (a, b - 1)))  # the writer names its step range
         files += 1
     # Rollup rows: published once per ROLLUP_BATCH_STEPS (the buckets closed in it), merged tiered too.
     consts = [{c: v for c, v in e.items() if not isinstance(v, np.ndarray)} for e in extras]
@@ -287,3 +288,39 @@ def generate_synth(root: Path, steps: int, layers: int = 108, seed: int = 0, pro
                        "evaluator": ["synth"] * 2, "wall_time": [now, now + 1]})
     return {"layer_rows": steps * len(keys), "scalar_rows": steps * len(ss.DEFAULT_SCALARS),
             "write_s": time.perf_counter() - t0, "compact_s": 0.0, "layout": "direct"}
+
+
+def name_step_ranges(root: Path) -> int:
+    """Rename the segments of a store built before segment names carried their step range
+    (:func:`healthwatch.store.segments.segment_name`) to the names today's writer gives them.
+
+    The range comes from the ``step`` column's footer statistics, or from the column itself when a
+    row group has none; rollup tables (no ``step`` column) and names that already carry a range are
+    left as they are. Meant for a benchmark copy (``cp -al``) of a store no writer is using: the
+    benchmark numbers then describe the layout a writer of this commit leaves. Returns files renamed.
+    """
+    import pyarrow.parquet as pq
+
+    from healthwatch.store.segments import list_segments, parse_segment
+
+    renamed = 0
+    for tdir in sorted(root.glob("table=*")):
+        for rdir in sorted(tdir.glob("run=*")):
+            for path in list_segments(rdir):
+                seg = parse_segment(path)
+                if not seg.writer or seg.steps is not None:
+                    continue
+                meta = pq.read_metadata(path)
+                names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+                if "step" not in names or meta.num_rows == 0:
+                    continue
+                i = names.index("step")
+                stats = [meta.row_group(g).column(i).statistics for g in range(meta.num_row_groups)]
+                if all(s is not None and s.has_min_max and not s.null_count for s in stats):
+                    rng = (min(int(s.min) for s in stats), max(int(s.max) for s in stats))
+                else:
+                    col = pq.read_table(path, columns=["step"]).column(0).to_numpy()
+                    rng = (int(col.min()), int(col.max()))
+                path.rename(rdir / segment_name(seg.writer, seg.seq, seg.level, rng))
+                renamed += 1
+    return renamed

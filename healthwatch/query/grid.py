@@ -28,8 +28,8 @@ _FINAL = {"mean": "sum(vsum) / sum(n)", "max": "max(vmax)", "min": "min(vmin)", 
 
 
 def _span(store: Store, run: str, metric: str, path: Timeline, step_min: int | None, step_max: int | None,
-          use_rollups: bool) -> tuple[int, int] | None:
-    """First and last step of ``metric`` on ``path`` (within the range), from rollups plus raw rows."""
+          use_rollups: bool, size: int = ROLLUP_BUCKETS[-1]) -> tuple[int, int] | None:
+    """First and last step of ``metric`` on ``path`` (within the range), from ``size``-step rollups plus raw rows."""
     lo = hi = None
     params: list[Any] = [run, metric]
     rng = ""
@@ -42,7 +42,7 @@ def _span(store: Store, run: str, metric: str, path: Timeline, step_min: int | N
     conds: list[str] = [""]
     cps: list[list[Any]] = [[]]
     if use_rollups:
-        p = plan(store, run, "layer_stats", path, ROLLUP_BUCKETS[-1], " AND metric = ?", [metric])
+        p = plan(store, run, "layer_stats", path, size, " AND metric = ?", [metric])
         if p.used:
             rp: list[Any] = []
             pred = p.rollup_pred(rp)
@@ -84,9 +84,84 @@ def heatmap(
     """
     if agg not in _FINAL:
         raise ValueError(f"heatmap agg must be one of {sorted(_FINAL)}, got {agg!r}")
+    if step_min is None and step_max is None and use_rollups:
+        direct = _heatmap_direct(store, run, metric, max_buckets, agg, attempt)
+        if direct is not None:
+            return direct
+    return _heatmap_sql(store, run, metric, max_buckets, agg, step_min, step_max, attempt, use_rollups)
+
+
+#: Rollup columns the heatmap's SQL reads (besides ``run`` and ``metric``).
+_HEAT_ROLLUP_COLS = ("bucket_size", "bucket", "attempt", "layer", "layer_type", "step_min", "step_max", "n", "vmin",
+                     "vmax", "vmean", "vlast")
+
+
+def _heatmap_direct(store: Store, run: str, metric: str, max_buckets: int, agg: HeatAgg,
+                    attempt: int | None) -> pl.DataFrame | None:
+    """:func:`heatmap` of a whole run over rows read with :meth:`Store.scan_run`, or None (then SQL answers).
+
+    Reads the metric's 10,000- and 1,000-step rollup rows, its 100-step rollup rows and raw rows
+    from the lowest of their limits on (the live tail) and runs :func:`heatmap`'s own SQL over just
+    those rows (:class:`~healthwatch.store.reader.FrameStore`). Every query of it then selects only
+    rows the frames hold: each attempt's rollups are used below their limit and raw rows at or
+    after it, and every limit it can use is at or above the lowest one read. Falls back (None) for
+    a store that cannot scan, attempts with raw rows but no 1,000-step rollups (their rows
+    may lie at any step), or a span too short for 1,000-step buckets (it would need every
+    100-step rollup row).
+    """
+    from healthwatch.query.rollups import plan_of
+    from healthwatch.store.reader import FrameStore
+
+    scan = getattr(store, "scan_run", None)
+    if scan is None or not getattr(store, "_local_root", False):
+        return None
+    att = scan("attempts", run, ["attempt", "start_step"])
+    if att is None:
+        return None
+    path = Timeline.of(zip(att["attempt"].to_list(), att["start_step"].to_list()), attempt)
+    key = {"metric": (metric, metric)}
+    coarse = scan("layer_stats_rollup", run, list(_HEAT_ROLLUP_COLS),
+                  {"bucket_size": (ROLLUP_BUCKETS[1], ROLLUP_BUCKETS[-1]), **key})  # one read per file for both
+    if coarse is None:
+        return None
+    limits: list[int] = []
+    for size in (ROLLUP_BUCKETS[-1], ROLLUP_BUCKETS[1]):
+        r = coarse.filter(pl.col("bucket_size") == size)
+        p = plan_of(r.group_by("attempt").agg(pl.col("bucket").max()).rows(), path, size,
+                    lambda: store.attempts_present("layer_stats", run))
+        # The 1,000-step plan must serve every attempt with raw rows: the span and every display
+        # bucket are then answered from rollups below its limits and raw rows above them. (A young
+        # attempt without 10,000-step rollups is fine: the 1,000-step ones serve it.)
+        if size == ROLLUP_BUCKETS[1] and (not p.used or p.others):
+            return None
+        limits += [lim for _, lim in p.limits]
+    lo = min(limits)  # no query below reads a rollup row under lo // size or a raw row under lo
+    size = ROLLUP_BUCKETS[0]
+    fine = scan("layer_stats_rollup", run, list(_HEAT_ROLLUP_COLS),
+                {"bucket_size": (size, size), **key, "bucket": (lo // size, 2**62)})
+    raw = scan("layer_stats", run, ["attempt", "step", "layer", "layer_type", "value"], {"step": (lo, 2**62), **key})
+    if fine is None or raw is None:
+        return None
+    consts = [pl.lit(run).alias("run"), pl.lit(metric).alias("metric")]
+    frames = {"attempts": att.with_columns(consts[0]),
+              "layer_stats_rollup": pl.concat([coarse, fine]).with_columns(*consts),
+              "layer_stats": raw.with_columns(*consts)}
+    with FrameStore(store, frames) as fs:
+        span = _span(fs, run, metric, path, None, None, True, ROLLUP_BUCKETS[1])  # type: ignore[arg-type]
+        if span is None or (coarsest(display_width(span[0], span[1], max_buckets)) or 0) < ROLLUP_BUCKETS[1]:
+            return None
+        return _heatmap_sql(fs, run, metric, max_buckets, agg, None, None, attempt, True,  # type: ignore[arg-type]
+                            ROLLUP_BUCKETS[1])
+
+
+def _heatmap_sql(store: Store, run: str, metric: str, max_buckets: int, agg: HeatAgg, step_min: int | None,
+                 step_max: int | None, attempt: int | None, use_rollups: bool,
+                 span_size: int = ROLLUP_BUCKETS[-1]) -> pl.DataFrame:
+    """:func:`heatmap` in SQL over ``store``'s views (a :class:`Store`, or a FrameStore of rows read);
+    ``span_size``: the rollups the span is read from (any size gives the same span)."""
     path = timeline(store, run, attempt)
     whole = step_min is None and step_max is None and use_rollups
-    span = _span(store, run, metric, path, step_min, step_max, whole)
+    span = _span(store, run, metric, path, step_min, step_max, whole, span_size)
     if span is None:
         return pl.DataFrame(schema=_HEAT_SCHEMA)
     lo, hi = span

@@ -17,7 +17,7 @@ because it only uses the attempts table and the rollup rows' own attempt and buc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,8 +110,17 @@ def plan(store: Store, run: str, table: str, path: Timeline, size: int = ROLLUP_
         f"SELECT attempt, max(bucket) FROM {table}_rollup WHERE run = ? AND bucket_size = ?{key_sql} GROUP BY attempt",
         [run, int(size), *key_params],
     ).fetchall()
+    present = getattr(store, "attempts_present", None)
+    return plan_of(rows, path, size, lambda: present(table, run) if present is not None else None)
+
+
+def plan_of(tops: Sequence[tuple[Any, Any]], path: Timeline, size: int,
+            held: Callable[[], frozenset[Any] | None] = lambda: None) -> RollupPlan:
+    """The rule itself: the :class:`RollupPlan` from each attempt's highest rolled-up bucket ``tops``
+    (``(attempt, max(bucket))`` of the rollup rows read) on ``path``. ``held()`` gives the attempts
+    that have raw rows (None: unknown, assume any); asked only when some rollup is usable."""
     limits = []
-    for a, top in rows:
+    for a, top in tops:
         if a is None or top is None:
             continue
         a = int(a)
@@ -123,9 +132,8 @@ def plan(store: Store, run: str, table: str, path: Timeline, size: int = ROLLUP_
             lim = min(lim, (c // size) * size)
         if lim > 0:
             limits.append((a, lim))
-    present = getattr(store, "attempts_present", None)
-    held = present(table, run) if present is not None and limits else None
-    others = held is None or not held <= {a for a, _ in limits}
+    have = held() if limits else None
+    others = have is None or not have <= {a for a, _ in limits}
     return RollupPlan(size, tuple(sorted(limits)), others)
 
 

@@ -34,6 +34,8 @@ from healthwatch.store.segments import (
     full_read_problem,
     iter_run_dirs,
     list_segments,
+    overlaps,
+    parse_segment,
     schema_problem,
     segment_problem,
     table_dir,
@@ -83,13 +85,15 @@ class _Footer:
     column each time.
     """
 
-    __slots__ = ("meta", "index", "_bounds", "attempts")
+    __slots__ = ("meta", "index", "_bounds", "attempts", "keys")
 
     def __init__(self, meta: Any) -> None:
         self.meta = meta
         self.index = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
         self._bounds: dict[str, list[tuple[Any, Any] | None]] = {}
         self.attempts: frozenset[Any] | None = None  # the file's attempt values, once known
+        #: per tuple of key columns: {key values: row groups holding rows of that key} (see groups_with)
+        self.keys: dict[tuple[str, ...], dict[tuple[Any, ...], frozenset[int]]] = {}
 
     def bounds(self, col: str) -> list[tuple[Any, Any] | None]:
         """Per row group, the exact ``(min, max)`` of ``col``, or None where the statistics are
@@ -161,6 +165,13 @@ def run_scope(run: str) -> Iterator[None]:
 
 _FILE_IN_ERROR = re.compile(r"""(?:file|File)\s+["']?([^"'\s]+\.parquet)""")
 
+
+#: Candidate rows of one file above which :meth:`Store.scan_run` decodes the filtered columns first
+#: and the others only for row groups with a match (a 122,880-row group of a sealed segment).
+_TWO_PHASE_ROWS = 100_000
+#: Segments of at most this many rows get a key index (:meth:`Store._groups_with`): rollup and
+#: unsealed segments. A sealed 8M-row segment has exact key statistics per group and is not indexed.
+_KEY_INDEX_ROWS = 2_000_000
 
 #: How often a query is retried when files were retired (or found unreadable) under it.
 _QUERY_TRIES = 20
@@ -484,8 +495,9 @@ class Store:
         """Rows of one run's ``table`` whose ``ranges`` columns lie in ``[lo, hi]`` (inclusive), as polars.
 
         The cheap path for a small, exact question (one series over a step range, a run's
-        attempts): it lists only ``table=<t>/run=<r>/``, reads the footers of that run's segments
-        and decodes only the row groups whose min/max statistics can hold matching rows. No
+        attempts): it lists only ``table=<t>/run=<r>/``, skips the segments whose names carry a step
+        range outside ``ranges["step"]`` (unopened), reads the footers of the others and decodes
+        only the row groups whose min/max statistics can hold matching rows. No
         DuckDB connection, no views, nothing of other runs or tables. Returns ``None`` when it
         cannot answer exactly here — a root that is not a local directory, a segment that is not
         a readable segment of the table, files retired by a merge while it read — and the caller
@@ -508,28 +520,65 @@ class Store:
         cond = {c: pl.col(c) == pl.lit(lo) if c in strings and lo == hi else
                 pl.col(c).cast(pl.Utf8).is_between(pl.lit(lo), pl.lit(hi)) if c in strings else
                 pl.col(c).is_between(pl.lit(lo), pl.lit(hi)) for c, (lo, hi) in ranges.items()}
+        steps = ranges.get("step")
+        eq = {c: lo for c, (lo, hi) in ranges.items() if lo == hi}  # key columns asked for one value
         for _try in range(3):  # a merge may retire a listed file between listing and reading: list again
             try:
                 parts = []
                 for path in list_segments(table_dir(self.root, table, run)):
+                    if steps is not None and not overlaps(parse_segment(path).steps, *steps):
+                        continue  # its name says no row is in the step range: not even its footer is read
                     fo = self._checked_footer(str(path), table)
                     if fo is None:
                         return None  # the SQL path skips it, with its warning
-                    pf = None
-                    for g in range(fo.meta.num_row_groups):
-                        fit = fo.fit(g, ranges)
-                        if fit is None:
-                            continue
-                        if pf is None:  # opened only for a file with rows to decode (footer known)
-                            pf = pq.ParquetFile(str(path), metadata=fo.meta)
-                        # Columns whose statistics put the whole group inside their range are
-                        # neither decoded nor filtered (a sorted segment's group is often one key).
-                        open_ = [c for c in ranges if c not in fit]
-                        cols = list(dict.fromkeys([*columns, *open_]))
-                        df = pl.from_arrow(pf.read_row_group(g, columns=cols, use_threads=False))
+                    fits = [(g, f) for g in range(fo.meta.num_row_groups) if (f := fo.fit(g, ranges)) is not None]
+                    if fits and eq:
+                        held = self._groups_with(str(path), fo, eq)
+                        if held is not None:
+                            fits = [(g, f) for g, f in fits if g in held]
+                    if not fits:
+                        continue
+                    groups = [g for g, _ in fits]
+                    # Columns whose statistics put every candidate group inside their range are
+                    # neither decoded nor filtered (a sorted segment's group is often one key).
+                    open_ = [c for c in ranges if any(c not in f for _, f in fits)]
+                    rest = [c for c in columns if c not in open_]
+                    big = sum(fo.meta.row_group(g).num_rows for g in groups) >= _TWO_PHASE_ROWS
+                    # A file's groups are read in one call. In big groups strings stay dictionary-encoded
+                    # (categoricals): a key column's filter compares codes, not 10^5 decoded strings.
+                    pf = pq.ParquetFile(str(path), metadata=fo.meta, read_dictionary=strings if big else None)
+                    if not open_ or not big:
+                        # One read (a rollup file's few small groups: a second call costs more
+                        # than decoding the rows it would spare).
+                        df = pl.from_arrow(pf.read_row_groups(groups, columns=[*rest, *open_], use_threads=False))
                         assert isinstance(df, pl.DataFrame)
-                        keep = [cond[c] for c in open_]
-                        parts.append((df.filter(keep) if keep else df).select(list(columns)))
+                        parts.append(df.filter([cond[c] for c in open_]).select(list(columns)) if open_ else df)
+                        continue
+                    # Two phases: the filtered columns first (cheap: dictionary codes and the step
+                    # column); the others only for groups with matching rows. A group whose
+                    # statistics straddle two keys (e.g. metric a's last layers, metric b's first)
+                    # is often ruled out here without decoding its values.
+                    keys = pl.from_arrow(pf.read_row_groups(groups, columns=open_, use_threads=False))
+                    assert isinstance(keys, pl.DataFrame)
+                    keep = pl.all_horizontal([cond[c] for c in open_])
+                    mask = keys.select(keep.alias("m")).to_series()
+                    if not mask.any():
+                        continue
+                    hit, off = [], 0
+                    for g in groups:
+                        n = fo.meta.row_group(g).num_rows
+                        if mask.slice(off, n).any():
+                            hit.append(g)
+                        off += n
+                    if len(hit) < len(groups):  # decode the rest of the matching groups only
+                        keys = pl.from_arrow(pf.read_row_groups(hit, columns=open_, use_threads=False))
+                        assert isinstance(keys, pl.DataFrame)
+                        mask = keys.select(keep.alias("m")).to_series()
+                    if rest:
+                        more = pl.from_arrow(pf.read_row_groups(hit, columns=rest, use_threads=False))
+                        assert isinstance(more, pl.DataFrame)
+                        keys = keys.hstack(more)
+                    parts.append(keys.filter(mask).select(list(columns)))
                 empty = pl.DataFrame(schema={f.name: _polars_type(f.type) for f in schema})
                 if not parts:
                     return empty
@@ -539,6 +588,40 @@ class Store:
             except (OSError, pa.ArrowException, ValueError):
                 return None  # unreadable: the SQL path finds out which file and skips it
         return None
+
+    @staticmethod
+    def _groups_with(key: str, fo: _Footer, eq: dict[str, Any]) -> frozenset[int] | None:
+        """Row groups of a segment holding a row whose ``eq`` columns equal those values, from the
+        segment's key index (built once per open Store: segments are immutable), or None for a
+        segment too large to index (then its statistics alone pick the groups).
+
+        Statistics cannot rule out a group that straddles keys (metric a's last layers and metric
+        b's first span every layer): in a rollup segment two of every three groups a one-layer
+        read decoded held none of its rows.
+        """
+        import numpy as np
+        import polars as pl
+        import pyarrow.parquet as pq
+
+        cols = tuple(sorted(eq))
+        idx = fo.keys.get(cols)
+        if idx is None:
+            if fo.meta.num_rows > _KEY_INDEX_ROWS or any(c not in fo.index for c in cols):
+                return None
+            strings = [c for c in cols if fo.meta.schema.column(fo.index[c]).physical_type == "BYTE_ARRAY"]
+            t = pq.ParquetFile(key, metadata=fo.meta, read_dictionary=strings).read(columns=list(cols),
+                                                                                  use_threads=False)
+            sizes = [fo.meta.row_group(g).num_rows for g in range(fo.meta.num_row_groups)]
+            df = pl.from_arrow(t)
+            assert isinstance(df, pl.DataFrame)
+            df = df.with_columns(pl.Series("_g", np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)))
+            uniq = df.unique(subset=[*cols, "_g"]).with_columns([pl.col(c).cast(pl.Utf8) for c in cols
+                                                                 if df.schema[c] == pl.Categorical])
+            idx = {}
+            for row in uniq.group_by(list(cols)).agg(pl.col("_g")).iter_rows():
+                idx[tuple(row[:-1])] = frozenset(row[-1])
+            fo.keys[cols] = idx
+        return idx.get(tuple(eq[c] for c in cols), frozenset())
 
     @property
     def _local_root(self) -> bool:
@@ -659,6 +742,12 @@ class Store:
         return None
 
     # -- queries -----------------------------------------------------------------------------
+    def sql_over(self, frames: dict[str, Any], query: str, params: Sequence[Any] | None = None) -> Any:
+        """``query`` with each name of ``frames`` bound to that polars (or Arrow) table instead of the
+        store's view of that name (see :class:`FrameStore`); the result as polars."""
+        with FrameStore(self, frames, copy=False) as fs:  # one query: scanning the Arrow tables once is cheaper
+            return fs.sql(query, params).pl()
+
     def sql(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> Result:
         """A parameterised query over the store's views; call ``.pl()``/``.arrow()``/``.fetchall()``."""
         return Result(self, query, params)
@@ -742,6 +831,78 @@ class Store:
             self._con.close()
 
     def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _FrameResult:
+    """A query over a :class:`FrameStore`, materialised like :class:`Result`."""
+
+    def __init__(self, cur: Any, query: str, params: Any) -> None:
+        self._cur, self._query, self._params = cur, query, params
+
+    def pl(self) -> Any:
+        """Result as a polars DataFrame."""
+        return self._cur.sql(self._query, params=self._params).pl()
+
+    def arrow(self) -> pa.Table:
+        """Result as an Arrow table."""
+        rel = self._cur.sql(self._query, params=self._params)
+        return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        """Result as a list of tuples."""
+        return self._cur.execute(self._query, self._params).fetchall()
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        """First row of the result, or None."""
+        rows = self.fetchall()
+        return rows[0] if rows else None
+
+
+class FrameStore:
+    """A read-only stand-in for a :class:`Store` whose views are frames already read (polars or Arrow).
+
+    For a reader that has read the few rows a question needs with :meth:`Store.scan_run`: the query
+    functions run their own SQL on it unchanged, only the sources shrink from views over every
+    segment to those rows, so the answer is the same by construction as long as each frame holds
+    every row the queries' conditions select (a frame may hold more). A view not given is an error
+    (DuckDB: no such table), never a silent read of something else. ``attempts_present`` is the
+    store's. Use as a context manager (the cursor and its registered frames are its own).
+    """
+
+    def __init__(self, store: Store, frames: dict[str, Any], copy: bool = True) -> None:
+        """Bind ``frames`` (view name -> polars or Arrow table) on a cursor of its own; ``copy`` puts
+        each into a TEMP table (for several queries), else each query scans the Arrow table."""
+        self.root = store.root
+        self._store = store
+        self._cur = _duck.cursor()
+        for name, df in frames.items():
+            arrow = df.to_arrow() if hasattr(df, "to_arrow") else df
+            if not copy:
+                self._cur.register(name, arrow)
+                continue
+            # Copied into a TEMP table once: DuckDB scans a registered Arrow table through a
+            # pyarrow scanner built per query (~10x slower for the several queries of one reader).
+            self._cur.register("_frame", arrow)
+            self._cur.execute(f'CREATE TEMP TABLE "{name}" AS SELECT * FROM _frame')
+            self._cur.unregister("_frame")
+
+    def sql(self, query: str, params: Sequence[Any] | None = None) -> _FrameResult:
+        """A parameterised query over the frames; call ``.pl()``/``.arrow()``/``.fetchall()``."""
+        return _FrameResult(self._cur, query, params)
+
+    def attempts_present(self, table: str, run: str) -> frozenset[Any] | None:
+        """The store's :meth:`Store.attempts_present`."""
+        return self._store.attempts_present(table, run)
+
+    def close(self) -> None:
+        """Close the cursor (its registered frames go with it)."""
+        self._cur.close()
+
+    def __enter__(self) -> FrameStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

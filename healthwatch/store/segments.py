@@ -3,7 +3,10 @@
 Protocol (no cross-process lock is needed to write):
 
 * A segment is written to ``.tmp-<uuid>.partial`` and published with ``os.rename`` to
-  ``<writer>-<seq>-L<level>.parquet``; readers only ever list ``*.parquet`` names that do not
+  ``<writer>-<seq>-L<level>.parquet``, or ``<writer>-<seq>-s<lo>_<hi>-L<level>.parquet`` when the
+  writer knows the smallest and largest ``step`` of its rows (:func:`segment_name`): a bounded
+  reader then rules a segment out from the listing alone, without opening its footer (a name
+  without a range is read as before). Readers only ever list ``*.parquet`` names that do not
   start with a dot, so they never see a partial file.
 * A merge writes its target to a temp name, then a manifest ``_merge-<id>.json`` naming the
   target and its sources, then renames the target into place, deletes the sources and finally
@@ -20,12 +23,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,24 +51,63 @@ def table_dir(root: Path, table: str, run: str) -> Path:
 
 @dataclass(frozen=True)
 class Segment:
-    """A published segment file: its path, writer id, sequence number and merge level."""
+    """A published segment file: its path, writer id, sequence number and merge level, and the
+    ``(min, max)`` of its rows' ``step`` when its name carries them (None: unknown, read the footer)."""
 
     path: Path
     writer: str
     seq: int
     level: int
+    steps: tuple[int, int] | None = None
+
+
+#: ``<writer>-<seq>[-s<lo>_<hi>]-L<level>``: the writer id is everything before the last fields
+#: (as the old ``rsplit("-", 2)`` parse read it), so old names parse exactly as before.
+_NAME = re.compile(r"^(?P<writer>.+)-(?P<seq>[0-9]+)(?:-s(?P<lo>[0-9]+)_(?P<hi>[0-9]+))?-L(?P<level>[0-9]+)$")
 
 
 def parse_segment(path: Path) -> Segment | None:
-    """Parse ``<writer>-<seq>-L<level>.parquet``; foreign names get writer ``""``."""
-    stem = path.name[: -len(".parquet")]
-    parts = stem.rsplit("-", 2)
-    if len(parts) == 3 and parts[2].startswith("L"):
-        try:
-            return Segment(path, parts[0], int(parts[1]), int(parts[2][1:]))
-        except ValueError:
-            pass
-    return Segment(path, "", 0, 0)
+    """Parse ``<writer>-<seq>[-s<lo>_<hi>]-L<level>.parquet``; foreign names get writer ``""``."""
+    m = _NAME.match(path.name[: -len(".parquet")])
+    if m is None:
+        return Segment(path, "", 0, 0)
+    lo, hi = m.group("lo"), m.group("hi")
+    steps = (int(lo), int(hi)) if lo is not None and hi is not None and int(lo) <= int(hi) else None
+    return Segment(path, m.group("writer"), int(m.group("seq")), int(m.group("level")), steps)
+
+
+def segment_name(writer: str, seq: int, level: int, steps: tuple[int, int] | None = None) -> str:
+    """The file name of a segment; ``steps`` (the smallest and largest ``step`` of *every* row) goes
+    into the name so that bounded readers skip the segment from the listing. Left out when None or
+    negative (the name grammar has no sign)."""
+    rng = f"-s{int(steps[0])}_{int(steps[1])}" if steps is not None and 0 <= steps[0] <= steps[1] else ""
+    return f"{writer}-{int(seq):09d}{rng}-L{int(level)}.parquet"
+
+
+def step_range(table: pa.Table) -> tuple[int, int] | None:
+    """``(min, max)`` of ``table``'s ``step`` column for :func:`segment_name`; None when it has no
+    such column, no rows, or a NULL step (a name range must hold every row)."""
+    if "step" not in table.column_names or table.num_rows == 0:
+        return None
+    col = table.column("step")
+    if col.null_count:
+        return None
+    import pyarrow.compute as pc
+
+    mm = pc.min_max(col).as_py()
+    return None if mm["min"] is None else (int(mm["min"]), int(mm["max"]))
+
+
+def union_steps(segments: list[Segment]) -> tuple[int, int] | None:
+    """The step range of a merge of ``segments``: the union of theirs, None if any is unknown."""
+    if not segments or any(s.steps is None for s in segments):
+        return None
+    return (min(s.steps[0] for s in segments if s.steps), max(s.steps[1] for s in segments if s.steps))
+
+
+def overlaps(steps: tuple[int, int] | None, lo: Any, hi: Any) -> bool:
+    """Whether a segment of step range ``steps`` (None: unknown) may hold a step in ``[lo, hi]``."""
+    return steps is None or not (steps[1] < lo or steps[0] > hi)
 
 
 def write_segment(directory: Path, name: str, table: pa.Table, row_group_size: int = 128_000) -> Path:

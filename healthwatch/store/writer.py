@@ -51,7 +51,10 @@ from healthwatch.store.segments import (
     merge_lock,
     parse_segment,
     publish_merge,
+    segment_name,
+    step_range,
     table_dir,
+    union_steps,
     write_segment,
 )
 
@@ -125,7 +128,7 @@ class StoreWriter:
         :func:`~healthwatch.store.merge.sort_table`, strings dictionary-encoded)."""
         self._ensure_init()
         self._seq += 1
-        name = f"{self.writer_id}-{self._seq:09d}-L0.parquet"
+        name = segment_name(self.writer_id, self._seq, 0, step_range(data))  # step range: readers skip it unopened
         directory = table_dir(self.root, table, self.run)
         if table not in SERIES_KEYS:
             return write_segment(directory, name, data)
@@ -278,7 +281,7 @@ class StoreWriter:
             parts.append(data if data is not None else read_segment(directory / seg.name, table))
         merged = merge_tables(parts, table)
         level = group[-1].level + 1
-        target = f"{self.writer_id}-{group[-1].seq:09d}-L{level}.parquet"
+        target = segment_name(self.writer_id, group[-1].seq, level, step_range(merged))
         tmp = directory / f".tmp-{uuid.uuid4().hex}.partial"
         try:
             write_parquet(merged, tmp, table, compress=merged.num_rows >= self.seal_rows)
@@ -300,7 +303,7 @@ class StoreWriter:
                 return 0
             while (group := self._listed_group(directory)) is not None:
                 level = group[-1].level
-                target = f"{self.writer_id}-{group[-1].seq:09d}-L{level + 1}.parquet"
+                target = segment_name(self.writer_id, group[-1].seq, level + 1, union_steps(group))
                 merge_files(directory, [s.path for s in group], target, table)
                 merges += 1
         return merges
@@ -320,7 +323,7 @@ class StoreWriter:
 
         merges = 0
         while (group := self._listed_group(directory)) is not None:
-            target = f"{self.writer_id}-{group[-1].seq:09d}-L{group[-1].level + 1}.parquet"
+            target = segment_name(self.writer_id, group[-1].seq, group[-1].level + 1, union_steps(group))
             try:
                 merge_s3(str(directory), [str(s.path) for s in group], target, table,
                          merge=merge_files, manifest_prefix=MANIFEST_PREFIX)
