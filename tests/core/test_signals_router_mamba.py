@@ -150,3 +150,70 @@ def test_families_can_be_turned_off_and_unknown_ones_are_refused():
     col.take_row([])
     assert col.bank.empty
     col.detach()
+
+
+class FixedRouter(nn.Module):
+    """Returns the logits it is handed (first output, as HF routers do) and top-1 choices."""
+
+    def __init__(self, experts: int) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = experts, 1
+
+    def forward(self, logits: torch.Tensor):
+        return logits, torch.ones(logits.shape[0], 1), logits.argmax(-1, keepdim=True)
+
+
+class FixedMoE(nn.Module):
+    def __init__(self, experts: int) -> None:
+        super().__init__()
+        self.router = FixedRouter(experts)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.router(logits)[0]
+
+
+class TwoMoE(nn.Module):
+    """Two MoE layers with different expert counts (4 and 6): staged in two width groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([FixedMoE(4), FixedMoE(6)])
+
+
+def test_staged_router_path_equals_router_terms_pooled_and_samples_long_calls():
+    """Router health is staged per call and computed for all calls at once in take_row: it must equal
+    router_terms (the per-call definition, independent of the staging) pooled over each layer's calls;
+    a call longer than ROUTER_SAMPLE_TOKENS is read on every k-th token for entropy and z-loss, while
+    the max logit reads every token."""
+    from healthwatch.hooks.collector import StatsCollector
+    from healthwatch.hooks.signals import ROUTER_SAMPLE_TOKENS
+
+    torch.manual_seed(5)
+    net = TwoMoE()
+    spec = GenericAdapter(blocks=r"^layers\.\d+$", routers=r"\.router$").inspect(net)
+    col = StatsCollector(spec, torch.device("cpu"), families=("router",))
+    col.attach()
+    first = [torch.randn(7, 4) * 3, torch.randn(5, 4)]            # layer 0: two microbatches
+    long = torch.randn(3 * ROUTER_SAMPLE_TOKENS + 1, 6) * 2         # layer 1: one long call
+    long[1, 2] = 50.0                                               # in a row the sample skips
+    got_steps = []
+    for _step in range(2):                                          # the cached layout is reused
+        for lg in first:
+            net.layers[0].router(lg)
+        net.layers[1].router(long)
+        sums, maxes, *_ = col.take_row([])
+        base = spec.num_layers + col.layout.n_groups + col.layout.counts_size()
+        got_steps.append({(p, m): v for p, m, v in decode_bank(sums[base:].numpy(), maxes[spec.num_layers:].numpy(),
+                                                               col.bank.ratio_slots, col.bank.max_slots)})
+    col.detach()
+    s0, m0 = router_terms(torch.cat(first))
+    stride = -(-long.shape[0] // ROUTER_SAMPLE_TOKENS)
+    assert stride == 4
+    s1, _ = router_terms(long[::stride])
+    for got in got_steps:
+        assert got[(0, "router_entropy")] == pytest.approx(float(s0[0] / s0[1]), rel=1e-5)
+        assert got[(0, "router_zloss")] == pytest.approx(float(s0[2] / s0[3]), rel=1e-5)
+        assert got[(0, "router_max_logit")] == pytest.approx(float(m0[0]))
+        assert got[(1, "router_entropy")] == pytest.approx(float(s1[0] / s1[1]), rel=1e-5)
+        assert got[(1, "router_zloss")] == pytest.approx(float(s1[2] / s1[3]), rel=1e-5)
+        assert got[(1, "router_max_logit")] == 50.0

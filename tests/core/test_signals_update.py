@@ -211,3 +211,35 @@ def test_all_families_on_a_model_without_their_layers_is_a_no_op(store_dir):
     metrics = {m for (m,) in st.sql("SELECT DISTINCT metric FROM layer_stats WHERE run = 'plain'").fetchall()}
     st.close()
     assert metrics == {"wgrad_norm", "resid_rms", "resid_rms_max"}  # the core signals only
+
+
+def test_cached_plan_equals_the_parameter_change_over_groups_amsgrad_and_a_skipped_parameter():
+    """adam_update_sq reuses its gathered views from step to step (``cache``); each step must still
+    equal the parameter change itself (θ before the step kept here only for the check), with two
+    parameter groups (AMSGrad + decoupled decay, plain), and a parameter that has no gradient on one
+    step (not updated: 0). The plan is rebuilt when that parameter loses and regains its gradient."""
+    from healthwatch.hooks.signals import adam_update_sq
+
+    torch.manual_seed(1)
+    a, b = nn.Linear(8, 8), nn.Linear(8, 4)
+    opt = torch.optim.AdamW([{"params": a.parameters(), "lr": 1e-2, "weight_decay": 0.1, "amsgrad": True},
+                             {"params": b.parameters(), "lr": 3e-3, "weight_decay": 0.0}])
+    params = [*a.parameters(), *b.parameters()]
+    cache: dict = {}
+    plans = []
+    for step in range(4):
+        b(a(torch.randn(5, 8))).pow(2).mean().backward()
+        if step == 2:
+            b.bias.grad = None                                # skipped by AdamW this step
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        upd, nrm = adam_update_sq(opt, params, cache=cache)
+        exact = [(p.detach() - q).pow(2).sum().item() for p, q in zip(params, before)]
+        assert upd.tolist() == pytest.approx(exact, rel=1e-4, abs=1e-14)
+        assert nrm.tolist() == pytest.approx([p.detach().pow(2).sum().item() for p in params], rel=1e-5)
+        if step == 2:
+            assert upd[3].item() == 0.0
+        plans.append(cache["plan"])
+        opt.zero_grad()
+    assert plans[1] is plans[0]                               # same state tensors: reused
+    assert plans[2] is not plans[1] and plans[3] is not plans[2]
