@@ -142,11 +142,8 @@ def _heatmap_direct(store: Store, run: str, metric: str, max_buckets: int, agg: 
     raw = scan("layer_stats", run, ["attempt", "step", "layer", "layer_type", "value"], {"step": (lo, 2**62), **key})
     if fine is None or raw is None:
         return None
-    consts = [pl.lit(run).alias("run"), pl.lit(metric).alias("metric")]
-    frames = {"attempts": att.with_columns(consts[0]),
-              "layer_stats_rollup": pl.concat([coarse, fine]).with_columns(*consts),
-              "layer_stats": raw.with_columns(*consts)}
-    with FrameStore(store, frames) as fs:
+    frames = {"attempts": att, "layer_stats_rollup": pl.concat([coarse, fine]), "layer_stats": raw}
+    with FrameStore(store, frames, consts={"run": run, "metric": metric}) as fs:
         span = _span(fs, run, metric, path, None, None, True, ROLLUP_BUCKETS[1])  # type: ignore[arg-type]
         if span is None or (coarsest(display_width(span[0], span[1], max_buckets)) or 0) < ROLLUP_BUCKETS[1]:
             return None

@@ -873,9 +873,12 @@ class FrameStore:
     store's. Use as a context manager (the cursor and its registered frames are its own).
     """
 
-    def __init__(self, store: Store, frames: dict[str, Any], copy: bool = True) -> None:
+    def __init__(self, store: Store, frames: dict[str, Any], copy: bool = True,
+                 consts: dict[str, str] | None = None) -> None:
         """Bind ``frames`` (view name -> polars or Arrow table) on a cursor of its own; ``copy`` puts
-        each into a TEMP table (for several queries), else each query scans the Arrow table."""
+        each into a TEMP table (for several queries), else each query scans the Arrow table.
+        ``consts`` (with ``copy``): string columns of one value each (``run``, a key) that a frame
+        lacks, added by DuckDB rather than carried as 10^5 equal strings."""
         self.root = store.root
         self._store = store
         self._cur = _duck.cursor()
@@ -886,8 +889,10 @@ class FrameStore:
                 continue
             # Copied into a TEMP table once: DuckDB scans a registered Arrow table through a
             # pyarrow scanner built per query (~10x slower for the several queries of one reader).
+            extra = {c: v for c, v in (consts or {}).items() if c not in arrow.column_names}
+            cols = "".join(f'?::VARCHAR AS "{c}", ' for c in extra)
             self._cur.register("_frame", arrow)
-            self._cur.execute(f'CREATE TEMP TABLE "{name}" AS SELECT * FROM _frame')
+            self._cur.execute(f'CREATE TEMP TABLE "{name}" AS SELECT {cols}* FROM _frame', list(extra.values()))
             self._cur.unregister("_frame")
 
     def sql(self, query: str, params: Sequence[Any] | None = None) -> _FrameResult:
