@@ -226,8 +226,12 @@ class StatsCollector:
         return found if found is not None else self.bank.group(key, *make())
 
     # -- extra signals -----------------------------------------------------------------------
-    def quant_stats(self, pos: int, operand: str | None, x: torch.Tensor, q: torch.Tensor) -> None:
-        """Accumulate NVFP4 health of one quantised tensor into block ``pos`` (and ``operand``)."""
+    def quant_stats(self, pos: int, operand: str | None, x: torch.Tensor, q: torch.Tensor,
+                    amax: torch.Tensor | float | None = None) -> None:
+        """Accumulate NVFP4 health of one quantised tensor into block ``pos`` (and ``operand``).
+
+        ``amax`` (``max |x|``, when the quantiser already computed it) replaces the one full read of
+        ``x``; the ratios always come from the sampled rows."""
         if x.shape != q.shape:
             raise ValueError(f"quant_stats: x {tuple(x.shape)} and q {tuple(q.shape)} differ in shape")
         if not self.active or not self._sample or "quant" not in self.families or _in_backward():
@@ -252,7 +256,11 @@ class StatsCollector:
             # and one aminmax of the whole operand (fp4_amax is exact).
             self._qx.append(torch.stack([xs, qs]).view(2, -1, sig.NVFP4_BLOCK))
             self._qlen.append(xs.numel() // sig.NVFP4_BLOCK)
-            self._qmm.append(torch.aminmax(xd))
+            if amax is None:
+                self._qmm.append(torch.aminmax(xd))
+            else:  # (lo, hi) = (a, a): max(hi, -lo) at the flush gives a (an amax is >= 0)
+                a = (amax.detach().reshape(()) if isinstance(amax, torch.Tensor) else torch.full((), float(amax))).to(xd.device)
+                self._qmm.append((a, a))
             self._qkeys.append(key)
             return
         # Rows that do not divide into 16-blocks (rare): computed at once, whole tensor.
@@ -297,8 +305,8 @@ class StatsCollector:
         self._qx, self._qlen, self._qmm, self._qkeys = [], [], [], []
 
     def _quant_observer(self, pos: int) -> Callable[[str, torch.Tensor, torch.Tensor], None]:
-        def observe(operand: str, x: torch.Tensor, q: torch.Tensor) -> None:
-            self.quant_stats(pos, operand, x, q)
+        def observe(operand: str, x: torch.Tensor, q: torch.Tensor, amax: torch.Tensor | None = None) -> None:
+            self.quant_stats(pos, operand, x, q, amax=amax)
 
         return observe
 

@@ -395,19 +395,24 @@ class Monitor:
             return
         self._collector.after_optimizer_step(optimizer)
 
-    def quant_stats(self, layer: int | nn.Module, name: str | None, x: torch.Tensor, q: torch.Tensor) -> None:
+    def quant_stats(self, layer: int | nn.Module, name: str | None, x: torch.Tensor, q: torch.Tensor,
+                    amax: torch.Tensor | float | None = None) -> None:
         """Record NVFP4 quantisation health of one GEMM operand: ``x`` before, ``q`` after quantise-dequantise.
 
         ``layer`` is a watched block's stored layer index or any module inside it; ``name`` the
         operand (``weight``, ``act``, ``grad``, ...), stored as ``fp4_<metric>/<name>`` beside the
-        layer aggregate ``fp4_<metric>``. Device ops only; a no-op on unrecorded steps and when the
-        ``quant`` family is off. Raises ``ValueError`` for a layer that is not watched or shapes that differ.
+        layer aggregate ``fp4_<metric>``. ``amax``: the operand's ``max |x|`` when the quantiser
+        already has it (every NVFP4 recipe computes it for the per-tensor scale), stored as given;
+        without it the Monitor reads the whole operand once for ``fp4_amax``, the one part of this
+        family whose cost grows with the operand (docs/signals.md). Device ops only; a no-op on
+        unrecorded steps and when the ``quant`` family is off. Raises ``ValueError`` for a layer
+        that is not watched or shapes that differ.
         """
         if self._closed:
             return
         if self._collector is None:
             raise ValueError("quant_stats() before watch(model): the Monitor does not know the layers yet")
-        self._collector.quant_stats(self._collector.block_position(layer), name, x, q)
+        self._collector.quant_stats(self._collector.block_position(layer), name, x, q, amax=amax)
 
     def attention_logits(self, layer: int | nn.Module, logits: torch.Tensor) -> None:
         """Record ``attn_logit_max``: the largest pre-softmax attention score of a watched block this step.

@@ -173,3 +173,28 @@ def test_large_operands_are_sampled_on_whole_rows_amax_exact():
     assert got[(0, "fp4_amax")] == 500.0            # amax reads the whole operand
     xs, _qs = quant_sample(x, q)
     assert xs.shape == (64, 64) and xs.numel() <= 1 << 12
+
+
+def test_an_amax_the_quantiser_already_has_replaces_the_full_read(store_dir):
+    """``quant_stats(..., amax=)``: a trainer whose quantiser computed the operand's max |x| passes it
+    and the Monitor stores it as given (no read of the whole operand); the ratios still come from the
+    sampled rows, equal to quant_terms. Without it, fp4_amax is the operand's own max |x|."""
+    torch.manual_seed(6)
+    x = torch.randn(8, 32) * 2
+    x[3, 5] = -9.5
+    q = quantize_nvfp4(x)
+    with hw.Monitor(store=store_dir, run="qa", monitor_config=hw.MonitorConfig(signals_every=1)) as mon:
+        mon.watch(QNet(), adapter=GenericAdapter(blocks=r"^layers\.\d+$"))
+        mon.quant_stats(1, "act", x, q, amax=torch.tensor(9.5))
+        mon.quant_stats(1, "weight", x, q, amax=11.0)      # stored as given: proves x was not read for it
+        mon.quant_stats(1, "grad", x, q)
+        mon.step(0, loss=1.0)
+    st = hw.open_store(store_dir)
+    got = {m: v for m, v in st.sql("SELECT metric, value FROM layer_stats WHERE layer = 1").fetchall()}
+    st.close()
+    sums, _ = quant_terms(x, q)
+    assert got["fp4_amax/act"] == 9.5 and got["fp4_amax/weight"] == 11.0 and got["fp4_amax/grad"] == 9.5
+    assert got["fp4_amax"] == 11.0                          # the layer aggregate: max over operands
+    for op in ("act", "weight", "grad"):
+        assert got[f"fp4_underflow/{op}"] == pytest.approx(float(sums[0] / sums[1]))
+        assert got[f"fp4_rel_mse/{op}"] == pytest.approx(float(sums[4] / sums[5]), rel=1e-5)
