@@ -154,14 +154,15 @@ class SeaweedS3:
 
 
 class IgnoringProxy:
-    """A reverse proxy on 127.0.0.1 that forwards every request but drops ``If-None-Match``.
+    """A reverse proxy on 127.0.0.1 that forwards every request but drops ``If-None-Match`` (or ``dropped``).
 
     In front of a server that does not check signatures of dropped headers (moto), it is an S3
     endpoint that accepts create-only PUTs and ignores the condition, as several emulators do.
     """
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, dropped: tuple[str, ...] = ("if-none-match",)) -> None:
         upstream = upstream_port
+        drop = {h.lower() for h in dropped} | {"host"}
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -169,7 +170,7 @@ class IgnoringProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("if-none-match", "host")}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in drop}
                 headers["Host"] = f"127.0.0.1:{upstream}"
                 conn = http.client.HTTPConnection("127.0.0.1", upstream, timeout=30)
                 try:

@@ -272,3 +272,42 @@ def test_live_lease_is_respected_by_writers_and_compactor(s3_root: str) -> None:
     again = S3Lease(fs, other.path, "me", lease_s=60.0)  # type: ignore[arg-type]
     assert again.acquire()  # released: free again
     again.release()
+
+
+def test_compact_refuses_a_server_that_ignores_if_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Create-only PUTs enforced, ``If-Match`` silently dropped: writers may write there, compaction may not."""
+    from _deps import require
+    from s3servers import IgnoringProxy
+
+    from healthwatch.objectstore import S3FS, ConditionalWriteUnsupportedError, S3Settings
+    from healthwatch.store.compact import compact_store
+
+    server_mod = require("moto.server", "moto[server] for an S3 emulator (pip install -e '.[dev]')")
+    moto = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    proxy = None
+    try:
+        _host, port = moto.get_host_and_port()
+        for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        S3FS("hwcompact", S3Settings(endpoint_url=f"http://127.0.0.1:{port}")).client.create_bucket(Bucket="hwcompact")
+        proxy = IgnoringProxy(port, dropped=("if-match",))
+        monkeypatch.setenv("HEALTHWATCH_S3_ENDPOINT", proxy.endpoint)
+        root = "s3://hwcompact/store"
+        _write_store(root, flushes=2)  # the writers' If-None-Match probe passes through the proxy
+        fs = S3FS("hwcompact", S3Settings(endpoint_url=proxy.endpoint))
+        before = sorted(fs.walk(root))
+        with pytest.raises(ConditionalWriteUnsupportedError) as err:
+            compact_store(root)
+        msg = str(err.value)
+        assert proxy.endpoint in msg and "If-Match" in msg and "compact" in msg
+        res = subprocess.run([sys.executable, "-m", "healthwatch.cli", "compact", "--store", root],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and "does not enforce If-Match" in " ".join(res.stderr.split()), res.stderr
+        assert sorted(fs.walk(root)) == before  # nothing was merged, deleted or left behind
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        moto.stop()
