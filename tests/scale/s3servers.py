@@ -181,7 +181,9 @@ class IgnoringProxy:
                     for k, v in resp.getheaders():
                         if k.lower() not in ("transfer-encoding", "content-length", "connection"):
                             self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(data)))
+                    # A HEAD answer has no body: pass on the object's length (readers size files by it).
+                    head_len = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                    self.send_header("Content-Length", head_len or str(len(data)))
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(data)

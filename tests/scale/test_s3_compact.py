@@ -296,7 +296,7 @@ def test_compact_refuses_a_server_that_ignores_if_match(monkeypatch: pytest.Monk
         proxy = IgnoringProxy(port, dropped=("if-match",))
         monkeypatch.setenv("HEALTHWATCH_S3_ENDPOINT", proxy.endpoint)
         root = "s3://hwcompact/store"
-        _write_store(root, flushes=2)  # the writers' If-None-Match probe passes through the proxy
+        expected = _write_store(root, flushes=2)  # the writers' If-None-Match probe passes through the proxy
         fs = S3FS("hwcompact", S3Settings(endpoint_url=proxy.endpoint))
         before = sorted(fs.walk(root))
         with pytest.raises(ConditionalWriteUnsupportedError) as err:
@@ -307,6 +307,7 @@ def test_compact_refuses_a_server_that_ignores_if_match(monkeypatch: pytest.Monk
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 2 and "does not enforce If-Match" in " ".join(res.stderr.split()), res.stderr
         assert sorted(fs.walk(root)) == before  # nothing was merged, deleted or left behind
+        assert _effective(root) == expected
     finally:
         if proxy is not None:
             proxy.stop()
