@@ -145,7 +145,7 @@ CONFIGS: dict[str, Any] = {
 FAMILY_METHODS = {
     "quant": ("quant_stats", "_quant_flush"),
     "router": ("_router_health", "_router_flush"),
-    "mamba": ("_dt_stats",),
+    "mamba": ("_dt_stats", "_dt_flush"),
     "update": ("after_optimizer_step",),
     "param-side (decay, expert bias)": ("_param_stats",),
 }

@@ -139,6 +139,10 @@ class StatsCollector:
         self._rmax: list[torch.Tensor] = []
         self._rkeys: list[tuple[int, int]] = []
         self._rplan: tuple | None = None
+        #: Mamba dt staged per call: (bank starts, element count) and (sum, max, min) of dt.
+        self._dtkeys: list[tuple[tuple[int, int], int]] = []
+        self._dtv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._dtplan: tuple | None = None
         #: Sanitised operand name of each name a quantiser reported ("" for none).
         self._opnames: dict[str | None, str] = {}
         self._qlen: list[int] = []
@@ -324,9 +328,41 @@ class StatsCollector:
         return hook
 
     def _dt_stats(self, pos: int, dt_raw: torch.Tensor, dt_bias: torch.Tensor | None) -> None:
-        """Accumulate dt statistics of Mamba block ``pos`` (its ``in_proj`` output's dt columns)."""
-        sums, maxes = sig.dt_terms(dt_raw, dt_bias)
-        self.bank.add(self._group(("dt", pos), lambda: sig.dt_slots(pos)), sums, maxes)
+        """Stage dt statistics of Mamba block ``pos`` (its ``in_proj`` output's dt columns).
+
+        Four device ops per call (``dt = softplus(dt_raw + dt_bias)``, its sum and its min/max, the
+        same definitions as :func:`signals.dt_terms`); the bank is updated for all calls at once in
+        take_row (:meth:`_dt_flush`), where each call used to add its own slots (~14 ops a call)."""
+        d = dt_raw.detach().float()
+        if not d.numel():
+            return
+        if dt_bias is not None:
+            d = d + dt_bias.detach().float()
+        dt = torch.nn.functional.softplus(d)
+        lo, hi = torch.aminmax(dt)
+        self._dtkeys.append((self._group(("dt", pos), lambda: sig.dt_slots(pos)), dt.numel()))
+        self._dtv.append((dt.sum(), hi, lo))
+
+    def _dt_flush(self) -> None:
+        """Add the staged dt statistics of the step to the bank (a few ops for all Mamba calls)."""
+        if not self._dtkeys:
+            return
+        keys = tuple(self._dtkeys)
+        plan = self._dtplan
+        if plan is None or plan[0] != keys:
+            # Bank positions of each call's [sum, count] and [max, -min], and the counts (host ints).
+            dev = self.device
+            spos = torch.tensor([start[0] + k for start, _n in keys for k in (0, 1)], device=dev)
+            mpos = torch.tensor([start[1] + k for start, _n in keys for k in (0, 1)], device=dev)
+            counts = torch.tensor([float(n) for _s, n in keys], dtype=torch.float64, device=dev)
+            plan = self._dtplan = (keys, spos, mpos, counts)
+        _keys, spos, mpos, counts = plan
+        with torch.no_grad():
+            vals = torch.stack([torch.stack(v) for v in self._dtv]).to(self.device, torch.float64)  # [calls, 3]
+            self.bank.sums.index_add_(0, spos, torch.stack([vals[:, 0], counts], 1).reshape(-1))
+            self.bank.maxes.scatter_reduce_(0, mpos, torch.stack([vals[:, 1], -vals[:, 2]], 1).reshape(-1),
+                                            reduce="amax")
+        self._dtkeys, self._dtv = [], []
 
     def attention_logits(self, pos: int, logits: torch.Tensor) -> None:
         """Fold the maximum of ``logits`` (pre-softmax attention scores of block ``pos``) into ``attn_logit_max``."""
@@ -583,6 +619,11 @@ class StatsCollector:
                 self._router_flush()
             else:
                 self._rx, self._rmax, self._rkeys = [], [], []
+        if self._dtkeys:
+            if self.active:
+                self._dt_flush()
+            else:
+                self._dtkeys, self._dtv = [], []
         parts = [*(s.reshape(1) for s in scalars), self.resid_sum, self.grad_sq]
         if self.spec.routers:
             parts.append(self.counts.reshape(-1))

@@ -217,3 +217,41 @@ def test_staged_router_path_equals_router_terms_pooled_and_samples_long_calls():
         assert got[(1, "router_entropy")] == pytest.approx(float(s1[0] / s1[1]), rel=1e-5)
         assert got[(1, "router_zloss")] == pytest.approx(float(s1[2] / s1[3]), rel=1e-5)
         assert got[(1, "router_max_logit")] == 50.0
+
+
+def test_staged_dt_equals_dt_terms_pooled_over_calls_and_blocks():
+    """dt statistics are staged per in_proj call and added to the bank at take_row: over two Mamba
+    blocks and two microbatches of different inputs, each block's mean, max and min equal dt_terms
+    (the per-call definition) pooled by hand: sums over calls, extremes over calls."""
+    from healthwatch.hooks.collector import StatsCollector
+
+    torch.manual_seed(7)
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([MambaBlock(), MambaBlock()])
+            for blk in self.layers:
+                nn.init.normal_(blk.mixer.in_proj.weight, std=2.0)
+                with torch.no_grad():
+                    blk.mixer.dt_bias.normal_()
+
+    net = Two()
+    spec = GenericAdapter(blocks=r"^layers\.\d+$", layer_types={r"^layers\.\d+$": "mamba"}).inspect(net)
+    col = StatsCollector(spec, torch.device("cpu"), families=("mamba",))
+    col.attach()
+    inputs = [torch.randn(2, 5, 4), torch.randn(1, 3, 4) * 3]
+    for x in inputs:
+        for blk in net.layers:
+            blk(x)
+    sums, maxes, *_ = col.take_row([])
+    col.detach()
+    base = spec.num_layers + col.layout.n_groups + col.layout.counts_size()
+    got = {(p, m): v for p, m, v in decode_bank(sums[base:].numpy(), maxes[spec.num_layers:].numpy(),
+                                                 col.bank.ratio_slots, col.bank.max_slots)}
+    for pos, blk in enumerate(net.layers):
+        terms = [dt_terms(blk.mixer.in_proj(x)[..., -3:], blk.mixer.dt_bias) for x in inputs]
+        s = sum(t[0] for t in terms)
+        assert got[(pos, "ssm_dt_mean")] == pytest.approx(float(s[0] / s[1]), rel=1e-6)
+        assert got[(pos, "ssm_dt_max")] == pytest.approx(max(float(t[1][0]) for t in terms))
+        assert got[(pos, "ssm_dt_min")] == pytest.approx(min(-float(t[1][1]) for t in terms))
