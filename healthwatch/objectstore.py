@@ -455,6 +455,29 @@ class S3FS:
         except bx.BotoCoreError as exc:
             raise self._error(exc, "get", path) from exc
 
+    def download(self, path: str, dest: str | os.PathLike[str]) -> int:
+        """Stream the object ``path`` into the local file ``dest`` (never whole in memory); returns its size.
+
+        Raises ``FileNotFoundError`` when the object does not exist (a merge retired it).
+        """
+        from botocore import exceptions as bx
+
+        try:
+            self.stats.count("get")
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(path))
+            n = 0
+            with open(dest, "wb") as fh:
+                for chunk in resp["Body"].iter_chunks(8 * 2**20):
+                    fh.write(chunk)
+                    n += len(chunk)
+            return n
+        except bx.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(path) from exc
+            raise self._error(exc, "get", path) from exc
+        except bx.BotoCoreError as exc:
+            raise self._error(exc, "get", path) from exc
+
     def open_input(self, path: str) -> Any:
         """``path`` opened for reading through pyarrow's S3 file system (what ``pq.read_schema`` etc. take).
 
@@ -473,18 +496,23 @@ class S3FS:
         """The ``bucket/key`` path of ``path`` in :meth:`arrow_filesystem` (pyarrow datasets)."""
         return f"{self.bucket}/{self._key(path)}"
 
-    def put_create_only(self, path: str, data: bytes) -> None:
+    def put_create_only(self, path: str, data: bytes | Path) -> None:
         """One PUT with ``If-None-Match: *``: the object appears whole, or the call fails.
 
-        A 412 on a key that already holds exactly ``data`` is success (a retry of a PUT whose
-        answer was lost); on other content it raises :class:`KeyCollisionError`.
+        ``data`` is the bytes, or a local file streamed from disk (a large merge target is never
+        held in memory). A 412 on a key that already holds exactly this content is success (a retry
+        of a PUT whose answer was lost); on other content it raises :class:`KeyCollisionError`.
         """
         from botocore import exceptions as bx
 
         key = self._key(path)
         try:
             self.stats.count("put")
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+            if isinstance(data, Path):
+                with open(data, "rb") as fh:
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=fh, IfNoneMatch="*")
+            else:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
             return
         except bx.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code")
@@ -494,9 +522,18 @@ class S3FS:
         except bx.BotoCoreError as exc:
             raise self._error(exc, "put", path) from exc
         head = self._head(path)
-        if head is not None and head.get("ContentLength") == len(data):
+        size = data.stat().st_size if isinstance(data, Path) else len(data)
+        if head is not None and head.get("ContentLength") == size:
             etag = str(head.get("ETag", "")).strip('"')
-            if etag == hashlib.md5(data, usedforsecurity=False).hexdigest():
+            if isinstance(data, Path):
+                md5 = hashlib.md5(usedforsecurity=False)
+                with open(data, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(8 * 2**20), b""):
+                        md5.update(chunk)
+                digest = md5.hexdigest()
+            else:
+                digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
+            if etag == digest:
                 return
         raise KeyCollisionError(
             f"{path} already exists at {self.where()} (create-only PUT refused with 412): two writers "
@@ -509,15 +546,13 @@ class S3FS:
         os.close(fd)
         try:
             write(tmp)
-            with open(tmp, "rb") as fh:
-                data = fh.read()
+            return self.publish_bytes(directory, name, Path(tmp))  # streamed from the temp file
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        return self.publish_bytes(directory, name, data)
 
-    def publish_bytes(self, directory: str, name: str, data: bytes) -> str:
-        """Publish ``data`` as ``directory/name`` with one create-only PUT."""
+    def publish_bytes(self, directory: str, name: str, data: bytes | Path) -> str:
+        """Publish ``data`` (bytes, or a local file streamed) as ``directory/name`` with one create-only PUT."""
         path = directory.rstrip("/") + "/" + name
         self.put_create_only(path, data)
         return path
@@ -1156,26 +1191,30 @@ def merge_s3(directory: str, sources: list[str], target_name: str, table: str,
             raise MergeSkipped(f"{directory}: {len(gone)} of the {len(names)} sources were merged or removed "
                                f"meanwhile (e.g. {gone[0]})")
         with contextlib.ExitStack() as beating, tempfile.TemporaryDirectory(prefix="hw-merge-") as tmp:
+            # The whole publish runs inside the temp folder: the merged target is streamed from disk.
             for lease in mine:
                 beating.enter_context(lease.keep_alive())
             local = []
             for src in sources:
                 name = str(src).rsplit("/", 1)[-1]
-                (Path(tmp) / name).write_bytes(fs.read_bytes(f"{directory}/{name}"))
+                fs.download(f"{directory}/{name}", Path(tmp) / name)
                 local.append(Path(tmp) / name)
-            data = Path(merge(Path(tmp), local, target_name, table)).read_bytes()
-        for lease in mine:
-            lease.check()
-        manifest = fs.publish_bytes(directory, f"{manifest_prefix}{uuid.uuid4().hex}.json",
-                                    json.dumps({"target": target_name, "sources": names}).encode())
-        try:
+            data = Path(merge(Path(tmp), local, target_name, table))
+            for src in local:  # the sources' copies are no longer needed: free the disk before the upload
+                with contextlib.suppress(OSError):
+                    src.unlink()
             for lease in mine:
                 lease.check()
-        except BaseException:
-            with contextlib.suppress(ObjectStoreError):
-                fs.delete(manifest)  # unused (no target): harmless, but tidy
-            raise
-        target = fs.publish_bytes(directory, target_name, data)
+            manifest = fs.publish_bytes(directory, f"{manifest_prefix}{uuid.uuid4().hex}.json",
+                                        json.dumps({"target": target_name, "sources": names}).encode())
+            try:
+                for lease in mine:
+                    lease.check()
+            except BaseException:
+                with contextlib.suppress(ObjectStoreError):
+                    fs.delete(manifest)  # unused (no target): harmless, but tidy
+                raise
+            target = fs.publish_bytes(directory, target_name, data)
         for name in names:
             fs.delete(f"{directory}/{name}")
         fs.delete(manifest)

@@ -199,7 +199,7 @@ def write_rollups(root: Path, run: str) -> dict[str, list[int]]:
                 dest = Path(tmp, *parts[-3:])
                 if not dest.exists():
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    dest.write_bytes(_fs.FS.read_bytes(str(p)))
+                    _fs.fs_for(str(p)).download(str(p), dest)  # type: ignore[attr-defined]  # S3FS: streamed
                 out.append(dest)
             return out
 
