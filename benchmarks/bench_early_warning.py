@@ -361,6 +361,21 @@ def tables(summary: dict[str, Any]) -> list[Table]:
     rows = []
     for scen, row in summary["scenarios"].items():
         n = row["runs"]
+        pack = row["rules"].get("PACK", {})
+        core = row["rules"].get(CORE_PACK, {})
+        exits = len(row["exit_after_onset"])
+        caught = sum(1 for d in pack.get("delays", []) if d <= CATCH_WITHIN)
+        core_leads = core.get("leads", [])
+        rows.append([scen, str(n), f"{exits}/{n}", f"{pack.get('early', 0)}/{exits}" if exits else "-",
+                     f"{caught}/{n}",
+                     f"{core.get('early', 0)}/{exits} / {statistics.median(core_leads):g}" if core_leads else "-"])
+    out.append(Table("Against the issue's targets",
+                     ["fault", "runs", "loss left its band", f"pack: lead >= {EARLY_STEPS} steps (of exits)",
+                      f"pack: caught <= {CATCH_WITHIN} steps after onset",
+                      f"report's signals only: lead >= {EARLY_STEPS} / median lead"], rows))
+    rows = []
+    for scen, row in summary["scenarios"].items():
+        n = row["runs"]
         pack = row["rules"].get("PACK", {"detected": 0, "leads": [], "delays": [], "early": 0,
                                          "fired_before_onset": 0})
         lead_s, lead_t = _fmt_lead(pack["leads"], row["tokens_per_step"])

@@ -139,7 +139,11 @@ def test_quick_evaluation_structure_and_band_exit(recorded: Path) -> None:
     assert sorted(pack["delays"]) == sorted(delays)
     assert fault["rules"]["MTPGradientStarved"]["detected"] == len(SEEDS)
     titles = [t.title for t in ew.tables(summary)]
-    assert titles[0].startswith("The pack") and titles[-1] == "Healthy runs"
+    assert titles[0] == "Against the issue's targets" and titles[1].startswith("The pack")
+    assert titles[-1] == "Healthy runs"
+    # the targets row of the quick fault: every run caught within 100 steps of onset (both seeds)
+    targets = {row[0]: row for row in ew.tables(summary)[0].rows}
+    assert targets[FAULT][4] == f"{len(SEEDS)}/{len(SEEDS)}" and targets[FAULT][2] == f"{fault['exits']}/{len(SEEDS)}"
     section = ew.section({"early-warning:evaluate": {"summary": summary, "spec": ew.QUICK.describe(),
                                                      "eval_seeds": list(SEEDS), "tuning_seeds": []}})
     assert section.tables and {b.what for b in section.budgets} == {"healthy runs: firing alerts",
