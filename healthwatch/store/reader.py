@@ -92,8 +92,8 @@ class _Footer:
         self.index = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
         self._bounds: dict[str, list[tuple[Any, Any] | None]] = {}
         self.attempts: frozenset[Any] | None = None  # the file's attempt values, once known
-        #: per tuple of key columns: {key values: row groups holding rows of that key} (see groups_with)
-        self.keys: dict[tuple[str, ...], dict[tuple[Any, ...], frozenset[int]]] = {}
+        #: per tuple of key columns: {row group: the distinct key values it holds} (see Store._groups_with)
+        self.keys: dict[tuple[str, ...], dict[int, frozenset[tuple[Any, ...]]]] = {}
 
     def bounds(self, col: str) -> list[tuple[Any, Any] | None]:
         """Per row group, the exact ``(min, max)`` of ``col``, or None where the statistics are
@@ -169,9 +169,6 @@ _FILE_IN_ERROR = re.compile(r"""(?:file|File)\s+["']?([^"'\s]+\.parquet)""")
 #: Candidate rows of one file above which :meth:`Store.scan_run` decodes the filtered columns first
 #: and the others only for row groups with a match (a 122,880-row group of a sealed segment).
 _TWO_PHASE_ROWS = 100_000
-#: Segments of at most this many rows get a key index (:meth:`Store._groups_with`): rollup and
-#: unsealed segments. A sealed 8M-row segment has exact key statistics per group and is not indexed.
-_KEY_INDEX_ROWS = 2_000_000
 
 #: How often a query is retried when files were retired (or found unreadable) under it.
 _QUERY_TRIES = 20
@@ -532,10 +529,11 @@ class Store:
                     if fo is None:
                         return None  # the SQL path skips it, with its warning
                     fits = [(g, f) for g in range(fo.meta.num_row_groups) if (f := fo.fit(g, ranges)) is not None]
+                    indexed = False
                     if fits and eq:
-                        held = self._groups_with(str(path), fo, eq)
+                        held = self._groups_with(str(path), fo, eq, [g for g, _ in fits])
                         if held is not None:
-                            fits = [(g, f) for g, f in fits if g in held]
+                            fits, indexed = [(g, f) for g, f in fits if g in held], True
                     if not fits:
                         continue
                     groups = [g for g, _ in fits]
@@ -547,38 +545,32 @@ class Store:
                     # A file's groups are read in one call. In big groups strings stay dictionary-encoded
                     # (categoricals): a key column's filter compares codes, not 10^5 decoded strings.
                     pf = pq.ParquetFile(str(path), metadata=fo.meta, read_dictionary=strings if big else None)
-                    if not open_ or not big:
+                    if not open_ or not big or indexed:
                         # One read (a rollup file's few small groups: a second call costs more
                         # than decoding the rows it would spare).
                         df = pl.from_arrow(pf.read_row_groups(groups, columns=[*rest, *open_], use_threads=False))
                         assert isinstance(df, pl.DataFrame)
                         parts.append(df.filter([cond[c] for c in open_]).select(list(columns)) if open_ else df)
                         continue
-                    # Two phases: the filtered columns first (cheap: dictionary codes and the step
-                    # column); the others only for groups with matching rows. A group whose
-                    # statistics straddle two keys (e.g. metric a's last layers, metric b's first)
-                    # is often ruled out here without decoding its values.
-                    keys = pl.from_arrow(pf.read_row_groups(groups, columns=open_, use_threads=False))
+                    # Two phases: the key columns asked for one value first (dictionary codes: cheap),
+                    # then every column of the groups holding a match. A group whose statistics
+                    # straddle two keys (metric a's last layers, metric b's first: every layer) is
+                    # ruled out there without decoding its values or steps.
+                    first = [c for c in open_ if c in eq] or open_
+                    keys = pl.from_arrow(pf.read_row_groups(groups, columns=first, use_threads=False))
                     assert isinstance(keys, pl.DataFrame)
-                    keep = pl.all_horizontal([cond[c] for c in open_])
-                    mask = keys.select(keep.alias("m")).to_series()
-                    if not mask.any():
-                        continue
+                    mask = keys.select(pl.all_horizontal([cond[c] for c in first]).alias("m")).to_series()
                     hit, off = [], 0
                     for g in groups:
                         n = fo.meta.row_group(g).num_rows
                         if mask.slice(off, n).any():
                             hit.append(g)
                         off += n
-                    if len(hit) < len(groups):  # decode the rest of the matching groups only
-                        keys = pl.from_arrow(pf.read_row_groups(hit, columns=open_, use_threads=False))
-                        assert isinstance(keys, pl.DataFrame)
-                        mask = keys.select(keep.alias("m")).to_series()
-                    if rest:
-                        more = pl.from_arrow(pf.read_row_groups(hit, columns=rest, use_threads=False))
-                        assert isinstance(more, pl.DataFrame)
-                        keys = keys.hstack(more)
-                    parts.append(keys.filter(mask).select(list(columns)))
+                    if not hit:
+                        continue
+                    df = pl.from_arrow(pf.read_row_groups(hit, columns=[*rest, *open_], use_threads=False))
+                    assert isinstance(df, pl.DataFrame)
+                    parts.append(df.filter([cond[c] for c in open_]).select(list(columns)))
                 empty = pl.DataFrame(schema={f.name: _polars_type(f.type) for f in schema})
                 if not parts:
                     return empty
@@ -590,38 +582,40 @@ class Store:
         return None
 
     @staticmethod
-    def _groups_with(key: str, fo: _Footer, eq: dict[str, Any]) -> frozenset[int] | None:
-        """Row groups of a segment holding a row whose ``eq`` columns equal those values, from the
-        segment's key index (built once per open Store: segments are immutable), or None for a
-        segment too large to index (then its statistics alone pick the groups).
+    def _groups_with(key: str, fo: _Footer, eq: dict[str, Any], groups: list[int]) -> set[int] | None:
+        """Which of ``groups`` of a segment hold a row whose ``eq`` columns equal those values.
 
         Statistics cannot rule out a group that straddles keys (metric a's last layers and metric
         b's first span every layer): in a rollup segment two of every three groups a one-layer
-        read decoded held none of its rows.
+        read decoded held none of its rows. So each group's distinct keys are read once (the key
+        columns only, dictionary codes: cheap) the first time a read considers it, and kept per
+        open Store (segments are immutable). None when a key column is missing.
         """
         import numpy as np
         import polars as pl
         import pyarrow.parquet as pq
 
         cols = tuple(sorted(eq))
-        idx = fo.keys.get(cols)
-        if idx is None:
-            if fo.meta.num_rows > _KEY_INDEX_ROWS or any(c not in fo.index for c in cols):
-                return None
+        if any(c not in fo.index for c in cols):
+            return None
+        known = fo.keys.setdefault(cols, {})
+        missing = [g for g in groups if g not in known]
+        if missing:
             strings = [c for c in cols if fo.meta.schema.column(fo.index[c]).physical_type == "BYTE_ARRAY"]
-            t = pq.ParquetFile(key, metadata=fo.meta, read_dictionary=strings).read(columns=list(cols),
-                                                                                  use_threads=False)
-            sizes = [fo.meta.row_group(g).num_rows for g in range(fo.meta.num_row_groups)]
+            t = pq.ParquetFile(key, metadata=fo.meta, read_dictionary=strings).read_row_groups(
+                missing, columns=list(cols), use_threads=False)
+            sizes = [fo.meta.row_group(g).num_rows for g in missing]
             df = pl.from_arrow(t)
             assert isinstance(df, pl.DataFrame)
-            df = df.with_columns(pl.Series("_g", np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)))
-            uniq = df.unique(subset=[*cols, "_g"]).with_columns([pl.col(c).cast(pl.Utf8) for c in cols
-                                                                 if df.schema[c] == pl.Categorical])
-            idx = {}
-            for row in uniq.group_by(list(cols)).agg(pl.col("_g")).iter_rows():
-                idx[tuple(row[:-1])] = frozenset(row[-1])
-            fo.keys[cols] = idx
-        return idx.get(tuple(eq[c] for c in cols), frozenset())
+            df = df.with_columns(pl.Series("_g", np.repeat(np.array(missing, dtype=np.int32), sizes)))
+            uniq = df.unique(subset=[*cols, "_g"]).with_columns(
+                [pl.col(c).cast(pl.Utf8) for c in cols if df.schema[c] == pl.Categorical])
+            found: dict[int, set[tuple[Any, ...]]] = {g: set() for g in missing}
+            for row in uniq.iter_rows():
+                found[row[-1]].add(tuple(row[:-1]))
+            known.update({g: frozenset(v) for g, v in found.items()})
+        want = tuple(eq[c] for c in cols)
+        return {g for g in groups if want in known[g]}
 
     @property
     def _local_root(self) -> bool:
