@@ -312,3 +312,33 @@ def test_compact_refuses_a_server_that_ignores_if_match(monkeypatch: pytest.Monk
         if proxy is not None:
             proxy.stop()
         moto.stop()
+
+
+def test_two_compactors_at_once_split_the_owners_and_duplicate_nothing(s3_root: str) -> None:
+    from healthwatch.store import fs as store_fs
+    from healthwatch.store.compact import _compact_run_s3
+
+    expected = _write_store(s3_root, flushes=4)
+    root = store_fs.root_path(s3_root)
+    barrier = threading.Barrier(2)
+    results: list[dict[str, int]] = []
+    errors: list[BaseException] = []
+
+    def compactor() -> None:
+        try:
+            barrier.wait()
+            results.append(_compact_run_s3(root, RUN, rollups=False, wait_s=0.0))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=compactor) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 2 and any(r.get("layer_stats") for r in results)
+    assert _effective(s3_root) == expected  # whatever each merged, no row twice, none lost
+    _compact_run_s3(root, RUN, rollups=False)  # a later compaction merges what either left
+    assert len(_segments(s3_root, "layer_stats")) == 1
+    assert _effective(s3_root) == expected
