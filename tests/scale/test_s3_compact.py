@@ -342,3 +342,36 @@ def test_two_compactors_at_once_split_the_owners_and_duplicate_nothing(s3_root: 
     _compact_run_s3(root, RUN, rollups=False)  # a later compaction merges what either left
     assert len(_segments(s3_root, "layer_stats")) == 1
     assert _effective(s3_root) == expected
+
+
+def test_a_merge_killed_after_publishing_its_target_is_finished_by_the_next_merger(s3_root: str, tmp_path: Path) -> None:
+    """The state a merger killed between its target PUT and deleting its sources leaves: target + manifest +
+    sources. Readers hide the sources; the next compaction deletes them before it retires the target (else
+    the manifest would stop hiding them and their rows would count twice)."""
+    import json
+
+    from healthwatch.store import fs as store_fs
+    from healthwatch.store.compact import compact_store
+    from healthwatch.store.merge import merge_files
+
+    expected = _write_store(s3_root, flushes=4)
+    fs = store_fs.fs_for(s3_root)
+    directory = f"{s3_root}/table=layer_stats/run={RUN}"
+    names = sorted(_segments(s3_root, "layer_stats"))[:2]
+    work = tmp_path / "m"
+    work.mkdir()
+    for n in names:
+        (work / n).write_bytes(fs.read_bytes(f"{directory}/{n}"))
+    target = "deadmerger0-000000001-L9.parquet"
+    merged = merge_files(work, [work / n for n in names], target, "layer_stats")
+    fs.publish_bytes(directory, "_merge-killed.json", json.dumps({"target": target, "sources": names}).encode())
+    fs.publish_bytes(directory, target, merged.read_bytes())  # ... and killed here: sources still there
+    listed = store_fs.FS.list(directory)
+    assert all(n in listed for n in names) and target in listed
+    assert _effective(s3_root) == expected  # hidden by the manifest
+
+    compact_store(s3_root)
+    listed = store_fs.FS.list(directory)
+    assert not [n for n in names if n in listed] and "_merge-killed.json" not in listed
+    assert len(_segments(s3_root, "layer_stats")) == 1
+    assert _effective(s3_root) == expected  # no row twice after the target itself was merged away
