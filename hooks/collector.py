@@ -28,7 +28,7 @@ log = logging.getLogger("healthwatch.monitor")
 SPECIAL_GROUPS = ("total", "output", "embedding", "mtp")
 
 #: Signal families beyond the core five, and whether each is on by default (docs/signals.md: the
-#: defaults follow the measured per-family costs; "update" is off, 1.7 pp at every step).
+#: defaults follow the measured per-family costs; "update" is off, 0.7-1.0 pp at every step).
 FAMILIES = {"quant": True, "router": True, "mamba": True, "update": False, "attention": False}
 _OPERAND = re.compile(r"[^A-Za-z0-9_.:+-]")
 

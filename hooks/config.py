@@ -68,22 +68,22 @@ class MonitorConfig:
     """Signal families beyond the core five (docs/signals.md): ``quant`` (NVFP4 quantisation health),
     ``router`` (routing entropy, z-loss, max logit, expert-bias range), ``mamba`` (state decay, dt),
     ``update`` (update norm and ratio after ``optimizer.step()``; off by default: at every step it
-    measured 1.7 percentage points of the overhead benchmark's NVFP4 step, over the +0.5 pp budget;
-    ``update_every=4`` fits it). Each is a no-op on a model without such layers or a trainer that
+    measured 0.7 / 1.0 percentage points of the overhead benchmark's NVFP4 / BF16 CPU step, over the
+    +0.5 pp budget; ``update_every=3`` keeps it at <= 0.34 pp). Each is a no-op on a model without such layers or a trainer that
     never calls its hook. Costs: docs/signals.md, BENCHMARKS.md section 1."""
 
     signals_every: int = 100
     """Activation-side statistics of the ``quant`` and ``router`` families and Mamba's ``dt`` are
     computed on every N-th step (>= 1; the first step included). At every step they measured
-    4.1 percentage points of the overhead benchmark's NVFP4 step (quant 3.65, router 0.31, dt 0.10;
-    docs/signals.md): any N >= 9 keeps them within the +0.5 pp budget, 100 costs ~0.04 pp. Use a
-    small N (e.g. 10) when rules must see NVFP4 or router faults within tens of steps.
-    Parameter-side ones (``exp(A_log)``, expert-bias range: 0.03 pp) come with every logged step."""
+    4.0 percentage points of the overhead benchmark's NVFP4 CPU step (quant 3.63, router 0.24,
+    dt 0.13; docs/signals.md): any N >= 10 keeps them within the +0.5 pp budget, 100 costs ~0.04 pp.
+    Use a small N (e.g. 10) when rules must see NVFP4 or router faults within tens of steps.
+    Parameter-side ones (``exp(A_log)``, expert-bias range: 0.06 pp) come with every logged step."""
 
     update_every: int = 1
     """Compute the update family on every N-th ``after_optimizer_step`` of recorded steps (>= 1):
-    1.7 pp of the benchmark's NVFP4 step when computed at every step, so N >= 4 fits the +0.5 pp
-    budget (docs/signals.md)."""
+    0.7 / 1.0 pp of the benchmark's NVFP4 / BF16 CPU step when computed at every step, so N >= 3
+    keeps it at <= 0.34 pp (docs/signals.md)."""
 
     def __post_init__(self) -> None:
         _int_at_least("log_every", self.log_every, 1)
