@@ -6,6 +6,17 @@ disjoint rows and combine exactly (min of minima, max of maxima, count-weighted 
 ``step_max``; the step and tokens of the minimum and maximum follow them), so the writer can publish a bucket's rows as they close and a late row as a small
 extra partial, and merging rollup segments is a plain union of rows.
 
+Extremes and ties (one rule for every producer: :func:`rollup_select` for compaction,
+:func:`combine_select`, and the writer's :class:`RollupAccumulator`): values are ordered with NaN
+above +Inf (DuckDB's order; so ``vmax`` is NaN when the bucket holds a NaN, ``vmin`` only when
+every value is NaN); SQL takes a NULL value only when there is nothing else, the writer's
+accumulator reads a NULL as NaN (the Monitor never writes NULL values). Among the
+rows that share the bucket's extreme value, ``step_vmin``/``tokens_vmin`` and
+``step_vmax``/``tokens_vmax`` are those of the one with the smallest ``(step, tokens)``: the
+earliest occurrence, whatever order the rows came in. The same rule picks a downsampled series'
+points (:mod:`healthwatch.query.series`), so a chart read from rollups places a tied spike where
+one read from raw rows does.
+
 Because a row belongs to one attempt and records its ``step_max``, the reader decides exactly
 which rollup rows a rollback supersedes (see :mod:`healthwatch.query.rollups`): nothing here
 depends on the order of writes, merges, compactions and rollbacks.
@@ -39,6 +50,19 @@ def _project(table: str) -> str:
     return ", ".join(cols)
 
 
+def _pick(step: str, tokens: str, value: str, step_hi: str = "", tokens_hi: str = "", value_hi: str = "") -> str:
+    """``pmin``/``pmax`` structs ``{s, t}`` of a bucket's extremes, ties to the smallest (step, tokens).
+
+    A bare ``arg_min(x, value)`` returns whichever tied row DuckDB's (parallel) aggregation met
+    first, so the ordering key carries the tie-break: NULLs last, then the value (NaN above +Inf,
+    as DuckDB orders doubles), then the earliest step, then the fewest tokens.
+    """
+    step_hi, tokens_hi, value_hi = step_hi or step, tokens_hi or tokens, value_hi or value
+    return (f"arg_min({{'s': {step}, 't': {tokens}}}, ({value} IS NULL, {value}, {step}, {tokens})) AS pmin, "
+            f"arg_max({{'s': {step_hi}, 't': {tokens_hi}}}, "
+            f"({value_hi} IS NOT NULL, {value_hi}, -{step_hi}, -{tokens_hi})) AS pmax")
+
+
 def rollup_select(table: str, source: str, size: int) -> str:
     """SQL rolling up ``source`` (rows of ``table``) into buckets of ``size`` steps, per attempt.
 
@@ -53,8 +77,7 @@ def rollup_select(table: str, source: str, size: int) -> str:
         f"SELECT {int(size)}::BIGINT AS bucket_size, (step // {int(size)})::BIGINT AS bucket, attempt, {keys}{extra}, "
         "min(step) AS step_min, max(step) AS step_max, min(tokens) AS tokens_min, max(tokens) AS tokens_max, "
         "count(*)::BIGINT AS n, min(value) AS vmin, max(value) AS vmax, avg(value) AS vmean, "
-        "arg_max(value, step) AS vlast, arg_min({'s': step, 't': tokens}, value) AS pmin, "
-        "arg_max({'s': step, 't': tokens}, value) AS pmax "
+        f"arg_max(value, step) AS vlast, {_pick('step', 'tokens', 'value')} "
         f"FROM {source} GROUP BY bucket, attempt, {keys}"
     )
     return f"SELECT {_project(table)} FROM ({inner})"
@@ -68,15 +91,17 @@ def combine_select(table: str, source: str) -> str:
         f"SELECT bucket_size, bucket, attempt, {keys}{extra}, min(step_min) AS step_min, max(step_max) AS step_max, "
         "min(tokens_min) AS tokens_min, max(tokens_max) AS tokens_max, sum(n)::BIGINT AS n, min(vmin) AS vmin, "
         "max(vmax) AS vmax, sum(vmean * n) / sum(n) AS vmean, arg_max(vlast, step_max) AS vlast, "
-        "arg_min({'s': step_vmin, 't': tokens_vmin}, vmin) AS pmin, arg_max({'s': step_vmax, 't': tokens_vmax}, vmax) AS pmax "
+        f"{_pick('step_vmin', 'tokens_vmin', 'vmin', 'step_vmax', 'tokens_vmax', 'vmax')} "
         f"FROM {source} GROUP BY bucket_size, bucket, attempt, {keys}"
     )
     return f"SELECT {_project(table)} FROM ({inner})"
 
 
-def _first_match(values: np.ndarray, target: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Index of the first element of each group (``starts``/``counts``) equal to the group's
-    ``target`` (NaN matches NaN); every group has one, since its target is one of its values."""
+def _first_match(values: np.ndarray, target: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+                 step: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Per group (``starts``/``counts``), the index of the element equal to the group's ``target``
+    (NaN matches NaN) with the smallest ``(step, tokens)``: the module's tie rule, independent of
+    the order of the rows. Every group has one, since its target is one of its values."""
     rep = np.repeat(target, counts)
     eq = values == rep
     nan = np.isnan(target)
@@ -84,6 +109,9 @@ def _first_match(values: np.ndarray, target: np.ndarray, starts: np.ndarray, cou
         eq |= np.isnan(values) & np.repeat(nan, counts)
     pos = np.flatnonzero(eq)
     grp = np.searchsorted(starts, pos, side="right") - 1
+    if pos.size != starts.size:  # some group has a tie: earliest (step, tokens) first within it
+        order = np.lexsort((tokens[pos], step[pos], grp))
+        pos, grp = pos[order], grp[order]
     first = np.ones(pos.size, dtype=bool)
     first[1:] = grp[1:] != grp[:-1]
     return pos[first]
@@ -124,15 +152,18 @@ def _combine(parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     last = starts + counts - 1
     vmin = np.fmin.reduceat(p["vmin"], starts)
     vmax = np.maximum.reduceat(p["vmax"], starts)
-    imin = _first_match(p["vmin"], vmin, starts, counts)
-    imax = _first_match(p["vmax"], vmax, starts, counts)
+    imin = _first_match(p["vmin"], vmin, starts, counts, p["step_vmin"], p["tokens_vmin"])
+    imax = _first_match(p["vmax"], vmax, starts, counts, p["step_vmax"], p["tokens_vmax"])
     n = np.add.reduceat(p["n"], starts)
+    # Partials holding +inf and -inf have no mean: NaN is the answer, not a warning (as in _raw).
+    with np.errstate(invalid="ignore", over="ignore"):
+        vmean = np.add.reduceat(p["vmean"] * p["n"], starts) / n
     return {
         "bucket_size": p["bucket_size"][starts], "bucket": p["bucket"][starts], "attempt": p["attempt"][starts],
         "sid": p["sid"][starts], "step_min": np.minimum.reduceat(p["step_min"], starts), "step_max": p["step_max"][last],
         "tokens_min": np.minimum.reduceat(p["tokens_min"], starts),
         "tokens_max": np.maximum.reduceat(p["tokens_max"], starts), "n": n, "vmin": vmin, "vmax": vmax,
-        "vmean": np.add.reduceat(p["vmean"] * p["n"], starts) / n, "vlast": p["vlast"][last],
+        "vmean": vmean, "vlast": p["vlast"][last],
         "step_vmin": p["step_vmin"][imin], "tokens_vmin": p["tokens_vmin"][imin],
         "step_vmax": p["step_vmax"][imax], "tokens_vmax": p["tokens_vmax"][imax],
     }
@@ -244,8 +275,8 @@ class RollupAccumulator:
         counts = np.diff(np.concatenate((starts, [n])))
         vmin = np.fmin.reduceat(value, starts)
         vmax = np.maximum.reduceat(value, starts)
-        imin = _first_match(value, vmin, starts, counts)
-        imax = _first_match(value, vmax, starts, counts)
+        imin = _first_match(value, vmin, starts, counts, step, tokens)
+        imax = _first_match(value, vmax, starts, counts, step, tokens)
         last = starts + counts - 1  # rows ascend by step within a run
         # A bucket holding both +inf and -inf has no mean: NaN is the answer, not a warning to print.
         with np.errstate(invalid="ignore", over="ignore"):
