@@ -449,6 +449,15 @@ class _UpdatePlan:
             ))
 
 
+def _addr(t: Tensor) -> int:
+    """Storage address of ``t`` (a host attribute, no device read); ``id(t)`` for a tensor subclass
+    without storage of its own (e.g. a sharded wrapper), whose views cannot be cached by address."""
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return id(t)
+
+
 def _plan_key(optimizer: torch.optim.Optimizer, want: dict[int, int]) -> tuple:
     """Identity of everything an :class:`_UpdatePlan` holds views of (host attributes only, no device read)."""
     key: list = []
@@ -462,7 +471,7 @@ def _plan_key(optimizer: torch.optim.Optimizer, want: dict[int, int]) -> tuple:
             v = st.get("max_exp_avg_sq") if amsgrad else st.get("exp_avg_sq")
             if v is None:
                 continue
-            key.append((i, p.data_ptr(), st["exp_avg"].data_ptr(), v.data_ptr(), id(st["step"])))
+            key.append((i, _addr(p), _addr(st["exp_avg"]), _addr(v), id(st["step"])))
         key.append(None)  # group boundary
     return tuple(key)
 
@@ -495,7 +504,7 @@ def adam_update_sq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
         z = torch.zeros(0, dtype=torch.float64, device=dev)
         return z, z.clone()
     want = {id(p): i for i, p in enumerate(params)}
-    key = (tuple(p.data_ptr() for p in params), sample, _plan_key(optimizer, want))
+    key = (tuple(_addr(p) for p in params), sample, _plan_key(optimizer, want))
     plan: _UpdatePlan | None = cache.get("plan") if cache is not None else None
     if plan is None or plan.key != key:
         groups = []
