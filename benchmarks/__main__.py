@@ -12,6 +12,7 @@ import datetime as _dt
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -229,8 +231,186 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
-def render(sections: list[Section], meta: dict[str, Any]) -> str:
-    """The Markdown report."""
+#: A hand-written block of the report: ``<!-- hand:BEGIN id -->`` … ``<!-- hand:END id -->`` on
+#: lines of their own (``<!-- hand:BEGIN id replaces -->``: the block stands in for the generated
+#: paragraphs or tables that begin as its own do; see benchmarks/README.md).
+_HAND_BEGIN = re.compile(r"^<!-- hand:BEGIN (?P<id>[A-Za-z0-9_.:/-]+)(?P<replaces> replaces)? -->[ \t]*$")
+_HAND_END = re.compile(r"^<!-- hand:END (?P<id>[A-Za-z0-9_.:/-]+) -->[ \t]*$")
+_HAND_ANY = re.compile(r"^<!-- hand:(BEGIN|END)\b")
+_HEADING = re.compile(r"^#{1,6} ")
+
+
+@dataclass
+class HandBlock:
+    """One hand-written block of an existing report, with where it was."""
+
+    id: str
+    lines: list[str]
+    """The block verbatim, its marker lines included."""
+    section: str | None
+    """The heading line (outside hand blocks) it was under; None before the first heading."""
+    anchor: str | None
+    """The nearest non-blank line before it in its section that is not hand-written."""
+    anchor_head: str | None = None
+    """The first line of the anchor's paragraph or table (a table's header row keeps when its numbers change)."""
+    replaces: bool = False
+    problem: str = ""
+    """Why its markers are broken (such a block is kept at the end of the report, with a note)."""
+
+    @property
+    def standalone(self) -> bool:
+        """Whether the block is a section of its own (its first line of text is a heading)."""
+        body = [ln for ln in self.lines[1:] if ln.strip()]
+        return bool(body) and bool(_HEADING.match(body[0]))
+
+
+def find_hand_blocks(text: str) -> list[HandBlock]:
+    """The hand-written blocks of a report, in order; broken markers give blocks with a ``problem``."""
+    lines = text.split("\n")
+    blocks: list[HandBlock] = []
+    section: str | None = None
+    anchor: str | None = None
+    head: str | None = None  # first line of the paragraph or table ``anchor`` is in
+    prev_text = False  # whether the line before was generated text (not blank, not hand-written)
+    fence = False
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("```"):
+            fence = not fence
+        begin = None if fence else _HAND_BEGIN.match(line)
+        if begin is None and not fence and _HAND_ANY.match(line):
+            blocks.append(HandBlock("?", [line], section, anchor, head,
+                                    problem=f"line {i + 1}: a hand marker without its BEGIN, or malformed: {line!r}"))
+            i += 1
+            continue
+        if begin is not None:
+            bid, j, problem = begin["id"], i + 1, ""
+            while j < len(lines):
+                end = _HAND_END.match(lines[j])
+                if end is not None and end["id"] == bid:
+                    break
+                if _HAND_ANY.match(lines[j]):
+                    problem = f"BEGIN {bid} at line {i + 1} has no END before the marker at line {j + 1}"
+                    break
+                j += 1
+            else:
+                problem = f"BEGIN {bid} at line {i + 1} has no END"
+            stop = j if problem else j + 1
+            blocks.append(HandBlock(bid, lines[i:stop], section, anchor, head, bool(begin["replaces"]), problem))
+            i, prev_text = stop, False
+            continue
+        if not fence and _HEADING.match(line):
+            section = anchor = head = line
+        elif line.strip():
+            anchor, head = line, head if prev_text else line
+        prev_text = bool(line.strip())
+        i += 1
+    return blocks
+
+
+def _chunk_end(lines: list[str], pos: int, stop: int) -> int:
+    """Index just after the paragraph or table holding ``lines[pos]`` and the blank line after it."""
+    while pos < stop and lines[pos].strip():
+        pos += 1
+    return min(pos + 1, stop)
+
+
+def _chunks(lines: list[str], start: int, stop: int) -> list[int]:
+    """Start indices of the paragraphs and tables in ``lines[start:stop]``."""
+    return [k for k in range(start, stop) if lines[k].strip() and (k == start or not lines[k - 1].strip())]
+
+
+def carry_hand_blocks(new: str, previous: str | None) -> str:
+    """``new`` (a freshly rendered report) with every hand-written block of ``previous`` carried over.
+
+    A block goes back under the heading it was under, after the paragraph or table it followed
+    (found by its last line, else its first, e.g. a table's header; right after the heading when
+    that text is gone); a block that is a section of its own goes at
+    the end of the section it followed; a ``replaces`` block takes the place of the generated
+    paragraphs or tables that begin as its own do (a line it extends counts). A block whose section
+    no longer exists goes at the end under that section's old heading; a block with broken markers
+    goes at the end with a note saying what is wrong. No block is ever dropped.
+    """
+    blocks = find_hand_blocks(previous) if previous else []
+    if not blocks:
+        return new
+    lines = new.split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    lines.append("")
+    heads: dict[str, tuple[int, int]] = {}
+    fence, at_heads = False, []
+    for k, line in enumerate(lines):
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and _HEADING.match(line):
+            at_heads.append(k)
+    for n, k in enumerate(at_heads):
+        heads.setdefault(lines[k], (k, at_heads[n + 1] if n + 1 < len(at_heads) else len(lines)))
+    inserts: dict[int, list[list[str]]] = {}
+    removed: set[int] = set()
+    orphans: dict[str, list[HandBlock]] = {}  # old heading ("" for a section of its own) -> blocks
+    broken: list[HandBlock] = []
+    for b in blocks:
+        if b.problem:
+            broken.append(b)
+            continue
+        if b.section is None:
+            inserts.setdefault(0, []).append(b.lines)
+            continue
+        if b.section not in heads:
+            orphans.setdefault("" if b.standalone else b.section, []).append(b)
+            continue
+        start, stop = heads[b.section]
+        at = next((k for k in range(start, stop) if lines[k] == b.anchor), None) if b.anchor else None
+        if at is None and b.anchor_head:  # its paragraph or table changed: find where it begins
+            at = next((k for k in range(start, stop) if lines[k] == b.anchor_head), None)
+        pos: int | None = None
+        if b.replaces:
+            body = b.lines[1:-1]
+            firsts = [ln for k, ln in enumerate(body) if ln.strip() and (k == 0 or not body[k - 1].strip())]
+            for first in firsts:
+                for c in _chunks(lines, start + 1, stop):
+                    if at is not None and c < at:
+                        continue  # the generated text it stands in for came after its anchor
+                    g = lines[c]
+                    if c not in removed and (g == first or (len(g) >= 20 and first.startswith(g))):
+                        removed.update(range(c, _chunk_end(lines, c, stop)))
+                        pos = c if pos is None else min(pos, c)
+                        break
+        if pos is None:
+            pos = stop if b.standalone else _chunk_end(lines, at if at is not None else start, stop)
+        inserts.setdefault(pos, []).append(b.lines)
+    out: list[str] = []
+    for k in range(len(lines) + 1):
+        for blk in inserts.get(k, []):
+            if out and out[-1].strip():
+                out.append("")
+            out += [*blk, ""]
+        if k < len(lines) and k not in removed:
+            out.append(lines[k])
+    while out and not out[-1].strip():
+        out.pop()
+    out.append("")
+    for heading, bs in orphans.items():
+        if heading:
+            out += [heading, "", "> Hand-written blocks kept from the previous report: the benchmarks no longer "
+                    "write this section.", ""]
+        for b in bs:
+            out += [*b.lines, ""]
+    if broken:
+        out += ["## Hand-written blocks with broken markers", "",
+                "> Kept verbatim from the previous report; fix their markers (benchmarks/README.md) so that the "
+                "next regeneration puts them back in place.", ""]
+        for b in broken:
+            out += [f"> **{b.problem}** (it was under `{b.section or 'the top'}`)", "", *b.lines, ""]
+    return "\n".join(out)
+
+
+def render(sections: list[Section], meta: dict[str, Any], previous: str | None = None) -> str:
+    """The Markdown report; ``previous`` (the report it overwrites) gives the hand-written blocks
+    carried over into it (:func:`carry_hand_blocks`)."""
     m, v = meta["machine"], meta["versions"]
     lines = [
         "# Benchmarks",
@@ -240,7 +420,8 @@ def render(sections: list[Section], meta: dict[str, Any]) -> str:
         "Every number in the summary and the numbered sections is what that command measured and printed on "
         "the machine described; re-run it to refresh this file, do not edit it by hand. The *Findings* section at "
         "the end is hand-written (profiling notes kept in `benchmarks/__main__.py`), not measured by this run. "
-        "Budgets: DESIGN.md section 9.",
+        "Other hand-written notes sit between `<!-- hand:BEGIN id -->` and `<!-- hand:END id -->` lines (see the "
+        "Markdown source); a regeneration keeps them (benchmarks/README.md). Budgets: DESIGN.md section 9.",
         "",
     ]
     end_commit = meta.get("commit_at_end")
@@ -299,7 +480,12 @@ def render(sections: list[Section], meta: dict[str, Any]) -> str:
          str(t["rc"])] for t in meta["timeline"]
     ])
     lines.append("")
-    return "\n".join(lines)
+    return carry_hand_blocks("\n".join(lines), previous)
+
+
+def _read_previous(out: Path) -> str | None:
+    """The report ``out`` will replace (its hand-written blocks are carried over), if any."""
+    return out.read_text() if out.is_file() else None
 
 
 def _print_console(sections: list[Section], console: Any) -> None:
@@ -390,7 +576,7 @@ def report_from_raw(raw: Path, out: Path, merge: Sequence[Path] = ()) -> int:
                                    "commit": d2["meta"]["machine"].get("commit", "?"),
                                    "load": d2["meta"].get("load")})
     meta["findings"] = FINDINGS
-    out.write_text(render(build_sections(names, results, meta.get("size_note", "")), meta))
+    out.write_text(render(build_sections(names, results, meta.get("size_note", "")), meta, _read_previous(out)))
     return 0
 
 
@@ -460,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         "findings": FINDINGS, "size_note": size_note, "benches": [name for name, _jobs in plan],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(sections, meta))
+    out.write_text(render(sections, meta, _read_previous(out)))
     if args.raw:
         Path(args.raw).write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     _print_console(sections, Console())
