@@ -325,8 +325,8 @@ def carry_hand_blocks(new: str, previous: str | None) -> str:
     """``new`` (a freshly rendered report) with every hand-written block of ``previous`` carried over.
 
     A block goes back under the heading it was under, after the paragraph or table it followed
-    (found by its last line, else its first, e.g. a table's header; right after the heading when
-    that text is gone); a block that is a section of its own goes at
+    (found by its last line, else a line beginning as that one did, else the first line of that
+    paragraph or table, e.g. a table's header; right after the heading when that text is gone); a block that is a section of its own goes at
     the end of the section it followed; a ``replaces`` block takes the place of the generated
     paragraphs or tables that begin as its own do (a line it extends counts). A block whose section
     no longer exists goes at the end under that section's old heading; a block with broken markers
@@ -364,6 +364,9 @@ def carry_hand_blocks(new: str, previous: str | None) -> str:
             continue
         start, stop = heads[b.section]
         at = next((k for k in range(start, stop) if lines[k] == b.anchor), None) if b.anchor else None
+        if at is None and b.anchor and len(b.anchor) >= 16:  # the same line with other numbers
+            lead = b.anchor[:32]
+            at = next((k for k in range(start, stop) if lines[k].startswith(lead)), None)
         if at is None and b.anchor_head:  # its paragraph or table changed: find where it begins
             at = next((k for k in range(start, stop) if lines[k] == b.anchor_head), None)
         pos: int | None = None
