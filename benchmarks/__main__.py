@@ -649,7 +649,12 @@ def main(argv: list[str] | None = None) -> int:
         "findings": FINDINGS, "size_note": size_note, "benches": [name for name, _jobs in plan],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(sections, meta, _read_previous(out)))
+    previous = _read_previous(out)
+    out.write_text(render(sections, meta, previous))
+    stale = [b.id for b in find_hand_blocks(previous or "") if b.replaces]
+    if stale:  # measured afresh, yet hand-written text still stands in for some generated text
+        console.print(f"[yellow]hand blocks that replace generated text were kept: {', '.join(stale)}; check them "
+                      f"against this run's numbers and remove what they no longer should hide[/yellow]")
     if args.raw:
         Path(args.raw).write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     _print_console(sections, Console())
