@@ -148,17 +148,19 @@ def _heatmap_direct(store: Store, run: str, metric: str, max_buckets: int, agg: 
         if span is None or (coarsest(display_width(span[0], span[1], max_buckets)) or 0) < ROLLUP_BUCKETS[1]:
             return None
         return _heatmap_sql(fs, run, metric, max_buckets, agg, None, None, attempt, True,  # type: ignore[arg-type]
-                            ROLLUP_BUCKETS[1])
+                            ROLLUP_BUCKETS[1], span)
 
 
 def _heatmap_sql(store: Store, run: str, metric: str, max_buckets: int, agg: HeatAgg, step_min: int | None,
                  step_max: int | None, attempt: int | None, use_rollups: bool,
-                 span_size: int = ROLLUP_BUCKETS[-1]) -> pl.DataFrame:
+                 span_size: int = ROLLUP_BUCKETS[-1], span: tuple[int, int] | None = None) -> pl.DataFrame:
     """:func:`heatmap` in SQL over ``store``'s views (a :class:`Store`, or a FrameStore of rows read);
-    ``span_size``: the rollups the span is read from (any size gives the same span)."""
+    ``span_size``: the rollups the span is read from (any size gives the same span); ``span``: the
+    span already read from the same store (skips reading it again)."""
     path = timeline(store, run, attempt)
     whole = step_min is None and step_max is None and use_rollups
-    span = _span(store, run, metric, path, step_min, step_max, whole, span_size)
+    if span is None:
+        span = _span(store, run, metric, path, step_min, step_max, whole, span_size)
     if span is None:
         return pl.DataFrame(schema=_HEAT_SCHEMA)
     lo, hi = span
