@@ -187,7 +187,8 @@ class RootedFS:
         """The file system that holds ``path``."""
         if not is_remote(path):
             return self.local
-        from healthwatch.objectstore import S3FS, endpoint_from_env, split_s3
+        from healthwatch.objectstore.s3fs import S3FS, endpoint_from_env
+        from healthwatch.objectstore.uri import split_s3
 
         bucket, _key = split_s3(os.fspath(path).replace("s3a:/", "s3:/", 1))
         # Tests and tools point one process at several servers in turn: the environment is part of the key.
@@ -256,7 +257,7 @@ def root_path(store: str | os.PathLike[str]) -> Path:
     text = os.fspath(store)
     if "://" not in text:
         return Path(text)
-    from healthwatch.objectstore import parse_store_uri
+    from healthwatch.objectstore.uri import parse_store_uri
 
     uri = parse_store_uri(text)
     return Path(f"s3://{uri.bucket}/{uri.prefix}".rstrip("/")) if uri.is_s3 else Path(str(uri.path))
@@ -282,12 +283,12 @@ def ensure_writable(root: str | os.PathLike[str]) -> None:
     """
     if not is_remote(root):
         return
-    from healthwatch.objectstore import endpoint_from_env
+    from healthwatch.objectstore.s3fs import endpoint_from_env
 
     uri = root_uri(root)
     if f"{uri}@{endpoint_from_env()}" in _probed:
         return
-    from healthwatch.objectstore import parse_store_uri
+    from healthwatch.objectstore.uri import parse_store_uri
 
     fs = FS.for_path(root) if isinstance(FS, RootedFS) else FS
     fs.probe(parse_store_uri(uri).prefix)  # type: ignore[attr-defined]

@@ -216,7 +216,7 @@ def _layer_rows(run_steps: np.ndarray, layers: int, values: np.ndarray) -> pa.Ta
 
 
 def test_segments_round_trip_bit_exact_through_duckdb(s3_root: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(objectstore, "IN_MEMORY_BYTES", 0)  # read from S3 at every query, not held in memory
+    monkeypatch.setattr(objectstore.reading, "IN_MEMORY_BYTES", 0)  # read from S3 at every query, not held in memory
     monkeypatch.setenv("HEALTHWATCH_S3_CACHE_BYTES", "0")  # no local copies: the HTTP scan path
     rng = np.random.default_rng(7)
     layers, steps = 6, np.arange(0, 300, dtype=np.int64)

@@ -40,7 +40,7 @@ def _upload(root: Path, s3_root: str) -> int:
 def test_query_layer_on_s3_equals_local(tmp_path: Path, s3_root: str, in_memory_bytes: int | None,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     if in_memory_bytes is not None:  # 0: every table is scanned on S3 at each query, none held in memory
-        monkeypatch.setattr(objectstore, "IN_MEMORY_BYTES", in_memory_bytes)
+        monkeypatch.setattr(objectstore.reading, "IN_MEMORY_BYTES", in_memory_bytes)
     root = tmp_path / "store"
     write_lineage(root, last_step=9990)
     # Rollup validity compares attempt start times with the rollup file's age (1 s slack); the
