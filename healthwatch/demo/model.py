@@ -33,7 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from healthwatch.demo.nvfp4 import QuantLinear, fake_quant_nvfp4, fake_quant_nvfp4_many, observe_quant
+from healthwatch.demo.nvfp4 import (
+    QuantLinear,
+    fake_quant_nvfp4_amax,
+    fake_quant_nvfp4_many,
+    observe_quant,
+)
 from healthwatch.demo.ssd import ssd
 
 __all__ = [
@@ -338,11 +343,11 @@ class Router(QuantLinear):
         w = self.weight
         if self.quantize:
             wq = self.prequantized.get("weight")
-            xq = fake_quant_nvfp4(x, self.quant_scale)
-            observe_quant(self, "act", x, xq)
+            xq, amax = fake_quant_nvfp4_amax(x, self.quant_scale)
+            observe_quant(self, "act", x, xq, amax)
             if wq is None:
-                wq = fake_quant_nvfp4(w, self.quant_scale)
-                observe_quant(self, "weight", w, wq)
+                wq, amax = fake_quant_nvfp4_amax(w, self.quant_scale)
+                observe_quant(self, "weight", w, wq, amax)
             x, w = xq, wq
         logits = F.linear(x, w, self.logit_bias)
         self.last_logits = logits
@@ -393,12 +398,12 @@ class GroupedExperts(nn.Module):
         if self.quantize:
             wq = self.prequantized.get(name)
             if wq is None:
-                wq = fake_quant_nvfp4(w, self.quant_scale)
-                observe_quant(self, "weight", w, wq)
+                wq, amax = fake_quant_nvfp4_amax(w, self.quant_scale)
+                observe_quant(self, "weight", w, wq, amax)
             w = wq
             if quantize_x:
-                xq = fake_quant_nvfp4(x, self.quant_scale)
-                observe_quant(self, "act", x, xq)
+                xq, amax = fake_quant_nvfp4_amax(x, self.quant_scale)
+                observe_quant(self, "act", x, xq, amax)
                 x = xq
         if _grouped_mm_ok(x, w.shape[2], w.shape[1]):
             offs = torch.cumsum(counts, 0).to(torch.int32)
@@ -421,8 +426,8 @@ class GroupedExperts(nn.Module):
         if self.quantize:
             # Quantisation is per row block, so quantising before the gather is identical to
             # quantising the gathered copy, and k times cheaper.
-            xq = fake_quant_nvfp4(x, self.quant_scale)
-            observe_quant(self, "act", x, xq)
+            xq, amax = fake_quant_nvfp4_amax(x, self.quant_scale)
+            observe_quant(self, "act", x, xq, amax)
             x = xq
         h = _relu2(self._gemm(x.index_select(0, token), "w1", counts, quantize_x=False))
         out = self._gemm(h, "w2", counts, quantize_x=True)
@@ -478,8 +483,8 @@ class LatentMoE(nn.Module):
         # The latent projection and the shared expert read the same input: quantise it once.
         pre_q = self.to_latent.quantize and self.shared_expert.up.quantize
         if pre_q:
-            xin = fake_quant_nvfp4(xt, self.to_latent.quant_scale)
-            observe_quant(self.to_latent, "act", xt, xin)
+            xin, amax = fake_quant_nvfp4_amax(xt, self.to_latent.quant_scale)
+            observe_quant(self.to_latent, "act", xt, xin, amax)
         else:
             xin = xt
         routed = self.from_latent(self.experts(self.to_latent(xin, pre_q), weights, indices, counts))

@@ -33,9 +33,11 @@ __all__ = [
     "E4M3_MAX",
     "QuantLinear",
     "fake_quant_nvfp4",
+    "fake_quant_nvfp4_amax",
     "fake_quant_nvfp4_many",
     "observe_quant",
     "quantize_nvfp4",
+    "quantize_nvfp4_amax",
     "quantize_nvfp4_many",
     "round_to_e2m1",
     "round_to_e4m3",
@@ -119,14 +121,18 @@ def _block_amax(abs_blocks: Tensor) -> Tensor:
     return F.max_pool1d(abs_blocks.view(1, 1, -1), BLOCK_SIZE, BLOCK_SIZE).view(-1, 1)
 
 
-def _quantize_blocks(x: Tensor, scale: float = 1.0) -> Tensor:
-    """Quantise-dequantise a contiguous float32 tensor whose last dim is a multiple of ``BLOCK_SIZE``."""
+def _quantize_blocks(x: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Quantise-dequantise a contiguous float32 tensor whose last dim is a multiple of ``BLOCK_SIZE``.
+
+    Returns the result and the tensor's ``max |x|`` (the per-tensor scale's amax, computed anyway).
+    """
     blocks = x.reshape(-1, BLOCK_SIZE)
     amax_block = _block_amax(blocks.abs())
-    s_tensor = _tensor_scale(amax_block.max())
+    amax = amax_block.max()
+    s_tensor = _tensor_scale(amax)
     if scale != 1.0:
         s_tensor = s_tensor * scale
-    return _scale_and_round(blocks, amax_block, s_tensor).reshape(x.shape)
+    return _scale_and_round(blocks, amax_block, s_tensor).reshape(x.shape), amax
 
 
 @torch.no_grad()
@@ -139,17 +145,27 @@ def quantize_nvfp4(x: Tensor, scale: float = 1.0) -> Tensor:
     or wrong amax (e.g. delayed scaling's amax history lagging a growing tensor): block scales
     that would exceed E4M3's 448 saturate there and their largest values clip at ±6.
     """
+    return quantize_nvfp4_amax(x, scale)[0]
+
+
+@torch.no_grad()
+def quantize_nvfp4_amax(x: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """:func:`quantize_nvfp4` and ``max |x|`` (float32 scalar; NaN if ``x`` holds one; 0 when empty).
+
+    Every NVFP4 recipe computes the operand's amax for its per-tensor scale; handing it to the
+    Monitor (``quant_stats(..., amax=)``) spares the Monitor a second full read of the operand.
+    """
     if x.numel() == 0:
-        return x.clone()
+        return x.clone(), torch.zeros((), dtype=torch.float32, device=x.device)
     xf = x.to(torch.float32).contiguous()
     k = xf.shape[-1]
     pad = (-k) % BLOCK_SIZE
     if pad:
         xf = F.pad(xf, (0, pad))
-    q = _quantize_blocks(xf, scale)
+    q, amax = _quantize_blocks(xf, scale)
     if pad:
         q = q[..., :k]
-    return q.to(x.dtype)
+    return q.to(x.dtype), amax
 
 
 @torch.no_grad()
@@ -192,11 +208,13 @@ class _FakeQuantSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: float = 1.0) -> Tensor:  # type: ignore[override]
-        return quantize_nvfp4(x, scale)
+    def forward(ctx, x: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        q, amax = quantize_nvfp4_amax(x, scale)
+        ctx.mark_non_differentiable(amax)
+        return q, amax
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor, _grad_amax: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
         return grad, None
 
 
@@ -217,18 +235,29 @@ def fake_quant_nvfp4(x: Tensor, scale: float = 1.0) -> Tensor:
 
     ``scale`` multiplies the per-tensor scale (see :func:`quantize_nvfp4`).
     """
-    return _FakeQuantSTE.apply(x, scale) if scale != 1.0 else _FakeQuantSTE.apply(x)
+    return fake_quant_nvfp4_amax(x, scale)[0]
 
 
-def observe_quant(module: nn.Module, operand: str, x: Tensor, q: Tensor) -> None:
+def fake_quant_nvfp4_amax(x: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """:func:`fake_quant_nvfp4` and the operand's ``max |x|`` (no gradient), which the quantiser computes anyway."""
+    q, amax = _FakeQuantSTE.apply(x, scale) if scale != 1.0 else _FakeQuantSTE.apply(x)
+    return q, amax
+
+
+def observe_quant(module: nn.Module, operand: str, x: Tensor, q: Tensor, amax: Tensor | None = None) -> None:
     """Report one quantised GEMM operand to ``module.quant_observer`` when a monitor set one.
 
     The healthwatch Monitor sets ``quant_observer`` on every module that has the attribute
-    (``QuantLinear``, ``GroupedExperts``); with no monitor this is one attribute read.
+    (``QuantLinear``, ``GroupedExperts``); with no monitor this is one attribute read. ``amax``:
+    ``max |x|`` when the quantiser has it (:func:`fake_quant_nvfp4_amax`); the Monitor then skips
+    its own full read of ``x``.
     """
     observer = getattr(module, "quant_observer", None)
     if observer is not None:
-        observer(operand, x, q)
+        if amax is None:
+            observer(operand, x, q)
+        else:
+            observer(operand, x, q, amax)
 
 
 def fake_quant_nvfp4_many(xs: Sequence[Tensor]) -> list[Tensor]:
@@ -262,7 +291,7 @@ class QuantLinear(nn.Linear):
         #: Already fake-quantised weights for the current forward, by parameter name, filled by
         #: an owner that quantises all its weights in one pass; empty means "quantise here".
         self.prequantized: dict[str, Tensor] = {}
-        #: Called as ``quant_observer(operand, x, q)`` for each quantised operand (set by a monitor).
+        #: Called as ``quant_observer(operand, x, q[, amax])`` for each quantised operand (set by a monitor).
         self.quant_observer = None
         #: Multiplier on the per-tensor NVFP4 scale of this module's operands (fault injection; 1 = recipe).
         self.quant_scale: float = 1.0
@@ -278,12 +307,12 @@ class QuantLinear(nn.Linear):
             if input_quantized:
                 xq = x
             else:
-                xq = fake_quant_nvfp4(x, self.quant_scale)
-                observe_quant(self, "act", x, xq)
+                xq, amax = fake_quant_nvfp4_amax(x, self.quant_scale)
+                observe_quant(self, "act", x, xq, amax)
             wq = self.prequantized.get("weight")
             if wq is None:
-                wq = fake_quant_nvfp4(self.weight, self.quant_scale)
-                observe_quant(self, "weight", self.weight, wq)
+                wq, amax = fake_quant_nvfp4_amax(self.weight, self.quant_scale)
+                observe_quant(self, "weight", self.weight, wq, amax)
             return F.linear(xq, wq, self.bias)
         return F.linear(x, self.weight, self.bias)
 

@@ -198,3 +198,28 @@ def test_an_amax_the_quantiser_already_has_replaces_the_full_read(store_dir):
     for op in ("act", "weight", "grad"):
         assert got[f"fp4_underflow/{op}"] == pytest.approx(float(sums[0] / sums[1]))
         assert got[f"fp4_rel_mse/{op}"] == pytest.approx(float(sums[4] / sums[5]), rel=1e-5)
+
+
+def test_demo_quantiser_hands_its_amax_to_the_observer():
+    """The demo quantiser returns the ``max |x|`` it computes for the per-tensor scale and passes it to
+    the Monitor's observer (which then skips its own full read): equal to ``x.abs().max()``, NaN kept,
+    0 for an empty operand, and the same with a shrunken scale (the fault changes q, not x)."""
+    from healthwatch.demo.nvfp4 import quantize_nvfp4_amax
+
+    g = torch.Generator().manual_seed(3)
+    for x in (torch.randn(4, 40, generator=g) * 7, torch.randn(3, 32, generator=g).to(torch.bfloat16)):
+        for scale in (1.0, 0.25):
+            q, amax = quantize_nvfp4_amax(x, scale)
+            assert torch.equal(q, quantize_nvfp4(x, scale))
+            assert float(amax) == float(x.float().abs().max())
+    nan = torch.tensor([[1.0, float("nan")] + [0.5] * 14])
+    assert math.isnan(float(quantize_nvfp4_amax(nan)[1]))
+    assert float(quantize_nvfp4_amax(torch.zeros(0, 16))[1]) == 0.0
+
+    seen: list[tuple[str, float | None]] = []
+    lin = QuantLinear(16, 4, quantize=True)
+    lin.quant_observer = lambda operand, x, q, amax=None: seen.append(
+        (operand, None if amax is None else float(amax)))
+    x = torch.tensor([VALUES]) * -3
+    lin(x)
+    assert dict(seen) == {"act": float(x.abs().max()), "weight": float(lin.weight.detach().abs().max())}
