@@ -13,7 +13,7 @@ from typing import Any, Literal
 import polars as pl
 
 from healthwatch.query.rollups import coarsest, display_width, plan
-from healthwatch.query.runs import timeline
+from healthwatch.query.runs import scanned_path, timeline
 from healthwatch.query.timeline import Timeline
 from healthwatch.store import ROLLUP_BUCKETS, Store
 from healthwatch.store.reader import per_run
@@ -112,13 +112,10 @@ def _heatmap_direct(store: Store, run: str, metric: str, max_buckets: int, agg: 
     from healthwatch.query.rollups import plan_of
     from healthwatch.store.reader import FrameStore
 
-    scan = getattr(store, "scan_run", None)
-    if scan is None or not getattr(store, "_local_root", False):
+    scanned = scanned_path(store, run, attempt) if getattr(store, "_local_root", False) else None
+    if scanned is None:
         return None
-    att = scan("attempts", run, ["attempt", "start_step"])
-    if att is None:
-        return None
-    path = Timeline.of(zip(att["attempt"].to_list(), att["start_step"].to_list()), attempt)
+    scan, att, path = scanned
     key = {"metric": (metric, metric)}
     coarse = scan("layer_stats_rollup", run, list(_HEAT_ROLLUP_COLS),
                   {"bucket_size": (ROLLUP_BUCKETS[1], ROLLUP_BUCKETS[-1]), **key})  # one read per file for both

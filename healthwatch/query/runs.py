@@ -122,6 +122,18 @@ def path_for(att: pl.DataFrame, attempt: int | None = None) -> Timeline:
     return Timeline.of(zip(att["attempt"].to_list(), att["start_step"].to_list()), attempt)
 
 
+def scanned_path(store: Store, run: str, attempt: int | None = None) -> tuple[Any, pl.DataFrame, Timeline] | None:
+    """``(store.scan_run, the run's attempts rows, the Timeline of attempt)`` for the direct (pyarrow)
+    reads, the attempts read by the same scan; None when the store cannot scan (then SQL answers)."""
+    scan = getattr(store, "scan_run", None)
+    if scan is None:
+        return None
+    att = scan("attempts", run, ["attempt", "start_step"])
+    if att is None:
+        return None
+    return scan, att, path_for(att, attempt)
+
+
 @per_run
 def finished(store: Store, run: str) -> bool:
     """Whether ``run``'s latest attempt was closed by its writer (a ``close`` event)."""

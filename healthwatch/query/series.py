@@ -20,7 +20,7 @@ from typing import Any, Literal
 import polars as pl
 
 from healthwatch.query.rollups import RollupPlan, plan
-from healthwatch.query.runs import run_signature, timeline
+from healthwatch.query.runs import run_signature, scanned_path, timeline
 from healthwatch.query.timeline import Timeline
 from healthwatch.store import ROLLUP_BUCKETS, Store
 from healthwatch.store.reader import per_run, run_scope
@@ -394,13 +394,10 @@ def _series_direct(store: Store, run: str, name: str, layer: int | None, max_poi
     the rows, on the path of ``attempt`` (:meth:`Timeline.superseded_mask`, the one rule), sorted
     like the SQL answer. Anything else — more rows, a store that cannot scan — returns None.
     """
-    scan = getattr(store, "scan_run", None)
-    if scan is None:
+    scanned = scanned_path(store, run, attempt)
+    if scanned is None:
         return None
-    att = scan("attempts", run, ["attempt", "start_step"])
-    if att is None:
-        return None
-    path = Timeline.of(zip(att["attempt"].to_list(), att["start_step"].to_list()), attempt)
+    scan, _att, path = scanned
     lo = -(2**62) if step_min is None else int(step_min)
     hi = 2**62 if step_max is None else int(step_max)
     # Step first: a segment of other steps is ruled out by its first statistic looked at.
@@ -437,13 +434,10 @@ def _series_rollup_direct(store: Store, run: str, name: str, layer: int | None, 
     """
     from healthwatch.query.rollups import plan_of
 
-    scan = getattr(store, "scan_run", None)
-    if scan is None:
+    scanned = scanned_path(store, run, attempt)
+    if scanned is None:
         return None
-    att = scan("attempts", run, ["attempt", "start_step"])
-    if att is None:
-        return None
-    path = Timeline.of(zip(att["attempt"].to_list(), att["start_step"].to_list()), attempt)
+    scan, _att, path = scanned
     table = "scalars" if layer is None else "layer_stats"
     size = ROLLUP_BUCKETS[0]
     key: dict[str, tuple[Any, Any]] = ({"name": (name, name)} if layer is None
