@@ -20,6 +20,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ADMIN = ("hwadmin", "hwadmin-secret-key")
@@ -205,3 +206,32 @@ class IgnoringProxy:
         """Shut the proxy down."""
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextlib.contextmanager
+def moto_behind_ignoring_proxy(monkeypatch, bucket: str,  # noqa: ANN001 - pytest's MonkeyPatch
+                               dropped: tuple[str, ...] = ("if-none-match",)) -> Iterator[tuple[int, IgnoringProxy]]:
+    """A moto S3 server on 127.0.0.1 holding ``bucket``, test credentials (and no other AWS settings) in
+    the environment, and an :class:`IgnoringProxy` in front of it dropping ``dropped``; yields moto's
+    port and the proxy. Everything is stopped on exit."""
+    from _deps import require
+
+    from healthwatch.objectstore import S3FS, S3Settings
+
+    server_mod = require("moto.server", "moto[server] for an S3 emulator (pip install -e '.[dev]')")
+    moto = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    proxy = None
+    try:
+        _host, port = moto.get_host_and_port()
+        for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+            monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        S3FS(bucket, S3Settings(endpoint_url=f"http://127.0.0.1:{port}")).client.create_bucket(Bucket=bucket)
+        proxy = IgnoringProxy(port, dropped=dropped)
+        yield port, proxy
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        moto.stop()

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
-from s3servers import ADMIN, READER, IgnoringProxy, SeaweedS3
+from s3servers import ADMIN, READER, SeaweedS3, moto_behind_ignoring_proxy
 
 from healthwatch import objectstore
 from healthwatch.objectstore import (
@@ -85,19 +85,8 @@ def test_probe_accepts_a_server_that_enforces_if_none_match(s3_env: SeaweedS3) -
 
 
 def test_probe_refuses_a_server_that_ignores_if_none_match(monkeypatch: pytest.MonkeyPatch) -> None:
-    from _deps import require
-
-    server_mod = require("moto.server", "moto[server] for an S3 emulator (pip install -e '.[dev]')")
-    moto = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    proxy = None
-    try:
-        _host, port = moto.get_host_and_port()
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with moto_behind_ignoring_proxy(monkeypatch, BUCKET) as (port, proxy):
         direct = S3FS(BUCKET, S3Settings(endpoint_url=f"http://127.0.0.1:{port}"))
-        direct.client.create_bucket(Bucket=BUCKET)
-        proxy = IgnoringProxy(port)
         fs = S3FS(BUCKET, S3Settings(endpoint_url=proxy.endpoint))
         with pytest.raises(ConditionalWriteUnsupportedError) as err:
             fs.probe("p")
@@ -105,10 +94,6 @@ def test_probe_refuses_a_server_that_ignores_if_none_match(monkeypatch: pytest.M
         assert proxy.endpoint in msg and "ignores If-None-Match" in msg and "412" in msg
         # The same server without the header-dropping proxy passes (moto enforces it one at a time).
         direct.probe("p")
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        moto.stop()
 
 
 def test_create_only_put_never_replaces_an_object(s3_root: str) -> None:

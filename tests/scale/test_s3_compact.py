@@ -276,24 +276,12 @@ def test_live_lease_is_respected_by_writers_and_compactor(s3_root: str) -> None:
 
 def test_compact_refuses_a_server_that_ignores_if_match(monkeypatch: pytest.MonkeyPatch) -> None:
     """Create-only PUTs enforced, ``If-Match`` silently dropped: writers may write there, compaction may not."""
-    from _deps import require
-    from s3servers import IgnoringProxy
+    from s3servers import moto_behind_ignoring_proxy
 
     from healthwatch.objectstore import S3FS, ConditionalWriteUnsupportedError, S3Settings
     from healthwatch.store.compact import compact_store
 
-    server_mod = require("moto.server", "moto[server] for an S3 emulator (pip install -e '.[dev]')")
-    moto = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    proxy = None
-    try:
-        _host, port = moto.get_host_and_port()
-        for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-            monkeypatch.delenv(key, raising=False)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        S3FS("hwcompact", S3Settings(endpoint_url=f"http://127.0.0.1:{port}")).client.create_bucket(Bucket="hwcompact")
-        proxy = IgnoringProxy(port, dropped=("if-match",))
+    with moto_behind_ignoring_proxy(monkeypatch, "hwcompact", dropped=("if-match",)) as (_port, proxy):
         monkeypatch.setenv("HEALTHWATCH_S3_ENDPOINT", proxy.endpoint)
         root = "s3://hwcompact/store"
         expected = _write_store(root, flushes=2)  # the writers' If-None-Match probe passes through the proxy
@@ -308,10 +296,6 @@ def test_compact_refuses_a_server_that_ignores_if_match(monkeypatch: pytest.Monk
         assert res.returncode == 2 and "does not enforce If-Match" in " ".join(res.stderr.split()), res.stderr
         assert sorted(fs.walk(root)) == before  # nothing was merged, deleted or left behind
         assert _effective(root) == expected
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        moto.stop()
 
 
 def test_two_compactors_at_once_split_the_owners_and_duplicate_nothing(s3_root: str) -> None:

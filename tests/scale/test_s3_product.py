@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from s3servers import ADMIN, IgnoringProxy, SeaweedS3
+from s3servers import ADMIN, SeaweedS3, moto_behind_ignoring_proxy
 
 from healthwatch.objectstore import (
     S3FS,
@@ -183,30 +183,14 @@ def test_missing_bucket_wrong_credentials_unreachable_endpoint(s3_env: SeaweedS3
 
 
 def test_monitor_refuses_a_server_that_ignores_if_none_match(monkeypatch: pytest.MonkeyPatch) -> None:
-    from _deps import require
-
-    server_mod = require("moto.server", "moto[server] for an S3 emulator (pip install -e '.[dev]')")
-    moto = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    proxy = None
-    try:
-        _host, port = moto.get_host_and_port()
-        for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-            monkeypatch.delenv(key, raising=False)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        S3FS("hwstore", S3Settings(endpoint_url=f"http://127.0.0.1:{port}")).client.create_bucket(Bucket="hwstore")
-        proxy = IgnoringProxy(port)  # a real HTTP proxy that drops If-None-Match: an "ignoring" server
+    # A real HTTP proxy that drops If-None-Match in front of moto: an "ignoring" server.
+    with moto_behind_ignoring_proxy(monkeypatch, "hwstore") as (port, proxy):
         monkeypatch.setenv("HEALTHWATCH_S3_ENDPOINT", proxy.endpoint)
         with pytest.raises(ConditionalWriteUnsupportedError, match="ignores If-None-Match") as err:
             hw.Monitor(store="s3://hwstore/ignoring", run="r")
         assert proxy.endpoint in str(err.value)
         # Refused before anything was written: no store metadata, no segment.
         assert S3FS("hwstore", S3Settings(endpoint_url=f"http://127.0.0.1:{port}")).walk("s3://hwstore/ignoring") == []
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        moto.stop()
 
 
 # -- the app in headless Chromium on an s3:// store ---------------------------------------------------
