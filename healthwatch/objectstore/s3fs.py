@@ -298,13 +298,15 @@ class S3FS:
         digest = hashlib.blake2b(repr(sorted(listing)).encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") >> 1
 
-    def read_bytes(self, path: str) -> bytes:
-        """The whole object (``FileNotFoundError`` when absent)."""
+    @contextlib.contextmanager
+    def _getting(self, path: str) -> Iterator[None]:
+        """Count one GET of ``path`` and translate its failures: ``FileNotFoundError`` when the object is
+        absent (a merge may have retired it), else this store's clear errors."""
         from botocore import exceptions as bx
 
+        self.stats.count("get")
         try:
-            self.stats.count("get")
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(path))["Body"].read()
+            yield
         except bx.ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise FileNotFoundError(path) from exc
@@ -312,15 +314,17 @@ class S3FS:
         except bx.BotoCoreError as exc:
             raise self._error(exc, "get", path) from exc
 
+    def read_bytes(self, path: str) -> bytes:
+        """The whole object (``FileNotFoundError`` when absent)."""
+        with self._getting(path):
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(path))["Body"].read()
+
     def download(self, path: str, dest: str | os.PathLike[str]) -> int:
         """Stream the object ``path`` into the local file ``dest`` (never whole in memory); returns its size.
 
         Raises ``FileNotFoundError`` when the object does not exist (a merge retired it).
         """
-        from botocore import exceptions as bx
-
-        try:
-            self.stats.count("get")
+        with self._getting(path):
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(path))
             n = 0
             with open(dest, "wb") as fh:
@@ -328,12 +332,6 @@ class S3FS:
                     fh.write(chunk)
                     n += len(chunk)
             return n
-        except bx.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise FileNotFoundError(path) from exc
-            raise self._error(exc, "get", path) from exc
-        except bx.BotoCoreError as exc:
-            raise self._error(exc, "get", path) from exc
 
     def open_input(self, path: str) -> Any:
         """``path`` opened for reading through pyarrow's S3 file system (what ``pq.read_schema`` etc. take).
