@@ -398,8 +398,8 @@ def carry_hand_blocks(new: str, previous: str | None) -> str:
     out.append("")
     for heading, bs in orphans.items():
         if heading:
-            out += [heading, "", "> Hand-written blocks kept from the previous report: the benchmarks no longer "
-                    "write this section.", ""]
+            out += [heading, "", "> Hand-written blocks kept from the previous report, which had this section; "
+                    "the results this report was rendered from have none.", ""]
         for b in bs:
             out += [*b.lines, ""]
     if broken:
