@@ -101,15 +101,17 @@ def _proc_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-def descendant_cpu_seconds(root_pid: int | None = None) -> dict[int, float]:
-    """CPU seconds (user + system) of every live descendant process of ``root_pid`` (default: self)."""
+def descendant_cpu_seconds(root_pid: int | None = None, include_root: bool = False) -> dict[int, float]:
+    """CPU seconds (user + system) of every live descendant process of ``root_pid`` (default: self),
+    and of ``root_pid`` itself with ``include_root``."""
     root_pid = os.getpid() if root_pid is None else root_pid
     out: dict[int, float] = {}
     try:
         import psutil  # type: ignore[import-untyped]
 
         try:
-            for child in psutil.Process(root_pid).children(recursive=True):
+            root = psutil.Process(root_pid)
+            for child in [root, *root.children(recursive=True)] if include_root else root.children(recursive=True):
                 try:
                     t = child.cpu_times()
                     out[child.pid] = t.user + t.system
@@ -120,6 +122,8 @@ def descendant_cpu_seconds(root_pid: int | None = None) -> dict[int, float]:
         return out
     except ImportError:
         pass
+    if include_root and (cpu := _proc_cpu_s(root_pid)) is not None:
+        out[root_pid] = cpu
     stack = _proc_children(root_pid)
     while stack:
         pid = stack.pop()

@@ -117,13 +117,14 @@ def load(driver: Any, url: str, title: str, charts: int, timeout: float = 300.0)
     return elapsed
 
 
-class CpuMeter:
+class ProcessTreeCpu:
     """CPU seconds (user + system) of a process tree: the app server's, or the browser's.
 
     Wall time on a shared machine says as much about the other tenants as about the page; the CPU
-    the server and Chromium spend on a load does not (hyperthreads and caches aside). Processes are
-    followed by pid: one that exits between two readings keeps the CPU it had at the last one
-    (Chromium replaces renderer processes on navigation), so the total never goes backwards.
+    the server and Chromium spend on a load does not (hyperthreads and caches aside). Readings come
+    from :func:`benchmarks.bench_common.descendant_cpu_seconds`; processes are followed by pid, and
+    one that exits between two readings keeps the CPU it had at the last one (Chromium replaces
+    renderer processes on navigation), so the total never goes backwards.
     """
 
     def __init__(self, pid: int) -> None:
@@ -132,23 +133,14 @@ class CpuMeter:
 
     def total(self) -> float:
         """CPU seconds used so far by the process and every descendant seen at any reading."""
-        import psutil
+        from benchmarks.bench_common import descendant_cpu_seconds
 
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            procs = []
-        for proc in procs:
-            try:
-                t = proc.cpu_times()
-                self._seen[proc.pid] = max(self._seen.get(proc.pid, 0.0), t.user + t.system)
-            except psutil.Error:
-                continue
+        for pid, cpu in descendant_cpu_seconds(self.pid, include_root=True).items():
+            self._seen[pid] = max(self._seen.get(pid, 0.0), cpu)
         return sum(self._seen.values())
 
 
-def metered_load(driver: Any, url: str, title: str, charts: int, meters: dict[str, CpuMeter]) -> dict[str, float]:
+def metered_load(driver: Any, url: str, title: str, charts: int, meters: dict[str, ProcessTreeCpu]) -> dict[str, float]:
     """:func:`load` plus the CPU seconds each meter's process tree spent on it (``wall_s`` and one key per meter)."""
     before = {k: m.total() for k, m in meters.items()}
     out = {"wall_s": load(driver, url, title, charts)}
@@ -156,9 +148,9 @@ def metered_load(driver: Any, url: str, title: str, charts: int, meters: dict[st
     return out
 
 
-def browser_meter(driver: Any) -> CpuMeter:
+def browser_meter(driver: Any) -> ProcessTreeCpu:
     """A meter of the Chromium processes behind a selenium ``driver`` (chromedriver's process tree)."""
-    return CpuMeter(driver.service.process.pid)
+    return ProcessTreeCpu(driver.service.process.pid)
 
 
 def expected_charts(store: Path, page: str = "run", run: str = RUN) -> int:
@@ -224,7 +216,7 @@ def floor(workdir: Path, warm_loads: int = 3) -> tuple[float, float, dict[str, f
     """Cold and warm p50 seconds of the trivial page (what Streamlit + Chromium cost on this machine),
     and the p50 CPU seconds of a warm load in the browser and in the server."""
     with floor_server(workdir) as (url, proc), headless_chromium() as driver:
-        meters = {"browser": browser_meter(driver), "server": CpuMeter(proc.pid)}
+        meters = {"browser": browser_meter(driver), "server": ProcessTreeCpu(proc.pid)}
         cold = load(driver, url + "/", "Run", 1)
         warm = [metered_load(driver, url + "/", "Run", 1, meters) for _ in range(warm_loads)]
     cpu = {k: statistics.median(w[k] for w in warm) for k in ("browser_cpu_s", "server_cpu_s")}
@@ -271,7 +263,7 @@ def run(quick: bool, workdir: Path, steps: int | None = None, layers: int = 108,
         proc, url = start_app(store, log=log)
         try:
             with headless_chromium() as driver:
-                meters = {"browser": browser_meter(driver), "server": CpuMeter(proc.pid)}
+                meters = {"browser": browser_meter(driver), "server": ProcessTreeCpu(proc.pid)}
                 # A running server: started, and one visit to the Runs page has imported the app and opened
                 # the store. The Run page's own data caches are still cold (nothing of it was read). Each
                 # navigation below opens a new Streamlit session (a new websocket) in a browser that has

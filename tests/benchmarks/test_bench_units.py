@@ -86,6 +86,36 @@ def test_cpu_meter_counts_this_process() -> None:
     assert out["total_s"] > 0 and out["self_s"] > 0
 
 
+def test_process_tree_cpu_counts_the_root_and_keeps_an_exited_child() -> None:
+    """The Run-page benchmark's meter: the root process's own CPU counts (``include_root``), and a
+    descendant that exits keeps the CPU it had at the last reading (the total never goes back)."""
+    import subprocess
+    import time
+
+    from benchmarks.bench_common import descendant_cpu_seconds
+    from benchmarks.bench_render import ProcessTreeCpu
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    root = subprocess.Popen([sys.executable, "-c", burn + "import sys, subprocess\n"
+                             f"c = subprocess.Popen([sys.executable, '-c', {burn!r} + 'time.sleep(2)'])\n"
+                             "c.wait(); time.sleep(60)"])
+    try:
+        meter = ProcessTreeCpu(root.pid)
+        deadline = time.monotonic() + 60
+        while len(descendant_cpu_seconds(root.pid, include_root=True)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert root.pid in descendant_cpu_seconds(root.pid, include_root=True)
+        assert root.pid not in descendant_cpu_seconds(root.pid)
+        while descendant_cpu_seconds(root.pid) and time.monotonic() < deadline:  # the child burns, then exits
+            meter.total()
+            time.sleep(0.05)
+        # Root and child each burned >= 0.3 s of CPU; the exited child's share is kept.
+        assert meter.total() >= 0.55
+    finally:
+        root.kill()
+        root.wait()
+
+
 def test_report_renders_tables() -> None:
     from benchmarks.__main__ import render
 
