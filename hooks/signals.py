@@ -458,20 +458,30 @@ def _addr(t: Tensor) -> int:
         return id(t)
 
 
-def _plan_key(optimizer: torch.optim.Optimizer, want: dict[int, int]) -> tuple:
-    """Identity of everything an :class:`_UpdatePlan` holds views of (host attributes only, no device read)."""
-    key: list = []
+def _updated_states(optimizer: torch.optim.Optimizer, want: dict[int, int]) -> list[tuple[dict, list[tuple]]]:
+    """Per param group: the group and ``(index in params, parameter, its state, its v)`` of each watched
+    parameter this step updated (a gradient and Adam state; ``v`` the AMSGrad max when used). Host only."""
+    out: list[tuple[dict, list[tuple]]] = []
     for group in optimizer.param_groups:
         amsgrad = bool(group.get("amsgrad"))
+        rows = []
         for p in group["params"]:
             i = want.get(id(p))
             st = optimizer.state.get(p)
             if i is None or p.grad is None or not st or "exp_avg" not in st:
                 continue
             v = st.get("max_exp_avg_sq") if amsgrad else st.get("exp_avg_sq")
-            if v is None:
-                continue
-            key.append((i, _addr(p), _addr(st["exp_avg"]), _addr(v), id(st["step"])))
+            if v is not None:
+                rows.append((i, p, st, v))
+        out.append((group, rows))
+    return out
+
+
+def _plan_key(selected: list[tuple[dict, list[tuple]]]) -> tuple:
+    """Identity of everything an :class:`_UpdatePlan` holds views of (host attributes only, no device read)."""
+    key: list = []
+    for _group, rows in selected:
+        key.extend((i, _addr(p), _addr(st["exp_avg"]), _addr(v), id(st["step"])) for i, p, st, v in rows)
         key.append(None)  # group boundary
     return tuple(key)
 
@@ -504,23 +514,11 @@ def adam_update_sq(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
         z = torch.zeros(0, dtype=torch.float64, device=dev)
         return z, z.clone()
     want = {id(p): i for i, p in enumerate(params)}
-    key = (tuple(_addr(p) for p in params), sample, _plan_key(optimizer, want))
+    selected = _updated_states(optimizer, want)
+    key = (tuple(_addr(p) for p in params), sample, _plan_key(selected))
     plan: _UpdatePlan | None = cache.get("plan") if cache is not None else None
     if plan is None or plan.key != key:
-        groups = []
-        for group in optimizer.param_groups:
-            idx, states = [], []
-            amsgrad = bool(group.get("amsgrad"))
-            for p in group["params"]:
-                i = want.get(id(p))
-                st = optimizer.state.get(p)
-                if i is None or p.grad is None or not st or "exp_avg" not in st:
-                    continue
-                if (st.get("max_exp_avg_sq") if amsgrad else st.get("exp_avg_sq")) is None:
-                    continue
-                idx.append(i)
-                states.append(st)
-            groups.append((group, idx, states))
+        groups = [(group, [r[0] for r in rows], [r[2] for r in rows]) for group, rows in selected]
         plan = _UpdatePlan(key, params, groups, sample, dev)
         if cache is not None:
             cache["plan"] = plan
