@@ -12,6 +12,7 @@ from typing import Any
 from healthwatch.objectstore.errors import ObjectStoreError
 from healthwatch.objectstore.leases import MergeSkipped, S3Lease, owner_leases, segment_owner
 from healthwatch.objectstore.s3fs import S3FS
+from healthwatch.store.segments import live_names
 
 
 def merge_s3(directory: str, sources: list[str], target_name: str, table: str,
@@ -54,10 +55,10 @@ def merge_s3(directory: str, sources: list[str], target_name: str, table: str,
         if missing := owners - set(held):
             raise MergeSkipped(f"{directory}: the merge leases of {sorted(missing)} are held by another merger")
         mine = [held[o] for o in sorted(owners)]
-        live, finished = _live_names(fs, directory)
+        names_now = set(fs.list(directory))
+        live, finished = live_names(directory, names_now)
         if finished:
-            recover_s3(directory)
-            live, _ = _live_names(fs, directory)
+            _finish(fs, directory, finished)  # the sources they hide are deleted: the live set stays as it is
         if gone := [n for n in names if n not in live]:
             raise MergeSkipped(f"{directory}: {len(gone)} of the {len(names)} sources were merged or removed "
                                f"meanwhile (e.g. {gone[0]})")
@@ -95,23 +96,6 @@ def merge_s3(directory: str, sources: list[str], target_name: str, table: str,
 # --------------------------------------------------------------------------------------------
 
 
-def _live_names(fs: S3FS, directory: str) -> tuple[set[str], dict[str, dict[str, Any]]]:
-    """Names in ``directory`` that are live segments (manifests applied), and every manifest by name."""
-    import json
-
-    names = set(fs.list(directory))
-    manifests: dict[str, dict[str, Any]] = {}
-    for n in names:
-        if n.startswith("_merge-") and n.endswith(".json"):
-            try:
-                manifests[n] = json.loads(fs.read_bytes(f"{directory}/{n}"))
-            except (FileNotFoundError, ValueError):
-                continue
-    hidden = {s for m in manifests.values() if m.get("target") in names for s in m.get("sources", [])}
-    live = {n for n in names if n.endswith(".parquet") and not n.startswith(".") and n not in hidden}
-    return live, {n: m for n, m in manifests.items() if m.get("target") in names}
-
-
 def recover_s3(directory: str) -> int:
     """Finish merges that died after publishing their target: delete their sources, then the manifest.
 
@@ -125,9 +109,15 @@ def recover_s3(directory: str) -> int:
     fs = _fs.fs_for(directory)
     assert isinstance(fs, S3FS)
     directory = directory.rstrip("/")
-    _live, done = _live_names(fs, directory)
+    _live, done = live_names(directory, set(fs.list(directory)))
+    _finish(fs, directory, done)
+    return len(done)
+
+
+def _finish(fs: S3FS, directory: str, done: dict[str, dict[str, Any]]) -> None:
+    """Delete the sources each completed merge of ``done`` names, then its manifest (in that order:
+    a source is never visible without the manifest that hides it)."""
     for name, manifest in done.items():
         for src in manifest.get("sources", []):
             fs.delete(f"{directory}/{src}")
         fs.delete(f"{directory}/{name}")
-    return len(done)

@@ -117,19 +117,33 @@ def write_segment(directory: Path, name: str, table: pa.Table, row_group_size: i
     ))
 
 
-def _read_manifests(directory: Path, names: set[str]) -> set[str]:
-    """Names that are superseded by a published merge target in this directory."""
-    hidden: set[str] = set()
+def completed_merges(directory: Path | str, names: set[str]) -> dict[str, dict[str, Any]]:
+    """The merge manifests of ``directory`` (``names``: its listing) whose target is published, by name.
+
+    Their sources are superseded: readers hide them, and a recovery may delete them, then the
+    manifest. A manifest whose target is not listed is an unfinished merge and hides nothing.
+    Works for any root the store's file system routes (a local folder, ``s3://``).
+    """
+    base = str(directory).rstrip("/")
+    done: dict[str, dict[str, Any]] = {}
     for name in names:
         if not name.startswith(MANIFEST_PREFIX):
             continue
         try:
-            manifest = json.loads(_fs.FS.read_bytes(str(directory / name)))
+            manifest = json.loads(_fs.FS.read_bytes(f"{base}/{name}"))
         except (OSError, ValueError):
             continue
         if manifest.get("target") in names:
-            hidden.update(manifest.get("sources", []))
-    return hidden
+            done[name] = manifest
+    return done
+
+
+def live_names(directory: Path | str, names: set[str]) -> tuple[set[str], dict[str, dict[str, Any]]]:
+    """The live segment names of a directory listing ``names`` (published, not superseded by a
+    completed merge) and the completed merges' manifests (:func:`completed_merges`)."""
+    done = completed_merges(directory, names)
+    hidden = {src for m in done.values() for src in m.get("sources", [])}
+    return {n for n in names if n.endswith(".parquet") and not n.startswith(".") and n not in hidden}, done
 
 
 def list_segments(directory: Path) -> list[Path]:
@@ -137,12 +151,8 @@ def list_segments(directory: Path) -> list[Path]:
     names = set(_fs.FS.list(str(directory)))
     if not names:
         return []
-    hidden = _read_manifests(directory, names)
-    return sorted(
-        directory / n
-        for n in names
-        if n.endswith(".parquet") and not n.startswith(".") and n not in hidden
-    )
+    live, _done = live_names(directory, names)
+    return sorted(directory / n for n in live)
 
 
 def iter_run_dirs(root: Path, table: str) -> Iterator[tuple[str, Path]]:
