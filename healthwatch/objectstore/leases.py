@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import re
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -77,23 +81,15 @@ class S3Lease:
         return self.etag is not None and not self._lost
 
     def _body(self) -> bytes:
-        import json
-        import socket
-
         return json.dumps({"holder": self.holder, "nonce": uuid.uuid4().hex, "lease_s": self.lease_s,
                            "host": socket.gethostname(), "pid": os.getpid()}).encode()
 
     def remaining(self) -> float:
         """Seconds the lease surely still runs (local monotonic clock; <= 0 when it may have expired)."""
-        import time
-
         return self.lease_s - (time.monotonic() - self.since) if self.held else 0.0
 
     def acquire(self) -> bool:
         """Take the lease if it is free or stale; False (at once) when a live holder has it."""
-        import json
-        import time
-
         for _ in range(3):
             sent = time.monotonic()
             etag = self.fs.put_conditional(self.path, self._body())
@@ -117,16 +113,22 @@ class S3Lease:
             if etag is None:
                 return False  # another breaker (or the holder's renewal) won
             self.etag, self.since, self._lost, self.broke = etag, sent, False, holder
-            import logging
-
             logging.getLogger("healthwatch.store").warning(
                 "took over the stale merge lease %s of %s (%.0f s without renewal)", self.path, holder, now - modified)
             return True
         return False
 
+    def acquire_within(self, wait_s: float, every_s: float = 0.5) -> bool:
+        """:meth:`acquire`, retried every ``every_s`` for up to ``wait_s`` seconds while a live holder has it."""
+        deadline = time.monotonic() + wait_s
+        while not self.acquire():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(every_s)
+        return True
+
     def renew(self) -> None:
         """Extend the lease (conditional overwrite of our own version); :class:`LeaseLost` if it was broken."""
-        import time
 
         with self._lock:
             if self.etag is None or self._lost:
@@ -188,7 +190,6 @@ def owner_leases(directory: str, owners: set[str], holder: str, wait_s: float = 
     Retries the ones held by live mergers for up to ``wait_s`` seconds (a writer's own merge is short);
     releases every lease taken when the block ends.
     """
-    import time
 
     from healthwatch.store import fs as _fs
 

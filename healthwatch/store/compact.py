@@ -160,12 +160,9 @@ def _rollup_lock(rdir: Path, holder: str, wait_s: float = LEASE_WAIT_S) -> Itera
 
     fs = _fs.fs_for(rdir)
     lease = S3Lease(fs, f"{rdir}/{COMPACT_LEASE}", holder)  # type: ignore[arg-type]
-    deadline = time.monotonic() + wait_s
-    while not lease.acquire():
-        if time.monotonic() >= deadline:
-            yield None
-            return
-        time.sleep(0.5)
+    if not lease.acquire_within(wait_s):
+        yield None
+        return
     try:
         with lease.keep_alive():
             yield lease.check
