@@ -1,9 +1,18 @@
-"""Run page: every health signal of one run, live.
+"""Run page: every health signal of one run, live, one section at a time.
 
-Losses with every MTP head, gradient norms, MaxVio max/median over layers and its layer x step
-heatmap, dead experts, residual-norm and wgrad heatmaps, alert and event markers, superseded
-attempts ghosted; then per-layer residual profiles and the expert-load histogram at chosen steps.
-The charts sit in a fragment that re-runs every few seconds and only reads new rows.
+The header (precision, lineage, attempts, last step, alerts firing) sits above four sections,
+drawn as tabs that are only queried and sent when open (``st.tabs(..., on_change="rerun")``): the
+way Grafana and W&B lazy-load panels, so a first load costs three charts, not nine.
+
+* **Overview** (first): losses with every MTP head, gradient norms, MaxVio max/median over layers,
+  with alert and event markers and superseded attempts ghosted; other scalars behind a toggle.
+* **Layers**: the MaxVio, residual-RMS and wgrad-norm layer x step heatmaps and dead experts.
+* **At steps**: per-layer profiles at chosen steps and the expert-load histogram at a step.
+* **Signals**: the signal families of docs/signals.md (a worst-layers "layer history" link opens it).
+
+The open section is in the URL (``?section=Layers``), so a link or a bookmark opens it. Overview and
+Layers sit in a fragment that re-runs every few seconds and only reads new rows; a closed section
+is neither queried nor refreshed.
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ def _frames(points: pl.DataFrame, names: list[str], labels: dict[str, str] | Non
 
 
 def _header(store: Store, run: str) -> dict:
+    """The run's one-line summary (precision, lineage, attempts, last step, status, alerts firing)."""
     info = cached_run(store, run, run_overview)
     states = alert_states(store)
     firing = states.filter((pl.col("run") == run) & (pl.col("state") == "firing")).height if states.height else 0
@@ -83,32 +93,48 @@ def _header(store: Store, run: str) -> dict:
     parts.append(":green[live]" if live else info["status"])
     parts.append(f":red[**{firing} alert{'s' if firing != 1 else ''} firing**]" if firing else "no alert firing")
     st.markdown(" · ".join(parts))
+    if info["last_step"] is None:
+        st.info(f"Run `{run}` has not flushed its first step yet: the charts appear once it has "
+                "(the Monitor flushes every few seconds).")
+    elif not info["several_steps"]:
+        st.info(f"Run `{run}` is in its first step (step {info['last_step']:,}): the charts fill in as steps arrive.")
     info["live"] = live
     return info
 
 
-def _charts(store: Store, run: str, x: str, log_y: bool, smooth: float) -> None:
-    """Everything that refreshes live. Cached per run; an idle refresh issues no SQL."""
-    t0 = time.perf_counter()
-    info = _header(store, run)
-    if info["last_step"] is None:
-        st.info(f"Run `{run}` has not flushed its first step yet: the charts appear once it has "
-                "(the Monitor flushes every few seconds).")
-        return
-    if not info["several_steps"]:
-        st.info(f"Run `{run}` is in its first step (step {info['last_step']:,}): the charts fill in as steps arrive.")
+def _scalar_groups(store: Store, run: str) -> tuple[list[str], list[str], list[str]]:
+    """The run's scalar names split into losses (train first, then MTP heads), gradient norms and the rest."""
     names = cached_run(store, run, scalar_names)
-    layers = cached_run(store, run, layer_info)
-    metrics = set(layers["metric"].to_list()) if layers.height else set()
     losses = sorted([n for n in names if n.startswith("loss/")], key=_mtp_order)
     grads = sorted(n for n in names if n.startswith("grad_norm/"))
-    others = [n for n in names if n not in losses and n not in grads]
-    scal = series(store, run, [Signal(n) for n in losses + grads + others])
-    layer_sigs = [Signal(m, a) for m, a in (("maxvio", "max"), ("maxvio", "median"), ("dead_experts", "max"),
-                                            ("dead_experts", "sum")) if m in metrics]
-    agg = series(store, run, layer_sigs) if layer_sigs else scal.head(0)
+    return losses, grads, [n for n in names if n not in losses and n not in grads]
+
+
+def _layer_metrics(store: Store, run: str) -> set[str]:
+    """Per-layer metrics the run logged."""
+    layers = cached_run(store, run, layer_info)
+    return set(layers["metric"].to_list()) if layers.height else set()
+
+
+def _caption(n: int, t0: float) -> None:
+    """Points drawn and the server-side build time (bench_render reads "built in X s")."""
+    st.caption(f"{n:,} points drawn (min/max per bucket, ≤ 2,000 per trace) · built in "
+               f"{time.perf_counter() - t0:.2f} s · {datetime.now():%H:%M:%S}")
+
+
+def _overview(store: Store, run: str, x: str, log_y: bool, smooth: float) -> None:
+    """Losses, gradient norms and MaxVio over layers (the first section). Refreshes live; cached per
+    run, so an idle refresh issues no SQL."""
+    t0 = time.perf_counter()
+    if cached_run(store, run, run_overview)["last_step"] is None:
+        return  # the header says the run has not flushed a step yet; a live refresh draws the charts
+    losses, grads, others = _scalar_groups(store, run)
+    metrics = _layer_metrics(store, run)
+    # Only what this section draws is read: the other scalars wait for their toggle.
+    scal = series(store, run, [Signal(n) for n in losses + grads])
+    moe = "maxvio" in metrics
+    agg = series(store, run, [Signal("maxvio", "max"), Signal("maxvio", "median")]) if moe else scal.head(0)
     marks = cached_run(store, run, markers, tables=("events", "alerts", "attempts"))
-    ref = scal.filter((pl.col("sig") == (losses[0] if losses else names[0] if names else "")) & ~pl.col("superseded"))
     rev = f"{run}-{x}"
 
     if losses:
@@ -128,7 +154,6 @@ def _charts(store: Store, run: str, x: str, log_y: bool, smooth: float) -> None:
             st.plotly_chart(fig, width="stretch", key="chart_gradnorm", config={"displaylogo": False})
         else:
             st.info("No gradient norms logged (`grad_norm/*`).")
-    moe = "maxvio" in metrics
     with c2:
         if moe:
             fig = charts.lines(_frames(agg, ["maxvio:max", "maxvio:median"],
@@ -140,7 +165,38 @@ def _charts(store: Store, run: str, x: str, log_y: bool, smooth: float) -> None:
         else:
             st.info("This run has no MoE layers: no MaxVio, dead-expert or expert-load signals.")
 
+    n = scal.height + agg.height
+    # A toggle rather than an expander: a collapsed expander still makes the browser draw every
+    # chart inside it (~0.1 s each); these are only read, built and drawn when asked for.
+    if others and st.toggle(f"Show other scalars ({', '.join(others[:6])}{'…' if len(others) > 6 else ''})",
+                            key="show_other"):
+        rest = series(store, run, [Signal(n) for n in others])
+        n += rest.height
+        cols = st.columns(2)
+        for i, name in enumerate(others):
+            fig = charts.lines(_frames(rest, [name]), x, name, name, log_y, smooth, height=320,
+                               revision=f"{rev}-{name}")
+            cols[i % 2].plotly_chart(fig, width="stretch", key=f"chart_other_{name}")
+    _caption(n, t0)
+
+
+def _layers(store: Store, run: str, x: str, log_y: bool) -> None:
+    """The layer x step heatmaps (MaxVio, residual RMS, wgrad norm) and dead experts. Refreshes live."""
+    t0 = time.perf_counter()
+    metrics = _layer_metrics(store, run)
+    if not metrics:
+        st.info("No per-layer metrics logged for this run (residual norms, wgrad norms, MaxVio).")
+        return
+    losses, _grads, others = _scalar_groups(store, run)
+    ref_name = losses[0] if losses else others[0] if others else None
+    # The tokens axis of a heatmap is interpolated from one scalar's (step, tokens) pairs.
+    ref = (series(store, run, [Signal(ref_name)]).filter(~pl.col("superseded")) if ref_name and x == "tokens"
+           else None)
+    rev = f"{run}-{x}"
+    cells = 0
+
     def heat(metric: str, col: st.delta_generator.DeltaGenerator, key: str) -> None:
+        nonlocal cells
         title, unit = LAYER_UNITS.get(metric, (metric, metric))
         with col:
             if metric not in metrics:
@@ -150,16 +206,21 @@ def _charts(store: Store, run: str, x: str, log_y: bool, smooth: float) -> None:
             if df.height == 0:
                 st.info(f"No `{metric}` rows yet.")
                 return
+            cells += df.height
             fig = charts.heatmap(df, f"{title} by layer and step", unit, x, ref, log_color=log_y,
                                  revision=f"{rev}-{key}")
             st.plotly_chart(fig, width="stretch", key=key, config={"displaylogo": False})
 
-    if moe:
+    n = 0
+    if "maxvio" in metrics:
         h1, h2 = st.columns(2)
         heat("maxvio", h1, "heat_maxvio")
         with h2:
             if "dead_experts" in metrics:
-                fig = charts.lines(_frames(agg, ["dead_experts:max", "dead_experts:sum"],
+                dead = series(store, run, [Signal("dead_experts", "max"), Signal("dead_experts", "sum")])
+                n += dead.height
+                marks = cached_run(store, run, markers, tables=("events", "alerts", "attempts"))
+                fig = charts.lines(_frames(dead, ["dead_experts:max", "dead_experts:sum"],
                                            {"dead_experts:max": "max over layers", "dead_experts:sum": "total over layers"}),
                                    x, "experts with zero load (count)",
                                    "Dead experts (no tokens over the trailing window)", False, 0.0,
@@ -168,25 +229,13 @@ def _charts(store: Store, run: str, x: str, log_y: bool, smooth: float) -> None:
                 st.plotly_chart(fig, width="stretch", key="chart_dead", config={"displaylogo": False})
             else:
                 st.info("No `dead_experts` logged for this run.")
-    if not metrics:
-        st.info("No per-layer metrics logged for this run (residual norms, wgrad norms, MaxVio).")
     else:
-        r1, r2 = st.columns(2)
-        heat("resid_rms", r1, "heat_resid")
-        heat("wgrad_norm", r2, "heat_wgrad")
-
-    # A toggle rather than an expander: a collapsed expander still makes the browser draw every
-    # chart inside it (~0.1 s each); these are only built and drawn when asked for.
-    if others and st.toggle(f"Show other scalars ({', '.join(others[:6])}{'…' if len(others) > 6 else ''})",
-                            key="show_other"):
-        cols = st.columns(2)
-        for i, name in enumerate(others):
-            fig = charts.lines(_frames(scal, [name]), x, name, name, log_y, smooth, height=320,
-                               revision=f"{rev}-{name}")
-            cols[i % 2].plotly_chart(fig, width="stretch", key=f"chart_other_{name}")
-    n = scal.height + agg.height
-    st.caption(f"{n:,} points drawn (min/max per bucket, ≤ 2,000 per trace) · built in "
-               f"{time.perf_counter() - t0:.2f} s · {datetime.now():%H:%M:%S}")
+        st.info("This run has no MoE layers: no MaxVio or dead-expert signals.")
+    r1, r2 = st.columns(2)
+    heat("resid_rms", r1, "heat_resid")
+    heat("wgrad_norm", r2, "heat_wgrad")
+    st.caption(f"{cells:,} heatmap cells and {n:,} points drawn · built in {time.perf_counter() - t0:.2f} s · "
+               f"{datetime.now():%H:%M:%S}")
 
 
 def _at_steps(store: Store, run: str, x: str, log_y: bool) -> None:
@@ -194,9 +243,9 @@ def _at_steps(store: Store, run: str, x: str, log_y: bool) -> None:
     info = cached_run(store, run, run_overview)
     layers = cached_run(store, run, layer_info)
     if info["last_step"] is None or layers.height == 0:
+        st.info("No per-layer metrics logged for this run: no profiles or expert load to show.")
         return
     lo, hi = int(info["first_step"]), int(info["last_step"])
-    st.subheader("At chosen steps")
     c1, c2 = st.columns(2)
     with c1:
         metrics = [m for m in ("resid_rms", "resid_rms_max", "wgrad_norm", "maxvio")
@@ -270,6 +319,7 @@ def _signals(store: Store, run: str, x: str, log_y: bool) -> None:
     metrics = cached_run(store, run, signal_metrics)
     samples = cached_run(store, run, expert_load_steps, tables=("expert_load", "attempts"))
     if not metrics and not samples:
+        st.info("No signals beyond the report logged for this run (see docs/signals.md).")
         return
     st.subheader("Signals: quantisation, updates, routers, Mamba")
     if metrics:
@@ -329,6 +379,16 @@ def _signals(store: Store, run: str, x: str, log_y: bool) -> None:
             st.plotly_chart(fig, width="stretch", key="chart_sig_load")
 
 
+#: The page's sections, first = shown on a first load. Their labels are URL values (?section=Layers).
+SECTIONS = ("Overview", "Layers", "At steps", "Signals")
+
+
+def _first_section() -> str:
+    """The section a new session opens on: Signals when a worst-layers link (?signal=M&layer=L) asked
+    for a signal's history, else Overview. ``?section=`` (bound to the tabs) overrides both."""
+    return "Signals" if st.query_params.get("signal") else SECTIONS[0]
+
+
 def main() -> None:
     """Draw the page."""
     st.title("Run")
@@ -351,11 +411,26 @@ def main() -> None:
     live = cached_run(store, run, run_overview)["status"] == "live"
     every = c5.selectbox("live refresh", ["off", "2 s", "5 s", "10 s", "30 s"],
                          index=2 if live else 0, key=f"refresh_{run}",
-                         help="Re-read new rows every few seconds without reloading the page.")
+                         help="Re-read new rows every few seconds without reloading the page (the open section only).")
     run_every = None if every == "off" else float(every.split()[0])
-    st.fragment(run_every=run_every)(_charts)(store, run, x, log_y, smooth)
-    st.fragment(_at_steps)(store, run, x, log_y)
-    st.fragment(_signals)(store, run, x, log_y)
+    st.fragment(run_every=run_every)(_header)(store, run)
+    # Lazy sections: with state tracking (bind="query-params" implies a rerun on switch) only the open
+    # tab's content runs, so a closed tab's charts are neither queried nor sent to the browser. The
+    # key is the URL parameter: ?section=Layers opens that section.
+    tabs = st.tabs(SECTIONS, key="section", default=_first_section(), bind="query-params")
+    overview, layers, at_steps, signals = tabs
+    if overview.open:
+        with overview:
+            st.fragment(run_every=run_every)(_overview)(store, run, x, log_y, smooth)
+    if layers.open:
+        with layers:
+            st.fragment(run_every=run_every)(_layers)(store, run, x, log_y)
+    if at_steps.open:
+        with at_steps:
+            st.fragment(_at_steps)(store, run, x, log_y)
+    if signals.open:
+        with signals:
+            st.fragment(_signals)(store, run, x, log_y)
 
 
 main()

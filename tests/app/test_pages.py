@@ -16,11 +16,13 @@ PAGES = ("runs", "run", "divergence", "compare", "alerts")
 
 
 def _run(page: str, store: Path, monkeypatch: pytest.MonkeyPatch, run: str | None = None,
-         setup: Any = None) -> AppTest:
+         setup: Any = None, section: str | None = None) -> AppTest:
     monkeypatch.setenv("HEALTHWATCH_STORE", str(store))
     at = AppTest.from_file(str(APP / "views" / f"{page}.py"), default_timeout=90)
     if run is not None:
         at.query_params["run"] = run
+    if section is not None:  # the Run page's open section (its tabs are bound to ?section=)
+        at.query_params["section"] = section
     at.run()
     if setup is not None:
         setup(at)
@@ -63,11 +65,10 @@ def test_runs_page_lists_lineage_health_and_links(app_store: Path, monkeypatch: 
 def test_run_page_draws_every_signal(app_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = _run("run", app_store, monkeypatch, run="main")
     specs = _specs(at)
-    assert {"Train loss and every MTP head", "Gradient norms: total, output, embedding, MTP",
-            "Expert balance: MaxVio over MoE layers", "MaxVio by layer and step",
-            "Dead experts (no tokens over the trailing window)", "Residual RMS by layer and step",
-            "Weight-gradient norm by layer and step", "Residual RMS per layer at chosen steps"} <= set(specs)
-    assert any(t.startswith("Expert load, layer 1") for t in specs)
+    # A first load draws the Overview section only: the other sections are neither queried nor sent.
+    assert set(specs) == {"Train loss and every MTP head", "Gradient norms: total, output, embedding, MTP",
+                          "Expert balance: MaxVio over MoE layers"}
+    assert [t.label for t in at.tabs] == ["Overview", "Layers", "At steps", "Signals"]
     loss = specs["Train loss and every MTP head"]
     names = {t.get("name") for t in loss["data"]}
     assert {"loss/train", "loss/mtp_1", "loss/mtp_2", "loss/train (superseded)"} <= names
@@ -78,12 +79,30 @@ def test_run_page_draws_every_signal(app_store: Path, monkeypatch: pytest.Monkey
     # Event and alert markers: vertical lines, the rollback among them.
     assert any(s.get("line", {}).get("color") == "#d62728" for s in loss["layout"]["shapes"])
     assert "events" in names
-    for title in ("MaxVio by layer and step", "Residual RMS by layer and step"):
-        hm = specs[title]
-        assert hm["layout"]["xaxis"]["title"]["text"].startswith("training step")
-        assert hm["layout"]["yaxis"]["title"]["text"].startswith("layer index")
     assert loss["layout"]["yaxis"]["title"]["text"] == "cross-entropy (nats per token)"
     assert "2 attempts, 1 rolled back" in _texts(at) and "1 alert firing" in _texts(at)
+
+    layers = _specs(_run("run", app_store, monkeypatch, run="main", section="Layers"))
+    assert set(layers) == {"MaxVio by layer and step", "Dead experts (no tokens over the trailing window)",
+                           "Residual RMS by layer and step", "Weight-gradient norm by layer and step"}
+    for title in ("MaxVio by layer and step", "Residual RMS by layer and step"):
+        hm = layers[title]
+        assert hm["layout"]["xaxis"]["title"]["text"].startswith("training step")
+        assert hm["layout"]["yaxis"]["title"]["text"].startswith("layer index")
+    at_steps = _specs(_run("run", app_store, monkeypatch, run="main", section="At steps"))
+    assert "Residual RMS per layer at chosen steps" in at_steps
+    assert any(t.startswith("Expert load, layer 1") for t in at_steps) and len(at_steps) == 2
+
+
+def test_run_page_section_switch_reruns_into_the_opened_tab(app_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switching sections in a session (the tabs' state) draws the opened section and drops the other."""
+    at = _run("run", app_store, monkeypatch, run="main")
+    assert "MaxVio by layer and step" not in _specs(at)
+    at.session_state["section"] = "Layers"
+    at.run()
+    assert not at.exception
+    specs = _specs(at)
+    assert "MaxVio by layer and step" in specs and "Train loss and every MTP head" not in specs
 
 
 def test_run_page_other_scalars_drawn_only_when_asked(app_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,8 +131,9 @@ def test_run_page_tokens_axis_log_scale_and_smoothing(app_store: Path, monkeypat
 def test_run_page_empty_states(app_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dense = _run("run", app_store, monkeypatch, run="dense")
     assert "no MoE layers" in _texts(dense)
-    assert "Residual RMS by layer and step" in _specs(dense)
     assert "Expert balance: MaxVio over MoE layers" not in _specs(dense)
+    dense = _run("run", app_store, monkeypatch, run="dense", section="Layers")
+    assert "Residual RMS by layer and step" in _specs(dense) and "no MoE layers" in _texts(dense)
     fresh = _run("run", app_store, monkeypatch, run="fresh")
     assert "is in its first step" in _texts(fresh)
 

@@ -21,6 +21,7 @@ def test_signals_panel(store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None
                         "value": [3.0, 2.0], "wall_time": [0.0, 1.0]})
     monkeypatch.setenv("HEALTHWATCH_STORE", str(store_dir))
     at = AppTest.from_file(str(APP / "views" / "run.py"), default_timeout=120)
+    at.query_params["section"] = "Signals"  # the Run page's Signals tab (only the open tab is drawn)
     at.run()
     assert not at.exception
     assert "Signals: quantisation, updates, routers, Mamba" in [h.value for h in at.subheader]
@@ -51,6 +52,7 @@ def test_worst_layers_link_to_their_history(store_dir: Path, monkeypatch: pytest
     _store(store_dir)
     monkeypatch.setenv("HEALTHWATCH_STORE", str(store_dir))
     at = AppTest.from_file(str(APP / "views" / "run.py"), default_timeout=120)
+    at.query_params["section"] = "Signals"  # the Run page's Signals tab (only the open tab is drawn)
     at.run()
     assert not at.exception
     worst = next(d.value for d in at.dataframe if "history" in d.value.columns and "rise" in d.value.columns)
