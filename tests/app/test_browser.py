@@ -88,7 +88,7 @@ def no_exception(driver: webdriver.Chrome) -> None:
 
 
 @pytest.mark.parametrize("path,title,plots", [
-    ("", "Runs", 1), ("run?run=main", "Run", 9), ("divergence?run=main", "Divergence", 1),
+    ("", "Runs", 1), ("run?run=main", "Run", 3), ("divergence?run=main", "Divergence", 1),
     ("compare", "Compare", 0), ("alerts", "Alerts", 1),
 ])
 def test_every_page_renders(server: str, browser: webdriver.Chrome, path: str, title: str, plots: int) -> None:
@@ -98,6 +98,38 @@ def test_every_page_renders(server: str, browser: webdriver.Chrome, path: str, t
         wait_for(lambda: browser.execute_script(PLOTS_JS) >= plots, 90, f"{plots} plotly charts on {title}")
     wait_for(lambda: not browser.execute_script(RUNNING_JS), 60, "the script run to finish")
     no_exception(browser)
+
+
+# Drawn charts' titles (Streamlit's theme wraps a title in <b> tags: stripped).
+PLOT_TITLES_JS = ("return Array.from(document.querySelectorAll('.js-plotly-plot'))"
+                  ".filter(p => p._fullData && p.querySelector('.main-svg'))"
+                  ".map(p => p.layout.title.text.replace(/<\\/?b>/g, ''))")
+HEATMAPS = {"MaxVio by layer and step", "Residual RMS by layer and step", "Weight-gradient norm by layer and step"}
+
+
+def test_run_page_sections_load_when_opened(server: str, browser: webdriver.Chrome) -> None:
+    """A first load draws the Overview only; clicking the Layers tab draws its heatmaps and dead
+    experts (queried and sent only then) and puts the section in the URL; that URL opens it again."""
+    browser.get(f"{server}/run?run=main")
+    wait_for(lambda: browser.execute_script(PLOTS_JS) >= 3, 90, "the Overview charts")
+    wait_for(lambda: not browser.execute_script(RUNNING_JS), 60, "the script run to finish")
+    first = set(browser.execute_script(PLOT_TITLES_JS))
+    assert "Train loss and every MTP head" in first and not first & HEATMAPS
+    tab = next(t for t in browser.find_elements(By.CSS_SELECTOR, "[data-testid='stTab']") if t.text == "Layers")
+    tab.click()
+    drawn = wait_for(lambda: (got := set(browser.execute_script(PLOT_TITLES_JS))) >= HEATMAPS and got, 90,
+                     "the Layers heatmaps after the click")
+    assert "Dead experts (no tokens over the trailing window)" in drawn
+    wait_for(lambda: not browser.execute_script(RUNNING_JS), 60, "the script run to finish")
+    no_exception(browser)
+    heat = browser.execute_script(
+        "const p = Array.from(document.querySelectorAll('.js-plotly-plot'))"
+        ".find(p => p.layout.title.text.includes('Residual RMS by layer and step'));"
+        "const t = p._fullData[0]; return {type: t.type, rows: t.z.length, cols: t.z[0].length};")
+    assert heat["type"] == "heatmap" and heat["rows"] == 4 and heat["cols"] >= 2  # the test store's 4 layers
+    assert "section=Layers" in browser.current_url
+    browser.get(browser.current_url)  # the URL is a link to the section
+    wait_for(lambda: set(browser.execute_script(PLOT_TITLES_JS)) >= HEATMAPS, 90, "the Layers heatmaps from the URL")
 
 
 def test_divergence_page_in_the_browser(server: str, browser: webdriver.Chrome) -> None:
