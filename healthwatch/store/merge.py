@@ -322,6 +322,83 @@ def _periodic_order(table: pa.Table, order_keys: Sequence[str], code: np.ndarray
     return (pattern[:, None] + k * np.arange(n // k, dtype=np.int64)[None, :]).ravel()
 
 
+def _key_values(col: pa.ChunkedArray) -> tuple[np.ndarray, tuple[Any, ...]] | None:
+    """A key column's values as NumPy (dictionary indices, or integers) and what they are relative
+    to (the dictionary's words; nothing for integers); None for other columns, nulls or several chunks."""
+    if col.num_chunks != 1 or col.null_count:
+        return None
+    chunk = col.chunk(0)
+    if pa.types.is_dictionary(chunk.type):
+        return chunk.indices.to_numpy(), tuple(chunk.dictionary.to_pylist())
+    if pa.types.is_integer(chunk.type):
+        return chunk.to_numpy(), ()
+    return None
+
+
+#: Step-major layouts seen lately: (table, step rows, the key values of one step) -> (the sorting
+#: permutation of one step's rows, their sorted series codes). A Monitor flushes the same layout
+#: every time: the sort of a flush is then a few comparisons and one strided index.
+_LAYOUTS: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _step_major_order(table: pa.Table, name: str, keys: Sequence[str],
+                      lead: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The sort of a step-major batch (the Monitor's row builder: step by step, each step the same
+    series in the same order), from one step's rows; None when the batch is not laid out so.
+
+    Checked on every row, not assumed: each step's rows repeat the first step's key values, steps
+    are constant within a step's rows and ascend across them, the other order keys (attempt) are
+    constant within a step, and no series appears twice in a step. The permutation sorts one
+    step's rows by series (cached per layout) and strides over the steps: each series' rows end up
+    in step order, as :func:`sorted_order` sorts them.
+    """
+    n = table.num_rows
+    order_keys = keys[lead:]
+    if order_keys[:1] != ["step"] or n < 2:
+        return None
+    steps = _key_values(table.column("step"))
+    if steps is None:
+        return None
+    step = steps[0]
+    k = int(np.argmax(step != step[0])) if step[-1] != step[0] else n
+    if n % k:
+        return None
+    m = n // k
+    grid = step.reshape(m, k)
+    if not bool((grid == grid[:, :1]).all()) or (m > 1 and not bool((grid[1:, 0] > grid[:-1, 0]).all())):
+        return None
+    sig: list[Any] = [name, k]
+    for key in keys[:lead]:
+        vals = _key_values(table.column(key))
+        if vals is None:
+            return None
+        v, words = vals
+        if m > 1 and not bool((v.reshape(m, k) == v[:k]).all()):
+            return None
+        sig += [v.dtype.str, v[:k].tobytes(), words]
+    for key in order_keys[1:]:
+        vals = _key_values(table.column(key))
+        if vals is None:
+            return None
+        v = vals[0].reshape(m, k)
+        if not bool((v == v[:, :1]).all()):
+            return None
+    cache_key = tuple(sig)
+    hit = _LAYOUTS.get(cache_key)
+    if hit is None:
+        code, _ = group_code(table.slice(0, k), keys[:lead])
+        pattern = np.argsort(code, kind="stable")
+        scode = code[pattern]
+        if bool((scode[1:] == scode[:-1]).any()):
+            return None  # a series twice within one step: leave it to the general sort
+        if len(_LAYOUTS) >= 64:
+            _LAYOUTS.clear()
+        hit = _LAYOUTS[cache_key] = (pattern, scode)
+    pattern, scode = hit
+    perm = (pattern[:, None] + k * np.arange(m, dtype=np.int64)[None, :]).ravel()
+    return perm, np.repeat(scode, m)
+
+
 def sorted_order(table: pa.Table, name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The permutation sorting ``table`` (rows of table ``name``) by ``SORT_KEYS`` (None when it is
     sorted already), and, for ``SERIES_KEYS`` tables, each row's series code in that order.
@@ -337,6 +414,9 @@ def sorted_order(table: pa.Table, name: str) -> tuple[np.ndarray | None, np.ndar
     lead = SERIES_KEYS.get(name, 0)
     code: np.ndarray | None = None
     if lead:
+        fast = _step_major_order(table, name, keys, lead)
+        if fast is not None:
+            return fast
         code, size = group_code(table, keys[:lead])
         if size <= 1 << 15:
             small = code.astype(np.int16)
@@ -418,14 +498,16 @@ def _runs(table: pa.Table, keys: Sequence[str],
 _MIN_RUN_ROWS = 500
 
 
-def merge_sorted(tables: Sequence[pa.Table], name: str) -> pa.Table | None:
+def merge_sorted(tables: Sequence[pa.Table], name: str, contiguous: bool = True) -> pa.Table | None:
     """Merge a writer's own sorted segments without a sort, or None when it cannot.
 
     Each table must be sorted by ``SORT_KEYS`` (segments written by :func:`write_parquet` after
     :func:`sort_table` are) and, series by series, cover steps no lower than the table before it
     (a writer's segments in sequence order do). The result lays the tables' series runs end to
     end in series order (one ``take`` built from run boundaries: a few ns a row); the step order
-    at each seam is checked, and None tells the caller to sort instead.
+    at each seam is checked, and None tells the caller to sort instead. ``contiguous=False``
+    leaves long runs as zero-copy slices (one chunk per run) instead of copying them into
+    contiguous columns: a table that is only written out once (a sealed segment) needs no copy.
     """
     lead = SERIES_KEYS.get(name, 0)
     keys = SORT_KEYS.get(name, [])[:lead]
@@ -470,16 +552,17 @@ def merge_sorted(tables: Sequence[pa.Table], name: str) -> pa.Table | None:
         idx = np.repeat(starts_a - (np.cumsum(lens) - lens), lens) + np.arange(offset, dtype=np.int64)
         data = pa.concat_tables(tables).unify_dictionaries().combine_chunks()
         return data if bool((idx[1:] > idx[:-1]).all()) else data.take(idx)
-    # Long runs: zero-copy slices laid end to end, then one copy into contiguous columns.
+    # Long runs: zero-copy slices laid end to end, then (contiguous) one copy into contiguous columns.
     pieces = [tables[t].slice(int(s - bases[t]), int(n)) for t, s, n in zip(tab[o], start[o], length[o])]
-    return pa.concat_tables(pieces).unify_dictionaries().combine_chunks()
+    out = pa.concat_tables(pieces).unify_dictionaries()
+    return out.combine_chunks() if contiguous else out
 
 
-def merge_tables(tables: Sequence[pa.Table], name: str) -> pa.Table:
+def merge_tables(tables: Sequence[pa.Table], name: str, contiguous: bool = True) -> pa.Table:
     """One table sorted by the ``SORT_KEYS`` of ``name`` from ``tables`` (same columns, any order).
 
-    A writer's own segments take the zero-copy path (:func:`merge_sorted`); anything else is
-    concatenated and sorted.
+    A writer's own segments take the zero-copy path (:func:`merge_sorted`; ``contiguous=False``:
+    its long runs may stay slices of the inputs); anything else is concatenated and sorted.
     """
     schema = memory_schema(name)
     parts = [t.select(schema.names).cast(schema) for t in tables]
@@ -489,7 +572,7 @@ def merge_tables(tables: Sequence[pa.Table], name: str) -> pa.Table:
     if len(attempts) == 1 and len(next(iter(attempts))) == 2 and len(set(next(iter(attempts)))) == 1 and all(
         t.column("attempt").null_count == 0 for t in parts
     ):
-        fast = merge_sorted(parts, name)
+        fast = merge_sorted(parts, name, contiguous)
         if fast is not None:
             return fast
     data = pa.concat_tables(parts).unify_dictionaries().combine_chunks()

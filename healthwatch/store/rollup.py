@@ -308,6 +308,12 @@ class RollupAccumulator:
                 arrays.append(pa.array(cols[f.name], f.type))
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
+    def to_table(self, parts: list[dict[str, np.ndarray]]) -> pa.Table | None:
+        """The rollup table's rows of partial rows returned by :meth:`add_parts`/:meth:`drain_parts`
+        (None when there are none). The writer builds it once per published file, not per batch."""
+        parts = [p for p in parts if p["n"].size]
+        return self._table(_cat(parts)) if parts else None
+
     def add(self, rows: pa.Table, presorted: bool = False, code: np.ndarray | None = None) -> pa.Table | None:
         """Fold ``rows`` (a batch of ``table``) in; returns the rollup rows to publish now, or None.
 
@@ -315,6 +321,12 @@ class RollupAccumulator:
         (the writer's segments are), ``code`` their series codes
         (:func:`~healthwatch.store.merge.sort_table_code`).
         """
+        parts = self.add_parts(rows, presorted, code)
+        return None if parts is None else self.to_table([parts])
+
+    def add_parts(self, rows: pa.Table, presorted: bool = False,
+                  code: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
+        """:meth:`add`, returning the closed rollup rows as NumPy partial rows (for :meth:`to_table`)."""
         self.late = self.coarse = False
         if rows.num_rows == 0:
             return None
@@ -354,10 +366,15 @@ class RollupAccumulator:
                 self.coarse |= level > 0
                 out.append(done)
                 incoming = done
-        return self._table(_cat(out)) if out else None
+        return _cat(out) if out else None
 
     def drain(self) -> pa.Table | None:
         """Every open bucket's rows (the attempt ends: its buckets are as complete as they get)."""
+        parts = self.drain_parts()
+        return None if parts is None else self.to_table([parts])
+
+    def drain_parts(self) -> dict[str, np.ndarray] | None:
+        """:meth:`drain`, returning NumPy partial rows (for :meth:`to_table`)."""
         out: list[dict[str, np.ndarray]] = []
         below: dict[str, np.ndarray] | None = None
         for level, size in enumerate(self.sizes):
@@ -376,7 +393,7 @@ class RollupAccumulator:
             below = _combine(cat)
             out.append(below)
         out = [p for p in out if p["n"].size]
-        return self._table(_cat(out)) if out else None
+        return _cat(out) if out else None
 
     def close(self) -> None:
         """Nothing to release (kept for callers of the DuckDB-based accumulator it replaced)."""

@@ -67,6 +67,20 @@ class _Own:
     seq: int
     level: int
     rows: int
+    steps: tuple[int, int] | None = None  # (min, max) step of its rows, None when unknown
+
+
+def _steps(data: pa.Table) -> tuple[int, int] | None:
+    """:func:`~healthwatch.store.segments.step_range` of ``data``, through NumPy when the step column
+    is one chunk without nulls (a flush's is): a compute kernel call costs more than the min/max."""
+    if "step" not in data.column_names or data.num_rows == 0:
+        return None
+    col = data.column("step")
+    if col.num_chunks == 1 and not col.null_count:
+        arr = col.chunk(0).to_numpy()
+        lo, hi = int(arr.min()), int(arr.max())
+        return (lo, hi) if 0 <= lo <= hi else None
+    return step_range(data)
 
 
 class StoreWriter:
@@ -92,7 +106,7 @@ class StoreWriter:
         merge_fanout: int = 16,
         rollups: bool = True,
         seal_rows: int = 4_000_000,
-        cache_rows: int = 2_000_000,
+        cache_rows: int = 10_000_000,
     ) -> None:
         if int(merge_fanout) < 2:
             raise ValueError(f"merge_fanout must be >= 2, got {merge_fanout}")
@@ -111,7 +125,9 @@ class StoreWriter:
         self._rollups: dict[str, RollupAccumulator] = (
             {t: RollupAccumulator(t) for t in ROLLUP_KEYS} if rollups else {}
         )
-        self._rollup_pending: dict[str, list[pa.Table]] = {}  # closed rollup rows not published yet
+        # Closed rollup rows not published yet, as NumPy partial rows: an Arrow table is built once
+        # per published file (every 1,000 steps), not once per flush.
+        self._rollup_pending: dict[str, list[dict[str, Any]]] = {}
         self._own: dict[str, list[_Own]] = {}  # table -> this writer's live segments, by seq
         self._cache: dict[tuple[str, str], pa.Table] = {}  # (table, name) -> its rows (sorted)
         self._cached = 0
@@ -128,20 +144,22 @@ class StoreWriter:
         :func:`~healthwatch.store.merge.sort_table`, strings dictionary-encoded)."""
         self._ensure_init()
         self._seq += 1
-        name = segment_name(self.writer_id, self._seq, 0, step_range(data))  # step range: readers skip it unopened
+        steps = _steps(data)
+        name = segment_name(self.writer_id, self._seq, 0, steps)  # step range: readers skip it unopened
         directory = table_dir(self.root, table, self.run)
         if table not in SERIES_KEYS:
             return write_segment(directory, name, data)
         if not presorted:
             data = sort_table(dictionary_columns(data), table)
         path = Path(_fs.FS.publish(str(directory), name, lambda tmp: write_parquet(data, tmp, table, compress=False)))
-        self._track(table, _Own(name, self._seq, 0, data.num_rows), data)
+        self._track(table, _Own(name, self._seq, 0, data.num_rows, steps), data)
         return path
 
     def _track(self, table: str, seg: _Own, data: pa.Table | None) -> None:
         self._own.setdefault(table, []).append(seg)
         self._own[table].sort(key=lambda s: s.seq)
-        if data is not None and self._cached + data.num_rows <= self.cache_rows:
+        # Sealed segments are never merged again by this writer: keeping them would only hold memory.
+        if data is not None and seg.rows < self.seal_rows and self._cached + data.num_rows <= self.cache_rows:
             self._cache[(table, seg.name)] = data
             self._cached += data.num_rows
 
@@ -182,7 +200,7 @@ class StoreWriter:
         # Sorted once: the segment and the rollups share the sorted rows and their series codes.
         data, code = sort_table_code(dictionary_columns(data), table)
         path = self._publish(table, data, presorted=True)
-        closed = acc.add(data, presorted=True, code=code)
+        closed = acc.add_parts(data, presorted=True, code=code)
         if closed is not None:
             # Closed buckets are published in batches (a file per 1,000 steps rather than per flush;
             # readers read the rows after the last published bucket raw), except a late row's
@@ -195,9 +213,9 @@ class StoreWriter:
 
     def _publish_rollups(self, rtable: str) -> int:
         pending = self._rollup_pending.pop(rtable, [])
-        if not pending:
+        data = self._rollups[rtable.removesuffix("_rollup")].to_table(pending) if pending else None
+        if data is None:
             return 0
-        data = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
         self._publish(rtable, data)
         return data.num_rows
 
@@ -205,7 +223,7 @@ class StoreWriter:
         """Publish the open rollup buckets (the attempt ends); returns the rollup rows published."""
         n = 0
         for acc in self._rollups.values():
-            rest = acc.drain()
+            rest = acc.drain_parts()
             if rest is not None:
                 self._rollup_pending.setdefault(acc.rtable, []).append(rest)
             n += self._publish_rollups(acc.rtable)
@@ -279,12 +297,18 @@ class StoreWriter:
         for seg in group:
             data = self._cache.get((table, seg.name))
             parts.append(data if data is not None else read_segment(directory / seg.name, table))
-        merged = merge_tables(parts, table)
+        sealed = sum(seg.rows for seg in group) >= self.seal_rows
+        # A sealed result is written once and never merged again by this writer: its long runs
+        # stay zero-copy slices of the sources (no contiguous copy of ~8M rows).
+        merged = merge_tables(parts, table, contiguous=not sealed)
         level = group[-1].level + 1
-        target = segment_name(self.writer_id, group[-1].seq, level, step_range(merged))
+        known = [seg.steps for seg in group]
+        # The merge's step range is the union of its sources' (known without a pass over the rows).
+        steps = (min(st[0] for st in known if st), max(st[1] for st in known if st)) if all(known) else step_range(merged)
+        target = segment_name(self.writer_id, group[-1].seq, level, steps)
         tmp = directory / f".tmp-{uuid.uuid4().hex}.partial"
         try:
-            write_parquet(merged, tmp, table, compress=merged.num_rows >= self.seal_rows)
+            write_parquet(merged, tmp, table, compress=sealed)
             publish_merge(directory, [directory / s.name for s in group], tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -293,7 +317,7 @@ class StoreWriter:
         for seg in group:
             self._own[table].remove(seg)
             self._uncache(table, seg.name)
-        self._track(table, _Own(target, group[-1].seq, level, merged.num_rows), merged)
+        self._track(table, _Own(target, group[-1].seq, level, merged.num_rows, steps), merged)
 
     def _compact_listed(self, directory: Path, table: str) -> int:
         """Level-by-level merge of a table the writer does not track (DuckDB, by listing)."""
