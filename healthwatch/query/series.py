@@ -439,25 +439,37 @@ def _series_rollup_direct(store: Store, run: str, name: str, layer: int | None, 
         return None
     scan, _att, path = scanned
     table = "scalars" if layer is None else "layer_stats"
-    size = ROLLUP_BUCKETS[0]
     key: dict[str, tuple[Any, Any]] = ({"name": (name, name)} if layer is None
                                        else {"metric": (name, name), "layer": (int(layer), int(layer))})
-    roll = scan(f"{table}_rollup", run, list(_ROLLUP_COLS), {"bucket_size": (size, size), **key})
-    if roll is None:
-        return None
-    tops = roll.group_by("attempt").agg(pl.col("bucket").max()).rows()
-    p = plan_of(tops, path, size, lambda: store.attempts_present(table, run))
+    # Each rollup file's section of this bucket size and name/metric is decoded once per open
+    # Store: the next layer's series is a filter over memory (see Store.scan_run's ``cache``).
+    section = ("bucket_size", "name" if layer is None else "metric")
+    for size in sorted(ROLLUP_BUCKETS, reverse=True):
+        roll = scan(f"{table}_rollup", run, list(_ROLLUP_COLS), {"bucket_size": (size, size), **key}, cache=section)
+        if roll is None:
+            return None
+        tops = roll.group_by("attempt").agg(pl.col("bucket").max()).rows()
+        p = plan_of(tops, path, size, lambda: store.attempts_present(table, run))
+        usable = pl.lit(False)
+        for a, lim in p.limits:
+            usable = usable | ((pl.col("attempt") == a) & (pl.col("bucket") < lim // size))
+        rows = roll.filter(usable)
+        if size == ROLLUP_BUCKETS[0] or _coarse_enough(p, rows.height, max_points):
+            break
     if not p.used or p.others:
         return None
-    usable = pl.lit(False)
-    for a, lim in p.limits:
-        usable = usable | ((pl.col("attempt") == a) & (pl.col("bucket") < lim // size))
-    if int(roll.filter(usable)["n"].sum()) <= max_points:
+    if int(rows["n"].sum()) <= max_points:
         return None  # short enough to read raw, exactly: the SQL path
     tail = min(lim for _, lim in p.limits)
     raw = scan(table, run, ["step", "tokens", "value", "attempt"], {"step": (tail, 2**62), **key})
     if raw is None:
         return None
+    if not include_superseded:
+        # The path's rows only: the same rows and picks as the SQL below, in polars (a DuckDB
+        # statement over two registered frames cost ~10-20 ms of CPU, more than the read).
+        out = _downsample_frame(rows, raw, p, path, layer is not None, max_points)
+        if out is not None:
+            return out
     consts = [pl.lit(run).alias("run")] + (
         [pl.lit(name).alias("name")] if layer is None
         else [pl.lit(name).alias("metric"), pl.lit(int(layer)).cast(pl.Int32).alias("layer")])
@@ -468,6 +480,74 @@ def _series_rollup_direct(store: Store, run: str, name: str, layer: int | None, 
     cond = "" if include_superseded else " WHERE NOT superseded"
     source = f"SELECT step, tokens, value, attempt, superseded FROM ({src}){cond}"
     return store.sql_over(frames, _downsample_sql(source, max_points), params)
+
+
+def _downsample_frame(roll: pl.DataFrame, raw: pl.DataFrame, p: RollupPlan, path: Timeline, per_step: bool,
+                      max_points: int) -> pl.DataFrame | None:
+    """:func:`_downsample_sql` over :func:`_source_sql`'s on-path rows, without SQL, or None.
+
+    ``roll``: the usable rollup rows of ``p`` (each gives its minimum and maximum at their own
+    step, ``attempt`` NULL); ``raw``: raw rows read from the lowest limit on, of which those of an
+    attempt at or after its limit and on ``path`` are kept. The picks are the SQL's: per bucket
+    the smallest value (NULLs last, NaN above every number, then the earliest step) and the
+    largest (NaN first, NULLs last, then the earliest step), one row where both are the same row
+    (NULL equals NULL, NaN equals NaN, as DuckDB compares structs), sorted by step. None (the SQL
+    answers) where the SQL's own ties could pick otherwise: a raw step held twice, a NULL attempt.
+    """
+    if raw["attempt"].null_count() or (per_step and raw["step"].is_duplicated().any()):
+        return None
+    keep = pl.lit(False)
+    for a, lim in p.limits:
+        keep = keep | ((pl.col("attempt") == a) & (pl.col("step") >= lim))
+    raw = raw.filter(keep & ~path.superseded_mask(pl.col("attempt"), pl.col("step")))
+    cols = {"step": pl.Int64, "tokens": pl.Int64, "value": pl.Float64, "attempt": pl.Int32}
+    cand = [roll.select(pl.col(f"step_{e}").alias("step"), pl.col(f"tokens_{e}").alias("tokens"),
+                        pl.col(e).alias("value"), pl.lit(None, pl.Int32).alias("attempt")) for e in ("vmin", "vmax")]
+    rows = pl.concat([f.select([pl.col(k).cast(v) for k, v in cols.items()]) for f in (*cand, raw)])
+    out_cols = [*cols, "superseded"]
+    if rows.height <= max_points:
+        return rows.sort("step").with_columns(pl.lit(False).alias("superseded")).select(out_cols)
+    nb = max(1, max_points // 2)
+    lo, hi = int(rows["step"].min()), int(rows["step"].max())  # type: ignore[arg-type]
+    b = (pl.lit(0, pl.Int64) if hi == lo else
+         ((pl.col("step") - lo).cast(pl.Float64) * float(nb) / float(hi - lo + 1)).floor().cast(pl.Int64))
+    rows = rows.with_columns(b.alias("_b"))
+    mn = rows.sort(["value", "step"], nulls_last=True).group_by("_b", maintain_order=True).first()
+    mx = rows.sort(["value", "step"], descending=[True, False], nulls_last=True).group_by(
+        "_b", maintain_order=True).first()
+    same = pl.all_horizontal([pl.col(c).eq_missing(pl.col(f"{c}_x")) for c in ("step", "tokens", "attempt")]) & (
+        pl.col("value").eq_missing(pl.col("value_x")) | (pl.col("value").is_nan() & pl.col("value_x").is_nan()))
+    both = mn.join(mx, on="_b", suffix="_x")
+    extra = mx.join(both.filter(~same.fill_null(False)).select("_b"), on="_b")
+    return (pl.concat([mn.select(list(cols)), extra.select(list(cols))]).sort("step")
+            .with_columns(pl.lit(False).alias("superseded")).select(out_cols))
+
+
+def _coarse_enough(p: RollupPlan, usable: int, max_points: int) -> bool:
+    """Whether a whole-run series reads ``p``'s rollups (a size above the finest): ``usable`` of its
+    rows serve the path, no attempt without them holds rows, and they give at least 90 % of the
+    ``max_points // 2`` buckets the downsampling draws (each a minimum and a maximum at their own
+    steps). A million-step series at 2,000 points so reads ~1,000 1,000-step rollup rows, not
+    10,000 100-step ones; a shorter run keeps the finer rollups and its full resolution. One rule
+    for the view path and the pyarrow path (they must answer the same)."""
+    return p.used and not p.others and 10 * usable >= 9 * max(1, max_points // 2)
+
+
+def _whole_plan(store: Store, run: str, table: str, key_sql: str, kp: list[Any], path: Timeline,
+                max_points: int) -> RollupPlan:
+    """The rollup plan a whole-run series reads over the views: the coarsest size
+    :func:`_coarse_enough` accepts, else the finest (100-step) plan."""
+    for size in sorted(ROLLUP_BUCKETS, reverse=True)[:-1]:
+        p = plan(store, run, table, path, size, key_sql, kp)
+        if not p.used or p.others:
+            continue
+        rp: list[Any] = []
+        pred = p.rollup_pred(rp)
+        row = store.sql(f"SELECT count(*) FROM {table}_rollup WHERE run = ?{key_sql} AND bucket_size = ? AND {pred}",
+                        [run, *kp, size, *rp]).fetchone()
+        if _coarse_enough(p, int(row[0]) if row else 0, max_points):
+            return p
+    return plan(store, run, table, path, ROLLUP_BUCKETS[0], key_sql, kp)
 
 
 @per_run
@@ -509,10 +589,11 @@ def series(
     path = timeline(store, run, attempt)
     plans: dict[str, RollupPlan] = {}
     if use_rollups and step_min is None and step_max is None:
-        plans = _plans(store, run, [sig], path)
         table = "scalars" if layer is None else "layer_stats"
-        p = plans.get(table)
-        if p is not None and p.used:
+        key_sql = " AND name = ?" if layer is None else " AND metric = ? AND layer = ?"
+        p = _whole_plan(store, run, table, key_sql, [name] if layer is None else [name, int(layer)], path, max_points)
+        plans = {table: p}
+        if p.used:
             rp: list[Any] = []
             pred = p.rollup_pred(rp)
             key = "name = ?" if layer is None else "metric = ? AND layer = ?"

@@ -10,6 +10,7 @@ listing and reading, and skip (with one warning naming it) a file that is not a 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import functools
@@ -76,6 +77,31 @@ def _polars_type(t: pa.DataType) -> Any:
     return {"int32": pl.Int32, "int64": pl.Int64, "double": pl.Float64, "string": pl.Utf8}.get(str(t), pl.Utf8)
 
 
+def _key_code(df: Any) -> Any:
+    """One exact Int64 per row of ``df``'s (at most two) key columns, as a polars expression, or None.
+
+    Distinct rows of a 122,880-row group by this code cost ~1 ms against ~5 ms for a multi-column
+    ``unique`` (a fresh process's first bounded read pays it for every candidate group). Exact, not
+    a hash: categorical codes (< 2**31) and integers of at most 32 bits are packed side by side.
+    """
+    import polars as pl
+
+    narrow = {pl.Int8, pl.Int16, pl.Int32, pl.UInt8, pl.UInt16}
+    parts = []
+    for c, t in df.schema.items():
+        if t == pl.Categorical:
+            parts.append(pl.col(c).to_physical().cast(pl.Int64))
+        elif t in narrow:
+            parts.append(pl.col(c).cast(pl.Int64) + (1 << 31))  # into [0, 2**32)
+        else:
+            return None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return parts[0] * (1 << 32) + parts[1]
+    return None
+
+
 class _Footer:
     """One segment's Parquet footer, kept per open :class:`Store` (segments are immutable), with
     each column's per-row-group ``(min, max)`` made plain Python once, on first use.
@@ -85,10 +111,11 @@ class _Footer:
     column each time.
     """
 
-    __slots__ = ("meta", "index", "_bounds", "attempts", "keys")
+    __slots__ = ("meta", "index", "_bounds", "attempts", "keys", "stamp")
 
-    def __init__(self, meta: Any) -> None:
+    def __init__(self, meta: Any, stamp: tuple[int, int] = (0, 0)) -> None:
         self.meta = meta
+        self.stamp = stamp  # the file's (size, mtime_ns) when the footer was read
         self.index = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
         self._bounds: dict[str, list[tuple[Any, Any] | None]] = {}
         self.attempts: frozenset[Any] | None = None  # the file's attempt values, once known
@@ -170,6 +197,10 @@ _FILE_IN_ERROR = re.compile(r"""(?:file|File)\s+["']?([^"'\s]+\.parquet)""")
 #: and the others only for row groups with a match (a 122,880-row group of a sealed segment).
 _TWO_PHASE_ROWS = 100_000
 
+#: Bytes of decoded segment sections one open Store keeps for ``scan_run(cache=...)`` (least
+#: recently used dropped first): the 1,000-step rollups of three metrics of a 1M x 108 run are ~25 MB.
+_SECTION_CACHE_BYTES = int(float(os.environ.get("HEALTHWATCH_READ_CACHE_MB", "256")) * 2**20)
+
 #: How often a query is retried when files were retired (or found unreadable) under it.
 _QUERY_TRIES = 20
 
@@ -247,6 +278,10 @@ class Store:
         self._warned: set[str] = set()
         self._checked: set[str] = set()  # files whose footer was checked (segments are immutable)
         self._footers: dict[str, tuple[tuple[int, int], _Footer]] = {}  # scan_run/run_extremes footers
+        # scan_run(cache=...): decoded sections of segments, least recently used first (see _section)
+        self._sections: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
+        self._section_bytes = 0
+        self._joins: dict[tuple[Any, ...], Any] = {}  # scan_run(cache=...): sections joined per listing
         self._read_ok: set[str] = set()  # files read in full once after a query failed on corrupt data
         self._s3_cache: dict[str, dict[str, Any]] = {}  # s3:// roots, per table: footers (small tables: rows)
         self._segment_cache: Any = False  # s3:// roots: local copies of segments (objectstore.SegmentCache)
@@ -488,7 +523,7 @@ class Store:
         return out
 
     def scan_run(self, table: str, run: str, columns: Sequence[str],
-                 ranges: dict[str, tuple[Any, Any]] | None = None) -> Any:
+                 ranges: dict[str, tuple[Any, Any]] | None = None, cache: Sequence[str] = ()) -> Any:
         """Rows of one run's ``table`` whose ``ranges`` columns lie in ``[lo, hi]`` (inclusive), as polars.
 
         The cheap path for a small, exact question (one series over a step range, a run's
@@ -499,6 +534,13 @@ class Store:
         cannot answer exactly here — a root that is not a local directory, a segment that is not
         a readable segment of the table, files retired by a merge while it read — and the caller
         takes the SQL path, which handles all of those.
+
+        ``cache`` names columns of ``ranges`` (e.g. ``("bucket_size", "metric")``) whose section of
+        each file is decoded once and kept per open Store (segments are immutable; bounded by
+        ``HEALTHWATCH_READ_CACHE_MB``, default 256): the other ranges are then filters over the kept
+        rows. For reads that come back for other keys of one section (the app's charts of layer
+        after layer, each heatmap refresh): a one-layer read is a filter over memory instead of a
+        decode of every rollup file's row groups.
         """
         import polars as pl
         import pyarrow.parquet as pq
@@ -522,12 +564,16 @@ class Store:
         for _try in range(3):  # a merge may retire a listed file between listing and reading: list again
             try:
                 parts = []
+                sections: list[tuple[tuple[Any, ...], Any]] = []
                 for path in list_segments(table_dir(self.root, table, run)):
                     if steps is not None and not overlaps(parse_segment(path).steps, *steps):
                         continue  # its name says no row is in the step range: not even its footer is read
                     fo = self._checked_footer(str(path), table)
                     if fo is None:
                         return None  # the SQL path skips it, with its warning
+                    if cache:
+                        sections.append(self._section(str(path), fo, table, columns, ranges, tuple(cache)))
+                        continue
                     fits = [(g, f) for g in range(fo.meta.num_row_groups) if (f := fo.fit(g, ranges)) is not None]
                     indexed = False
                     if fits and eq:
@@ -572,6 +618,12 @@ class Store:
                     assert isinstance(df, pl.DataFrame)
                     parts.append(df.filter([cond[c] for c in open_]).select(list(columns)))
                 empty = pl.DataFrame(schema={f.name: _polars_type(f.type) for f in schema})
+                if cache:
+                    # One frame per listing (kept while the listing holds): a read is one filter,
+                    # not one per file (~0.2 ms of polars each, 25 rollup files).
+                    rest_ = [cond[c] for c in ranges if c not in cache]
+                    whole = self._joined(sections)
+                    return (whole.filter(rest_) if rest_ else whole).select(list(columns)).cast(dict(empty.schema))
                 if not parts:
                     return empty
                 return pl.concat([p.cast(dict(empty.schema)) for p in parts])
@@ -580,6 +632,67 @@ class Store:
             except (OSError, pa.ArrowException, ValueError):
                 return None  # unreadable: the SQL path finds out which file and skips it
         return None
+
+    def _joined(self, sections: list[tuple[tuple[Any, ...], Any]]) -> Any:
+        """The concatenation of ``(key, frame)`` sections of :meth:`_section`, kept per list of keys."""
+        import polars as pl
+
+        jkey = tuple(k for k, _ in sections)
+        with self._lock:
+            hit = self._joins.get(jkey)
+            if hit is not None:
+                return hit
+        # Not rechunked: the join shares the sections' buffers (no second copy in memory).
+        whole = pl.concat([f for _, f in sections], how="vertical_relaxed", rechunk=False)
+        with self._lock:
+            if len(self._joins) >= 64:  # listings of the past (a live run's files come and go)
+                self._joins.clear()
+            self._joins[jkey] = whole
+        return whole
+
+    def _section(self, key: str, fo: _Footer, table: str, columns: Sequence[str],
+                 ranges: dict[str, tuple[Any, Any]], cache: tuple[str, ...]) -> tuple[tuple[Any, ...], Any]:
+        """``(cache key, rows)``: the rows of one segment whose ``cache`` columns lie in their
+        ``ranges``, with ``columns`` and the other ranges' columns, decoded once per open Store
+        (see :meth:`scan_run`)."""
+        import polars as pl
+        import pyarrow.parquet as pq
+
+        sect = {c: ranges[c] for c in cache if c in ranges}
+        want = tuple(sorted({*columns, *(c for c in ranges if c not in sect)}))
+        ckey = (key, fo.stamp, tuple(sorted(sect.items())), want)
+        with self._lock:
+            hit = self._sections.get(ckey)
+            if hit is not None:
+                self._sections.move_to_end(ckey)
+                return ckey, hit
+        strings = [f.name for f in TABLES[table] if pa.types.is_string(f.type)]
+        fits = [(g, f) for g in range(fo.meta.num_row_groups) if (f := fo.fit(g, sect)) is not None]
+        eq = {c: lo for c, (lo, hi) in sect.items() if lo == hi}
+        if fits and eq:
+            held = self._groups_with(key, fo, eq, [g for g, _ in fits])
+            if held is not None:
+                fits = [(g, f) for g, f in fits if g in held]
+        open_ = [c for c in sect if any(c not in f for _, f in fits)]
+        if not fits:
+            out = pl.DataFrame(schema={c: _polars_type(TABLES[table].field(c).type) for c in want})
+        else:
+            pf = pq.ParquetFile(key, metadata=fo.meta)
+            df = pl.from_arrow(pf.read_row_groups([g for g, _ in fits], columns=[*want, *(c for c in open_ if c not in want)],
+                                                  use_threads=False))
+            assert isinstance(df, pl.DataFrame)
+            conds = [pl.col(c) == pl.lit(lo) if c in strings and lo == hi else
+                     pl.col(c).is_between(pl.lit(lo), pl.lit(hi)) for c, (lo, hi) in sect.items() if c in open_]
+            out = (df.filter(conds) if conds else df).select(list(want))
+        size = int(out.estimated_size())
+        with self._lock:
+            self._sections[ckey] = out
+            self._section_bytes += size
+            while self._section_bytes > _SECTION_CACHE_BYTES and len(self._sections) > 1:
+                _k, old = self._sections.popitem(last=False)
+                self._section_bytes -= int(old.estimated_size())
+                self._joins.clear()  # joins may hold the dropped section: let them go too
+        return ckey, out
 
     @staticmethod
     def _groups_with(key: str, fo: _Footer, eq: dict[str, Any], groups: list[int]) -> set[int] | None:
@@ -591,7 +704,6 @@ class Store:
         columns only, dictionary codes: cheap) the first time a read considers it, and kept per
         open Store (segments are immutable). None when a key column is missing.
         """
-        import numpy as np
         import polars as pl
         import pyarrow.parquet as pq
 
@@ -604,16 +716,19 @@ class Store:
             strings = [c for c in cols if fo.meta.schema.column(fo.index[c]).physical_type == "BYTE_ARRAY"]
             t = pq.ParquetFile(key, metadata=fo.meta, read_dictionary=strings).read_row_groups(
                 missing, columns=list(cols), use_threads=False)
-            sizes = [fo.meta.row_group(g).num_rows for g in missing]
             df = pl.from_arrow(t)
             assert isinstance(df, pl.DataFrame)
-            df = df.with_columns(pl.Series("_g", np.repeat(np.array(missing, dtype=np.int32), sizes)))
-            uniq = df.unique(subset=[*cols, "_g"]).with_columns(
-                [pl.col(c).cast(pl.Utf8) for c in cols if df.schema[c] == pl.Categorical])
-            found: dict[int, set[tuple[Any, ...]]] = {g: set() for g in missing}
-            for row in uniq.iter_rows():
-                found[row[-1]].add(tuple(row[:-1]))
-            known.update({g: frozenset(v) for g, v in found.items()})
+            cats = [pl.col(c).cast(pl.Utf8) for c in cols if df.schema[c] == pl.Categorical]
+            code = _key_code(df)
+            off = 0
+            for g in missing:
+                # Group by group (slices: no copy); distinct keys first, decoded to strings after.
+                # (A numpy group-id column made polars import numpy.ma: ~35 ms of a fresh process.)
+                n = fo.meta.row_group(g).num_rows
+                part = df.slice(off, n)
+                first = part.filter(code.is_first_distinct()) if code is not None else part.unique()
+                known[g] = frozenset(first.with_columns(cats).iter_rows())
+                off += n
         want = tuple(eq[c] for c in cols)
         return {g for g in groups if want in known[g]}
 
@@ -637,7 +752,7 @@ class Store:
         if hit is not None and hit[0] == stamp:
             fo = hit[1]
         else:
-            fo = _Footer(pq.read_metadata(key))
+            fo = _Footer(pq.read_metadata(key), stamp)
             if len(self._footers) >= 4096:  # files retired by merges: forget them all now and then
                 self._footers.clear()
             self._footers[key] = (stamp, fo)
