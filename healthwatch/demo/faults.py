@@ -39,13 +39,18 @@ docs/early-warning.md), not assumed.
   batches: +3-5 % within 50-70 steps of onset on tuning seeds 11-12, healthy runs within +-2 %). On
   its own, in this small model (MTP weight 0.05 x 2), the train loss did not leave its band on any
   of 8 seeds (11, 12, 1001-1003, 1006-1008; evaluation of 2026-12-02): the report's divergence
-  that followed needs the larger model's coupling. AMPLIFIED so that the run then degrades: from
-  ``onset + lr_delay`` (default 80) the learning rate ramps like ``lr_excursion`` (x``lr_factor``
-  over ``lr_ramp`` steps). Loss: the train loss holds while MTP-2 climbs, then rises by ~0.3-0.5
-  nats once the ramp starts -- out of its (wide, 128-token-batch) band on only some seeds
-  (docs/early-warning.md has the count). The MTP-2 rise comes first BY CONSTRUCTION
-  (``lr_delay``); the benchmark measures whether the pack sees the starvation, on unseen seeds,
-  before the loss moves.
+  that followed needs the larger model's coupling. AMPLIFIED so that the run then DIVERGES: from
+  ``onset + lr_delay`` (default 40) the learning rate ramps like ``lr_excursion`` but to x1000
+  (``DEFAULT_LR_FACTOR``; x``lr_factor`` over ``lr_ramp`` = 40 steps). Loss (tuning seeds 11-20,
+  no intervention): the train loss holds while the MTP gradient is lost and MTP-2 climbs against
+  it, then leaves its band 2-4 steps into the ramp (step 122-124 with onset 80) on 10/10 seeds and
+  diverges -- 10-step means of 7-48 nats (peaks 28-94) by onset +80, against ~4.6 before. The
+  earlier amplification (x100 from onset + 80, i.e. step 160 of 200) left the band on only 3/10
+  evaluation seeds: at this size x100 drives the model back to about the unigram loss (~4.9),
+  inside the wide 128-token band, and left 40 steps for it. The MTP-2 rise and the lost MTP
+  gradient come first BY CONSTRUCTION (``lr_delay``): the divergence is the learning rate's, not
+  an emergent consequence of the starvation; the benchmark measures whether the pack sees the
+  starvation, on unseen seeds, in the 40 steps before the loss moves.
 * ``ultra`` -- the reference case: MTP starvation, residual growth and router collapse from the
   onset, then a learning-rate excursion (``lr_delay`` steps later) that diverges the run.
 
@@ -74,7 +79,13 @@ REGISTRY: dict[str, frozenset[str]] = {
 }
 #: Fault name -> steps from onset to its learning-rate ramp, for faults whose mechanism is
 #: amplified into a divergence (module docstring). ``ultra``: 40 steps, as in the demo.
-DEFAULT_LR_DELAY: dict[str, int] = {"ultra": 40, "residual_growth": 60, "mtp_starvation": 80}
+DEFAULT_LR_DELAY: dict[str, int] = {"ultra": 40, "residual_growth": 60, "mtp_starvation": 40}
+#: Fault name -> the learning-rate ramp's peak factor where it is not the default x100:
+#: ``mtp_starvation`` ramps to x1000 so that the run diverges within a benchmark run (x100 only
+#: brings this model back to about its unigram loss; module docstring). ``ultra`` keeps x100.
+DEFAULT_LR_FACTOR: dict[str, float] = {"mtp_starvation": 1000.0}
+#: The ramp's peak factor of every other fault (and of ``lr_excursion`` itself).
+LR_FACTOR = 100.0
 #: Names of the built-in faults, in the order the benchmark and docs list them.
 FAULTS = tuple(REGISTRY)
 #: Part -> ``effect(fault, model, step)`` run by :meth:`Fault.before_step` from the onset on, for
@@ -130,7 +141,9 @@ class Fault:
 
     name: str
     onset: int
-    lr_factor: float = 100.0
+    #: Peak multiplier of the learning-rate ramp; ``None``: the fault's default
+    #: (:data:`DEFAULT_LR_FACTOR`, else :data:`LR_FACTOR`).
+    lr_factor: float | None = None
     lr_ramp: int = 40
     lr_delay: int = 0
     collapse_rate: float = 0.4
@@ -154,6 +167,10 @@ class Fault:
             # Steps from the mechanism's onset to the learning-rate ramp (module docstring); 0 for
             # lr_excursion itself (the ramp IS the fault).
             self.lr_delay = DEFAULT_LR_DELAY.get(self.name, 0)
+        if self.lr_factor is None:
+            self.lr_factor = DEFAULT_LR_FACTOR.get(self.name, LR_FACTOR)
+        if not self.lr_factor >= 1.0:
+            raise ValueError(f"lr_factor must be >= 1 (a peak multiplier of the learning rate), got {self.lr_factor}")
 
     def active(self, step: int) -> bool:
         """True from the onset on."""
@@ -166,7 +183,8 @@ class Fault:
         t = step - self.onset - self.lr_delay
         if t < 0:
             return 1.0
-        return 1.0 + (self.lr_factor - 1.0) * min(1.0, t / max(1, self.lr_ramp))
+        factor = LR_FACTOR if self.lr_factor is None else self.lr_factor
+        return 1.0 + (factor - 1.0) * min(1.0, t / max(1, self.lr_ramp))
 
     def residual_channel_scale(self, d_model: int, step: int) -> torch.Tensor:
         """Per-channel multiplier of an early block's residual branch at ``step`` (ones before onset)."""

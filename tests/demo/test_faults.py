@@ -165,3 +165,39 @@ def test_amplified_faults_ramp_the_learning_rate_only_after_their_delay(name: st
     assert f.lr_scale(80) == f.lr_scale(80 + delay) == 1.0  # the ramp starts at onset + delay
     assert 1.0 < f.lr_scale(80 + delay + 1) < f.lr_scale(80 + delay + f.lr_ramp) == f.lr_factor
     assert Fault(name=name, onset=80, lr_delay=5).lr_scale(90) > 1.0  # an explicit delay wins
+
+
+def test_mtp_starvation_ramps_to_its_own_factor_and_the_others_keep_theirs() -> None:
+    """mtp_starvation's amplification is x1000 (DEFAULT_LR_FACTOR) from onset + 40; ``ultra`` (which
+    contains the starvation part), ``lr_excursion`` and ``residual_growth`` keep the x100 ramp."""
+    from healthwatch.demo.faults import DEFAULT_LR_DELAY, DEFAULT_LR_FACTOR, LR_FACTOR, Fault
+
+    f = Fault(name="mtp_starvation", onset=80)
+    assert (f.lr_delay, f.lr_factor) == (40, 1000.0) == (DEFAULT_LR_DELAY["mtp_starvation"],
+                                                       DEFAULT_LR_FACTOR["mtp_starvation"])
+    start = 80 + 40
+    # The linear ramp written from its definition: 1 + (factor - 1) * t / ramp, t steps into it.
+    for t in (0, 1, 10, 39, 40, 80):
+        assert f.lr_scale(start + t) == pytest.approx(1.0 + 999.0 * min(1.0, t / 40))
+    for name in ("ultra", "lr_excursion", "residual_growth"):
+        other = Fault(name=name, onset=80)
+        assert other.lr_factor == LR_FACTOR == 100.0, name
+        assert other.lr_scale(80 + other.lr_delay + other.lr_ramp) == 100.0, name
+    assert Fault(name="mtp_starvation", onset=80, lr_factor=8.0).lr_scale(start + 40) == 8.0  # explicit wins
+    with pytest.raises(ValueError, match="lr_factor"):
+        Fault(name="mtp_starvation", onset=80, lr_factor=0.5)
+
+
+@pytest.mark.slow
+def test_mtp_starvation_diverges_only_after_its_amplification(tmp_path):
+    """Without intervention: the train loss stays with the healthy run's while only the MTP gradient is
+    lost (onset .. onset + lr_delay), then diverges once the x1000 ramp runs (faults.py docstring)."""
+    onset = 30
+    st = _train(tmp_path, "mtp", "mtp_starvation", 110, onset)
+    ctrl = _train(tmp_path, "ctrl", None, 110, onset)
+    ramp = onset + 40
+    train = _scalar("loss/train")
+    starved = _mean(st, "mtp", train, onset, ramp) - _mean(ctrl, "ctrl", train, onset, ramp)
+    assert abs(starved) < 0.1, starved  # the trunk is not hurt by the starvation itself
+    diverged = _mean(st, "mtp", train, ramp + 20, 110) - _mean(ctrl, "ctrl", train, ramp + 20, 110)
+    assert diverged > 1.0, diverged  # well past the unigram loss the x100 ramp stopped at
