@@ -96,6 +96,18 @@ _HEAT_ROLLUP_COLS = ("bucket_size", "bucket", "attempt", "layer", "layer_type", 
                      "vmax", "vmean", "vlast")
 
 
+def _once(fn: Any) -> Any:
+    """``fn`` called at most once (the first call's answer is kept)."""
+    box: list[Any] = []
+
+    def call() -> Any:
+        if not box:
+            box.append(fn())
+        return box[0]
+
+    return call
+
+
 def _heatmap_direct(store: Store, run: str, metric: str, max_buckets: int, agg: HeatAgg,
                     attempt: int | None) -> pl.DataFrame | None:
     """:func:`heatmap` of a whole run over rows read with :meth:`Store.scan_run`, or None (then SQL answers).
@@ -124,10 +136,10 @@ def _heatmap_direct(store: Store, run: str, metric: str, max_buckets: int, agg: 
     if coarse is None:
         return None
     limits: list[int] = []
+    held = _once(lambda: store.attempts_present("layer_stats", run))  # one listing for every plan below
+    tops = coarse.group_by("bucket_size", "attempt").agg(pl.col("bucket").max()).rows()
     for size in (ROLLUP_BUCKETS[-1], ROLLUP_BUCKETS[1]):
-        r = coarse.filter(pl.col("bucket_size") == size)
-        p = plan_of(r.group_by("attempt").agg(pl.col("bucket").max()).rows(), path, size,
-                    lambda: store.attempts_present("layer_stats", run))
+        p = plan_of([(a, top) for s, a, top in tops if s == size], path, size, held)
         # The 1,000-step plan must serve every attempt with raw rows: the span and every display
         # bucket are then answered from rollups below its limits and raw rows above them. (A young
         # attempt without 10,000-step rollups is fine: the 1,000-step ones serve it.)
@@ -142,7 +154,7 @@ def _heatmap_direct(store: Store, run: str, metric: str, max_buckets: int, agg: 
     if fine is None or raw is None:
         return None
     roll = pl.concat([coarse, fine])
-    fast = _heatmap_frames(roll, raw, path, max_buckets, agg, lambda: store.attempts_present("layer_stats", run))
+    fast = _heatmap_frames(roll, raw, path, max_buckets, agg, held)
     if fast is not None:
         return fast
     frames = {"attempts": att, "layer_stats_rollup": roll, "layer_stats": raw}
@@ -168,9 +180,10 @@ def _heatmap_frames(roll: pl.DataFrame, raw: pl.DataFrame, path: Timeline, max_b
     """
     from healthwatch.query.rollups import plan_of
 
+    tops = roll.group_by("bucket_size", "attempt").agg(pl.col("bucket").max()).rows()  # one pass for every size
+
     def plan_at(size: int) -> Any:
-        r = roll.filter(pl.col("bucket_size") == size)
-        return plan_of(r.group_by("attempt").agg(pl.col("bucket").max()).rows(), path, size, present)
+        return plan_of([(a, top) for s, a, top in tops if s == size], path, size, present)
 
     if raw["attempt"].null_count() or raw["layer_type"].null_count() or roll["layer_type"].null_count():
         return None  # NULL keys: the SQL's three-valued logic decides, not a copy of it

@@ -444,12 +444,19 @@ def _series_rollup_direct(store: Store, run: str, name: str, layer: int | None, 
     # Each rollup file's section of this bucket size and name/metric is decoded once per open
     # Store: the next layer's series is a filter over memory (see Store.scan_run's ``cache``).
     section = ("bucket_size", "name" if layer is None else "metric")
+    held: list[Any] = []  # attempts_present, asked once for every size below
+
+    def present() -> Any:
+        if not held:
+            held.append(store.attempts_present(table, run))
+        return held[0]
+
     for size in sorted(ROLLUP_BUCKETS, reverse=True):
         roll = scan(f"{table}_rollup", run, list(_ROLLUP_COLS), {"bucket_size": (size, size), **key}, cache=section)
         if roll is None:
             return None
         tops = roll.group_by("attempt").agg(pl.col("bucket").max()).rows()
-        p = plan_of(tops, path, size, lambda: store.attempts_present(table, run))
+        p = plan_of(tops, path, size, present)
         usable = pl.lit(False)
         for a, lim in p.limits:
             usable = usable | ((pl.col("attempt") == a) & (pl.col("bucket") < lim // size))
