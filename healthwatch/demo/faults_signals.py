@@ -41,8 +41,8 @@ Default pack on those runs (``healthwatch alerts backtest``, statistics at every
 ``quant_scale_shrink`` FP4SaturationHigh and FP4RelMSEHigh fire first, at step 90 (30 steps after
 onset), in block 0 only; under ``alog_drift`` MambaDecayCollapsing fires at step 110 (50 steps
 after onset), block 0 only. Neither run's train loss left its band (to step 159), so neither has a
-lead over the band exit to report: both faults are faults to catch, as ``router_collapse`` and
-``mtp_starvation`` are. Both need the activation-side statistics at every step to show this
+lead over the band exit to report: both faults are faults to catch, as ``router_collapse`` is
+(``mtp_starvation`` is amplified into a divergence, see ``faults``). Both need the activation-side statistics at every step to show this
 quickly: run the Monitor with ``MonitorConfig(signals_every=1)`` (see docs/signals.md for what
 that costs).
 """
