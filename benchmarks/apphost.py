@@ -61,8 +61,12 @@ def healthy(port: int, proc: subprocess.Popen | None = None) -> bool:
 
 
 def start_app(store: str | Path, port: int | None = None, log: Path | None = None,
-              timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+              timeout: float = 120.0, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> tuple[subprocess.Popen, str]:
     """Start ``healthwatch app --store S --port P`` as a child process; returns it and its URL once healthy.
+
+    ``env`` replaces the child's environment and ``cwd`` its directory (another source tree is served
+    with ``PYTHONPATH`` and ``cwd`` both pointing at it: ``python -m`` puts the directory first on the path).
 
     With ``port`` None a free port is picked; another process may take it between the pick and the
     server's bind (a busy machine running several servers does), so a server that exits saying its port
@@ -75,7 +79,8 @@ def start_app(store: str | Path, port: int | None = None, log: Path | None = Non
         path = Path(tempfile.mkstemp(prefix="hw-app-", suffix=".log")[1]) if own_log else log
         out = open(path, "ab")  # noqa: SIM115 - the child keeps its own copy
         proc = subprocess.Popen([sys.executable, "-m", "healthwatch.cli", "app", "--store", str(store),
-                                 "--port", str(chosen)], stdout=out, stderr=subprocess.STDOUT)
+                                 "--port", str(chosen)], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                cwd=cwd)
         out.close()
         try:
             wait_for(lambda c=chosen, p=proc: healthy(c, p), timeout, "the Streamlit server's health endpoint")

@@ -153,7 +153,7 @@ def browser_meter(driver: Any) -> ProcessTreeCpu:
     return ProcessTreeCpu(driver.service.process.pid)
 
 
-def expected_charts(store: Path, page: str = "run", run: str = RUN) -> int:
+def expected_charts(store: str | Path, page: str = "run", run: str = RUN) -> int:
     """How many plotly charts ``page`` draws for ``run``: the page itself, run once with AppTest."""
     from streamlit.testing.v1 import AppTest
 
@@ -301,6 +301,103 @@ def run(quick: bool, workdir: Path, steps: int | None = None, layers: int = 108,
     }
 
 
+# --------------------------------------------------------------------------------------------
+# side by side: two source trees of the app on the same store, loads alternating
+
+
+def source_tree(rev: str, workdir: Path) -> Path:
+    """``git archive <rev>`` of this checkout unpacked at ``workdir/tree-<rev>``, importable with
+    ``PYTHONPATH=<it>`` (its ``healthwatch/app`` links to ``app/``, as the installed package maps it).
+
+    On ``PYTHONPATH`` it shadows the editable install (setuptools' finder comes after the path
+    finder), so a server, AppTest or benchmark started with it runs that commit's code only.
+    """
+    sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", rev], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    tree = Path(workdir) / f"tree-{sha}"
+    if not (tree / "healthwatch" / "app").exists():
+        if tree.exists():
+            shutil.rmtree(tree)
+        tree.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", sha], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        (tree / "healthwatch" / "app").symlink_to("../app")
+    return tree
+
+
+def tree_env(tree: Path | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment that runs ``tree``'s code (None: this checkout's), plus ``extra``."""
+    env = dict(os.environ, **(extra or {}))
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def count_charts(store: str | Path, tree: Path | None, env: dict[str, str] | None = None) -> int:
+    """:func:`expected_charts` of ``tree``'s Run page (None: this checkout's), in a child process."""
+    code = "import sys; from benchmarks.bench_render import expected_charts; print(expected_charts(sys.argv[1]))"
+    out = subprocess.run([sys.executable, "-c", code, str(store)], cwd=str(tree or REPO_ROOT),
+                         env=tree_env(tree, env), capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"counting the Run page's charts of {tree or REPO_ROOT} failed:\n{out.stderr[-3000:]}")
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(store: str | Path, trees: dict[str, Path | None], rounds: int = 2, warm_loads: int = 2,
+                 env_for: Callable[[str, int], dict[str, str]] | None = None,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run-page loads of several source trees of the app on one store, alternating (ABBA...).
+
+    Each round starts, per tree in turn, a fresh server (``env_for(label, round)`` adds its
+    environment, e.g. a fresh S3 segment cache), visits its Runs page, then measures one cold and
+    ``warm_loads`` warm loads of the Run page as :func:`run` does (wall and CPU per load).
+    """
+    say = progress or (lambda _msg: None)
+    labels = list(trees)
+    charts = {k: count_charts(store, trees[k], env_for(k, -1) if env_for else None) for k in labels}
+    say(f"charts per first load: {charts}")
+    out: dict[str, Any] = {"store": str(store), "charts": charts, "load_average": [os.getloadavg()[0]],
+                           "cpus": os.cpu_count(),
+                           "sides": {k: {"tree": str(trees[k] or REPO_ROOT), "cold": [], "warm": [], "build_s": []}
+                                     for k in labels}}
+    for i in range(rounds):
+        for k in (labels if i % 2 == 0 else labels[::-1]):
+            say(f"round {i + 1}/{rounds}: {k}")
+            proc, url = start_app(store, env=tree_env(trees[k], env_for(k, i) if env_for else None),
+                                  cwd=trees[k] or REPO_ROOT)
+            side = out["sides"][k]
+            try:
+                with headless_chromium() as driver:
+                    meters = {"browser": browser_meter(driver), "server": ProcessTreeCpu(proc.pid)}
+                    load(driver, url + "/", "Runs", 0, timeout=900)
+                    side["cold"].append(metered_load(driver, f"{url}/run?run={RUN}", "Run", charts[k], meters))
+                    side["build_s"].append(built_in(driver))
+                    for _ in range(warm_loads):
+                        side["warm"].append(metered_load(driver, f"{url}/run?run={RUN}", "Run", charts[k], meters))
+            finally:
+                stop(proc)
+    out["load_average"].append(os.getloadavg()[0])
+    for side in out["sides"].values():
+        for kind in ("cold", "warm"):
+            for key in ("wall_s", "browser_cpu_s", "server_cpu_s"):
+                side[f"{kind}_{key}_p50"] = statistics.median(x[key] for x in side[kind]) if side[kind] else None
+    return out
+
+
+def print_side_by_side(res: dict[str, Any]) -> None:
+    """One line per tree and kind: wall p50 and CPU p50 of browser and server, samples."""
+    print(f"store {res['store']}; load average {res['load_average'][0]:.1f} -> {res['load_average'][-1]:.1f} "
+          f"on {res['cpus']} CPUs")
+    for k, side in res["sides"].items():
+        for kind in ("cold", "warm"):
+            if not side[kind]:
+                continue
+            walls = ", ".join(f"{x['wall_s']:.2f}" for x in side[kind])
+            print(f"{k:>8} {kind}: {res['charts'][k]} charts, wall p50 {side[f'{kind}_wall_s_p50']:.2f} s "
+                  f"({walls}); CPU p50 browser "
+                  f"{side[f'{kind}_browser_cpu_s_p50']:.2f} s, server {side[f'{kind}_server_cpu_s_p50']:.2f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point: print the numbers (and JSON with ``--json``)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -311,7 +408,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold", type=int, default=None, help="cold loads (each on a fresh server)")
     ap.add_argument("--warm", type=int, default=None, help="warm loads")
     ap.add_argument("--json", action="store_true", help="also print the result as JSON")
+    ap.add_argument("--ab-before", metavar="REV", default=None,
+                    help="side by side: this commit's app against --ab-after's on the same store, loads alternating")
+    ap.add_argument("--ab-after", metavar="REV", default=None, help="with --ab-before (default: this checkout)")
+    ap.add_argument("--rounds", type=int, default=2, help="with --ab-before: rounds (one cold load per tree each)")
+    ap.add_argument("--store", default=None, help="with --ab-before: an existing store (path or s3:// URI), reused")
     args = ap.parse_args(argv)
+    if args.ab_before:
+        steps = args.steps or (100_000 if args.quick else 1_000_000)
+        store = args.store or str(args.workdir / f"render-store-{steps}x{args.layers}")
+        if not args.store:
+            build_store(Path(store), steps, args.layers)
+        trees = {"before": source_tree(args.ab_before, args.workdir),
+                 "after": source_tree(args.ab_after, args.workdir) if args.ab_after else None}
+        res = side_by_side(store, trees, rounds=args.rounds, warm_loads=args.warm or 2,
+                           progress=lambda m: print(f"... {m}", file=sys.stderr, flush=True))
+        print_side_by_side(res)
+        if args.json:
+            print(json.dumps(res))
+        return 0
     res = run(args.quick, args.workdir, steps=args.steps, layers=args.layers, cold_loads=args.cold,
               warm_loads=args.warm, progress=lambda m: print(f"... {m}", file=sys.stderr, flush=True))
     print(f"store: {res['steps']:,} steps x {res['layers']} layers = {res['layer_rows']:,} layer rows + "

@@ -37,3 +37,28 @@ def test_a_port_the_caller_chose_is_not_changed_and_the_error_shows_the_output(t
         busy = held.getsockname()[1]
         with pytest.raises(RuntimeError, match=f"(?s)exited with.*{busy}"):
             apphost.start_app(tmp_path / "store", port=busy, timeout=120)
+
+
+def test_a_source_tree_of_a_commit_serves_that_commits_app(tmp_path: Path) -> None:
+    """bench_render's side-by-side mode serves another commit's app: ``source_tree`` unpacks it and
+    ``tree_env`` + ``cwd`` make a child import the tree's ``healthwatch`` and ``healthwatch.app``
+    (not the editable install's), as the server started by ``start_app(env=, cwd=)`` does."""
+    import subprocess
+    import sys
+
+    from benchmarks.bench_render import source_tree, tree_env
+
+    tree = source_tree("HEAD", tmp_path)
+    assert source_tree("HEAD", tmp_path) == tree  # unpacked once, reused
+    code = "import healthwatch, healthwatch.app.views, benchmarks; print(healthwatch.__file__, healthwatch.app.views.__path__[0])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tree, env=tree_env(tree), capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert Path(out[0]).is_relative_to(tree) and Path(out[1]).resolve() == (tree / "app" / "views").resolve()
+    proc, url = apphost.start_app(tmp_path / "store", env=tree_env(tree), cwd=tree, timeout=120)
+    try:
+        import psutil
+
+        served = [" ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert any(f"{tree}/healthwatch/app/main.py" in c for c in served), served
+    finally:
+        apphost.stop(proc)
