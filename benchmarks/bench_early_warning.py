@@ -43,7 +43,8 @@ from benchmarks.bench_common import Budget, Job, Section, Table, child_main, emi
 #: Seeds reserved for deriving the pack's thresholds; never reported as results. Recorded so far:
 #: healthy runs on 11-40 (17-20 added for LossAndGradNormRising's median, 21-40 to look for
 #: grad-norm bursts and to check MTPGradientStarved), every fault on 11-12, mtp_starvation also on
-#: 13-15 and lr_excursion on 13-16 (issue 19's lead misses). Not every seed has every scenario.
+#: 13-15 and lr_excursion on 13-16 (issue 19's lead misses); mtp_starvation again on 11-20 after its
+#: amplification changed (x1000 from onset + 40, 2026-12-03). Not every seed has every scenario.
 TUNING_SEEDS: tuple[int, ...] = tuple(range(11, 61))
 #: Seeds the results are reported on: fresh seeds, looked at once, after the pack was settled
 #: (disjoint from TUNING_SEEDS, from the demo's seed 0 and from the issue's seeds 101-505).
@@ -51,6 +52,10 @@ EVAL_SEEDS: tuple[int, ...] = tuple(range(3001, 3011))
 #: The evaluation seeds of the earlier evaluations (2026-12-02/03): reported for comparison. Seed
 #: 1004's healthy false alarm was seen on them, so they are no longer unseen.
 PREVIOUS_EVAL_SEEDS: tuple[int, ...] = tuple(range(1001, 1011))
+#: Fresh seeds for ``mtp_starvation`` after its amplification changed (2026-12-03, x1000 from
+#: onset + 40): recorded after the change was settled on tuning seeds 11-20, evaluated once with the
+#: pack unchanged. (3001-3010 were re-recorded too: a changed fault makes new runs.)
+MTP_EVAL_SEEDS: tuple[int, ...] = tuple(range(4001, 4011))
 #: Faults: every registered demo fault.
 HEALTHY = "healthy"
 #: A lead counts as "early" from this many steps.

@@ -91,6 +91,8 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_seed_sets_are_disjoint_and_named() -> None:
     assert not set(ew.TUNING_SEEDS) & (set(ew.EVAL_SEEDS) | set(ew.PREVIOUS_EVAL_SEEDS))
     assert not set(ew.EVAL_SEEDS) & set(ew.PREVIOUS_EVAL_SEEDS)  # the fresh set is fresh
+    fresh = set(ew.MTP_EVAL_SEEDS)
+    assert len(fresh) >= 10 and not fresh & (set(ew.TUNING_SEEDS) | set(ew.EVAL_SEEDS) | set(ew.PREVIOUS_EVAL_SEEDS))
     assert len(ew.EVAL_SEEDS) >= 10
     assert 0 not in ew.EVAL_SEEDS and not {101, 202, 303, 404, 505} & set(ew.EVAL_SEEDS)
     assert ew.scenarios()[0] == "healthy" and {"mtp_starvation", "residual_growth"} <= set(ew.scenarios())
