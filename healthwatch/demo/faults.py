@@ -43,9 +43,10 @@ docs/early-warning.md), not assumed.
   ``onset + lr_delay`` (default 40) the learning rate ramps like ``lr_excursion`` but to x1000
   (``DEFAULT_LR_FACTOR``; x``lr_factor`` over ``lr_ramp`` = 40 steps). Loss (tuning seeds 11-20,
   no intervention): the train loss holds while the MTP gradient is lost and MTP-2 climbs against
-  it, then leaves its band 2-4 steps into the ramp (step 122-124 with onset 80) on 10/10 seeds and
-  diverges -- 10-step means of 7-48 nats (peaks 28-94) by onset +80, against ~4.6 before. The
-  earlier amplification (x100 from onset + 80, i.e. step 160 of 200) left the band on only 3/10
+  it (onset +20..+39: MTP-2 +0.03..+0.19 nats over the same seed's healthy run, the train loss
+  within +-0.006), then leaves its band 2-4 steps into the ramp (step 122-124 with onset 80) on
+  10/10 seeds and diverges -- 10-step means peak at 21-54 nats (single steps 28-94), against ~4.6
+  before, and are still 5.3-10 nats over steps 190-199. The earlier amplification (x100 from onset + 80, i.e. step 160 of 200) left the band on only 3/10
   evaluation seeds: at this size x100 drives the model back to about the unigram loss (~4.9),
   inside the wide 128-token band, and left 40 steps for it. The MTP-2 rise and the lost MTP
   gradient come first BY CONSTRUCTION (``lr_delay``): the divergence is the learning rate's, not
