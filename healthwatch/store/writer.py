@@ -5,17 +5,21 @@ It publishes immutable segments, keeps the 100/1,000/10,000-step rollups of ``sc
 segments level by level so a live run of a million steps stays at a bounded number of files and
 never needs a manual compaction to be fast.
 
-Where the CPU goes, and why it is cheap (``python -m benchmarks --only query``): each batch is
-sorted once by series (a radix sort of an int16 series code, :func:`~healthwatch.store.merge.sort_table`),
-its strings dictionary-encoded once, and that sorted batch serves the segment, the rollups (NumPy
-over contiguous runs) and later merges. The writer remembers its own segments (name, level, rows)
-and keeps the small ones in memory (``cache_rows``), so a flush that triggers no merge lists and
-locks nothing, and a merge of small segments reads nothing back. Merging is tiered: ``merge_fanout``
-segments of one level become one of the next, until a segment holds ``seal_rows`` rows; sealed
-segments are never rewritten by the writer, so each row is written about
-``1 + log_fanout(seal_rows / rows_per_flush)`` times (3 for 108 layers x 3 metrics flushed every
-100 steps) and a 1M-step run holds a few dozen segments of ~8M rows (``healthwatch compact``
-merges them further).
+Where the CPU goes, and why it is cheap (``python -m benchmarks --only ingest``, BENCHMARKS.md
+section 3): each batch is sorted once by series (a Monitor flush, step-major with the same series
+every step, from one step's cached pattern and a strided index; anything else by a radix sort of
+a small series code, :func:`~healthwatch.store.merge.sort_table`), its strings dictionary-encoded
+once, and that sorted batch serves the segment, the rollups (NumPy over contiguous runs; Arrow
+rows built once per published rollup file) and later merges. The writer remembers its own
+segments (name, level, rows, steps) and keeps every unsealed one in memory (``cache_rows``), so a
+flush that triggers no merge lists and locks nothing, and no merge, the sealing one included,
+reads a segment back. Merging is tiered: ``merge_fanout`` segments of one level become one of the
+next, until a segment holds ``seal_rows`` rows; sealed segments are never rewritten by the writer
+(nor kept in memory), so each row is written about ``1 + log_fanout(seal_rows / rows_per_flush)``
+times (3 for 108 layers x 3 metrics flushed every 100 steps) and a 1M-step run holds a few dozen
+segments of ~8M rows (``healthwatch compact`` merges them further). The sealing merge writes its
+result straight from zero-copy slices of its sources, with raw pages and delta-encoded
+step/tokens (:func:`~healthwatch.store.merge.write_parquet`): about 8 bytes a ``layer_stats`` row.
 """
 
 from __future__ import annotations
@@ -90,11 +94,13 @@ class StoreWriter:
     ``rollups`` keeps the rollups of ``scalars``/``layer_stats`` current (closed buckets are
     published with the rows that close them; :meth:`close` publishes the rest).
     ``merge_fanout`` segments of one level merge into one of the next; a segment of at least
-    ``seal_rows`` rows is not merged again by its writer; segments of up to ``cache_rows`` rows in
-    all stay in memory until merged (about 40 bytes a row), so merging them reads nothing back.
-    Memory: ``cache_rows`` x ~40 bytes, plus, during a merge, its sources and result in memory
-    (the largest merge is ``merge_fanout`` segments just under ``seal_rows``: ~8M rows, ~0.7 GB
-    with the defaults, in the writer's thread).
+    ``seal_rows`` rows is not merged again by its writer; unsealed segments of up to ``cache_rows``
+    rows in all stay in memory until merged (about 40 bytes a row), so merging them reads nothing
+    back. The default holds every unsealed segment of a 108-layer Monitor (up to 15 + 15 segments
+    of 518,400 and 32,400 rows: ~8.3M rows, ~0.33 GB per table at its peak just before a seal);
+    a smaller value trades memory for reading the rest back (~100 ns a row).
+    Memory: the cached rows, plus during a merge its result (the sealing merge's result is slices
+    of its cached sources, not a copy; an L1 merge copies ~0.5M rows), in the writer's thread.
     """
 
     def __init__(
