@@ -129,11 +129,11 @@ def _overview(store: Store, run: str, x: str, log_y: bool, smooth: float) -> Non
     if cached_run(store, run, run_overview)["last_step"] is None:
         return  # the header says the run has not flushed a step yet; a live refresh draws the charts
     losses, grads, others = _scalar_groups(store, run)
-    metrics = _layer_metrics(store, run)
-    # Only what this section draws is read: the other scalars wait for their toggle.
+    # Only what this section draws is read: the other scalars wait for their toggle, and whether the
+    # run has MoE layers is told by the MaxVio series itself (the layer list is a query of its own).
     scal = series(store, run, [Signal(n) for n in losses + grads])
-    moe = "maxvio" in metrics
-    agg = series(store, run, [Signal("maxvio", "max"), Signal("maxvio", "median")]) if moe else scal.head(0)
+    agg = series(store, run, [Signal("maxvio", "max"), Signal("maxvio", "median")])
+    moe = agg.height > 0
     marks = cached_run(store, run, markers, tables=("events", "alerts", "attempts"))
     rev = f"{run}-{x}"
 
