@@ -126,6 +126,12 @@ def test_run_page_tokens_axis_log_scale_and_smoothing(app_store: Path, monkeypat
     raw = next(t for t in loss["data"] if t.get("name") == "loss/train (raw)")
     assert raw["opacity"] < 0.5  # raw points stay visible behind the smoothed line
     assert max(_arr(raw["x"])) == 299 * 512
+    # The Layers heatmaps on the tokens axis: bucket starts mapped through the loss's (step, tokens).
+    by_step = _specs(_run("run", app_store, monkeypatch, run="main", section="Layers"))["Residual RMS by layer and step"]
+    by_tok = _specs(_run("run", app_store, monkeypatch, run="main", section="Layers", setup=setup))[
+        "Residual RMS by layer and step"]
+    assert by_tok["layout"]["xaxis"]["title"]["text"] == "tokens consumed (bucket start)"
+    assert _arr(by_tok["data"][0]["x"]) == [s * 512 for s in _arr(by_step["data"][0]["x"])]
 
 
 def test_run_page_empty_states(app_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
