@@ -2,7 +2,9 @@
 
 Every downsampling keeps each bucket's minimum *and* maximum row (NaN counts as the maximum), so a
 one-step spike in a million steps survives into a 2,000-point chart. Whole-run reads use the
-100-step rollups where :mod:`healthwatch.query.rollups` says they are valid, raw rows elsewhere.
+coarsest rollups that still give about every drawn bucket its own minimum and maximum (1,000-step
+rollups for a million steps at 2,000 points, else 100-step ones: :func:`_coarse_enough`) where
+:mod:`healthwatch.query.rollups` says they are valid, raw rows elsewhere.
 
 :class:`SeriesCache` is the incremental reader behind the app's charts: buckets aligned on a
 fixed ladder of widths, so a refresh re-reads only the last (partial) bucket and a growing run
@@ -575,8 +577,9 @@ def series(
 
     ``name`` is a scalar name (``loss/train``) or, with ``layer``, a layer metric (``resid_rms``).
     ``attempt`` picks the path (None: effective); with ``include_superseded`` the rows off it are
-    included and flagged. A whole long series reads valid 100-step rollups where they exist: every
-    extreme is kept exactly, placed at the first step of its bucket, with ``attempt`` NULL.
+    included and flagged. A whole long series reads valid rollups where they exist (the coarsest
+    that :func:`_coarse_enough` accepts, else 100-step ones): each rollup bucket's minimum and
+    maximum are candidates at their own steps and tokens, with ``attempt`` NULL.
     """
     if step_min is not None or step_max is not None or not use_rollups:
         # A bounded read (or one that never uses rollups) of few rows: answered from the run's own
