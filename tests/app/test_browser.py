@@ -185,3 +185,14 @@ def test_live_chart_grows_without_reload(tmp_path: Path) -> None:
         if proc is not None:
             stop(proc)
         stop(writer)
+
+
+def test_bench_render_load_waits_in_the_page_for_the_drawn_charts(server: str, browser: webdriver.Chrome) -> None:
+    """bench_render.load (the benchmark's clock) returns once the page's title, its charts and the end of
+    the script run are all seen, and times out when asked for a chart more than the page draws."""
+    from benchmarks.bench_render import load
+
+    assert load(browser, f"{server}/run?run=main", "Run", 3, timeout=120) > 0
+    assert browser.execute_script(PLOTS_JS) >= 3 and not browser.execute_script(RUNNING_JS)
+    with pytest.raises(TimeoutError, match="4 drawn charts"):
+        load(browser, f"{server}/run?run=main", "Run", 4, timeout=15)
