@@ -587,11 +587,10 @@ def series(
         direct = _series_direct(store, run, name, layer, max_points, step_min, step_max, include_superseded, attempt)
         if direct is not None:
             return direct
-    if use_rollups and step_min is None and step_max is None and layer is not None and \
-            getattr(store, "_local_root", False):
-        # A whole layer series: its rollup rows and live tail read with pyarrow, the same SQL run over
-        # them. (Not for a scalar: its few small raw segments cost DuckDB little, and at 1M steps the
-        # view path measured faster than ~25 per-file rollup reads, 111 vs 197 ms.)
+    if use_rollups and step_min is None and step_max is None and getattr(store, "_local_root", False):
+        # A whole series (a layer's or a scalar's): its rollup rows, from the per-Store section cache,
+        # and the live tail read with pyarrow, then the view path's rule over just those rows. At 1M
+        # steps: a layer 10-20 ms of CPU, the loss 13 ms against 90 ms for the SQL over the views.
         whole = _series_rollup_direct(store, run, name, layer, max_points, include_superseded, attempt)
         if whole is not None:
             return whole
