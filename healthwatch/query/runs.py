@@ -134,6 +134,20 @@ def scanned_path(store: Store, run: str, attempt: int | None = None) -> tuple[An
     return scan, att, path_for(att, attempt)
 
 
+def scanned_timeline(store: Store, run: str, attempt: int | None = None) -> tuple[Any, Timeline] | None:
+    """``(store.scan_arrays, the Timeline of attempt)`` for the direct NumPy reads of a fresh
+    process (no polars query: the attempts rows come as arrays); None when the store cannot scan."""
+    scan = getattr(store, "scan_arrays", None)
+    if scan is None:
+        return None
+    att = scan("attempts", run, ["attempt", "start_step"])
+    if att is None:
+        return None
+    if not len(att["attempt"]):
+        return scan, Timeline(attempt)
+    return scan, Timeline.of(zip(att["attempt"].tolist(), att["start_step"].tolist()), attempt)
+
+
 @per_run
 def finished(store: Store, run: str) -> bool:
     """Whether ``run``'s latest attempt was closed by its writer (a ``close`` event)."""

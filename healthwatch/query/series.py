@@ -19,10 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from healthwatch.query.rollups import RollupPlan, plan
-from healthwatch.query.runs import run_signature, scanned_path, timeline
+from healthwatch.query.runs import run_signature, scanned_path, scanned_timeline, timeline
 from healthwatch.query.timeline import Timeline
 from healthwatch.store import ROLLUP_BUCKETS, Store
 from healthwatch.store.reader import per_run, run_scope
@@ -396,10 +398,10 @@ def _series_direct(store: Store, run: str, name: str, layer: int | None, max_poi
     the rows, on the path of ``attempt`` (:meth:`Timeline.superseded_mask`, the one rule), sorted
     like the SQL answer. Anything else — more rows, a store that cannot scan — returns None.
     """
-    scanned = scanned_path(store, run, attempt)
+    scanned = scanned_timeline(store, run, attempt)
     if scanned is None:
         return None
-    scan, _att, path = scanned
+    scan, path = scanned
     lo = -(2**62) if step_min is None else int(step_min)
     hi = 2**62 if step_max is None else int(step_max)
     # Step first: a segment of other steps is ruled out by its first statistic looked at.
@@ -407,15 +409,36 @@ def _series_direct(store: Store, run: str, name: str, layer: int | None, max_poi
         table, ranges = "scalars", {"step": (lo, hi), "name": (name, name)}
     else:
         table, ranges = "layer_stats", {"step": (lo, hi), "metric": (name, name), "layer": (int(layer), int(layer))}
+    # NumPy arrays, not a polars frame: polars' first queries in a process cost more CPU than the
+    # whole 2,000-row answer (scan_arrays has no NULLs: the rule needs no fill).
     rows = scan(table, run, ["step", "tokens", "value", "attempt"], ranges)
     if rows is None:
         return None
-    df = rows.with_columns(path.superseded_mask(pl.col("attempt"), pl.col("step")).fill_null(False).alias("superseded"))
-    if not include_superseded:
-        df = df.filter(~pl.col("superseded"))
-    if df.height > max_points:
+    sup = np.asarray(path.superseded_mask(rows["attempt"], rows["step"]), dtype=bool)
+    if sup.shape != rows["step"].shape:
+        sup = np.broadcast_to(sup, rows["step"].shape)  # no cut: the rule is a scalar
+    keep = None if include_superseded else ~sup
+    cols = {**rows, "superseded": sup}
+    if keep is not None:
+        cols = {k: v[keep] for k, v in cols.items()}
+    if len(cols["step"]) > max_points:
         return None  # downsampling: the SQL path (one definition of the min/max picks)
-    return df.select([pl.col(k).cast(v) for k, v in _SERIES_SCHEMA.items()]).sort("superseded", "step", "attempt")
+    order = np.lexsort((cols["attempt"], cols["step"], cols["superseded"]))  # stable, last key first
+    types = {"step": pa.int64(), "tokens": pa.int64(), "value": pa.float64(), "attempt": pa.int32(),
+             "superseded": pa.bool_()}
+    out = pl.from_arrow(pa.table({k: _arrow_of(cols[k][order], t) for k, t in types.items()}))
+    assert isinstance(out, pl.DataFrame)
+    return out
+
+
+def _arrow_of(values: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """A NULL-free NumPy array as an Arrow array of ``type_``, built from its buffer (``pa.array``
+    imports pandas on first use: ~0.5 s of a fresh process)."""
+    if pa.types.is_boolean(type_):
+        data = np.packbits(values.astype(bool, copy=False), bitorder="little")
+    else:
+        data = np.ascontiguousarray(values, dtype=type_.to_pandas_dtype())
+    return pa.Array.from_buffers(type_, len(values), [None, pa.py_buffer(data)])
 
 
 #: Rollup columns the whole-series SQL reads (besides ``run``, ``bucket_size`` and the key columns).

@@ -630,10 +630,64 @@ def write_parquet(table: pa.Table, where: str | os.PathLike[str], name: str, com
         stats = [c for c in cols if c in ("step", "bucket", "step_min", "step_max")]
     delta = {c: "DELTA_BINARY_PACKED" for c in ("step", "tokens")
              if compress and c in cols and pa.types.is_int64(table.schema.field(c).type)}
-    pq.write_table(
-        table, str(where), row_group_size=ROLLUP_ROW_GROUP_ROWS if name.endswith("_rollup") else ROW_GROUP_ROWS,
-        compression="none",
+    options: dict[str, Any] = {
+        "compression": "none",
         # Small integer keys are dictionary-encoded only in segments that stay (a few ns a row).
-        use_dictionary=[c for c in cols if c in DICT_COLUMNS or (compress and c in INT_DICT_COLUMNS)],
-        write_statistics=stats, store_schema=False, column_encoding=delta or None,
-    )
+        "use_dictionary": [c for c in cols if c in DICT_COLUMNS or (compress and c in INT_DICT_COLUMNS)],
+        "write_statistics": stats, "store_schema": False, "column_encoding": delta or None,
+    }
+    groups = key_groups(table, name) if compress and not name.endswith("_rollup") else None
+    if groups is None:
+        pq.write_table(table, str(where), row_group_size=ROLLUP_ROW_GROUP_ROWS if name.endswith("_rollup")
+                       else ROW_GROUP_ROWS, **options)
+        return
+    with pq.ParquetWriter(str(where), table.schema, **options) as writer:
+        for start, length in groups:
+            # One write per group: each call closes its own row group(s), so a group never holds
+            # rows of two series and its min == max statistics on the key columns name the series.
+            writer.write_table(table.slice(start, length), row_group_size=length)
+
+
+#: Row groups of a sealed segment are cut where the series key changes (:func:`key_groups`), but a
+#: group smaller than this takes the next series too (tiny series: not thousands of groups whose
+#: footer would cost more to read than their rows).
+KEY_GROUP_MIN_ROWS = 8_192
+
+
+def key_groups(table: pa.Table, name: str) -> list[tuple[int, int]] | None:
+    """``(start, rows)`` of each row group of a sealed segment of ``name`` with the series layout.
+
+    The table is sorted by ``SORT_KEYS``: a group ends where the series key (the leading
+    ``SERIES_KEYS[name]`` sort keys, e.g. metric and layer) changes, so a one-series read picks its
+    groups from the footer's statistics alone (min == max on metric and layer) and decodes no other
+    series' rows. A series longer than ``ROW_GROUP_ROWS`` is cut into groups of that size; series
+    shorter than ``KEY_GROUP_MIN_ROWS`` share a group with the next. None when the table has no
+    series key to cut on (the caller writes fixed-size groups).
+    """
+    lead = SERIES_KEYS.get(name, 0)
+    keys = SORT_KEYS.get(name, [])[:lead]
+    if not lead or table.num_rows == 0 or any(k not in table.column_names for k in keys):
+        return None
+    found = _runs(table, keys, "step")
+    if found is None:
+        return None
+    starts = found[0].tolist()
+    ends = [*starts[1:], table.num_rows]
+    out: list[tuple[int, int]] = []
+    cur, cur_n = 0, 0  # the open group: first row, rows
+    for s, e in zip(starts, ends):
+        n = e - s
+        if cur_n and (cur_n >= KEY_GROUP_MIN_ROWS or n >= KEY_GROUP_MIN_ROWS or cur_n + n > ROW_GROUP_ROWS):
+            out.append((cur, cur_n))
+            cur, cur_n = s, 0
+        if cur_n == 0:
+            cur = s
+        # A long series: whole groups of ROW_GROUP_ROWS, the remainder stays open.
+        while cur_n + n > ROW_GROUP_ROWS:
+            take = ROW_GROUP_ROWS - cur_n
+            out.append((cur, ROW_GROUP_ROWS))
+            cur, n, cur_n = cur + ROW_GROUP_ROWS, n - take, 0
+        cur_n += n
+    if cur_n:
+        out.append((cur, cur_n))
+    return out
