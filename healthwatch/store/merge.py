@@ -688,6 +688,9 @@ def key_groups(table: pa.Table, name: str) -> list[tuple[int, int]] | None:
             out.append((cur, ROW_GROUP_ROWS))
             cur, n, cur_n = cur + ROW_GROUP_ROWS, n - take, 0
         cur_n += n
+        if e - s >= KEY_GROUP_MIN_ROWS:  # a long series' last group holds no other series
+            out.append((cur, cur_n))
+            cur_n = 0
     if cur_n:
         out.append((cur, cur_n))
     return out
