@@ -299,16 +299,16 @@ import json, sys, time
 t0 = time.perf_counter()
 from healthwatch import query
 from healthwatch.store import open_store
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 store = open_store(sys.argv[1])
 df = query.series(store, sys.argv[2], "resid_rms", layer=int(sys.argv[3]), step_min=int(sys.argv[4]),
                   step_max=int(sys.argv[4]) + 1999, max_points=2000)
-t2 = time.perf_counter()
+t2, c2 = time.perf_counter(), time.process_time()
 ref = store.sql("SELECT step, value FROM layer_stats_effective WHERE run = ? AND metric = 'resid_rms' AND layer = ? "
                 "AND step BETWEEN ? AND ? ORDER BY step",
                 [sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[4]) + 1999]).fetchall()
 ok = [(int(a), float(b)) for a, b in zip(df["step"], df["value"])] == [(int(a), float(b)) for a, b in ref]
-print(json.dumps({"import_s": t1 - t0, "open_read_s": t2 - t1, "rows": df.height, "ok": ok}))
+print(json.dumps({"import_s": t1 - t0, "open_read_s": t2 - t1, "open_read_cpu_s": c2 - c1, "rows": df.height, "ok": ok}))
 """
 
 
@@ -318,7 +318,7 @@ def _fresh_process(root: Path, steps: int, layers: int, rng: random.Random, n: i
     import subprocess
     import sys
 
-    starts, imports, reads, ok = [], [], [], True
+    starts, imports, reads, cpus, ok = [], [], [], [], True
     for _ in range(n):
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", "pass"], check=True)
@@ -329,8 +329,9 @@ def _fresh_process(root: Path, steps: int, layers: int, rng: random.Random, n: i
         r = json.loads(out.strip().splitlines()[-1])
         imports.append(r["import_s"])
         reads.append(r["open_read_s"])
+        cpus.append(r["open_read_cpu_s"])  # this process's CPU (all its threads) in open + read
         ok = ok and bool(r["ok"]) and r["rows"] == min(2000, steps)
-    return {"interpreter_s": starts, "import_s": imports, "open_read_s": reads, "ok": ok}
+    return {"interpreter_s": starts, "import_s": imports, "open_read_s": reads, "open_read_cpu_s": cpus, "ok": ok}
 
 
 def _check_series(store: Any, df: Any, table: str, key: str, params: list[Any]) -> bool:
