@@ -14,7 +14,8 @@ or miss one):
 
 Layout written by a live writer (what readers can rely on): every segment sorted by
 ``SORT_KEYS`` (e.g. ``layer_stats`` by metric, layer, step, attempt), row groups of
-``ROW_GROUP_ROWS`` rows, low-cardinality strings (metric, layer_type, name) and small integer keys
+``ROW_GROUP_ROWS`` rows (in a sealed segment cut where the series key changes, so a group holds
+one series: :func:`key_groups`; older stores' sealed groups may straddle series), low-cardinality strings (metric, layer_type, name) and small integer keys
 dictionary-encoded, min/max statistics on the key columns (``STAT_COLUMNS``), no Arrow schema blob
 (a file reads back with the table's plain types).
 """
