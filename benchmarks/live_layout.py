@@ -10,7 +10,8 @@ files* a live writer leaves after those flushes, without running them:
   After ``F`` flushes of 100 steps its directory holds, oldest steps first, the base-16 digits of
   ``F`` capped at the sealed level: at 1M steps x 108 layers x 3 metrics, 39 sealed files of 256
   flushes (25,600 steps, 8.3M rows) and one of 16 flushes; each sorted by ``SORT_KEYS`` and written
-  by the writer's own ``merge.write_parquet`` (sealed: snappy, statistics on the key columns;
+  by the writer's own ``merge.write_parquet`` (sealed: raw pages, delta step/tokens, statistics on the key
+  columns, one row group per series key;
   unsealed: raw pages, step statistics only);
 * its rollups are published once per 1,000 steps (the buckets closed in them) and merged the same
   way: every closed bucket's row (min/max/mean/last, and where the min and max are) sits in the
@@ -96,7 +97,7 @@ def write_layout(root: Path, run: str, table: str, steps: int, keys: list[Any], 
 
     ``keys`` in sort order; ``make(key)`` returns ``(values over every step, columns)`` where a
     column is a constant (``str`` or ``int``) or an array over every step. Files are written by the
-    writer's own :func:`healthwatch.store.merge.write_parquet` (sealed: snappy + key statistics;
+    writer's own :func:`healthwatch.store.merge.write_parquet` (sealed: key statistics, row groups cut at series keys;
     unsealed: raw pages, step statistics). Returns the files written.
     """
     import tempfile
