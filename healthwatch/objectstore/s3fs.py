@@ -292,11 +292,32 @@ class S3FS:
         head = None if last.startswith(("table=", "run=")) else self._head(path)
         if head is not None:
             return int(head["LastModified"].timestamp() * 1e9)
-        listing = self.walk(path)
+        return self._listing_signature(self.walk(path))
+
+    @staticmethod
+    def _listing_signature(listing: list[tuple[str, int]]) -> int | None:
+        """A prefix's change signature: a hash of its ``(key, size)`` listing; None when empty."""
         if not listing:
             return None
         digest = hashlib.blake2b(repr(sorted(listing)).encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") >> 1
+
+    def list_signed(self, directory: str) -> tuple[int | None, list[str]]:
+        """``(mtime_ns(directory), list(directory))`` of a prefix from ONE paginated LIST.
+
+        The store's readers ask both of every run folder they refresh (a signature to see whether
+        it changed, the names to find its live segments): two LISTs, each ~10-20 ms of botocore
+        XML parsing, became one. Names are as :meth:`list` gives them (objects directly under
+        ``directory`` and the first component of deeper keys); the signature is what
+        :meth:`mtime_ns` gives for a prefix (a folder of the store is never an object itself).
+        """
+        listing = self.walk(directory)
+        base = self.uri(self._key(directory).rstrip("/")) + "/"
+        names: set[str] = set()
+        for key, _size in listing:
+            rel = key[len(base):] if key.startswith(base) else key.rsplit("/", 1)[-1]
+            names.add(rel.split("/", 1)[0])
+        return self._listing_signature(listing), sorted(names)
 
     @contextlib.contextmanager
     def _getting(self, path: str) -> Iterator[None]:

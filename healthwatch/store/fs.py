@@ -41,6 +41,11 @@ class FileSystem(Protocol):
         """Modification time of ``path`` in ns (a cheap change signature), or None if absent."""
         ...
 
+    def list_signed(self, directory: str) -> tuple[int | None, list[str]]:
+        """``(mtime_ns(directory), list(directory))`` from one look at it where storage allows (one
+        LIST on object storage instead of two), so the signature and the names agree."""
+        ...
+
     def read_bytes(self, path: str) -> bytes:
         """The whole content of ``path`` (raises ``FileNotFoundError`` when absent)."""
         ...
@@ -86,6 +91,10 @@ class LocalFS:
             return os.stat(path).st_mtime_ns
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    def list_signed(self, directory: str) -> tuple[int | None, list[str]]:
+        """The directory's mtime (None if absent) and its names: a stat and a listdir."""
+        return self.mtime_ns(directory), self.list(directory)
 
     def read_bytes(self, path: str) -> bytes:
         """The whole content of ``path``."""
@@ -211,6 +220,10 @@ class RootedFS:
     def mtime_ns(self, path: str) -> int | None:
         """Modification time (a change signature) of ``path``, or None if absent."""
         return self.for_path(path).mtime_ns(path)
+
+    def list_signed(self, directory: str) -> tuple[int | None, list[str]]:
+        """``(mtime_ns(directory), list(directory))``, in one LIST on object storage."""
+        return self.for_path(directory).list_signed(directory)
 
     def read_bytes(self, path: str) -> bytes:
         """The whole content of ``path``."""

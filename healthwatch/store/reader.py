@@ -405,13 +405,14 @@ class Store:
                 dirs = [(r, table_dir(self.root, table, r)) for r in sorted(runs)]
             paths: list[Path] = []
             for _run, rdir in dirs:
-                mt = _fs.FS.mtime_ns(str(rdir))
+                # The folder's signature and its names from one look (one LIST on object storage).
+                mt, names = _fs.FS.list_signed(str(rdir))
                 if mt is None:
                     if runs is not None:
                         sig.append((rdir.name, None))  # a run folder that appears later changes the signature
                     continue
                 sig.append((rdir.name, mt))
-                for p in list_segments(rdir):
+                for p in list_segments(rdir, names):
                     key = str(p)
                     if key in self._bad_files:
                         continue

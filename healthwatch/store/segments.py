@@ -27,7 +27,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,9 +146,13 @@ def live_names(directory: Path | str, names: set[str]) -> tuple[set[str], dict[s
     return {n for n in names if n.endswith(".parquet") and not n.startswith(".") and n not in hidden}, done
 
 
-def list_segments(directory: Path) -> list[Path]:
-    """Live segments of one directory: published, not superseded by a completed merge."""
-    names = set(_fs.FS.list(str(directory)))
+def list_segments(directory: Path, listed: Iterable[str] | None = None) -> list[Path]:
+    """Live segments of one directory: published, not superseded by a completed merge.
+
+    ``listed``: the directory's names when the caller has just listed it (e.g. with
+    :meth:`~healthwatch.store.fs.RootedFS.list_signed`); None lists it here.
+    """
+    names = set(_fs.FS.list(str(directory)) if listed is None else listed)
     if not names:
         return []
     live, _done = live_names(directory, names)

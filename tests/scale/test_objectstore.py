@@ -110,6 +110,26 @@ def test_create_only_put_never_replaces_an_object(s3_root: str) -> None:
     assert fs.delete(path) is True and fs.delete(path) is False and not fs.exists(path)
 
 
+def test_list_signed_is_one_list_with_the_same_signature_and_names(s3_root: str) -> None:
+    # The store's refresh asks a run folder's signature and names: one LIST, agreeing with the
+    # two separate calls (mtime_ns of a prefix, list) it replaces.
+    fs = S3FS.for_uri(s3_root)
+    directory = f"{s3_root}/table=scalars/run=r"
+    assert fs.list_signed(directory) == (None, [])
+    fs.publish_bytes(directory, "b.parquet", b"22")
+    fs.publish_bytes(directory, "a.parquet", b"1")
+    fs.publish_bytes(f"{directory}/sub", "c.json", b"333")  # a deeper key: listed as its folder
+    before = fs.stats.snapshot()["list"]
+    sig, names = fs.list_signed(directory)
+    assert fs.stats.snapshot()["list"] - before == 1
+    assert names == sorted(fs.list(directory)) == ["a.parquet", "b.parquet", "sub"]
+    assert sig == fs.mtime_ns(directory) and sig is not None
+    fs.publish_bytes(directory, "d.parquet", b"4444")
+    assert fs.list_signed(directory)[0] != sig
+    # pathlib's "s3:/" spelling, as the store joins paths, gives the same answer.
+    assert fs.list_signed(str(Path(s3_root) / "table=scalars" / "run=r"))[1] == ["a.parquet", "b.parquet", "d.parquet", "sub"]
+
+
 def test_store_code_that_joins_paths_works_on_s3_roots(s3_root: str) -> None:
     # Store code builds paths with pathlib, which folds "s3://" into "s3:/": both spellings work.
     fs = S3FS.for_uri(s3_root)
