@@ -1,5 +1,10 @@
 """Fresh-process open + 2,000-step read, A/B: code tree x store, alternating rounds (run from any dir)."""
-import json, os, random, subprocess, sys, statistics as st
+import json
+import os
+import statistics as st
+import subprocess
+import sys
+
 trees = {"before": sys.argv[1], "after": sys.argv[2]}
 stores = {"old": sys.argv[3], "new": sys.argv[4]}
 rounds, per = int(sys.argv[5]), int(sys.argv[6])
