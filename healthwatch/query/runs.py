@@ -143,8 +143,7 @@ def scanned_timeline(store: Store, run: str, attempt: int | None = None) -> tupl
     att = scan("attempts", run, ["attempt", "start_step"])
     if att is None:
         return None
-    if not len(att["attempt"]):
-        return scan, Timeline(attempt)
+    # No attempts rows: Timeline.of gives the bare path, as path_for does.
     return scan, Timeline.of(zip(att["attempt"].tolist(), att["start_step"].tolist()), attempt)
 
 

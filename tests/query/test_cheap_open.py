@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from _flushes import write_flush
 
 from healthwatch import query
 from healthwatch.store import Store, StoreWriter, attempt_row, run_row
@@ -34,14 +35,7 @@ def _write_attempt(root: Path, run: str, attempt: int, start: int, end: int, see
     for a in range(start, end, 100):
         steps = list(range(a, min(end, a + 100)))
         vals = np.round(rng.normal(size=(len(steps), LAYERS)), 4)
-        w.write("layer_stats", {
-            "attempt": [attempt] * (len(steps) * LAYERS), "step": [s for s in steps for _ in range(LAYERS)],
-            "tokens": [7 * s for s in steps for _ in range(LAYERS)],
-            "layer": [lay for _ in steps for lay in range(LAYERS)], "layer_type": ["moe"] * (len(steps) * LAYERS),
-            "metric": ["resid_rms"] * (len(steps) * LAYERS), "value": vals.reshape(-1).tolist()})
-        w.write("scalars", {"attempt": [attempt] * len(steps), "step": steps, "tokens": [7 * s for s in steps],
-                            "name": ["loss/train"] * len(steps), "value": vals[:, 0].tolist(),
-                            "wall_time": [0.0] * len(steps)})
+        write_flush(w, attempt, steps, vals)
         rows += [(attempt, s, 7 * s, lay, float(vals[i, lay])) for i, s in enumerate(steps) for lay in range(LAYERS)]
         if merge:
             w.compact_own("layer_stats")

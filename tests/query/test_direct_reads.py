@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from _flushes import write_flush
 
 from healthwatch import query
 from healthwatch.store import Store, StoreWriter, attempt_row, run_row
@@ -37,14 +38,7 @@ def _write(root: Path, attempt: int, start: int, end: int, seed: int) -> dict[tu
         steps = list(range(a, min(end, a + 100)))
         vals = np.round(rng.normal(size=(len(steps), LAYERS)), 4)
         vals[rng.random(vals.shape) < 0.01] *= 50.0  # spikes the downsampling must keep
-        w.write("layer_stats", {
-            "attempt": [attempt] * (len(steps) * LAYERS), "step": [s for s in steps for _ in range(LAYERS)],
-            "tokens": [7 * s for s in steps for _ in range(LAYERS)],
-            "layer": [lay for _ in steps for lay in range(LAYERS)], "layer_type": ["moe"] * (len(steps) * LAYERS),
-            "metric": ["resid_rms"] * (len(steps) * LAYERS), "value": vals.reshape(-1).tolist()})
-        w.write("scalars", {"attempt": [attempt] * len(steps), "step": steps, "tokens": [7 * s for s in steps],
-                            "name": ["loss/train"] * len(steps), "value": vals[:, 0].tolist(),
-                            "wall_time": [0.0] * len(steps)})
+        write_flush(w, attempt, steps, vals)
         out.update({(attempt, s, lay): float(vals[i, lay]) for i, s in enumerate(steps) for lay in range(LAYERS)})
         w.compact_own("layer_stats")
         w.compact_own("scalars")

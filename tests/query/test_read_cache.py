@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from _flushes import write_flush
 
 from healthwatch import query
 from healthwatch.store import Store, StoreWriter, attempt_row, run_row
@@ -46,14 +47,7 @@ def _write(root: Path, attempt: int, start: int, end: int, seed: int, odd: bool 
             vals[u < 0.004] = np.nan
             vals[(u >= 0.004) & (u < 0.006)] = np.inf
             vals[(u >= 0.006) & (u < 0.008)] = -np.inf
-        w.write("layer_stats", {
-            "attempt": [attempt] * (len(steps) * LAYERS), "step": [s for s in steps for _ in range(LAYERS)],
-            "tokens": [7 * s for s in steps for _ in range(LAYERS)],
-            "layer": [lay for _ in steps for lay in range(LAYERS)], "layer_type": ["moe"] * (len(steps) * LAYERS),
-            "metric": ["resid_rms"] * (len(steps) * LAYERS), "value": vals.reshape(-1).tolist()})
-        w.write("scalars", {"attempt": [attempt] * len(steps), "step": steps, "tokens": [7 * s for s in steps],
-                            "name": ["loss/train"] * len(steps), "value": vals[:, 0].tolist(),
-                            "wall_time": [0.0] * len(steps)})
+        write_flush(w, attempt, steps, vals)
         out.update({(attempt, s, lay): float(vals[i, lay]) for i, s in enumerate(steps) for lay in range(LAYERS)})
         w.compact_own("layer_stats")
         w.compact_own("scalars")
