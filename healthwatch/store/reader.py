@@ -29,6 +29,7 @@ import pyarrow as pa
 from healthwatch.schema import ATTEMPT_TABLES, TABLES, check_schema_version
 from healthwatch.store import duck as _duck
 from healthwatch.store import fs as _fs
+from healthwatch.store.merge import SORTED_BY_KEY
 from healthwatch.store.merge import sql_str as _sql_str
 from healthwatch.store.meta import default_store_path, read_meta
 from healthwatch.store.segments import (
@@ -115,7 +116,7 @@ class _Footer:
     column each time.
     """
 
-    __slots__ = ("meta", "index", "_bounds", "attempts", "keys", "stamp")
+    __slots__ = ("meta", "index", "_bounds", "attempts", "keys", "stamp", "sorted_by")
 
     def __init__(self, meta: Any, stamp: tuple[int, int] = (0, 0)) -> None:
         self.meta = meta
@@ -125,6 +126,11 @@ class _Footer:
         self.attempts: frozenset[Any] | None = None  # the file's attempt values, once known
         #: per tuple of key columns: {row group: the distinct key values it holds} (see Store._groups_with)
         self.keys: dict[tuple[str, ...], dict[int, frozenset[tuple[Any, ...]]]] = {}
+        # Columns the file's rows ascend by, across row groups (a sealed segment says so in its
+        # footer: merge.SORTED_BY_KEY); () when it does not say.
+        kv = meta.metadata or {}
+        said = kv.get(SORTED_BY_KEY.encode(), b"").decode()
+        self.sorted_by: tuple[str, ...] = tuple(c for c in said.split(",") if c) if said else ()
 
     def bounds(self, col: str) -> list[tuple[Any, Any] | None]:
         """Per row group, the exact ``(min, max)`` of ``col``, or None where the statistics are
@@ -150,6 +156,56 @@ class _Footer:
                 b = (stats.min, stats.max)
             out[group] = b
         return b  # type: ignore[no-any-return]
+
+    def candidates(self, ranges: dict[str, tuple[Any, Any]]) -> Sequence[int]:
+        """The row groups that may hold rows in ``ranges`` (a superset: :meth:`fit` decides each).
+
+        Every group, unless the file declares its order (:attr:`sorted_by`) and ``ranges`` bounds its
+        leading sort columns: then the groups are bisected on their statistics, one sort column at a
+        time, as deep as the columns are asked for one value (a sealed segment's 324 groups: ~30
+        statistics made plain for one series, not ~430 in a linear pass).
+        """
+        n = self.meta.num_row_groups
+        lo_g, hi_g, edges = 0, n, []
+        for col in self.sorted_by:
+            if col not in ranges or lo_g >= hi_g:
+                break
+            lo, hi = ranges[col]
+            # Within [lo_g, hi_g) every group holds one value of the earlier sort columns, so its
+            # rows ascend by ``col``: a group's max is its last row's, its min its first row's,
+            # both non-decreasing from group to group.
+            first = self._first(col, lo_g, hi_g, lambda b, lo=lo: b[1] >= lo)
+            end = self._first(col, first, hi_g, lambda b, hi=hi: b[0] > hi) if first is not None else None
+            if first is None or end is None:
+                return range(n)  # a statistic is missing: no bisection
+            lo_g, hi_g = first, end
+            if lo != hi:
+                break
+            # Only groups wholly at this value ascend by the next column: a group that also holds
+            # another value (tiny series share a group) sits at either end and stays a candidate.
+            while lo_g < hi_g and self.bound(col, lo_g) != (lo, lo):
+                edges.append(lo_g)
+                lo_g += 1
+            while hi_g > lo_g and self.bound(col, hi_g - 1) != (lo, lo):
+                edges.append(hi_g - 1)
+                hi_g -= 1
+        if not edges:
+            return range(lo_g, hi_g)
+        return sorted({*edges, *range(lo_g, hi_g)})
+
+    def _first(self, col: str, lo: int, hi: int, past: Callable[[tuple[Any, Any]], bool]) -> int | None:
+        """The first group in ``[lo, hi)`` whose ``col`` bounds satisfy ``past`` (monotone there),
+        ``hi`` if none; None when a group looked at has no exact statistics."""
+        while lo < hi:
+            mid = (lo + hi) // 2
+            b = self.bound(col, mid)
+            if b is None:
+                return None
+            if past(b):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     def fit(self, group: int, ranges: dict[str, tuple[Any, Any]]) -> set[str] | None:
         """Which ``ranges`` columns hold only values in ``[lo, hi]`` in row group ``group``, from its
@@ -607,7 +663,7 @@ class Store:
                     if cache:
                         sections.append(self._section(str(path), fo, table, columns, ranges, tuple(cache)))
                         continue
-                    fits = [(g, f) for g in range(fo.meta.num_row_groups) if (f := fo.fit(g, ranges)) is not None]
+                    fits = [(g, f) for g in fo.candidates(ranges) if (f := fo.fit(g, ranges)) is not None]
                     indexed = False
                     if fits and eq:
                         held = self._groups_with(str(path), fo, eq, [g for g, _ in fits])
@@ -726,7 +782,7 @@ class Store:
                     fo = self._checked_footer(str(path), table)
                     if fo is None:
                         return None
-                    fits = [(g, f) for g in range(fo.meta.num_row_groups) if (f := fo.fit(g, ranges)) is not None]
+                    fits = [(g, f) for g in fo.candidates(ranges) if (f := fo.fit(g, ranges)) is not None]
                     if fits and eq:
                         held = self._groups_with(str(path), fo, eq, [g for g, _ in fits])
                         if held is not None:
@@ -803,7 +859,7 @@ class Store:
                 self._sections.move_to_end(ckey)
                 return ckey, hit
         strings = [f.name for f in TABLES[table] if pa.types.is_string(f.type)]
-        fits = [(g, f) for g in range(fo.meta.num_row_groups) if (f := fo.fit(g, sect)) is not None]
+        fits = [(g, f) for g in fo.candidates(sect) if (f := fo.fit(g, sect)) is not None]
         eq = {c: lo for c, (lo, hi) in sect.items() if lo == hi}
         if fits and eq:
             held = self._groups_with(key, fo, eq, [g for g, _ in fits])
