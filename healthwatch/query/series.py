@@ -31,9 +31,15 @@ from healthwatch.store.reader import per_run, run_scope
 
 #: Points per drawn trace at most (a min and a max per bucket).
 MAX_POINTS = 2000
-#: Bucket widths, each a multiple of the one before, so cached buckets coarsen exactly; from 100
-#: on they are multiples of the 100-step rollup.
-WIDTHS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64) + tuple(100 * 2**k for k in range(25))
+#: Bucket widths. Within a decade each is a multiple of the one before, so cached buckets coarsen
+#: exactly in memory; a step into the next decade (64 -> 100, 800 -> 1,000, ...) is not nested and
+#: reloads in full. From 100 on every width is a multiple of a rollup size, and each decade starts
+#: at one (1,000, 10,000): a million-step run draws 1,000-step buckets straight from the 1,000-step
+#: rollups (~1,000 rollup rows per layer) instead of 1,600-step ones from the 100-step rollups
+#: (~10,000 per layer: ~0.6 CPU-s cold for the MaxVio-over-layers chart at 108 layers).
+WIDTHS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64) + tuple(
+    d * m for d in (100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000) for m in (1, 2, 4, 8)
+) + tuple(1_000_000_000 * 2**k for k in range(8))
 #: Seconds after which an incremental series is re-read in full anyway (a late row for an old
 #: step is then picked up).
 FULL_RELOAD_S = 600.0
@@ -49,13 +55,14 @@ _EXTREMES = ("unnest([{'s': step_vmin, 't': tokens_vmin, 'v': vmin}, "
              "{'s': step_vmax, 't': tokens_vmax, 'v': vmax}])")
 
 
-def _plans(store: Store, run: str, signals: Sequence[Signal], path: Timeline) -> dict[str, RollupPlan]:
-    """100-step rollup plans of the tables ``signals`` read, narrowed to their keys."""
+def _plans(store: Store, run: str, signals: Sequence[Signal], path: Timeline,
+           size: int = ROLLUP_BUCKETS[0]) -> dict[str, RollupPlan]:
+    """``size``-step rollup plans of the tables ``signals`` read, narrowed to their keys."""
     out: dict[str, RollupPlan] = {}
     scalars = sorted({s.metric for s in signals if s.agg is None})
     metrics = sorted({s.metric for s in signals if s.agg is not None})
     if scalars:
-        out["scalars"] = plan(store, run, "scalars", path, ROLLUP_BUCKETS[0],
+        out["scalars"] = plan(store, run, "scalars", path, size,
                               f" AND name IN ({', '.join('?' for _ in scalars)})", scalars)
     if metrics:
         key, kp = f" AND metric IN ({', '.join('?' for _ in metrics)})", list(metrics)
@@ -65,7 +72,7 @@ def _plans(store: Store, run: str, signals: Sequence[Signal], path: Timeline) ->
             # rollup rows are a hundredth of the metric's.
             (lo, hi), = ranges
             key, kp = key + " AND layer BETWEEN ? AND ?", kp + [int(lo), int(hi)]
-        out["layer_stats"] = plan(store, run, "layer_stats", path, ROLLUP_BUCKETS[0], key, kp)
+        out["layer_stats"] = plan(store, run, "layer_stats", path, size, key, kp)
     return out
 
 
@@ -88,11 +95,21 @@ class Signal:
 
 _AGG_SQL = {"max": "max(value)", "median": "median(value)", "mean": "avg(value)", "min": "min(value)",
             "sum": "sum(value)"}
-# From 100-step rollups: candidate points per rollup bucket for each aggregate over layers. max
-# keeps the exact bucket maximum (spikes) plus a lower envelope; mean and sum are exact bucket
-# means; median is the median of the layers' bucket means (the rollups keep no per-step rows).
-_ROLLUP_AGG = {"max": ["max(vmax)", "max(vmin)"], "min": ["min(vmin)", "min(vmax)"], "mean": ["avg(vmean)"],
-               "sum": ["sum(vmean)"], "median": ["median(vmean)"]}
+# From rollups: candidate points per rollup bucket for each aggregate over layers, as
+# {s: step, t: tokens, v: value}. max keeps the exact bucket maximum at the step where it was logged
+# (a spike stays at its own step, also in a 1,000-step bucket) plus a lower envelope at the bucket's
+# first step; min likewise; mean and sum are exact bucket means; median is the median of the layers'
+# bucket means (the rollups keep no per-step rows).
+_FIRST = "min(step_min), 't': min(tokens_min)"
+_ROLLUP_AGG = {
+    "max": ["arg_max({'s': step_vmax, 't': tokens_vmax, 'v': vmax}, (vmax, -step_vmax))",
+            f"{{'s': {_FIRST}, 'v': max(vmin)}}"],
+    "min": ["arg_min({'s': step_vmin, 't': tokens_vmin, 'v': vmin}, (vmin, step_vmin))",
+            f"{{'s': {_FIRST}, 'v': min(vmax)}}"],
+    "mean": [f"{{'s': {_FIRST}, 'v': avg(vmean)}}"],
+    "sum": [f"{{'s': {_FIRST}, 'v': sum(vmean)}}"],
+    "median": [f"{{'s': {_FIRST}, 'v': median(vmean)}}"],
+}
 
 
 def _source_sql(run: str, signals: Sequence[Signal], path: Timeline, step_from: int,
@@ -156,10 +173,10 @@ def _source_sql(run: str, signals: Sequence[Signal], path: Timeline, step_from: 
             rp = []
             pred = pl_.rollup_pred(rp, lo=step_from if step_from > -(2**61) else None)
             parts.append(
-                f"SELECT ? AS sig, false AS superseded, step, tokens, unnest([{', '.join(f'v{i}' for i in range(len(cands)))}]) "
-                f"AS value, NULL::INTEGER AS attempt FROM (SELECT min(step_min) AS step, min(tokens_min) AS tokens, "
+                "SELECT ? AS sig, false AS superseded, p.s AS step, p.t AS tokens, p.v AS value, NULL::INTEGER AS attempt "
+                f"FROM (SELECT unnest([{', '.join(f'v{i}' for i in range(len(cands)))}]) AS p FROM (SELECT "
                 f"{values} FROM layer_stats_rollup WHERE run = ? AND metric = ? AND bucket_size = ? AND {pred}"
-                f"{rng} GROUP BY bucket)")
+                f"{rng} GROUP BY bucket))")
             params += [s.key, run, s.metric, pl_.size, *rp, *rparams]
             rawx = pl_.raw_pred(rawp)
         inner, ip = [], []
@@ -297,9 +314,12 @@ class SeriesCache:
         nb = max(1, self.max_points // 2)
         width = next((w for w in WIDTHS if hi // w - lo // w + 1 <= nb), WIDTHS[-1])
         plans: dict[str, RollupPlan] = {}
-        if width % ROLLUP_BUCKETS[0] == 0:
-            # Buckets of whole rollup buckets: usable rollups stand in for the path's raw rows.
-            plans = _plans(store, run, signals, path)
+        sizes = [s for s in ROLLUP_BUCKETS if width % s == 0]
+        if sizes:
+            # Buckets of whole rollup buckets: usable rollups stand in for the path's raw rows, the
+            # coarsest that nest in a display bucket (the same minimum and maximum per display
+            # bucket, from a tenth or a hundredth of the rows).
+            plans = _plans(store, run, signals, path, max(sizes))
         src, params = _source_sql(run, signals, path, -(2**62), plans)
         df = store.sql(f"SELECT sig, superseded, step // ? AS b, {_PICK} FROM ({src}) GROUP BY ALL",
                        [width, *params]).pl()
@@ -332,6 +352,7 @@ class SeriesCache:
         lo = hi = None
         scalars = [s.metric for s in signals if s.agg is None]
         metrics = sorted({s.metric for s in signals if s.agg is not None})
+        extremes = getattr(store, "run_extremes", None)
         for table, names, col in (("scalars", scalars, "name"), ("layer_stats", metrics, "metric")):
             if not names:
                 continue
@@ -339,11 +360,18 @@ class SeriesCache:
             cover = store.sql(f"SELECT min(step_min), max(step_max) FROM {table}_rollup WHERE run = ? AND "
                               f"{col} IN ({marks}) AND bucket_size = ?", [run, *names, ROLLUP_BUCKETS[-1]]).fetchone()
             if cover and cover[0] is not None:
-                tail = store.sql(f"SELECT max(step) FROM {table} WHERE run = ? AND {col} IN ({marks}) AND step > ?",
-                                 [run, *names, int(cover[1])]).fetchone()
+                # The whole table's step range from Parquet footers (no row decoded; None where it cannot
+                # tell): when it lies within the rollups' cover, no raw row of these keys lies outside
+                # it, and the two raw scans below (~0.2 CPU-s cold on a 1M x 108 store) are skipped.
+                ext = (extremes(table, run, ["step"]) or {}).get("step") if extremes is not None else None
+                known = ext is not None and ext[0] is not None
+                tail = ((None,) if known and int(ext[1]) <= int(cover[1]) else  # type: ignore[index]
+                        store.sql(f"SELECT max(step) FROM {table} WHERE run = ? AND {col} IN ({marks}) AND step > ?",
+                                  [run, *names, int(cover[1])]).fetchone())
                 # Rows of a rolled-back attempt may lie beyond the rollups' last step: the tail covers them.
-                first = store.sql(f"SELECT min(step) FROM {table} WHERE run = ? AND {col} IN ({marks}) AND step < ?",
-                                  [run, *names, int(cover[0])]).fetchone()
+                first = ((None,) if known and int(ext[0]) >= int(cover[0]) else  # type: ignore[index]
+                         store.sql(f"SELECT min(step) FROM {table} WHERE run = ? AND {col} IN ({marks}) AND step < ?",
+                                   [run, *names, int(cover[0])]).fetchone())
                 row = (min(int(cover[0]), first[0]) if first and first[0] is not None else int(cover[0]),
                        max(int(cover[1]), tail[0]) if tail and tail[0] is not None else int(cover[1]))
             else:
