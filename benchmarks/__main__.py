@@ -107,6 +107,14 @@ FINDINGS = [
 ]
 
 
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's waited-for children so far."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _command(argv: Sequence[str]) -> str:
     return " ".join(["python -m benchmarks", *argv])
 
@@ -146,6 +154,7 @@ class _Runner:
                "--result", str(result_path)]
         task = self.progress.add_task(job.desc, total=None) if self.progress else None
         load0 = load_average()
+        cpu0 = _children_cpu_s()
         t0 = time.perf_counter()
         lines: queue.Queue[str | None] = queue.Queue()
         with open(log_path, "w") as log:
@@ -184,7 +193,10 @@ class _Runner:
                     log.write(line)
             rc = proc.wait()
         wall = time.perf_counter() - t0
-        self.timeline.append({"job": job.key, "desc": job.desc, "wall_s": wall, "load_start": load0,
+        # CPU seconds of the child and everything it waited for: on a shared machine the wall time
+        # mostly says how busy the other tenants were.
+        self.timeline.append({"job": job.key, "desc": job.desc, "wall_s": wall, "cpu_s": _children_cpu_s() - cpu0,
+                              "load_start": load0,
                               "load_end": load_average(), "rc": rc})
         if self.progress is not None and task is not None:
             self.progress.update(task, completed=1, total=1, description=f"{job.desc} ({fmt_time(wall)})")
@@ -535,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the render benchmark builds (and later reuses) its synthetic store")
     ap.add_argument("--early-warning-data", type=Path, default=None,
                     help="where the early-warning benchmark keeps its recorded runs (reused: only missing runs train)")
+    ap.add_argument("--param", action="append", default=[], metavar="BENCH.KEY=VALUE",
+                    help="set one child-task parameter (VALUE is JSON, else text) in the jobs of BENCH (a benchmark "
+                         "such as fleet, or one job such as fleet:s3query) that have KEY; repeatable")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--report-from", default=None, metavar="RAW.json",
                     help="only re-render the report from a --raw file of an earlier run (same numbers)")
@@ -550,6 +565,35 @@ def build_sections(names: Sequence[str], results: dict[str, dict[str, Any]], siz
                 "early-warning": bench_early_warning.section, "metrics": bench_metrics.section,
                 "fleet": bench_fleet.section}
     return [builders[name](results) for name in names if name in builders]
+
+
+def apply_params(plan: Sequence[tuple[str, Sequence[Job]]], settings: Sequence[str]) -> None:
+    """Set ``BENCH.KEY=VALUE`` parameters (``--param``) in the planned jobs, in place.
+
+    ``BENCH`` names a benchmark (every one of its jobs that has ``KEY``) or one job by its key
+    (``fleet:s3query``). Only a parameter that a selected job already has can be set, so a typo is
+    an error, not a silently ignored setting. ``VALUE`` is parsed as JSON (``3``, ``[500]``,
+    ``true``), else kept as text. Raises ``ValueError`` naming the bad setting.
+    """
+    for setting in settings:
+        target, eq, raw = setting.partition("=")
+        bench, dot, key = target.rpartition(".")
+        if not eq or not dot or not bench or not key:
+            raise ValueError(f"--param {setting!r}: expected BENCH.KEY=VALUE, e.g. fleet.runs=2")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        jobs = [job for name, js in plan for job in js if bench in (name, job.key)]
+        if not jobs:
+            raise ValueError(f"--param {setting!r}: no selected benchmark or job {bench!r} "
+                             f"(selected jobs: {', '.join(j.key for _n, js in plan for j in js) or 'none'})")
+        having = [job for job in jobs if key in job.params]
+        if not having:
+            known = sorted({k for job in jobs for k in job.params})
+            raise ValueError(f"--param {setting!r}: {bench!r} has no parameter {key!r} (it has: {', '.join(known)})")
+        for job in having:
+            job.params[key] = value
 
 
 def _benches_in(results: dict[str, Any]) -> list[str]:
@@ -628,6 +672,13 @@ def main(argv: list[str] | None = None) -> int:
     if "fleet" in only:
         plan.append(("fleet", bench_fleet.jobs(args.quick, workdir)))
 
+    try:
+        apply_params(plan, args.param)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return 2
     results: dict[str, dict[str, Any]] = {}
     progress = _progress(not args.no_progress)
     runner = _Runner(workdir, progress, quiet=False)
