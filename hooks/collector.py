@@ -71,6 +71,74 @@ class Layout:
         return n_scalars + self.num_blocks + self.n_groups + len(self.router_layers) * self.max_experts
 
 
+class _QuantStage:
+    """A float32 buffer with a slot per quantised operand call of a step, in call order, laid out
+    from the calls of the step before (host bookkeeping, built once per change of the calls).
+
+    Padded (the usual case, sample sizes within 25 % of each other): ``buf [2, calls, W]``, call
+    ``i``'s sample at the start of row ``i`` and zeros after it (never written), summed by
+    :func:`signals.quant_padded_sums`. Otherwise ragged: ``buf [2, blocks, 16]``, the calls' blocks
+    one after another (:func:`signals.quant_block_sums`). ``tags[i]`` is call ``i``'s (key, sample
+    shape, device) and ``dst[i]`` the (x, q) views of its slot in the sample's shape. ``fast[i]``,
+    when the sample was a view of the operands, says how to take it again without re-deriving it:
+    the call's raw (layer, operand name, shapes, strides, dtypes, device) and the sample's size,
+    strides and storage offsets relative to x and q (None otherwise).
+    """
+
+    def __init__(self, sigs: list[tuple], lens: list[int], device: torch.device) -> None:
+        self.tags = [t[0] for t in sigs]
+        self.fast = [t[1] for t in sigs]
+        self.lens = list(lens)
+        blk = sig.NVFP4_BLOCK
+        width = max(lens) * blk
+        self.padded = len(lens) * width <= 1.25 * sum(lens) * blk
+        if self.padded:
+            self.buf = torch.zeros(2, len(lens), width, dtype=torch.float32, device=device)
+            #: Scratch of :func:`signals.quant_padded_sums`, kept (a fresh one costs page faults).
+            self.work = torch.empty(6, len(lens), width, dtype=torch.float32, device=device)
+        else:
+            self.offsets = np.concatenate([[0], np.cumsum(lens)]).astype(int).tolist()
+            self.buf = torch.zeros(2, self.offsets[-1], blk, dtype=torch.float32, device=device)
+        self.dst = [
+            (self.part(i)[0].reshape(-1).view(t[1]), self.part(i)[1].reshape(-1).view(t[1]))
+            for i, t in enumerate(self.tags)
+        ]
+
+    def sigs_at(self, i: int) -> tuple:
+        """Call ``i``'s (tag, fast entry), as the call itself would record it."""
+        return self.tags[i], self.fast[i]
+
+    def part(self, i: int) -> torch.Tensor:
+        """Call ``i``'s slot, ``[2, its blocks, 16]`` (a view)."""
+        if self.padded:
+            return self.buf[:, i, : self.lens[i] * sig.NVFP4_BLOCK].view(2, -1, sig.NVFP4_BLOCK)
+        return self.buf[:, self.offsets[i] : self.offsets[i + 1]]
+
+    def sums(self, lengths: torch.Tensor, segments: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Per-call sums ``[calls, 6]`` of a buffer every call of the step wrote into."""
+        if self.padded:
+            return sig.quant_padded_sums(self.buf, lengths, work=self.work)
+        return sig.quant_block_sums(self.buf, segments(), lengths)
+
+    @classmethod
+    def build(cls, sigs: list[tuple], lens: list[int]) -> _QuantStage | None:
+        """The stage for these calls, or None when they are on several devices (stacked copies then)."""
+        if not sigs or any(t[0][2] != sigs[0][0][2] for t in sigs):
+            return None
+        return cls(sigs, lens, sigs[0][0][2])
+
+
+def _relative_view(v: torch.Tensor, base: torch.Tensor) -> tuple | None:
+    """(size, strides, storage offset from ``base``'s) of ``v`` when it is a view of ``base``'s storage."""
+    if v is base:
+        return tuple(v.shape), v.stride(), 0
+    try:
+        same = v.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    except RuntimeError:  # no storage of its own (a wrapper subclass): take the slow path every time
+        return None
+    return (tuple(v.shape), v.stride(), v.storage_offset() - base.storage_offset()) if same else None
+
+
 class StatsCollector:
     """Holds the device accumulators and the hooks for one watched model."""
 
@@ -146,11 +214,18 @@ class StatsCollector:
         #: Sanitised operand name of each name a quantiser reported ("" for none).
         self._opnames: dict[str | None, str] = {}
         self._qlen: list[int] = []
-        self._qmm: list[tuple[torch.Tensor, torch.Tensor]] = []
+        #: Per call: the operand's ``max |x|`` (0-d tensor, or a float a trainer passed).
+        self._qamax: list[torch.Tensor | float] = []
         self._qkeys: list[tuple[int, str | None]] = []
+        #: Staging buffer of the sampled blocks, laid out for the calls of the step before (see
+        #: :class:`_QuantStage`); a call that matches its slot copies there, others stack a copy.
+        self._qstage: _QuantStage | None = None
+        #: Per call: ((key, sample shape, device), fast-path entry or None), to lay out the next step's
+        #: staging buffer (:class:`_QuantStage`).
+        self._qsig: list[tuple] = []
         self._qstarts: dict[tuple[int, str | None], tuple[tuple[int, int], ...]] = {}
         self._qplan: tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._qseg: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+        self._qseg: tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None] | None = None
         #: (positions, A_log tensors) of the Mamba mixers when all have the same number of heads.
         self._decay_stack = self._stackable([m.A_log for _p, m in self.mamba])
         self._bias_stack = self._stackable([b for _p, b in self.expert_bias])
@@ -240,6 +315,27 @@ class StatsCollector:
             raise ValueError(f"quant_stats: x {tuple(x.shape)} and q {tuple(q.shape)} differ in shape")
         if not self.active or not self._sample or "quant" not in self.families or _in_backward():
             return
+        i = len(self._qkeys)
+        stage = self._qstage
+        if stage is not None and i < len(stage.fast):
+            fast = stage.fast[i]
+            # The usual case: the same GEMM as at this position in the step before, same layout.
+            # Its sample is taken again by one as_strided per operand, straight into its slot of
+            # the staging buffer (~10 µs of host work a call instead of ~60).
+            if fast is not None and fast[0] == (pos, operand, x.shape, x.stride(), q.stride(), x.dtype, q.dtype,
+                                                x.device):
+                _t, (size, xst, xoff), (_s, qst, qoff), key, nblk = fast
+                dx, dq = stage.dst[i]
+                # detach(): nothing below records a graph, so no no_grad() context is needed.
+                xd, qd = x.detach(), q.detach()
+                dx.copy_(xd.as_strided(size, xst, xd.storage_offset() + xoff))
+                dq.copy_(qd.as_strided(size, qst, qd.storage_offset() + qoff))
+                self._qx.append(None)
+                self._qsig.append(stage.sigs_at(i))
+                self._qlen.append(nblk)
+                self._stage_amax(xd, amax)
+                self._qkeys.append(key)
+                return
         # Host work per call is most of this family's cost at small operand sizes (~80 calls a step
         # in the benchmark model): the operand's sanitised name and its bank slots are looked up once.
         op = self._opnames.get(operand)
@@ -255,22 +351,44 @@ class StatsCollector:
         xd, qd = x.detach(), q.detach()
         if xd.dim() and xd.shape[-1] % sig.NVFP4_BLOCK == 0 and xd.numel() and xd.dtype == qd.dtype:
             xs, qs = sig.quant_sample(xd, qd)
-            # Two device ops per call: one stacked copy of the sampled rows of x and q (the
-            # operand may change in place, e.g. a weight at optimizer.step(), before take_row),
-            # and one aminmax of the whole operand (fp4_amax is exact).
-            self._qx.append(torch.stack([xs, qs]).view(2, -1, sig.NVFP4_BLOCK))
-            self._qlen.append(xs.numel() // sig.NVFP4_BLOCK)
-            if amax is None:
-                self._qmm.append(torch.aminmax(xd))
-            else:  # (lo, hi) = (a, a): max(hi, -lo) at the flush gives a (an amax is >= 0)
-                a = (amax.detach().reshape(()) if isinstance(amax, torch.Tensor) else torch.full((), float(amax))).to(xd.device)
-                self._qmm.append((a, a))
+            # The sampled rows of x and q are copied now (the operand may change in place, e.g. a
+            # weight at optimizer.step(), before take_row): into this call's slot of the staging
+            # buffer when the call matches the previous step's call at the same position, so the
+            # flush needs no cat and no per-call allocation; otherwise into a stacked copy of its own.
+            tag = (key, xs.shape, xs.device)
+            if stage is not None and i < len(stage.tags) and stage.tags[i] == tag:
+                dx, dq = stage.dst[i]
+                dx.copy_(xs)
+                dq.copy_(qs)
+                self._qx.append(None)
+            else:
+                self._qx.append(torch.stack([xs, qs]).view(2, -1, sig.NVFP4_BLOCK))
+            nblk = xs.numel() // sig.NVFP4_BLOCK
+            rx, rq = _relative_view(xs, xd), _relative_view(qs, qd)
+            fast = None
+            if rx is not None and rq is not None and rx[0] == rq[0]:
+                raw = (pos, operand, x.shape, x.stride(), q.stride(), x.dtype, q.dtype, x.device)
+                fast = (raw, rx, rq, key, nblk)
+            self._qsig.append((tag, fast))
+            self._qlen.append(nblk)
+            self._stage_amax(xd, amax)
             self._qkeys.append(key)
             return
         # Rows that do not divide into 16-blocks (rare): computed at once, whole tensor.
         sums, amax = sig.quant_terms(xd, qd)
         for start in starts:
             self.bank.add(start, sums, amax)
+
+    def _stage_amax(self, xd: torch.Tensor, amax: torch.Tensor | float | None) -> None:
+        """Stage the operand's ``max |x|``: the quantiser's when given, else one full read of ``x``."""
+        if amax is None:
+            lo, hi = torch.aminmax(xd)
+            self._qamax.append(torch.maximum(hi, -lo))
+        elif isinstance(amax, torch.Tensor):
+            # Shape, dtype and device are unified at the flush (one stack, one copy).
+            self._qamax.append(amax.detach() if amax.dim() == 0 else amax.detach().reshape(()))
+        else:
+            self._qamax.append(float(amax))
 
     def _quant_flush(self) -> None:
         """Compute the staged operands' quantisation statistics in one pass and add them to the bank."""
@@ -293,20 +411,46 @@ class StatsCollector:
         _keys, rep, spos, mpos = plan
         lens = tuple(self._qlen)
         if self._qseg is None or self._qseg[0] != lens:
-            # Operand index of every block, made on the host (numpy) and copied once per shape change.
-            dev = self._qx[0].device
-            seg = torch.from_numpy(np.repeat(np.arange(len(lens)), lens)).to(dev)
-            self._qseg = (lens, seg, torch.tensor(lens, device=dev))
-        _lens, segments, lengths = self._qseg
+            # Blocks per operand, copied once per shape change; the operand index of every block
+            # (ragged layout only) is made on the host (numpy) when first needed.
+            self._qseg = (lens, torch.tensor(lens, device=self._qsig[0][0][2]), None)
+        lengths = self._qseg[1]
+
+        def segments() -> torch.Tensor:
+            found = self._qseg[2]  # type: ignore[index]
+            if found is None:
+                found = torch.from_numpy(np.repeat(np.arange(len(lens)), lens)).to(lengths.device)
+                self._qseg = (lens, lengths, found)
+            return found
+
+        stage = self._qstage
         with torch.no_grad():
-            both = torch.cat([t.float() for t in self._qx], dim=1) if len(self._qx) > 1 else self._qx[0].float()
-            sums = sig.quant_block_sums(both, segments, lengths)
-            lo = torch.stack([m[0] for m in self._qmm]).float()
-            hi = torch.stack([m[1] for m in self._qmm]).float()
-            amax = torch.maximum(hi, -lo).to(self.device, torch.float64)
+            if stage is not None and len(self._qx) == len(stage.tags) and all(t is None for t in self._qx):
+                sums = stage.sums(lengths, segments)  # every call copied into its slot: one buffer
+            else:
+                parts = [stage.part(i) if t is None else t.float() for i, t in enumerate(self._qx)]  # type: ignore[union-attr]
+                both = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+                sums = sig.quant_block_sums(both, segments(), lengths)
+                # Lay the buffer out for this step's calls: the next step makes the same ones.
+                self._qstage = _QuantStage.build(self._qsig, self._qlen)
+            amax = self._stack_amax(self._qamax)
             self.bank.sums.index_add_(0, spos, sums.to(self.device).index_select(0, rep).reshape(-1))
             self.bank.maxes.scatter_reduce_(0, mpos, amax.index_select(0, rep), reduce="amax")
-        self._qx, self._qlen, self._qmm, self._qkeys = [], [], [], []
+        self._qx, self._qlen, self._qamax, self._qkeys, self._qsig = [], [], [], [], []
+
+    def _stack_amax(self, found: list[torch.Tensor | float]) -> torch.Tensor:
+        """The staged amaxes as one float64 tensor ``[calls]`` on the collector's device."""
+        floats = [i for i, a in enumerate(found) if not isinstance(a, torch.Tensor)]
+        if floats:  # floats a trainer passed: one host-to-device copy for all of them
+            vals = torch.tensor([float(found[i]) for i in floats], dtype=torch.float32, device=self.device)
+            found = list(found)
+            for k, i in enumerate(floats):
+                found[i] = vals[k]
+        tensors: list[torch.Tensor] = found  # type: ignore[assignment]
+        try:
+            return torch.stack(tensors).to(self.device, torch.float64)
+        except RuntimeError:  # amaxes of several devices or dtypes
+            return torch.stack([a.to(self.device, torch.float64) for a in tensors])
 
     def _quant_observer(self, pos: int) -> Callable[[str, torch.Tensor, torch.Tensor], None]:
         def observe(operand: str, x: torch.Tensor, q: torch.Tensor, amax: torch.Tensor | None = None) -> None:
@@ -613,7 +757,7 @@ class StatsCollector:
             if self.active:
                 self._quant_flush()
             else:  # an unrecorded step: drop what was staged
-                self._qx, self._qlen, self._qmm, self._qkeys = [], [], [], []
+                self._qx, self._qlen, self._qamax, self._qkeys, self._qsig = [], [], [], [], []
         if self._rkeys:
             if self.active:
                 self._router_flush()

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from healthwatch.demo.nvfp4 import (
     QuantLinear,
     fake_quant_nvfp4_amax,
-    fake_quant_nvfp4_many,
+    fake_quant_nvfp4_many_amax,
     observe_quant,
 )
 from healthwatch.demo.ssd import ssd
@@ -692,10 +692,11 @@ class HybridLM(nn.Module):
             return []
         # A module with a fault-injected scale quantises on its own (the fused pass uses the recipe's).
         fused = [(m, n) for m, n in slots if getattr(m, "quant_scale", 1.0) == 1.0]
-        quantized = fake_quant_nvfp4_many([getattr(m, name) for m, name in fused])
-        for (m, name), q in zip(fused, quantized):
+        # The amaxes come with the fused pass (its per-tensor scales): the Monitor skips a full read per weight.
+        quantized, amaxes = fake_quant_nvfp4_many_amax([getattr(m, name) for m, name in fused])
+        for (m, name), q, amax in zip(fused, quantized, amaxes):
             m.prequantized[name] = q  # type: ignore[index]
-            observe_quant(m, "weight", getattr(m, name), q)
+            observe_quant(m, "weight", getattr(m, name), q, amax)
         return list({id(m): m for m, _ in fused}.values())
 
     def _forward(self, input_ids: Tensor, seq: int, n_mtp: int) -> ModelOutput:

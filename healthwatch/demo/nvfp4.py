@@ -35,10 +35,12 @@ __all__ = [
     "fake_quant_nvfp4",
     "fake_quant_nvfp4_amax",
     "fake_quant_nvfp4_many",
+    "fake_quant_nvfp4_many_amax",
     "observe_quant",
     "quantize_nvfp4",
     "quantize_nvfp4_amax",
     "quantize_nvfp4_many",
+    "quantize_nvfp4_many_amax",
     "round_to_e2m1",
     "round_to_e4m3",
 ]
@@ -176,7 +178,18 @@ def quantize_nvfp4_many(xs: Sequence[Tensor]) -> list[Tensor]:
     their concatenation costs far less on CPU than dozens of small calls. Results are
     bit-identical to quantising each tensor alone.
     """
+    return quantize_nvfp4_many_amax(xs)[0]
+
+
+@torch.no_grad()
+def quantize_nvfp4_many_amax(xs: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """:func:`quantize_nvfp4_many` and every input's ``max |x|`` as one float32 tensor ``[len(xs)]``.
+
+    The amaxes are the per-tensor scales' own (computed anyway); handing them to the Monitor
+    (``quant_stats(..., amax=)``) spares it a full read of every weight each step.
+    """
     out: list[Tensor | None] = [None] * len(xs)
+    amaxes: list[Tensor | None] = [None] * len(xs)
     fused = [
         i
         for i, x in enumerate(xs)
@@ -186,7 +199,7 @@ def quantize_nvfp4_many(xs: Sequence[Tensor]) -> list[Tensor]:
         and x.shape[-1] % BLOCK_SIZE == 0
     ]
     for i in set(range(len(xs))) - set(fused):
-        out[i] = quantize_nvfp4(xs[i])
+        out[i], amaxes[i] = quantize_nvfp4_amax(xs[i])
     if fused:
         n_blocks = [xs[i].numel() // BLOCK_SIZE for i in fused]
         blocks = torch.cat([xs[i].reshape(-1) for i in fused]).view(-1, BLOCK_SIZE)
@@ -195,9 +208,12 @@ def quantize_nvfp4_many(xs: Sequence[Tensor]) -> list[Tensor]:
         repeats = torch.tensor(n_blocks, device=blocks.device)
         s_tensor = _tensor_scale(amax).repeat_interleave(repeats, output_size=blocks.shape[0]).unsqueeze(1)
         q = _scale_and_round(blocks, amax_block, s_tensor).view(-1)
-        for i, part in zip(fused, q.split([n * BLOCK_SIZE for n in n_blocks])):
+        for k, (i, part) in enumerate(zip(fused, q.split([n * BLOCK_SIZE for n in n_blocks]))):
             out[i] = part.view(xs[i].shape)
-    return [t for t in out if t is not None]
+            amaxes[i] = amax[k]
+    qs = [t for t in out if t is not None]
+    found = [a.float().reshape(()) for a in amaxes if a is not None]
+    return qs, torch.stack(found) if found else torch.zeros(0)
 
 
 class _FakeQuantSTE(torch.autograd.Function):
@@ -219,15 +235,18 @@ class _FakeQuantSTE(torch.autograd.Function):
 
 
 class _FakeQuantManySTE(torch.autograd.Function):
-    """Straight-through estimator over ``quantize_nvfp4_many``."""
+    """Straight-through estimator over ``quantize_nvfp4_many_amax``: the quantised tensors, then
+    their amaxes ``[len(xs)]`` as a last, non-differentiable output."""
 
     @staticmethod
     def forward(ctx, *xs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        return tuple(quantize_nvfp4_many(xs))
+        qs, amax = quantize_nvfp4_many_amax(xs)
+        ctx.mark_non_differentiable(amax)
+        return (*qs, amax)
 
     @staticmethod
     def backward(ctx, *grads: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        return grads
+        return grads[:-1]
 
 
 def fake_quant_nvfp4(x: Tensor, scale: float = 1.0) -> Tensor:
@@ -262,9 +281,16 @@ def observe_quant(module: nn.Module, operand: str, x: Tensor, q: Tensor, amax: T
 
 def fake_quant_nvfp4_many(xs: Sequence[Tensor]) -> list[Tensor]:
     """``fake_quant_nvfp4`` of several tensors in one fused pass (see ``quantize_nvfp4_many``)."""
+    return fake_quant_nvfp4_many_amax(xs)[0]
+
+
+def fake_quant_nvfp4_many_amax(xs: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`fake_quant_nvfp4_many` and each input's ``max |x|`` (0-d, no gradient), computed anyway
+    for the per-tensor scales."""
     if not xs:
-        return []
-    return list(_FakeQuantManySTE.apply(*xs))
+        return [], []
+    *qs, amax = _FakeQuantManySTE.apply(*xs)
+    return list(qs), list(amax.unbind())
 
 
 class QuantLinear(nn.Linear):
