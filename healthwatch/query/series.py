@@ -113,13 +113,15 @@ _ROLLUP_AGG = {
 
 
 def _source_sql(run: str, signals: Sequence[Signal], path: Timeline, step_from: int,
-                plans: dict[str, RollupPlan] | None = None) -> tuple[str, list[Any]]:
+                plans: dict[str, RollupPlan] | None = None,
+                no_raw: frozenset[str] = frozenset()) -> tuple[str, list[Any]]:
     """SQL yielding ``(sig, superseded, step, tokens, value, attempt)`` rows with ``step >= step_from``.
 
-    ``plans`` maps ``"scalars"``/``"layer_stats"`` to the 100-step :class:`RollupPlan` of the
-    path: usable rollup rows stand in for the raw rows they summarise (each bucket's minimum and
-    maximum, placed at the bucket's first step); superseded rows are never in a plan, so ghosts
-    are always read raw.
+    ``plans`` maps ``"scalars"``/``"layer_stats"`` to the :class:`RollupPlan` of the path: usable
+    rollup rows stand in for the raw rows they summarise (each bucket's minimum and maximum, placed
+    at their own steps or the bucket's first step); superseded rows are never in a plan, so ghosts
+    are always read raw. ``no_raw`` names tables known to hold no raw row that their plan leaves to
+    the raw read (:func:`_raw_beyond_plans`): their raw part is left out.
     """
     parts: list[str] = []
     params: list[Any] = []
@@ -143,6 +145,8 @@ def _source_sql(run: str, signals: Sequence[Signal], path: Timeline, step_from: 
             rawx = pl_.raw_pred(rawp)
         # Raw rows: off-path rows (ghosts) always; on-path rows unless a rollup serves them.
         conds, cps = (pl_.raw_conditions(), pl_.raw_params()) if rawx and pl_ is not None else ([""], [[]])
+        if rawx and "scalars" in no_raw:
+            conds, cps = [], []
         for cond, cp in zip(conds, cps):
             sp = []
             sup = path.superseded_expr(sp)
@@ -181,6 +185,8 @@ def _source_sql(run: str, signals: Sequence[Signal], path: Timeline, step_from: 
             rawx = pl_.raw_pred(rawp)
         inner, ip = [], []
         conds, cps = (pl_.raw_conditions(), pl_.raw_params()) if rawx and pl_ is not None else ([""], [[]])
+        if rawx and "layer_stats" in no_raw:
+            continue
         for cond, cp in zip(conds, cps):
             sp = []
             sup = path.superseded_expr(sp)
@@ -305,7 +311,8 @@ class SeriesCache:
         state.hi = int(points["step"].max()) if points.height else state.hi
 
     def _load_full(self, store: Store, run: str, signals: tuple[Signal, ...], path: Timeline, state: _State) -> None:
-        lohi = self._span(store, run, signals)
+        memo: dict[str, Any] = {}  # footer step ranges, read once per load
+        lohi = self._span(store, run, signals, memo)
         if lohi is None:
             state.points, state.hi, state.width = pl.DataFrame(schema=_POINT_SCHEMA), None, 1
             state.loaded_at = time.time()
@@ -320,7 +327,7 @@ class SeriesCache:
             # coarsest that nest in a display bucket (the same minimum and maximum per display
             # bucket, from a tenth or a hundredth of the rows).
             plans = _plans(store, run, signals, path, max(sizes))
-        src, params = _source_sql(run, signals, path, -(2**62), plans)
+        src, params = _source_sql(run, signals, path, -(2**62), plans, _raw_beyond_plans(store, run, plans, memo))
         df = store.sql(f"SELECT sig, superseded, step // ? AS b, {_PICK} FROM ({src}) GROUP BY ALL",
                        [width, *params]).pl()
         state.reads += 1
@@ -347,12 +354,14 @@ class SeriesCache:
             self._load_full(store, run, signals, path, state)  # ladder step not nested (64 -> 100)
 
     @staticmethod
-    def _span(store: Store, run: str, signals: Sequence[Signal]) -> tuple[int, int] | None:
-        """First and last step of the signals' rows (from rollups plus the raw tail where possible)."""
+    def _span(store: Store, run: str, signals: Sequence[Signal],
+              memo: dict[str, Any] | None = None) -> tuple[int, int] | None:
+        """First and last step of the signals' rows (from rollups plus the raw tail where possible).
+        ``memo``: see :func:`_step_extremes`."""
+        memo = {} if memo is None else memo
         lo = hi = None
         scalars = [s.metric for s in signals if s.agg is None]
         metrics = sorted({s.metric for s in signals if s.agg is not None})
-        extremes = getattr(store, "run_extremes", None)
         for table, names, col in (("scalars", scalars, "name"), ("layer_stats", metrics, "metric")):
             if not names:
                 continue
@@ -363,7 +372,7 @@ class SeriesCache:
                 # The whole table's step range from Parquet footers (no row decoded; None where it cannot
                 # tell): when it lies within the rollups' cover, no raw row of these keys lies outside
                 # it, and the two raw scans below (~0.2 CPU-s cold on a 1M x 108 store) are skipped.
-                ext = (extremes(table, run, ["step"]) or {}).get("step") if extremes is not None else None
+                ext = _step_extremes(store, run, table, memo)
                 known = ext is not None and ext[0] is not None
                 tail = ((None,) if known and int(ext[1]) <= int(cover[1]) else  # type: ignore[index]
                         store.sql(f"SELECT max(step) FROM {table} WHERE run = ? AND {col} IN ({marks}) AND step > ?",
@@ -381,6 +390,40 @@ class SeriesCache:
                 lo = row[0] if lo is None else min(lo, row[0])
                 hi = row[1] if hi is None else max(hi, row[1])
         return None if lo is None else (int(lo), int(hi))
+
+
+def _step_extremes(store: Store, run: str, table: str, memo: dict[str, Any]) -> tuple[Any, Any] | None:
+    """``(min, max)`` step of ``run``'s ``table`` from Parquet footers (:meth:`Store.run_extremes`), or
+    None where it cannot tell; ``memo`` keeps the answer for the other readers of one load (the walk
+    over every row group's statistics is ~0.1 CPU-s on a 1M x 108 run)."""
+    if table not in memo:
+        extremes = getattr(store, "run_extremes", None)
+        memo[table] = (extremes(table, run, ["step"]) or {}).get("step") if extremes is not None else None
+    return memo[table]
+
+
+def _raw_beyond_plans(store: Store, run: str, plans: dict[str, RollupPlan],
+                      memo: dict[str, Any] | None = None) -> frozenset[str]:
+    """Tables of ``plans`` whose raw rows all lie below the plan's lowest limit, told by Parquet footers
+    (:meth:`Store.run_extremes`; no row decoded): nothing is left to the raw read of such a table.
+
+    Only for a plan without rows of other attempts (``others`` False): then the raw read selects
+    rows at or after an attempt's limit (its live tail and its ghosts, which lie at or after its cut,
+    itself at or above the limit), and a table whose highest step is below every limit has none. A
+    whole-run chart of a run whose rollups are current then scans no raw segment at all (the raw
+    part of a 1M x 108 MaxVio chart cost ~0.24 CPU-s cold in footers for no row).
+    """
+    memo = {} if memo is None else memo
+    out = set()
+    for table, p in plans.items():
+        if not p.used or p.others:
+            continue
+        ext = _step_extremes(store, run, table, memo)
+        if ext is None:
+            continue  # cannot tell: read
+        if ext[1] is None or int(ext[1]) < min(lim for _, lim in p.limits):
+            out.add(table)
+    return frozenset(out)
 
 
 def _downsample_sql(source: str, max_points: int) -> str:
