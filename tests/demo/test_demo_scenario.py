@@ -1,4 +1,12 @@
-"""`healthwatch demo --quick --no-app` builds the store the app and the alerts are shown on."""
+"""`healthwatch demo --quick --no-app` builds the store the app and the alerts are shown on.
+
+The end-to-end test runs the command on a smaller plan than ``--quick``'s (:data:`SMALL`: 60
+steps, fault from step 20, 10-step branches, about 140 training steps instead of 310): the same
+scenario code (fault, alerts, stop, rollback, three BF16 branches, compaction, summary) with
+fewer steps in each phase. What depends on the plan's numbers alone (three distinct branch
+checkpoints, onset inside the run) is checked on ``--quick``'s and the full demo's own plans
+without training.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +15,28 @@ from typer.testing import CliRunner
 
 import healthwatch as hw
 from healthwatch.cli import app
+from healthwatch.demo import scenario
+from healthwatch.demo.scenario import FULL, QUICK, DemoPlan
+
+#: The smallest plan with every phase of the scenario: checkpoints before the fault's onset to roll
+#: back to, attempt 1 past them (superseded rows), three distinct branch checkpoints.
+SMALL = DemoPlan(total_steps=60, onset=20, checkpoint_every=10, branch_steps=10)
+
+
+@pytest.mark.parametrize("plan", [QUICK, FULL, SMALL], ids=["quick", "full", "small"])
+def test_demo_plans_have_every_phase(plan: DemoPlan) -> None:
+    """The fault starts inside the run after a checkpoint to roll back to, and the branch points
+    pick three distinct checkpoints (as ``run_demo`` picks them: nearest to each fraction)."""
+    assert 0 < plan.checkpoint_every <= plan.onset < plan.total_steps and plan.branch_steps > 0
+    checkpoints = range(0, plan.total_steps + 1, plan.checkpoint_every)
+    points = {min(checkpoints, key=lambda s, f=f: abs(s - f * plan.total_steps)) for f in plan.branch_points}
+    assert len(points) == 3 and all(0 < s < plan.total_steps for s in points), points
 
 
 @pytest.mark.slow
-def test_quick_demo_store_contents(tmp_path):
+def test_quick_demo_store_contents(tmp_path, monkeypatch):
     store = tmp_path / "demo-store"
+    monkeypatch.setattr(scenario, "QUICK", SMALL)  # the size only: the command and the scenario are real
     res = CliRunner().invoke(app, ["demo", "--quick", "--no-app", "--store", str(store)])
     assert res.exit_code == 0, res.output
     assert "demo store:" in res.output
