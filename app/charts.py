@@ -132,9 +132,12 @@ def lines(frames: Mapping[str, pl.DataFrame], x: str, y_title: str, title: str, 
 def add_markers(fig: go.Figure, marks: pl.DataFrame, x: str, kinds: Sequence[str] | None = None) -> None:
     """Vertical lines for events and alert transitions, with hover labels.
 
-    Lines are layout shapes (one batch update: ``add_vline`` per marker is slow); hovering is
-    served by an invisible marker trace on a hidden overlay axis spanning the plot's height.
-    Checkpoints are thinned to keep at most :data:`MAX_MARKERS` lines.
+    The lines are drawn as one line trace per style (kind, and faint when superseded), each holding
+    all of that style's lines as ``None``-separated segments, on a hidden overlay axis spanning the
+    plot's height (``y9``, range 0..1); hovering is served by an invisible-axis marker trace at the
+    top of each line. Not layout shapes: plotly draws and re-lays-out every shape as an SVG element of
+    its own on each draw (52 checkpoint lines on a loss chart), a trace is one path. Checkpoints are
+    thinned to keep at most :data:`MAX_MARKERS` lines.
     """
     if marks.height == 0:
         return
@@ -148,26 +151,30 @@ def add_markers(fig: go.Figure, marks: pl.DataFrame, x: str, kinds: Sequence[str
     if ck.height > room:
         ck = ck.gather_every(max(1, math.ceil(ck.height / max(1, room)))) if room else ck.head(0)
     marks = pl.concat([other, ck]).sort("step")
-    shapes = list(fig.layout.shapes or [])
     hx, hy, htext, hcolor = [], [], [], []
+    lines_by_style: dict[tuple[str, bool], list[Any]] = {}
     for row in marks.iter_rows(named=True):
         xv = row[x]
         if xv is None:
             continue
-        color, dash, width = MARKER_STYLE.get(row["kind"], ("#607d8b", "dashdot", 1.0))
-        shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": xv, "x1": xv, "y0": 0, "y1": 1,
-                       "line": {"color": color, "dash": dash, "width": width},
-                       "opacity": 0.35 if row.get("superseded") else 0.9, "layer": "below"})
+        color = MARKER_STYLE.get(row["kind"], ("#607d8b", "dashdot", 1.0))[0]
+        lines_by_style.setdefault((row["kind"], bool(row.get("superseded"))), []).extend((xv, xv, None))
         hx.append(xv)
         hy.append(0.97)
         htext.append(f"{row['kind']} at step {row['step']:,}" + (f": {row['label']}" if row["label"] else "")
                      + (" (superseded)" if row.get("superseded") else ""))
         hcolor.append(color)
-    fig.update_layout(shapes=shapes, yaxis9={"overlaying": "y", "range": [0, 1], "visible": False,
-                                             "fixedrange": True})
-    fig.add_trace(go.Scatter(x=hx, y=hy, yaxis="y9", mode="markers", name="events",
+    fig.update_layout(yaxis9={"overlaying": "y", "range": [0, 1], "visible": False, "fixedrange": True})
+    traces = []
+    for (kind, ghost), xs in lines_by_style.items():
+        color, dash, width = MARKER_STYLE.get(kind, ("#607d8b", "dashdot", 1.0))
+        traces.append(go.Scatter(x=xs, y=[0.0, 1.0, None] * (len(xs) // 3), yaxis="y9", mode="lines",
+                                 name=kind, showlegend=False, hoverinfo="skip", connectgaps=False,
+                                 opacity=0.35 if ghost else 0.9, line={"color": color, "dash": dash, "width": width}))
+    traces.append(go.Scatter(x=hx, y=hy, yaxis="y9", mode="markers", name="events",
                              marker={"symbol": "triangle-down", "size": 8, "color": hcolor},
                              text=htext, hovertemplate="%{text}<extra></extra>", showlegend=False))
+    fig.add_traces(traces)
 
 
 def step_to_tokens(steps: Sequence[float] | np.ndarray, ref: pl.DataFrame) -> np.ndarray:

@@ -131,15 +131,24 @@ def is_live(last_write: float | None, now: float | None = None) -> bool:
     return query.status(last_write, False, now) == "live"
 
 
+#: Points per trace of a half-width chart (two side by side, ~600 px each): a minimum and a maximum per
+#: ~1.2 px column, so nothing a screen can show is lost, and about half the points the browser draws.
+HALF_POINTS = MAX_POINTS // 2
+
+
 @st.cache_resource(show_spinner=False)
-def series_cache() -> SeriesCache:
-    """The server-wide :class:`SeriesCache`."""
-    return SeriesCache()
+def series_cache(max_points: int = MAX_POINTS) -> SeriesCache:
+    """The server-wide :class:`SeriesCache` drawing at most ``max_points`` points per trace."""
+    return SeriesCache(max_points)
 
 
-def series(store: Store, run: str, signals: Sequence[Signal], attempt: int | None = None) -> pl.DataFrame:
-    """Downsampled points of ``signals`` of ``run`` (with superseded rows flagged), read incrementally."""
-    return series_cache().get(store, run, signals, attempt)
+def series(store: Store, run: str, signals: Sequence[Signal], attempt: int | None = None,
+           max_points: int = MAX_POINTS) -> pl.DataFrame:
+    """Downsampled points of ``signals`` of ``run`` (with superseded rows flagged), read incrementally;
+    at most ``max_points`` per trace (each bucket's minimum and maximum, so spikes stay)."""
+    if max_points < 2:
+        raise ValueError(f"max_points must be at least 2 (a minimum and a maximum), got {max_points}")
+    return series_cache(int(max_points)).get(store, run, signals, attempt)
 
 
 def alert_transitions(store: Store, run: str | None = None) -> pl.DataFrame:

@@ -27,6 +27,7 @@ import streamlit as st
 
 from healthwatch.app import charts
 from healthwatch.app.data import (
+    HALF_POINTS,
     Signal,
     alert_states,
     cached_run,
@@ -118,7 +119,8 @@ def _layer_metrics(store: Store, run: str) -> set[str]:
 
 def _caption(n: int, t0: float) -> None:
     """Points drawn and the server-side build time (bench_render reads "built in X s")."""
-    st.caption(f"{n:,} points drawn (min/max per bucket, ≤ 2,000 per trace) · built in "
+    st.caption(f"{n:,} points drawn (min/max per bucket, ≤ 2,000 per full-width trace, ≤ 1,000 per half-width "
+               "one) · built in "
                f"{time.perf_counter() - t0:.2f} s · {datetime.now():%H:%M:%S}")
 
 
@@ -131,8 +133,11 @@ def _overview(store: Store, run: str, x: str, log_y: bool, smooth: float) -> Non
     losses, grads, others = _scalar_groups(store, run)
     # Only what this section draws is read: the other scalars wait for their toggle, and whether the
     # run has MoE layers is told by the MaxVio series itself (the layer list is a query of its own).
-    scal = series(store, run, [Signal(n) for n in losses + grads])
-    agg = series(store, run, [Signal("maxvio", "max"), Signal("maxvio", "median")])
+    # The losses chart is full width; gradient norms and MaxVio sit side by side at half the width,
+    # so they get half the points (the browser's drawing cost grows with them).
+    scal = pl.concat([series(store, run, [Signal(n) for n in losses]),
+                      series(store, run, [Signal(n) for n in grads], max_points=HALF_POINTS)])
+    agg = series(store, run, [Signal("maxvio", "max"), Signal("maxvio", "median")], max_points=HALF_POINTS)
     moe = agg.height > 0
     marks = cached_run(store, run, markers, tables=("events", "alerts", "attempts"))
     rev = f"{run}-{x}"
@@ -217,7 +222,8 @@ def _layers(store: Store, run: str, x: str, log_y: bool) -> None:
         heat("maxvio", h1, "heat_maxvio")
         with h2:
             if "dead_experts" in metrics:
-                dead = series(store, run, [Signal("dead_experts", "max"), Signal("dead_experts", "sum")])
+                dead = series(store, run, [Signal("dead_experts", "max"), Signal("dead_experts", "sum")],
+                              max_points=HALF_POINTS)
                 n += dead.height
                 marks = cached_run(store, run, markers, tables=("events", "alerts", "attempts"))
                 fig = charts.lines(_frames(dead, ["dead_experts:max", "dead_experts:sum"],

@@ -76,8 +76,14 @@ def test_run_page_draws_every_signal(app_store: Path, monkeypatch: pytest.Monkey
     assert min(_arr(ghost["x"])) == 100 and ghost["line"]["dash"] == "dot"  # attempt 1 after the rollback step
     live = next(t for t in loss["data"] if t.get("name") == "loss/train")
     assert len(_arr(live["x"])) == 300  # small runs are drawn exactly
-    # Event and alert markers: vertical lines, the rollback among them.
-    assert any(s.get("line", {}).get("color") == "#d62728" for s in loss["layout"]["shapes"])
+    # Event and alert markers: vertical lines (one line trace per kind on the hidden 0..1 overlay axis,
+    # not layout shapes), the rollback among them, at the rollback's step.
+    rollback = next(t for t in loss["data"] if t.get("name") == "rollback")
+    assert rollback["line"]["color"] == "#d62728" and rollback["yaxis"] == "y9" and rollback["mode"] == "lines"
+    events = next(t for t in loss["data"] if t.get("name") == "events")
+    assert _arr(rollback["y"])[:2] == [0.0, 1.0] and _arr(rollback["x"])[0] in _arr(events["x"])
+    assert not loss["layout"].get("shapes")
+    assert loss["layout"]["yaxis9"]["range"] == [0, 1] and loss["layout"]["yaxis9"]["visible"] is False
     assert "events" in names
     assert loss["layout"]["yaxis"]["title"]["text"] == "cross-entropy (nats per token)"
     assert "2 attempts, 1 rolled back" in _texts(at) and "1 alert firing" in _texts(at)
