@@ -281,6 +281,20 @@ def _numpy_of(col: Any) -> Any:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def _read_footer(path: str) -> Any:
+    """The Parquet footer of the local segment ``path``.
+
+    From a memory map, not the path: pyarrow resolves a path's file system on each call (~0.5 ms;
+    a fresh process's one-series read opens two files twice), and a mapped file is read without
+    copies into pyarrow's buffers. (Segments are immutable; a merge that retires one unlinks it,
+    which leaves a mapping readable.)
+    """
+    import pyarrow.parquet as pq
+
+    with pa.memory_map(path) as src:
+        return pq.read_metadata(src)
+
+
 class _NotFast(Exception):
     """:meth:`Store.scan_arrays` cannot filter a segment exactly with NumPy: ask :meth:`Store.scan_run`."""
 
@@ -791,8 +805,10 @@ class Store:
                         continue
                     open_ = [c for c in ranges if any(c not in f for _, f in fits)]
                     want = list(dict.fromkeys([*columns, *open_]))
-                    pf = pq.ParquetFile(str(path), metadata=fo.meta, read_dictionary=[c for c in open_ if c in strings])
-                    t = pf.read_row_groups([g for g, _ in fits], columns=want, use_threads=False)
+                    # A memory map, not the path: see _read_footer.
+                    with pa.memory_map(str(path)) as src:
+                        pf = pq.ParquetFile(src, metadata=fo.meta, read_dictionary=[c for c in open_ if c in strings])
+                        t = pf.read_row_groups([g for g, _ in fits], columns=want, use_threads=False)
                     if any(t.column(c).null_count for c in want):
                         raise _NotFast
                     mask = None
@@ -944,8 +960,6 @@ class Store:
         """The segment's footer (cached while the file's size and mtime stay the same) with its
         schema checked once, or None for a known-bad or wrong-schema file (the caller then asks
         SQL, which skips the file with its warning)."""
-        import pyarrow.parquet as pq
-
         if key in self._bad_files:
             return None
         st = os.stat(key)
@@ -954,7 +968,7 @@ class Store:
         if hit is not None and hit[0] == stamp:
             fo = hit[1]
         else:
-            fo = _Footer(pq.read_metadata(key), stamp)
+            fo = _Footer(_read_footer(key), stamp)
             if len(self._footers) >= 4096:  # files retired by merges: forget them all now and then
                 self._footers.clear()
             self._footers[key] = (stamp, fo)

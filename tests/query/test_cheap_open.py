@@ -20,6 +20,7 @@ from _flushes import write_flush
 
 from healthwatch import query
 from healthwatch.store import Store, StoreWriter, attempt_row, run_row
+from healthwatch.store import reader as reader_mod
 
 LAYERS = 4
 
@@ -209,13 +210,13 @@ def test_one_open_store_keeps_footers_and_sees_appends_merges_and_rewrites(tmp_p
     cached = dict(store._footers)
     assert {str(p) for p in store.files("layer_stats", "r")} <= set(cached)
     reads: list[str] = []
-    real = pq.read_metadata
+    real = reader_mod._read_footer
 
-    def counting(path: object, *a: object, **kw: object) -> object:
+    def counting(path: str) -> object:
         reads.append(str(path))
-        return real(path, *a, **kw)
+        return real(path)
 
-    pq.read_metadata = counting  # type: ignore[assignment]
+    reader_mod._read_footer = counting  # type: ignore[assignment]
     try:
         assert got(3, 250, 749) == want(3, 250, 749)
         assert [r for r in reads if "layer_stats" in r] == []  # every footer of the table was known
@@ -249,7 +250,7 @@ def test_one_open_store_keeps_footers_and_sees_appends_merges_and_rewrites(tmp_p
         assert got(2, 0, 1999) == [(s, v) for s, v in want(2, 0, 1999) if (s, 2) not in gone]
         assert reads[n:].count(victim) == 1
     finally:
-        pq.read_metadata = real  # type: ignore[assignment]
+        reader_mod._read_footer = real  # type: ignore[assignment]
 
 
 def test_raw_read_of_other_attempts_is_skipped_only_when_no_file_holds_one(tmp_path: Path) -> None:
