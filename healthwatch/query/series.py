@@ -348,10 +348,11 @@ class SeriesCache:
         state.reads += 1
         old = state.points.filter(pl.col("step") < start)
         points = pl.concat([old, _points(df)])
-        before = state.width
         self._finish(state, points)
-        if _buckets_per_series(state.points) > max(1, self.max_points // 2) and state.width == before:
-            self._load_full(store, run, signals, path, state)  # ladder step not nested (64 -> 100)
+        if _buckets_per_series(state.points) > max(1, self.max_points // 2):
+            # A ladder step that is not nested (64 -> 100, 800 -> 1,000, ...) stopped the coarsening,
+            # possibly after nested steps taken first (400 -> 800): read in full at the span's width.
+            self._load_full(store, run, signals, path, state)
 
     @staticmethod
     def _span(store: Store, run: str, signals: Sequence[Signal],

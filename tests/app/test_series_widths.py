@@ -86,3 +86,23 @@ def test_live_tail_beyond_the_rollups_is_read(tmp_path: Path) -> None:
     pts = D.SeriesCache(max_points=400).get(store, "r", [D.Signal("maxvio", "max")])
     assert pts.filter(pl.col("value") == 900.0)["step"].to_list() == [STEPS + 1_234]
     assert int(pts["step"].max()) >= STEPS + n - 1_000  # the tail's last bucket is drawn
+
+
+def test_growth_across_a_decade_coarsens_or_reloads(tmp_path: Path) -> None:
+    # One refresh taking a series from 400-step buckets past 800 into the next decade (1,000): the
+    # nested step 400 -> 800 is not enough and 800 -> 1,000 is not nested, so the cache reloads in full.
+    root = tmp_path / "s"
+    rng = np.random.default_rng(3)
+    cache = D.SeriesCache(max_points=400)
+    store = None
+    for a, b in ((0, 70_000), (70_000, 190_000), (190_000, 260_000)):
+        steps = np.arange(a, b, dtype=np.int64)
+        w = StoreWriter(root, "r")
+        w.write("scalars", {"attempt": np.ones(steps.size, dtype=np.int32), "step": steps, "tokens": steps,
+                            "name": ["loss/train"] * steps.size, "value": rng.standard_normal(steps.size),
+                            "wall_time": np.zeros(steps.size)})
+        store = store or Store(root)
+        inc = cache.get(store, "r", [D.Signal("loss/train")])
+        full = D.SeriesCache(max_points=400).get(store, "r", [D.Signal("loss/train")])
+        assert inc.height <= 400, f"after steps {a}..{b}"
+        assert inc.select("step", "value").equals(full.select("step", "value")), f"after steps {a}..{b}"
