@@ -225,7 +225,11 @@ class RollupAccumulator:
             if pa.types.is_dictionary(col.type) and col.num_chunks == 1:
                 basis.append(tuple(col.chunk(0).dictionary.to_pylist()))
             elif pa.types.is_integer(col.type) and not col.null_count:
-                lo, hi = (v.as_py() for v in pc.min_max(col).values())
+                if col.num_chunks == 1:  # NumPy: a compute kernel call costs more than the pass
+                    arr = col.chunk(0).to_numpy()
+                    lo, hi = int(arr.min()), int(arr.max())
+                else:
+                    lo, hi = (v.as_py() for v in pc.min_max(col).values())
                 if hi - lo + 1 > 4 * len(col) + 64:
                     return None  # group_code ranks such values densely: codes depend on the values present
                 basis.append((lo, hi))
