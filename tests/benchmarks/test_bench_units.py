@@ -126,3 +126,36 @@ def test_report_renders_tables() -> None:
             "versions": {"torch": "2"}, "load": ["0", "0"], "timeline": [], "findings": ["f"]}
     text = render([sec], meta)
     assert "| a | b |" in text and "x\\|y" in text and "Quick mode" in text
+
+
+def test_param_settings_reach_the_jobs_that_have_them_and_typos_are_errors(tmp_path: Path) -> None:
+    """``--param BENCH.KEY=VALUE`` sets a parameter in every job of a benchmark that has it, or in
+    one job named by its key; the value is JSON when it parses, text otherwise; a benchmark not
+    selected, a parameter no job has, or a malformed setting is an error naming it."""
+    from benchmarks import bench_fleet
+    from benchmarks.__main__ import apply_params
+
+    plan = [("query", bench_query.jobs(True, tmp_path, 1000)), ("fleet", bench_fleet.jobs(True, tmp_path))]
+    apply_params(plan, ["query.steps=500", "fleet:s3query.steps=700", "fleet.runs=2", "query.layout=direct",
+                        "query.seed=[1, 2]"])
+    jobs = {j.key: j.params for _name, js in plan for j in js}
+    assert jobs["query:generate"]["steps"] == jobs["query:live"]["steps"] == 500
+    assert jobs["fleet:s3query"]["steps"] == 700 and jobs["fleet"]["runs"] == 2 and "steps" not in jobs["fleet"]
+    assert jobs["query:live"]["layout"] == "direct" and jobs["query:live"]["seed"] == [1, 2]
+    with pytest.raises(ValueError, match=r"'render'.*selected jobs: query:generate, query:live, fleet, "):
+        apply_params(plan, ["render.steps=1"])
+    with pytest.raises(ValueError, match=r"'fleet' has no parameter 'stepz' \(it has: .*stages"):
+        apply_params(plan, ["fleet.stepz=1"])
+    for bad in ("fleet.runs", "runs=2", ".runs=2", "fleet.=2"):
+        with pytest.raises(ValueError, match="expected BENCH.KEY=VALUE"):
+            apply_params(plan, [bad])
+
+
+def test_a_bad_param_stops_the_command_before_any_job(tmp_path: Path) -> None:
+    """``python -m benchmarks --param`` with a parameter no selected job has: exit 2, nothing run or written."""
+    from benchmarks.__main__ import main
+
+    out, work = tmp_path / "B.md", tmp_path / "work"
+    assert main(["--quick", "--no-progress", "--only", "metrics", "--out", str(out), "--workdir", str(work),
+                 "--param", "metrics.nope=1"]) == 2
+    assert not out.exists() and not (work / "jobs").exists()
