@@ -18,7 +18,9 @@ is neither queried nor refreshed.
 from __future__ import annotations
 
 import re
+import threading
 import time
+from collections import OrderedDict
 from datetime import datetime
 from urllib.parse import urlencode
 
@@ -41,6 +43,7 @@ from healthwatch.app.data import (
     profile_steps,
     run_names,
     run_overview,
+    run_signature,
     scalar_names,
     series,
 )
@@ -124,13 +127,45 @@ def _caption(n: int, t0: float) -> None:
                f"{time.perf_counter() - t0:.2f} s · {datetime.now():%H:%M:%S}")
 
 
-def _overview(store: Store, run: str, x: str, log_y: bool, smooth: float) -> None:
-    """Losses, gradient norms and MaxVio over layers (the first section). Refreshes live; cached per
-    run, so an idle refresh issues no SQL."""
-    t0 = time.perf_counter()
-    if cached_run(store, run, run_overview)["last_step"] is None:
-        return  # the header says the run has not flushed a step yet; a live refresh draws the charts
-    losses, grads, others = _scalar_groups(store, run)
+#: Tables whose files the Overview's figures are drawn from (its shared-figure key).
+_OVERVIEW_TABLES = ("scalars", "layer_stats", "attempts", "events", "alerts")
+
+
+class _FigureCache:
+    """A small LRU of built figures shared by every session of the server (read-only once built:
+    ``st.plotly_chart`` copies a figure into its message and never changes it)."""
+
+    def __init__(self, size: int = 32) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple, dict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> dict | None:
+        """The figures built for ``key``, or None."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key: tuple, item: dict) -> None:
+        """Keep ``item`` for ``key`` (the least recently used entry goes beyond ``size``)."""
+        with self._lock:
+            self._items[key] = item
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+@st.cache_resource(show_spinner=False)
+def _shared_figures() -> _FigureCache:
+    return _FigureCache()
+
+
+def _overview_figures(store: Store, run: str, x: str, log_y: bool, smooth: float, losses: list[str],
+                      grads: list[str]) -> dict:
+    """The Overview's figures (``loss``, ``gn``, ``mv``; None where the run has no such signal) and ``n``,
+    the points drawn."""
     # Only what this section draws is read: the other scalars wait for their toggle, and whether the
     # run has MoE layers is told by the MaxVio series itself (the layer list is a query of its own).
     # The losses chart is full width; gradient norms and MaxVio sit side by side at half the width,
@@ -138,39 +173,60 @@ def _overview(store: Store, run: str, x: str, log_y: bool, smooth: float) -> Non
     scal = pl.concat([series(store, run, [Signal(n) for n in losses]),
                       series(store, run, [Signal(n) for n in grads], max_points=HALF_POINTS)])
     agg = series(store, run, [Signal("maxvio", "max"), Signal("maxvio", "median")], max_points=HALF_POINTS)
-    moe = agg.height > 0
     marks = cached_run(store, run, markers, tables=("events", "alerts", "attempts"))
     rev = f"{run}-{x}"
-
+    out: dict = {"loss": None, "gn": None, "mv": None, "n": scal.height + agg.height}
     if losses:
-        fig = charts.lines(_frames(scal, losses), x, "cross-entropy (nats per token)",
-                           "Train loss and every MTP head", log_y, smooth, height=380, revision=rev + "-loss")
-        charts.add_markers(fig, marks, x)
-        st.plotly_chart(fig, width="stretch", key="chart_losses", config={"displaylogo": False})
+        out["loss"] = charts.lines(_frames(scal, losses), x, "cross-entropy (nats per token)",
+                                   "Train loss and every MTP head", log_y, smooth, height=380, revision=rev + "-loss")
+        charts.add_markers(out["loss"], marks, x)
+    if grads:
+        out["gn"] = charts.lines(_frames(scal, grads), x, "L2 norm (before clipping)",
+                                 "Gradient norms: total, output, embedding, MTP", log_y, smooth, revision=rev + "-gn")
+        charts.add_markers(out["gn"], marks, x, kinds=("rollback", "alert firing"))
+    if agg.height:
+        out["mv"] = charts.lines(_frames(agg, ["maxvio:max", "maxvio:median"],
+                                         {"maxvio:max": "max over layers", "maxvio:median": "median over layers"}),
+                                 x, "MaxVio (max−mean)/mean, ratio", "Expert balance: MaxVio over MoE layers",
+                                 log_y, smooth, revision=rev + "-mv")
+        charts.add_markers(out["mv"], marks, x, kinds=("rollback", "alert firing"))
+    return out
+
+
+def _overview(store: Store, run: str, x: str, log_y: bool, smooth: float) -> None:
+    """Losses, gradient norms and MaxVio over layers (the first section). Refreshes live; cached per
+    run, so an idle refresh issues no SQL."""
+    t0 = time.perf_counter()
+    if cached_run(store, run, run_overview)["last_step"] is None:
+        return  # the header says the run has not flushed a step yet; a live refresh draws the charts
+    losses, grads, others = _scalar_groups(store, run)
+    # The three figures are built once per (run's files, view options) and shared by every session
+    # (a new session on an unchanged run re-reads nothing and rebuilds nothing: ~0.1 s of plotly
+    # objects per load); a new segment of the run changes the key.
+    key = (run_signature(store, run, _OVERVIEW_TABLES), x, log_y, smooth, tuple(losses), tuple(grads))
+    figs = _shared_figures().get(key)
+    if figs is None:
+        figs = _overview_figures(store, run, x, log_y, smooth, losses, grads)
+        _shared_figures().put(key, figs)
+
+    if figs["loss"] is not None:
+        st.plotly_chart(figs["loss"], width="stretch", key="chart_losses", config={"displaylogo": False})
     else:
         st.info("No losses logged for this run (`loss/train`, `loss/mtp_<k>`).")
 
     c1, c2 = st.columns(2)
     with c1:
-        if grads:
-            fig = charts.lines(_frames(scal, grads), x, "L2 norm (before clipping)",
-                               "Gradient norms: total, output, embedding, MTP", log_y, smooth, revision=rev + "-gn")
-            charts.add_markers(fig, marks, x, kinds=("rollback", "alert firing"))
-            st.plotly_chart(fig, width="stretch", key="chart_gradnorm", config={"displaylogo": False})
+        if figs["gn"] is not None:
+            st.plotly_chart(figs["gn"], width="stretch", key="chart_gradnorm", config={"displaylogo": False})
         else:
             st.info("No gradient norms logged (`grad_norm/*`).")
     with c2:
-        if moe:
-            fig = charts.lines(_frames(agg, ["maxvio:max", "maxvio:median"],
-                                       {"maxvio:max": "max over layers", "maxvio:median": "median over layers"}),
-                               x, "MaxVio (max−mean)/mean, ratio", "Expert balance: MaxVio over MoE layers",
-                               log_y, smooth, revision=rev + "-mv")
-            charts.add_markers(fig, marks, x, kinds=("rollback", "alert firing"))
-            st.plotly_chart(fig, width="stretch", key="chart_maxvio", config={"displaylogo": False})
+        if figs["mv"] is not None:
+            st.plotly_chart(figs["mv"], width="stretch", key="chart_maxvio", config={"displaylogo": False})
         else:
             st.info("This run has no MoE layers: no MaxVio, dead-expert or expert-load signals.")
 
-    n = scal.height + agg.height
+    n = figs["n"]
     # A toggle rather than an expander: a collapsed expander still makes the browser draw every
     # chart inside it (~0.1 s each); these are only read, built and drawn when asked for.
     if others and st.toggle(f"Show other scalars ({', '.join(others[:6])}{'…' if len(others) > 6 else ''})",
@@ -180,7 +236,7 @@ def _overview(store: Store, run: str, x: str, log_y: bool, smooth: float) -> Non
         cols = st.columns(2)
         for i, name in enumerate(others):
             fig = charts.lines(_frames(rest, [name]), x, name, name, log_y, smooth, height=320,
-                               revision=f"{rev}-{name}")
+                               revision=f"{run}-{x}-{name}")
             cols[i % 2].plotly_chart(fig, width="stretch", key=f"chart_other_{name}")
     _caption(n, t0)
 
