@@ -215,6 +215,80 @@ class SegmentCache:
                 total -= index.pop(f)
 
 
+class RangeFile:
+    """A read-only, seekable file over one ``s3://`` object whose bytes come from ranged GETs
+    (:meth:`S3FS.read_range`, each counted in ``fs.stats``): what ``pyarrow.parquet`` opens to read a
+    segment's footer and only the row groups a query needs, without downloading the object.
+
+    ``size`` comes from the listing (no HEAD). The last ``tail`` bytes are fetched with the first read
+    that falls in them and kept (a footer is read as its length word, then its bytes: one GET). A
+    segment is immutable, so nothing read needs invalidation; an object retired by a merge raises
+    ``FileNotFoundError`` and the reader lists again.
+    """
+
+    def __init__(self, fs: S3FS, path: str, size: int, tail: int = 64 * 2**10) -> None:
+        if size < 0:
+            raise ValueError(f"RangeFile of {path}: negative size {size}")
+        self.fs, self.path, self.size_ = fs, path, int(size)
+        self._pos = 0
+        self._tail_at = max(0, self.size_ - tail)
+        self._tail: bytes | None = None
+        self.closed = False
+
+    def size(self) -> int:
+        """The object's length in bytes."""
+        return self.size_
+
+    def readable(self) -> bool:
+        """Always True (read-only)."""
+        return True
+
+    def seekable(self) -> bool:
+        """Always True."""
+        return True
+
+    def writable(self) -> bool:
+        """Always False."""
+        return False
+
+    def tell(self) -> int:
+        """The current position."""
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        """Move to ``pos`` (``whence``: 0 start, 1 current, 2 end); returns the new position."""
+        base = {0: 0, 1: self._pos, 2: self.size_}.get(whence)
+        if base is None:
+            raise ValueError(f"RangeFile.seek: bad whence {whence!r}")
+        self._pos = max(0, base + int(pos))
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes from the current position (all the rest for ``n < 0``)."""
+        start = self._pos
+        end = self.size_ if n is None or n < 0 else min(self.size_, start + int(n))
+        if start >= end:
+            return b""
+        if start >= self._tail_at:
+            if self._tail is None:
+                self._tail = self.fs.read_range(self.path, self._tail_at, self.size_)
+            data = self._tail[start - self._tail_at:end - self._tail_at]
+        else:
+            data = self.fs.read_range(self.path, start, end)
+        self._pos = start + len(data)
+        return data
+
+    def close(self) -> None:
+        """Mark closed (nothing to release: every read is its own request)."""
+        self.closed = True
+
+    def __enter__(self) -> RangeFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def s3_table_source(paths: list[str], schema: pa.Schema, cache: dict[str, Any],
                     in_memory_bytes: int | None = None) -> Any:
     """What the store's reader registers in DuckDB for one table of an ``s3://`` store.

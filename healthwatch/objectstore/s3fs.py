@@ -340,6 +340,14 @@ class S3FS:
         with self._getting(path):
             return self.client.get_object(Bucket=self.bucket, Key=self._key(path))["Body"].read()
 
+    def read_range(self, path: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the object ``path`` (one ranged GET; ``FileNotFoundError`` when absent)."""
+        if not 0 <= start < end:
+            raise ValueError(f"read_range of {path}: empty or negative byte range [{start}, {end})")
+        with self._getting(path):
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(path),
+                                          Range=f"bytes={start}-{end - 1}")["Body"].read()
+
     def download(self, path: str, dest: str | os.PathLike[str]) -> int:
         """Stream the object ``path`` into the local file ``dest`` (never whole in memory); returns its size.
 

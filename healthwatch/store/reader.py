@@ -303,6 +303,12 @@ class _NotFast(Exception):
 #: recently used dropped first): the 1,000-step rollups of three metrics of a 1M x 108 run are ~25 MB.
 _SECTION_CACHE_BYTES = int(float(os.environ.get("HEALTHWATCH_READ_CACHE_MB", "256")) * 2**20)
 
+#: ``s3://`` segments of at most this many bytes are read by the direct paths (scan_run, footers) from a
+#: whole local copy (SegmentCache, per file); larger ones by ranged GETs of their footer and the row
+#: groups a read needs (env ``HEALTHWATCH_S3_COPY_BYTES``): a rollup file is read whole in one GET, a
+#: sealed 20 MiB raw segment of which a one-series read needs one row group is not downloaded.
+_S3_COPY_BYTES = int(os.environ.get("HEALTHWATCH_S3_COPY_BYTES", 8 * 2**20))
+
 #: How often a query is retried when files were retired (or found unreadable) under it.
 _QUERY_TRIES = 20
 
@@ -680,7 +686,7 @@ class Store:
                     fits = [(g, f) for g in fo.candidates(ranges) if (f := fo.fit(g, ranges)) is not None]
                     indexed = False
                     if fits and eq:
-                        held = self._groups_with(str(path), fo, eq, [g for g, _ in fits])
+                        held = self._groups_with(str(path), fo, eq, [g for g, _ in fits], self._source(str(path)))
                         if held is not None:
                             fits, indexed = [(g, f) for g, f in fits if g in held], True
                     if not fits:
@@ -693,7 +699,9 @@ class Store:
                     big = sum(fo.meta.row_group(g).num_rows for g in groups) >= _TWO_PHASE_ROWS
                     # A file's groups are read in one call. In big groups strings stay dictionary-encoded
                     # (categoricals): a key column's filter compares codes, not 10^5 decoded strings.
-                    pf = pq.ParquetFile(str(path), metadata=fo.meta, read_dictionary=strings if big else None)
+                    src = self._source(str(path))
+                    pf = pq.ParquetFile(src, metadata=fo.meta, read_dictionary=strings if big else None,
+                                        pre_buffer=not isinstance(src, str))
                     if not open_ or not big or indexed:
                         # One read (a rollup file's few small groups: a second call costs more
                         # than decoding the rows it would spare).
@@ -798,7 +806,7 @@ class Store:
                         return None
                     fits = [(g, f) for g in fo.candidates(ranges) if (f := fo.fit(g, ranges)) is not None]
                     if fits and eq:
-                        held = self._groups_with(str(path), fo, eq, [g for g, _ in fits])
+                        held = self._groups_with(str(path), fo, eq, [g for g, _ in fits], self._source(str(path)))
                         if held is not None:
                             fits = [(g, f) for g, f in fits if g in held]
                     if not fits:
@@ -806,8 +814,9 @@ class Store:
                     open_ = [c for c in ranges if any(c not in f for _, f in fits)]
                     want = list(dict.fromkeys([*columns, *open_]))
                     # A memory map, not the path: see _read_footer.
-                    with pa.memory_map(str(path)) as src:
-                        pf = pq.ParquetFile(src, metadata=fo.meta, read_dictionary=[c for c in open_ if c in strings])
+                    with self._opened(str(path)) as src:
+                        pf = pq.ParquetFile(src, metadata=fo.meta, read_dictionary=[c for c in open_ if c in strings],
+                                            pre_buffer=not isinstance(src, pa.MemoryMappedFile))
                         t = pf.read_row_groups([g for g, _ in fits], columns=want, use_threads=False)
                     if any(t.column(c).null_count for c in want):
                         raise _NotFast
@@ -878,14 +887,15 @@ class Store:
         fits = [(g, f) for g in fo.candidates(sect) if (f := fo.fit(g, sect)) is not None]
         eq = {c: lo for c, (lo, hi) in sect.items() if lo == hi}
         if fits and eq:
-            held = self._groups_with(key, fo, eq, [g for g, _ in fits])
+            held = self._groups_with(key, fo, eq, [g for g, _ in fits], self._source(key))
             if held is not None:
                 fits = [(g, f) for g, f in fits if g in held]
         open_ = [c for c in sect if any(c not in f for _, f in fits)]
         if not fits:
             out = pl.DataFrame(schema={c: _polars_type(TABLES[table].field(c).type) for c in want})
         else:
-            pf = pq.ParquetFile(key, metadata=fo.meta)
+            src = self._source(key)
+            pf = pq.ParquetFile(src, metadata=fo.meta, pre_buffer=not isinstance(src, str))
             df = pl.from_arrow(pf.read_row_groups([g for g, _ in fits], columns=[*want, *(c for c in open_ if c not in want)],
                                                   use_threads=False))
             assert isinstance(df, pl.DataFrame)
@@ -905,14 +915,16 @@ class Store:
         return ckey, out
 
     @staticmethod
-    def _groups_with(key: str, fo: _Footer, eq: dict[str, Any], groups: list[int]) -> set[int] | None:
+    def _groups_with(key: str, fo: _Footer, eq: dict[str, Any], groups: list[int],
+                     source: Any = None) -> set[int] | None:
         """Which of ``groups`` of a segment hold a row whose ``eq`` columns equal those values.
 
         Statistics cannot rule out a group that straddles keys (metric a's last layers and metric
         b's first span every layer): in a rollup segment two of every three groups a one-layer
         read decoded held none of its rows. So each group's distinct keys are read once (the key
         columns only, dictionary codes: cheap) the first time a read considers it, and kept per
-        open Store (segments are immutable). None when a key column is missing.
+        open Store (segments are immutable). None when a key column is missing. ``source``: what
+        to open instead of the path ``key`` (an ``s3://`` segment: see :meth:`_source`).
         """
         import polars as pl
         import pyarrow.parquet as pq
@@ -932,7 +944,8 @@ class Store:
             missing = [g for g in missing if g not in known]
         if missing:
             strings = [c for c in cols if fo.meta.schema.column(fo.index[c]).physical_type == "BYTE_ARRAY"]
-            t = pq.ParquetFile(key, metadata=fo.meta, read_dictionary=strings).read_row_groups(
+            t = pq.ParquetFile(source or key, metadata=fo.meta, read_dictionary=strings,
+                               pre_buffer=source is not None and not isinstance(source, str)).read_row_groups(
                 missing, columns=list(cols), use_threads=False)
             df = pl.from_arrow(t)
             assert isinstance(df, pl.DataFrame)
@@ -952,9 +965,57 @@ class Store:
 
     @property
     def _local_root(self) -> bool:
-        """Whether the root is a local directory (the footer paths: ``scan_run``, ``run_extremes``,
-        ``attempts_present``); object storage is answered by the SQL path instead."""
-        return isinstance(self.root, Path) and not _fs.is_remote(str(self.root))
+        """Whether the footer paths (``scan_run``, ``run_extremes``, ``attempts_present``) answer here:
+        a local directory, or an ``s3://`` root (each selected segment read through :meth:`_source`:
+        its footer and needed row groups by ranged GETs, or a small one as a cached local copy)."""
+        if not isinstance(self.root, Path):
+            return False
+        if not _fs.is_remote(str(self.root)):
+            return True
+        from healthwatch.objectstore import S3FS
+
+        return isinstance(_fs.fs_for(str(self.root)), S3FS)
+
+    def _remote(self, key: str) -> tuple[Any, str, int] | None:
+        """``(S3FS, uri, size)`` of an ``s3://`` segment ``key`` as listed, or None for a local file."""
+        if not _fs.is_remote(key):
+            return None
+        fs = _fs.fs_for(key)
+        uri = fs.uri(fs._key(key))
+        size = fs.sizes.get(uri)
+        if size is None:  # not seen in a listing of this process: the object is gone or never was
+            raise FileNotFoundError(key)
+        return fs, uri, size
+
+    def _source(self, key: str) -> Any:
+        """What ``pyarrow.parquet`` opens for segment ``key``: the path of a local file (or of the
+        :class:`~healthwatch.objectstore.SegmentCache` copy of a small or already copied ``s3://``
+        segment), else an :class:`~healthwatch.objectstore.RangeFile` (ranged GETs). Raises
+        ``FileNotFoundError`` for an object retired by a merge (the callers list again)."""
+        remote = self._remote(key)
+        if remote is None:
+            return key
+        fs, _uri, size = remote
+        from healthwatch.objectstore import RangeFile, SegmentCache
+
+        if self._segment_cache is False:
+            self._segment_cache = SegmentCache.from_env()
+        cache = self._segment_cache
+        if cache is not None:
+            local = cache.local_path(fs, key)
+            if local.exists():  # copied already (a SQL view of its table, or an earlier read)
+                return str(local)
+            if size <= _S3_COPY_BYTES:
+                got = cache.fetch(fs, [key])
+                if got:
+                    return str(got[0])
+        return RangeFile(fs, key, size)
+
+    def _opened(self, key: str) -> Any:
+        """A context manager giving ``key`` opened for ``pyarrow.parquet``: a memory map of a local
+        file (see :func:`_read_footer`), or an :class:`~healthwatch.objectstore.RangeFile`."""
+        src = self._source(key)
+        return pa.memory_map(src) if isinstance(src, str) else contextlib.nullcontext(src)
 
     def _checked_footer(self, key: str, table: str) -> _Footer | None:
         """The segment's footer (cached while the file's size and mtime stay the same) with its
@@ -962,13 +1023,25 @@ class Store:
         SQL, which skips the file with its warning)."""
         if key in self._bad_files:
             return None
-        st = os.stat(key)
-        stamp = (st.st_size, st.st_mtime_ns)
+        remote = self._remote(key)
+        if remote is None:
+            st = os.stat(key)
+            stamp = (st.st_size, st.st_mtime_ns)
+        else:  # an object's size and entity tag from the listing (no HEAD): a new object, a new stamp
+            fs, uri, size = remote
+            stamp = (size, int.from_bytes(fs.etags.get(uri, "").encode()[:8].ljust(8, b"\0"), "big"))
         hit = self._footers.get(key)
         if hit is not None and hit[0] == stamp:
             fo = hit[1]
         else:
-            fo = _Footer(_read_footer(key), stamp)
+            if remote is None:
+                meta = _read_footer(key)
+            else:
+                import pyarrow.parquet as pq
+
+                with self._opened(key) as src:
+                    meta = pq.read_metadata(src)
+            fo = _Footer(meta, stamp)
             if len(self._footers) >= 4096:  # files retired by merges: forget them all now and then
                 self._footers.clear()
             self._footers[key] = (stamp, fo)
@@ -1008,7 +1081,7 @@ class Store:
                         else:  # NULLs or several attempts per group, or no statistics: read the column
                             # ParquetFile, not pq.read_table: the latter imports pyarrow.dataset and
                             # with it pandas (~0.9 s of a process's first whole-run series).
-                            col = pl.from_arrow(pq.ParquetFile(str(path), metadata=fo.meta).read(
+                            col = pl.from_arrow(pq.ParquetFile(self._source(str(path)), metadata=fo.meta).read(
                                 columns=["attempt"], use_threads=False).column(0))
                             assert isinstance(col, pl.Series)
                             fo.attempts = frozenset(col.unique().to_list())
