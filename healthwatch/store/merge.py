@@ -17,7 +17,8 @@ Layout written by a live writer (what readers can rely on): every segment sorted
 ``ROW_GROUP_ROWS`` rows (in a sealed segment cut where the series key changes, so a group holds
 one series: :func:`key_groups`; older stores' sealed groups may straddle series), low-cardinality strings (metric, layer_type, name) and small integer keys
 dictionary-encoded, min/max statistics on the key columns (``STAT_COLUMNS``), no Arrow schema blob
-(a file reads back with the table's plain types).
+(a file reads back with the table's plain types), columns without NULLs REQUIRED (read back as
+non-nullable fields; older segments have every column OPTIONAL: cast to ``TABLES`` to compare).
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ reads a segment back. Merging is tiered: ``merge_fanout`` segments of one level 
 next, until a segment holds ``seal_rows`` rows; sealed segments are never rewritten by the writer
 (nor kept in memory), so each row is written about ``1 + log_fanout(seal_rows / rows_per_flush)``
 times (3 for 108 layers x 3 metrics flushed every 100 steps) and a 1M-step run holds a few dozen
-segments of ~8M rows (``healthwatch compact`` merges them further). The sealing merge writes its
+segments of ~8M rows (``healthwatch compact`` merges them further). Flushes that share one series
+layout (a Monitor's) merge by a NumPy reshape (:func:`~healthwatch.store.merge.merge_sorted`); every
+file stores its NULL-free columns REQUIRED (no definition levels to encode). The sealing merge writes its
 result straight from zero-copy slices of its sources, with raw pages and delta-encoded
 step/tokens (:func:`~healthwatch.store.merge.write_parquet`): about 8 bytes a ``layer_stats`` row.
 """
