@@ -221,18 +221,21 @@ class RangeFile:
     segment's footer and only the row groups a query needs, without downloading the object.
 
     ``size`` comes from the listing (no HEAD). The last ``tail`` bytes are fetched with the first read
-    that falls in them and kept (a footer is read as its length word, then its bytes: one GET). A
+    that falls in them and kept (a footer is read as its length word, then its bytes: one GET), in
+    ``tails`` when given (keyed by path: the reader shares them between the files it opens on one
+    object, so its footer, key and row-group reads of a small segment are one GET in all). A
     segment is immutable, so nothing read needs invalidation; an object retired by a merge raises
     ``FileNotFoundError`` and the reader lists again.
     """
 
-    def __init__(self, fs: S3FS, path: str, size: int, tail: int = 64 * 2**10) -> None:
+    def __init__(self, fs: S3FS, path: str, size: int, tail: int = 64 * 2**10,
+                 tails: dict[str, bytes] | None = None) -> None:
         if size < 0:
             raise ValueError(f"RangeFile of {path}: negative size {size}")
         self.fs, self.path, self.size_ = fs, path, int(size)
         self._pos = 0
         self._tail_at = max(0, self.size_ - tail)
-        self._tail: bytes | None = None
+        self._tails = {} if tails is None else tails
         self.closed = False
 
     def size(self) -> int:
@@ -270,9 +273,13 @@ class RangeFile:
         if start >= end:
             return b""
         if start >= self._tail_at:
-            if self._tail is None:
-                self._tail = self.fs.read_range(self.path, self._tail_at, self.size_)
-            data = self._tail[start - self._tail_at:end - self._tail_at]
+            got = self._tails.get(self.path)
+            if got is None or len(got) != self.size_ - self._tail_at:
+                got = self.fs.read_range(self.path, self._tail_at, self.size_)
+                if len(self._tails) >= 512:  # ~32 MiB at most: forget them all now and then
+                    self._tails.clear()
+                self._tails[self.path] = got
+            data = got[start - self._tail_at:end - self._tail_at]
         else:
             data = self.fs.read_range(self.path, start, end)
         self._pos = start + len(data)

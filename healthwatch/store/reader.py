@@ -393,6 +393,7 @@ class Store:
         self._read_ok: set[str] = set()  # files read in full once after a query failed on corrupt data
         self._s3_cache: dict[str, dict[str, Any]] = {}  # s3:// roots, per table: footers (small tables: rows)
         self._segment_cache: Any = False  # s3:// roots: local copies of segments (objectstore.SegmentCache)
+        self._tails: dict[str, bytes] = {}  # s3:// roots: last bytes (footers) of segments read by ranged GETs
         self.version = 0  # bumps whenever a built table's listing changed; apps cache on it
         self._refreshed_at = float("-inf")
 
@@ -1009,7 +1010,7 @@ class Store:
                 got = cache.fetch(fs, [key])
                 if got:
                     return str(got[0])
-        return RangeFile(fs, key, size)
+        return RangeFile(fs, key, size, tails=self._tails)
 
     def _opened(self, key: str) -> Any:
         """A context manager giving ``key`` opened for ``pyarrow.parquet``: a memory map of a local
