@@ -1012,6 +1012,43 @@ class Store:
                     return str(got[0])
         return RangeFile(fs, key, size, tails=self._tails)
 
+    def _prefetch(self, keys: Sequence[str]) -> None:
+        """Fetch what :meth:`_checked_footer` will read of the ``s3://`` segments ``keys`` side by side:
+        small ones whole into the segment cache (one parallel fetch), the tails (footers) of the others
+        (the walk over a run's footers otherwise waits on one GET after another). Local keys: nothing."""
+        remote = [k for k in keys if _fs.is_remote(k) and k not in self._footers and k not in self._bad_files]
+        if not remote:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        from healthwatch.objectstore import RangeFile, SegmentCache
+
+        if self._segment_cache is False:
+            self._segment_cache = SegmentCache.from_env()
+        cache = self._segment_cache
+        small: list[str] = []
+        big: list[Any] = []
+        for k in remote:
+            got = self._remote(k)
+            assert got is not None
+            fs, _uri, size = got
+            if cache is not None and (size <= _S3_COPY_BYTES or cache.local_path(fs, k).exists()):
+                small.append(k)
+            elif k not in self._tails:
+                big.append(RangeFile(fs, k, size, tails=self._tails))
+        if small and cache is not None:
+            cache.fetch(_fs.fs_for(small[0]), small)
+
+        def tail(f: Any) -> None:
+            f.seek(-8, 2)
+            f.read(8)
+
+        if len(big) == 1:
+            tail(big[0])
+        elif big:
+            with ThreadPoolExecutor(max_workers=min(8, len(big))) as pool:
+                list(pool.map(tail, big))
+
     def _opened(self, key: str) -> Any:
         """A context manager giving ``key`` opened for ``pyarrow.parquet``: a memory map of a local
         file (see :func:`_read_footer`), or an :class:`~healthwatch.objectstore.RangeFile`."""
@@ -1068,10 +1105,26 @@ class Store:
             raise ValueError(f"table {table!r} has no attempts (tables with attempts: {', '.join(ATTEMPT_TABLES)})")
         if not self._local_root:
             return None
+        def read_attempts(item: tuple[Path, _Footer]) -> None:
+            path, fo = item
+            # ParquetFile, not pq.read_table: the latter imports pyarrow.dataset and
+            # with it pandas (~0.9 s of a process's first whole-run series).
+            # An s3:// segment: its column chunks are fetched side by side (pre_buffer:
+            # ranged GETs on pyarrow's I/O threads), not one GET after another.
+            src = self._source(str(path))
+            remote = not isinstance(src, str)
+            col = pl.from_arrow(pq.ParquetFile(src, metadata=fo.meta, pre_buffer=remote).read(
+                columns=["attempt"], use_threads=remote).column(0))
+            assert isinstance(col, pl.Series)
+            fo.attempts = frozenset(col.unique().to_list())
+
         for _try in range(3):  # a merge may retire a listed file while it is read: list again
             try:
                 out: set[Any] = set()
-                for path in list_segments(table_dir(self.root, table, run)):
+                paths = list_segments(table_dir(self.root, table, run))
+                self._prefetch([str(p) for p in paths])
+                pending: list[tuple[Path, _Footer]] = []
+                for path in paths:
                     fo = self._checked_footer(str(path), table)
                     if fo is None:
                         return None
@@ -1080,13 +1133,20 @@ class Store:
                         if all(x is not None and x[0] == x[1] for x in b):
                             fo.attempts = frozenset(int(x[0]) for x in b)  # type: ignore[index]
                         else:  # NULLs or several attempts per group, or no statistics: read the column
-                            # ParquetFile, not pq.read_table: the latter imports pyarrow.dataset and
-                            # with it pandas (~0.9 s of a process's first whole-run series).
-                            col = pl.from_arrow(pq.ParquetFile(self._source(str(path)), metadata=fo.meta).read(
-                                columns=["attempt"], use_threads=False).column(0))
-                            assert isinstance(col, pl.Series)
-                            fo.attempts = frozenset(col.unique().to_list())
+                            pending.append((path, fo))
+                            continue
                     out |= fo.attempts
+                if len(pending) > 1 and _fs.is_remote(str(pending[0][0])):
+                    # Object storage: each read waits on the network; read the files side by side.
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    with ThreadPoolExecutor(max_workers=min(8, len(pending))) as pool:
+                        list(pool.map(read_attempts, pending))
+                else:
+                    for item in pending:
+                        read_attempts(item)
+                for _path, fo in pending:
+                    out |= fo.attempts or frozenset()
                 return frozenset(out)
             except FileNotFoundError:
                 continue
@@ -1114,7 +1174,9 @@ class Store:
         for _try in range(3):
             try:
                 out = {c: (None, None) for c in columns}
-                for path in list_segments(table_dir(self.root, table, run)):
+                paths = list_segments(table_dir(self.root, table, run))
+                self._prefetch([str(p) for p in paths])
+                for path in paths:
                     fo = self._checked_footer(str(path), table)
                     if fo is None:
                         return None
