@@ -56,8 +56,8 @@ def test_query_layer_on_s3_equals_local(tmp_path: Path, s3_root: str, in_memory_
             assert_frame_equal(query.heatmap(remote, PARENT, "maxvio", agg=agg, max_buckets=50),
                                query.heatmap(local, PARENT, "maxvio", agg=agg, max_buckets=50))
         # The same rollup limits. `others` (may rows of attempts without rollups be there?) is read from
-        # local files' footers; on S3 the plan keeps that raw part (a conservative superset: the
-        # series and heatmaps below still equal the local ones).
+        # footers (on S3 by ranged GETs: Store.attempts_present); were it unknown there, the plan would keep
+        # that raw part (a conservative superset: the series and heatmaps below still equal the local ones).
         p_remote = query.plan(remote, PARENT, "layer_stats", query.timeline(remote, PARENT))
         p_local = query.plan(local, PARENT, "layer_stats", query.timeline(local, PARENT))
         assert dataclasses.replace(p_remote, others=p_local.others) == p_local
