@@ -95,7 +95,7 @@ class _QuantStage:
         if self.padded:
             self.buf = torch.zeros(2, len(lens), width, dtype=torch.float32, device=device)
             #: Scratch of :func:`signals.quant_padded_sums`, kept (a fresh one costs page faults).
-            self.work = torch.empty(6, len(lens), width, dtype=torch.float32, device=device)
+            self.work = torch.empty(4, len(lens), width, dtype=torch.float32, device=device)
         else:
             self.offsets = np.concatenate([[0], np.cumsum(lens)]).astype(int).tolist()
             self.buf = torch.zeros(2, self.offsets[-1], blk, dtype=torch.float32, device=device)

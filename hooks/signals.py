@@ -250,31 +250,33 @@ def quant_padded_sums(both: Tensor, lengths: Tensor, block: int = NVFP4_BLOCK, w
     ``block``), ``lengths [n]`` its blocks. Zero padding adds nothing to any sum: a zero is not
     non-zero, its all-zero block has no top (never clipped), its error and square are 0.
 
-    With whole rows per operand, the per-operand sums are plain row sums of the five per-element
-    quantities (one ``sum(-1)`` over ``[5 n, W]``): no per-block reduction and no segment index
-    (measured ~3x faster than :func:`quant_block_sums` on the benchmark model's 79 operands).
-    ``work``: a float32 ``[6, n, W]`` scratch buffer the caller keeps from call to call (a fresh
-    one each call costs page faults on CPU: ~1 ms a step for the benchmark model's 7.8 MB)."""
+    With whole rows per operand, the per-operand sums are plain row reductions: the three counts
+    (``x != 0``, ``q != 0``, clipped) written into one buffer and summed per row, the squared error and
+    ``||x||^2`` as row norms (one read each, squared in float64). No per-block reduction and no
+    segment index (measured ~3x faster than :func:`quant_block_sums` on the benchmark model's 79
+    operands). ``work``: a float32 ``[4, n, W]`` scratch buffer the caller keeps from call to call (a
+    fresh one each call costs page faults on CPU: ~1 ms a step for the benchmark model's 5 MB)."""
     with torch.no_grad():
         n, w = both.shape[1], both.shape[2]
-        if work is None or work.shape != (6, n, w) or work.device != both.device:
-            work = torch.empty(6, n, w, dtype=torch.float32, device=both.device)
-        feats = work[:5]
+        if work is None or work.shape != (4, n, w) or work.device != both.device:
+            work = torch.empty(4, n, w, dtype=torch.float32, device=both.device)
+        counts = work[:3]
         x, q = both[0], both[1]
-        torch.ne(both, 0, out=feats[0:2])
-        ax = torch.abs(x, out=feats[2])
+        torch.ne(both, 0, out=counts[0:2])
+        ax = torch.abs(x, out=counts[2])
         # The top of each block's grid: max |q| of the block (a 16-wide max-pool).
-        aq = torch.abs(q, out=work[5])
+        aq = torch.abs(q, out=work[3])
         top = torch.nn.functional.max_pool1d(aq.reshape(1, n, w), block, block).reshape(n, w // block, 1)
         # An all-zero block (top 0) never counts as clipped: +inf is above every |x|.
         top.masked_fill_(top == 0, math.inf)
-        torch.gt(ax.view(n, w // block, block), top, out=feats[2].view(n, w // block, block))
-        torch.sub(q, x, out=feats[3]).square_()
-        torch.mul(x, x, out=feats[4])
-        seg = feats.view(5 * n, w).sum(-1).view(5, n).t().to(torch.float64)
+        torch.gt(ax.view(n, w // block, block), top, out=counts[2].view(n, w // block, block))
+        seg = counts.view(3 * n, w).sum(-1).view(3, n).t().to(torch.float64)
+        err = torch.linalg.vector_norm(torch.sub(q, x, out=work[3]), dim=-1).to(torch.float64).square()
+        xsq = torch.linalg.vector_norm(x, dim=-1).to(torch.float64).square()
         numel = lengths.to(torch.float64).mul(block).unsqueeze(1)
         # [nnz(x) - nnz(q), nnz(x), saturated, numel, err_sq, x_sq]
-        return torch.cat([seg[:, 0:1] - seg[:, 1:2], seg[:, 0:1], seg[:, 2:3], numel, seg[:, 3:5]], dim=1)
+        return torch.cat([seg[:, 0:1] - seg[:, 1:2], seg[:, 0:1], seg[:, 2:3], numel, err.unsqueeze(1),
+                          xsq.unsqueeze(1)], dim=1)
 
 
 def quant_slots(layer: int, operand: str | None) -> tuple[list[RatioSlot], list[MaxSlot]]:
