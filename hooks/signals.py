@@ -197,15 +197,24 @@ QUANT_SAMPLE_ELEMS = 1 << 12
 def quant_sample(x: Tensor, q: Tensor, cap: int = QUANT_SAMPLE_ELEMS) -> tuple[Tensor, Tensor]:
     """Evenly strided whole rows (last dimension) of ``x`` and ``q``, about ``cap`` elements (views).
 
-    Operands of at most ``cap`` elements, or whose rows are longer than ``cap``, come back whole.
+    Operands of at most ``cap`` elements come back whole. Rows of ``cap`` elements or more (a hidden
+    size of 4,096+, the usual case at scale) are sampled by evenly strided ``NVFP4_BLOCK``-element
+    blocks instead of whole rows: a block is the unit NVFP4 scales, so each sampled block is
+    quantised exactly as in the full tensor, and the read stays at ~``cap`` elements however wide
+    the GEMM (a whole-row sample there would read the operand in full).
     """
     n = x.numel()
     if n <= cap or x.dim() == 0:
         return x, q
     k = x.shape[-1]
     rows = n // max(1, k)
-    if k == 0 or k >= cap:
+    if k == 0:
         return x, q
+    if k >= cap:
+        if k % NVFP4_BLOCK:
+            return x, q
+        stride = -(-n // cap)  # ceil, in blocks: at most ~cap elements
+        return x.reshape(-1, NVFP4_BLOCK)[::stride], q.reshape(-1, NVFP4_BLOCK)[::stride]
     stride = -(-rows * k // cap)  # ceil: at most ~cap elements
     return x.reshape(rows, k)[::stride], q.reshape(rows, k)[::stride]
 

@@ -175,6 +175,23 @@ def test_large_operands_are_sampled_on_whole_rows_amax_exact():
     assert xs.shape == (64, 64) and xs.numel() <= 1 << 12
 
 
+def test_wide_rows_are_sampled_by_blocks_not_read_whole():
+    # Rows of 8,192 elements (a hidden size at scale) are longer than the sampling cap: the sample is
+    # evenly strided 16-blocks (views, ~cap elements), not the whole operand.
+    torch.manual_seed(5)
+    x = torch.randn(64, 8192) * torch.linspace(0.01, 4, 8192)
+    q = quantize_nvfp4(x)
+    xs, qs = quant_sample(x, q)
+    assert xs.numel() <= 1 << 12 and xs.shape[-1] == 16 and xs.data_ptr() == x.data_ptr()
+    stride = xs.stride(0) // 16                      # blocks between two sampled blocks
+    assert torch.equal(xs, x.reshape(-1, 16)[::stride]) and torch.equal(qs, q.reshape(-1, 16)[::stride])
+    got = _collected([(0, "act", x, q)])
+    full, _ = quant_terms(x, q)
+    assert got[(0, "fp4_underflow")] == pytest.approx(float(full[0] / full[1]), abs=0.03)
+    assert got[(0, "fp4_rel_mse")] == pytest.approx(float(full[4] / full[5]), rel=0.25)
+    assert got[(0, "fp4_amax")] == pytest.approx(float(x.abs().max()))
+
+
 def test_an_amax_the_quantiser_already_has_replaces_the_full_read(store_dir):
     """``quant_stats(..., amax=)``: a trainer whose quantiser computed the operand's max |x| passes it
     and the Monitor stores it as given (no read of the whole operand); the ratios still come from the
