@@ -128,6 +128,8 @@ class S3FS:
         #: (:class:`SegmentCache`), so a re-created bucket's same-named object is never mistaken for it.
         self.etags: dict[str, str] = {}
         self._arrow_fs: Any = None
+        self._handles: dict[str, Any] = {}  # key -> pyarrow input file (see _arrow_range)
+        self._handles_lock = threading.Lock()
 
     @classmethod
     def for_uri(cls, uri: str | StoreURI, settings: S3Settings | None = None) -> S3FS:
@@ -344,9 +346,46 @@ class S3FS:
         """Bytes ``[start, end)`` of the object ``path`` (one ranged GET; ``FileNotFoundError`` when absent)."""
         if not 0 <= start < end:
             raise ValueError(f"read_range of {path}: empty or negative byte range [{start}, {end})")
+        # pyarrow's C++ S3 client first: ~1 ms CPU per GET against boto3's ~3.5 ms (measured on SeaweedFS),
+        # which is most of a cold s3:// Run page's ~90 footer and column-chunk reads. Any failure other
+        # than a missing object falls back to boto3, whose errors this store already translates.
+        try:
+            data = self._arrow_range(path, start, end)
+        except FileNotFoundError:
+            raise
+        except Exception:  # noqa: BLE001 - boto3 below raises the clear error, or succeeds
+            data = None
+        if data is not None:
+            return data
         with self._getting(path):
             return self.client.get_object(Bucket=self.bucket, Key=self._key(path),
                                           Range=f"bytes={start}-{end - 1}")["Body"].read()
+
+    def _arrow_range(self, path: str, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` by one ranged GET through :meth:`arrow_filesystem` (counted), reusing an
+        opened handle per object (its HEAD paid once); None when the read came back short."""
+        key = self._key(path)
+        with self._handles_lock:
+            handle = self._handles.pop(key, None)
+        fresh = handle is None
+        if fresh:
+            # Segments are immutable (create-only keys), so an object's handle stays valid until retired.
+            self.stats.count("head")
+            handle = self.arrow_filesystem().open_input_file(f"{self.bucket}/{key}")  # a HEAD; FileNotFoundError
+        self.stats.count("get")
+        try:
+            data = handle.read_at(end - start, start)
+        except Exception:
+            if fresh:
+                raise
+            return self._arrow_range(path, start, end)  # a stale handle (object retired): open it again
+        if len(data) != end - start:
+            return None
+        with self._handles_lock:  # the most recently used last; a bounded number kept
+            self._handles[key] = handle
+            while len(self._handles) > 256:
+                self._handles.pop(next(iter(self._handles)))
+        return data
 
     def download(self, path: str, dest: str | os.PathLike[str]) -> int:
         """Stream the object ``path`` into the local file ``dest`` (never whole in memory); returns its size.
