@@ -607,17 +607,25 @@ class Store:
     def _local_copies(self, paths: list[Path]) -> list[Path]:
         """``paths`` (``s3://`` segments) as local copies (:class:`~healthwatch.objectstore.SegmentCache`),
         or unchanged when the cache is off or the table does not fit in it."""
-        from healthwatch.objectstore import S3FS, SegmentCache
+        from healthwatch.objectstore import S3FS
 
-        if self._segment_cache is False:
-            self._segment_cache = SegmentCache.from_env()
-        if self._segment_cache is None:
+        cache = self._cache()
+        if cache is None:
             return paths
         fs = _fs.fs_for(str(paths[0]))
         if not isinstance(fs, S3FS):
             return paths
-        local = self._segment_cache.fetch(fs, [str(p) for p in paths])
+        local = cache.fetch(fs, [str(p) for p in paths])
         return paths if local is None else local
+
+    def _cache(self) -> Any:
+        """The :class:`~healthwatch.objectstore.SegmentCache` of ``s3://`` reads, made on first use
+        from the environment (None: turned off)."""
+        if self._segment_cache is False:
+            from healthwatch.objectstore import SegmentCache
+
+            self._segment_cache = SegmentCache.from_env()
+        return self._segment_cache
 
     @property
     def segment_cache(self) -> Any:
@@ -997,11 +1005,9 @@ class Store:
         if remote is None:
             return key
         fs, _uri, size = remote
-        from healthwatch.objectstore import RangeFile, SegmentCache
+        from healthwatch.objectstore import RangeFile
 
-        if self._segment_cache is False:
-            self._segment_cache = SegmentCache.from_env()
-        cache = self._segment_cache
+        cache = self._cache()
         if cache is not None:
             local = cache.local_path(fs, key)
             if local.exists():  # copied already (a SQL view of its table, or an earlier read)
@@ -1021,11 +1027,9 @@ class Store:
             return
         from concurrent.futures import ThreadPoolExecutor
 
-        from healthwatch.objectstore import RangeFile, SegmentCache
+        from healthwatch.objectstore import RangeFile
 
-        if self._segment_cache is False:
-            self._segment_cache = SegmentCache.from_env()
-        cache = self._segment_cache
+        cache = self._cache()
         small: list[str] = []
         big: list[Any] = []
         for k in remote:
