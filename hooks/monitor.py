@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -339,6 +339,48 @@ class Monitor:
         """Record per-block and special gradient norms; call after backward, before ``optimizer.step()``."""
         if self._collector is not None and self._collector.active:
             self._collector.after_backward()
+
+    def clip_grad_norm_(
+        self,
+        parameters: torch.Tensor | Iterable[torch.Tensor],
+        max_norm: float,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = False,
+        foreach: bool | None = None,
+    ) -> torch.Tensor:
+        """:meth:`after_backward` and :func:`torch.nn.utils.clip_grad_norm_` with one read of the gradients.
+
+        Call it where the trainer clips (after backward, before ``optimizer.step()``), instead of both.
+        The per-tensor norms that the Monitor takes for the wgrad signals also give the total norm, so
+        the gradients are read once for the norms and once for the scaling, not twice and once. The
+        return value and the clipped gradients are those of ``torch.nn.utils.clip_grad_norm_`` (equal
+        up to summation order when the gradients are of several dtypes or devices). Anything the shared
+        pass does not cover falls back to exactly ``after_backward()`` followed by torch's function:
+        ``norm_type`` other than 2, a step the Monitor does not record, parameters whose gradients are
+        in ``main_grad`` (megatron) or are tensor subclasses (``DTensor``: sharded, the total needs a
+        reduction torch does itself).
+        """
+        params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+        collector = self._collector
+        shared = (
+            collector is not None and collector.active and float(norm_type) == 2.0
+            and all(getattr(p, "main_grad", None) is None and (p.grad is None or type(p.grad) is torch.Tensor)
+                    for p in params)
+        )
+        if not shared:
+            self.after_backward()
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type,
+                                                  error_if_nonfinite=error_if_nonfinite, foreach=foreach)
+        total = collector.after_backward(clip=params)
+        if total is None:  # no parameters at all
+            total = torch.tensor(0.0)
+        if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):  # the trainer's own sync
+            raise RuntimeError(
+                f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "
+                "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
+                "set `error_if_nonfinite=False`")
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=foreach)
+        return total
 
     def watch_optimizer(self, optimizer: Any) -> None:
         """Call :meth:`after_optimizer_step` automatically after every ``optimizer.step()`` (a post-step hook).

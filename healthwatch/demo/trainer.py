@@ -136,8 +136,10 @@ class Trainer:
             mtp = self.cfg.model.mtp_loss_scale * torch.stack(out.mtp_losses).sum()
         backward_with_fault(self.model, out.loss + out.aux_loss, mtp, self.fault, step)
         if self.monitor is not None:
-            self.monitor.after_backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            # The wgrad norms and the clipping share one read of the gradients.
+            self.monitor.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.tokens += batch.shape[0] * self.cfg.seq_len

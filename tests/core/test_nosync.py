@@ -5,7 +5,8 @@ Coverage is generic, not a list of entry points: every host-reading tensor metho
 wrapped for whole real training steps of the reference model (forward, backward, optimizer step,
 all signals on, every step logged), and a call counts when *any* frame on the training thread's
 stack lies in the installed ``healthwatch.hooks`` package directory. Forward hooks (residual,
-router counts and health, Mamba dt, NVFP4 quantisation observers), ``after_backward``,
+router counts and health, Mamba dt, NVFP4 quantisation observers), ``after_backward`` and
+``clip_grad_norm_`` (on alternate steps),
 ``after_optimizer_step`` (explicit and the optimizer's post-step hook), ``step``, ``log``, and any hook added later (including code they call in
 other packages) are therefore covered without being named here. The writer thread is exempt: it
 decodes on the host by design, after the flush's one copy.
@@ -187,7 +188,10 @@ def _train(store_dir: Path, steps: int, flush_every: int,
         with _flush_marker(mon) as flushes, HostReadCounter() as counter:
             out = model(ids)
             out.total_loss.backward()
-            mon.after_backward()
+            if step % 2:  # the reference trainer's path: wgrad norms and clipping in one pass
+                mon.clip_grad_norm_(model.parameters(), 1.0)
+            else:
+                mon.after_backward()
             opt.step()
             for call in extra:
                 call()
