@@ -28,6 +28,7 @@ non-flush steps.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import sys
@@ -72,6 +73,8 @@ MODEL = {
 }
 BATCH, SEQ = 4, 128
 BUDGET_PCT = 1.0
+#: Gradient clipping of the reference trainer (``healthwatch.demo.trainer.TrainConfig.grad_clip``).
+CLIP = 1.0
 
 
 class SyncCounter:
@@ -149,8 +152,18 @@ FAMILY_METHODS = {
     "update": ("after_optimizer_step",),
     "param-side (decay, expert bias)": ("_param_stats",),
 }
-#: The extra signals' budget over the five signals' figure (issue 17), in percentage points.
+#: Collector methods of FAMILY_METHODS that run outside the bracketed forward hooks and outside
+#: ``step()`` (quantisation observers inside module forwards, Mamba dt hooks on ``in_proj``, the
+#: optimizer post-step hook): with those two, the Monitor's whole time on the training thread.
+OUTSIDE_METHODS = ("quant_stats", "_dt_stats", "after_optimizer_step")
+#: The hook-overhead budget of issue 17: the benchmark's figure with every signal on at every step
+#: stays within this many percentage points of the figure when the issue was filed (the five
+#: signals of commit f8549be, :data:`BASELINE`).
 FAMILY_BUDGET_PP = 0.5
+#: "Today's figure" when issue 17 was filed: the five signals' attributed CPU time at f8549be (the
+#: commit before the first new signal), measured by ``benchmarks/overhead_attribution.py`` on a
+#: checkout of it, alternating with this tree (BENCHMARKS.md section 1 says how).
+BASELINE = Path(__file__).parent / "results" / "overhead-baseline-f8549be.json"
 
 
 def run_overhead(params: dict[str, Any]) -> dict[str, Any]:
@@ -195,7 +208,7 @@ def run_overhead(params: dict[str, Any]) -> dict[str, Any]:
                              expert_load_every=1, config={"benchmark": "overhead", "variant": name},
                              monitor_config=mcfg)
             mon.watch(model)
-        variants[name] = {"model": model, "opt": opt, "mon": mon, "step": 0, "times": [], "cpu": []}
+        variants[name] = {"model": model, "opt": opt, "mon": mon, "step": 0, "times": [], "cpu": [], "clip_cpu": []}
 
     def train(v: dict[str, Any], i: int) -> float:
         """One training step of variant ``v``; its wall time (returned) and training-thread CPU time (kept)."""
@@ -205,8 +218,15 @@ def run_overhead(params: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         out = model(ids)
         out.total_loss.backward()
+        # Gradients clipped as the reference trainer (healthwatch.demo.trainer) clips them: by torch
+        # without a Monitor, by the Monitor's clip_grad_norm_ (wgrad norms and clipping in one read
+        # of the gradients) with one. The clip's own CPU time is kept for the attribution phase.
+        c_clip = time.thread_time_ns()
         if mon is not None:
-            mon.after_backward()
+            mon.clip_grad_norm_(model.parameters(), CLIP)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        v["clip_cpu"].append((time.thread_time_ns() - c_clip) / 1e9)
         opt.step()  # the update family (when on) runs in the optimizer's post-step hook
         opt.zero_grad(set_to_none=True)
         if mon is not None:
@@ -226,6 +246,7 @@ def run_overhead(params: dict[str, Any]) -> dict[str, Any]:
         emit_progress(done, total_units, "warm-up")
     for v in variants.values():
         v["cpu"].clear()  # only the interleaved rounds' CPU times are compared
+        v["clip_cpu"].clear()
 
     # -- phase 1: every variant once per round, in a rotated order ----------------------------
     # Round k starts at variant k mod n (a Latin square over rounds): each variant runs in every
@@ -254,13 +275,14 @@ def run_overhead(params: dict[str, Any]) -> dict[str, Any]:
     mon = tv["mon"]
     spec = mon.spec
     collector = mon._collector
+    outside_cpu = [0]
     fam_time: dict[str, float] = {f: 0.0 for f in FAMILY_METHODS}
     fam_cpu: dict[str, int] = {f: 0 for f in FAMILY_METHODS}
     for fam, methods in FAMILY_METHODS.items():
         for meth in methods:
             orig = getattr(collector, meth)
 
-            def timed(*a: Any, __o: Any = orig, __f: str = fam, **k: Any) -> Any:
+            def timed(*a: Any, __o: Any = orig, __f: str = fam, __m: str = meth, **k: Any) -> Any:
                 c0 = time.thread_time_ns()
                 t0 = time.perf_counter()
                 try:
@@ -268,19 +290,27 @@ def run_overhead(params: dict[str, Any]) -> dict[str, Any]:
                 finally:
                     fam_time[__f] += time.perf_counter() - t0
                     fam_cpu[__f] += time.thread_time_ns() - c0
+                    if __m in OUTSIDE_METHODS:
+                        outside_cpu[0] += time.thread_time_ns() - c0
 
             setattr(collector, meth, timed)  # an instance attribute shadows the method
 
     hook_time = [0.0]
+    hook_cpu = [0]
     starts: dict[int, float] = {}
+    cpu_starts: dict[int, int] = {}
     handles = []
     hooked = {id(b.module): b.module for b in spec.blocks if b.residual}
     hooked.update({id(r.module): r.module for r in spec.routers})
 
     def pre(mod: Any, _i: Any, _o: Any) -> None:
         starts[id(mod)] = time.perf_counter()
+        cpu_starts[id(mod)] = time.thread_time_ns()
 
     def post(mod: Any, _i: Any, _o: Any) -> None:
+        c0 = cpu_starts.pop(id(mod), None)
+        if c0 is not None:
+            hook_cpu[0] += time.thread_time_ns() - c0
         t0 = starts.pop(id(mod), None)
         if t0 is not None:
             hook_time[0] += time.perf_counter() - t0
@@ -294,13 +324,19 @@ def run_overhead(params: dict[str, Any]) -> dict[str, Any]:
     probe.register_forward_hook(post)
     x = torch.zeros(1)
     hook_time[0] = 0.0
+    hook_cpu[0] = 0
     for _ in range(2000):
         probe(x)
     bracket_cost = hook_time[0] / 2000
+    bracket_cpu = hook_cpu[0] / 1e9 / 2000
 
     hooks_s: list[float] = []
     ab_s: list[float] = []
     step_s: list[float] = []
+    hooks_cpu: list[float] = []
+    outside_s: list[float] = []
+    ab_cpu: list[float] = []
+    step_cpu: list[float] = []
     families_s: dict[str, list[float]] = {f: [] for f in FAMILY_METHODS}
     families_cpu_s: dict[str, list[float]] = {f: [] for f in FAMILY_METHODS}
     attrib_step_cpu: list[float] = []
@@ -312,19 +348,25 @@ def run_overhead(params: dict[str, Any]) -> dict[str, Any]:
         for f in fam_time:
             fam_time[f] = 0.0
             fam_cpu[f] = 0
+        hook_cpu[0] = 0
+        outside_cpu[0] = 0
         c_step, t_step = time.thread_time_ns(), time.perf_counter()
         out = model_b(ids)
         hooks_s.append(max(0.0, hook_time[0] - bracket_cost * len(hooked)))
+        hooks_cpu.append(max(0.0, hook_cpu[0] / 1e9 - bracket_cpu * len(hooked)))
         out.total_loss.backward()
-        t0 = time.perf_counter()
-        mon.after_backward()
+        t0, c0 = time.perf_counter(), time.thread_time_ns()
+        mon.clip_grad_norm_(model_b.parameters(), CLIP)
         ab_s.append(time.perf_counter() - t0)
+        ab_cpu.append((time.thread_time_ns() - c0) / 1e9)
         opt_b.step()
         opt_b.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time_ns()
         mon.step(tv["step"], tokens=(tv["step"] + 1) * tokens_per_step, loss=out.loss, mtp_losses=out.mtp_losses,
                  lr=1e-3)
         step_s.append(time.perf_counter() - t0)
+        step_cpu.append((time.thread_time_ns() - c0) / 1e9)
+        outside_s.append(outside_cpu[0] / 1e9)
         attrib_step_wall.append(time.perf_counter() - t_step)
         attrib_step_cpu.append((time.thread_time_ns() - c_step) / 1e9)
         for f, v in fam_time.items():
@@ -346,7 +388,7 @@ def run_overhead(params: dict[str, Any]) -> dict[str, Any]:
             ids = data.batch_at(warmup + rounds + attrib_steps + k)
             out = model_b(ids)
             out.total_loss.backward()
-            mon.after_backward()
+            mon.clip_grad_norm_(model_b.parameters(), CLIP)
             opt_b.step()
             opt_b.zero_grad(set_to_none=True)
             mon.step(tv["step"], tokens=(tv["step"] + 1) * tokens_per_step, loss=out.loss,
@@ -388,7 +430,9 @@ def run_overhead(params: dict[str, Any]) -> dict[str, Any]:
         "a_times": variants["none"]["times"] if "none" in variants else [],
         "b_times": tv["times"], "target": target, "phase_wall_s": phase_wall,
         "writer_cpu_per_step_s": writer_cpu.get(target), "writer_cpu": writer_cpu,
-        "hooks_s": hooks_s, "after_backward_s": ab_s,
+        "hooks_s": hooks_s, "after_backward_s": ab_s, "hooks_cpu_s": hooks_cpu, "clip_cpu_s": ab_cpu,
+        "step_cpu_s": step_cpu, "outside_cpu_s": outside_s, "clip": CLIP,
+        "torch_clip_cpu_s": variants["none"]["clip_cpu"] if "none" in variants else [],
         "step_s": step_s, "families_s": families_s, "bracket_cost_s": bracket_cost, "hooked_modules": len(hooked),
         "sync_steps": sync_steps, "non_flush_syncs": non_flush_syncs, "flush_syncs": flush_syncs,
         "steps_logged": steps_logged, "scalar_rows": scalar_rows, "layer_rows": layer_rows,
@@ -512,6 +556,43 @@ def _family_table(r: dict[str, Any], label: str) -> Table:
     )
 
 
+def _monitor_cpu(r: dict[str, Any]) -> list[float] | None:
+    """The Monitor's training-thread CPU time per attribution step: its forward hooks, its share of
+    the gradient pass (``clip_grad_norm_`` minus torch's clip of the no-Monitor copy, median), ``step()``
+    and the collector methods that run elsewhere (:data:`OUTSIDE_METHODS`); None for older results."""
+    need = ("hooks_cpu_s", "clip_cpu_s", "step_cpu_s", "outside_cpu_s", "torch_clip_cpu_s")
+    if any(not r.get(k) for k in need):
+        return None
+    torch_clip = median(r["torch_clip_cpu_s"])
+    return [h + (c - torch_clip) + s + o for h, c, s, o in
+            zip(r["hooks_cpu_s"], r["clip_cpu_s"], r["step_cpu_s"], r["outside_cpu_s"])]
+
+
+def _cpu_rows(r: dict[str, Any]) -> list[list[str]]:
+    """Rows of the training-thread CPU attribution (newer results only): the trainer's own clip,
+    subtracted, and the Monitor's total."""
+    monitor, cpu_base = _monitor_cpu(r), _cpu_base(r)
+    if not monitor or not cpu_base:
+        return []
+    tc = r["torch_clip_cpu_s"]
+    return [
+        ["thread CPU: torch's `clip_grad_norm_` on the no-Monitor copy (the trainer's own, subtracted)",
+         fmt_time(median(tc)), fmt_time(percentile(tc, 95)), f"{100 * median(tc) / cpu_base:.3f} % (CPU)"],
+        ["thread CPU: the Monitor in all (hooks + its share of the clip + `step()` + observers, dt, update)",
+         fmt_time(median(monitor)), fmt_time(percentile(monitor, 95)), f"{100 * median(monitor) / cpu_base:.3f} % (CPU)"],
+    ]
+
+
+def _baseline_pct(precision: str) -> float | None:
+    """Today's figure (issue 17) for ``precision`` ("NVFP4"/"BF16"), from :data:`BASELINE`, or None."""
+    try:
+        data = json.loads(BASELINE.read_text())
+    except (OSError, ValueError):
+        return None
+    found = data.get(precision.lower(), {})
+    return float(found["monitor_pct"]) if "monitor_pct" in found else None
+
+
 def section(results: dict[str, dict[str, Any]]) -> Section:
     """Turn the children's raw measurements into budget rows and tables."""
     sec = Section("overhead", "1. Hook overhead on the reference trainer")
@@ -545,37 +626,41 @@ def section(results: dict[str, dict[str, Any]]) -> Section:
             pct, lo, hi = _pp([b - a for a, b in zip(times["none"], times["five"])], base)
             sec.budgets.append(Budget(f"{label}: Monitor overhead, the five signals (A/B, paired median)", "≤ 1 %",
                                       f"{pct:+.2f} % (95 % CI {lo:+.2f} … {hi:+.2f} %)", verdict(pct <= 1.0)))
-        if "all" in times and "five" in times:
-            pp, lo, hi = _pp([b - a for a, b in zip(times["five"], times["all"])], base)
-            sec.budgets.append(Budget(
-                f"{label}: all new families every step, over the five signals (A/B, paired median)",
-                f"≤ +{FAMILY_BUDGET_PP} pp", f"{pp:+.2f} pp (95 % CI {lo:+.2f} … {hi:+.2f})",
-                verdict(pp <= FAMILY_BUDGET_PP),
-                "A/B on a shared 2-core machine: read with the CI and the attributed row",
-            ))
-        fam_total = sum(median(v) for v in r["families_s"].values())
-        sec.budgets.append(Budget(
-            f"{label}: all new families every step, attributed (time in their code)", f"≤ +{FAMILY_BUDGET_PP} pp",
-            f"{100 * fam_total / base:.2f} pp ({fmt_time(fam_total)}/step)",
-            verdict(100 * fam_total / base <= FAMILY_BUDGET_PP), "wall clock",
-        ))
         cpu_base = _cpu_base(r)
+        monitor = _monitor_cpu(r)
+        if cpu_base and monitor:
+            pct = 100 * median(monitor) / cpu_base
+            then = _baseline_pct(label)
+            measured = f"{pct:.2f} % ({fmt_time(median(monitor))} of {fmt_time(cpu_base)} CPU/step)"
+            if then is None:
+                sec.budgets.append(Budget(
+                    f"{label}: the Monitor, every signal at every step (attributed, training-thread CPU)",
+                    f"≤ today's figure +{FAMILY_BUDGET_PP} pp", measured, NA, f"no baseline in {BASELINE.name}"))
+            else:
+                sec.budgets.append(Budget(
+                    f"{label}: the Monitor, every signal at every step (attributed, training-thread CPU), "
+                    f"against today's figure (the five signals at f8549be: {then:.2f} %)",
+                    f"≤ +{FAMILY_BUDGET_PP} pp", f"{measured}: {pct - then:+.2f} pp",
+                    verdict(pct - then <= FAMILY_BUDGET_PP),
+                    "issue 17's budget; the baseline is measured in its own processes (BENCHMARKS.md section 1)",
+                ))
+        # Each new family's own cost, as the issue asks it reported (informative: the budget is on the
+        # whole figure, above; the five signals' own path got cheaper meanwhile).
         fam_cpu = r.get("families_cpu_s") or {}
         if cpu_base and fam_cpu:
             cpu_total = sum(median(v) for v in fam_cpu.values())
             sec.budgets.append(Budget(
-                f"{label}: all new families every step, attributed (training-thread CPU time in their code)",
-                f"≤ +{FAMILY_BUDGET_PP} pp", f"{100 * cpu_total / cpu_base:.2f} pp ({fmt_time(cpu_total)} of "
-                f"{fmt_time(cpu_base)} CPU/step)", verdict(100 * cpu_total / cpu_base <= FAMILY_BUDGET_PP),
-                "load-independent figure (`time.thread_time_ns()`)",
+                f"{label}: the new families alone, every step (training-thread CPU time in their code)",
+                "reported", f"{100 * cpu_total / cpu_base:.2f} pp ({fmt_time(cpu_total)} of "
+                f"{fmt_time(cpu_base)} CPU/step)", NA, "each family's own row: the family table",
             ))
         cpu = r.get("cpu_times") or {}
         if cpu_base and cpu.get("all") and cpu.get("five"):
             pp, lo, hi = _pp([b - a for a, b in zip(cpu["five"], cpu["all"])], cpu_base)
             sec.budgets.append(Budget(
                 f"{label}: all new families every step, over the five signals (A/B on thread CPU, paired median)",
-                f"≤ +{FAMILY_BUDGET_PP} pp", f"{pp:+.2f} pp (95 % CI {lo:+.2f} … {hi:+.2f})",
-                verdict(pp <= FAMILY_BUDGET_PP), "the whole step's CPU time, the Monitor's bookkeeping included",
+                "reported", f"{pp:+.2f} pp (95 % CI {lo:+.2f} … {hi:+.2f})", NA,
+                "the whole step's CPU time; the CI says how far an A/B can resolve on this machine",
             ))
         syncs = r["non_flush_syncs"]
         sec.budgets.append(Budget(
@@ -592,12 +677,13 @@ def section(results: dict[str, dict[str, Any]]) -> Section:
             [
                 ["forward hooks on blocks and routers (residual RMS, expert counts, router health)",
                  fmt_time(median(hooks)), fmt_time(percentile(hooks, 95)), f"{100 * median(hooks) / base:.3f} %"],
-                ["`after_backward()` (grad norms: one `_foreach_norm`)", fmt_time(median(ab)),
-                 fmt_time(percentile(ab, 95)), f"{100 * median(ab) / base:.3f} %"],
+                ["`clip_grad_norm_()` (grad norms and the trainer's clipping: one `_foreach_norm`, one scaling)",
+                 fmt_time(median(ab)), fmt_time(percentile(ab, 95)), f"{100 * median(ab) / base:.3f} %"],
                 ["`step()` (incl. staged quant statistics and the flushes that fell in)", fmt_time(median(st)),
                  fmt_time(percentile(st, 95)), f"{100 * median(st) / base:.3f} %"],
                 ["writer thread CPU (decode + Parquet + self-merge)", fmt_time(writer), "—",
                  "—" if writer is None else f"{100 * writer / base:.3f} %"],
+                *_cpu_rows(r),
             ],
             f"Timing hooks cost {fmt_time(r['bracket_cost_s'])} per module and were subtracted. "
             f"Rows written by `{r['target']}`: {r['steps_logged']} steps, {r['scalar_rows']} scalar rows, "

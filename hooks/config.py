@@ -85,6 +85,13 @@ class MonitorConfig:
     0.7 / 1.0 pp of the benchmark's NVFP4 / BF16 CPU step when computed at every step, so N >= 3
     keeps it at <= 0.34 pp (docs/signals.md)."""
 
+    quant_sample_elems: int = 2048
+    """Elements of each quantised operand the ``quant`` family reads for ``fp4_underflow``,
+    ``fp4_saturation`` and ``fp4_rel_mse`` (>= 16; whole rows, or 16-element blocks of rows wider
+    than this; smaller operands whole). A ratio from 2,048 elements has a standard error below
+    1.1 percentage points (0.48 at 5 %); 4,096 halves the variance for ~2 ms more a step on the
+    overhead benchmark's 79 operand calls (docs/signals.md). ``fp4_amax`` is exact either way."""
+
     def __post_init__(self) -> None:
         _int_at_least("log_every", self.log_every, 1)
         _int_at_least("expert_load_every", self.expert_load_every, 0)
@@ -105,6 +112,7 @@ class MonitorConfig:
         object.__setattr__(self, "signals", tuple(self.signals))
         _int_at_least("update_every", self.update_every, 1)
         _int_at_least("signals_every", self.signals_every, 1)
+        _int_at_least("quant_sample_elems", self.quant_sample_elems, 16)
 
     def replace(self, **changes: Any) -> MonitorConfig:
         """A copy with ``changes`` applied (validated; an unknown field name is a ``ValueError``)."""

@@ -304,7 +304,7 @@ class Monitor:
         self.spec = spec
         cfg = self.monitor_config
         self._collector = StatsCollector(spec, self.device, families=cfg.signals, update_every=cfg.update_every,
-                                         signals_every=cfg.signals_every)
+                                         signals_every=cfg.signals_every, quant_sample_elems=cfg.quant_sample_elems)
         self._collector.attach()
         if optimizer is not None:
             self.watch_optimizer(optimizer)

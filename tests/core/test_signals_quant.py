@@ -12,7 +12,14 @@ from torch import nn
 import healthwatch as hw
 from healthwatch.demo.nvfp4 import QuantLinear, quantize_nvfp4
 from healthwatch.hooks.adapters import GenericAdapter
-from healthwatch.hooks.signals import SignalBank, decode_bank, quant_sample, quant_slots, quant_terms
+from healthwatch.hooks.signals import (
+    QUANT_SAMPLE_ELEMS,
+    SignalBank,
+    decode_bank,
+    quant_sample,
+    quant_slots,
+    quant_terms,
+)
 
 
 def test_quant_terms_by_hand():
@@ -161,7 +168,7 @@ def test_batched_path_equals_quant_terms_per_operand_and_pooled():
 
 
 def test_large_operands_are_sampled_on_whole_rows_amax_exact():
-    # 4096 x 64 = 262,144 elements, 64x the sampling cap: ratios are estimates on every 64th row.
+    # 4096 x 64 = 262,144 elements, 128x the sampling cap: ratios are estimates on every 128th row.
     torch.manual_seed(4)
     x = torch.randn(4096, 64) * torch.linspace(0.01, 4, 64)
     x[1, 7] = 500.0                                  # an outlier in a row the sample skips
@@ -172,7 +179,7 @@ def test_large_operands_are_sampled_on_whole_rows_amax_exact():
     assert got[(0, "fp4_saturation")] == pytest.approx(float(full[2] / full[3]), abs=0.02)
     assert got[(0, "fp4_amax")] == 500.0            # amax reads the whole operand
     xs, _qs = quant_sample(x, q)
-    assert xs.shape == (64, 64) and xs.numel() <= 1 << 12
+    assert xs.shape == (QUANT_SAMPLE_ELEMS // 64, 64) and xs.numel() <= QUANT_SAMPLE_ELEMS
 
 
 def test_wide_rows_are_sampled_by_blocks_not_read_whole():
@@ -182,7 +189,7 @@ def test_wide_rows_are_sampled_by_blocks_not_read_whole():
     x = torch.randn(64, 8192) * torch.linspace(0.01, 4, 8192)
     q = quantize_nvfp4(x)
     xs, qs = quant_sample(x, q)
-    assert xs.numel() <= 1 << 12 and xs.shape[-1] == 16 and xs.data_ptr() == x.data_ptr()
+    assert xs.numel() <= QUANT_SAMPLE_ELEMS and xs.shape[-1] == 16 and xs.data_ptr() == x.data_ptr()
     stride = xs.stride(0) // 16                      # blocks between two sampled blocks
     assert torch.equal(xs, x.reshape(-1, 16)[::stride]) and torch.equal(qs, q.reshape(-1, 16)[::stride])
     got = _collected([(0, "act", x, q)])
