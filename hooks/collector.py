@@ -779,34 +779,48 @@ class StatsCollector:
         their total 2-norm, returned as :func:`torch.nn.utils.get_total_norm` computes it (the
         stack of per-tensor norms, in parameter order, normed again), so the trainer's clipping
         needs no second read of the gradients. Parameters without a gradient are left out of it.
+        Returns None, having recorded nothing, when the total cannot come from this pass: gradients
+        in ``main_grad`` (megatron: the trainer's clip reads those) or of a tensor subclass
+        (``DTensor``: sharded, the total needs a reduction); the caller then falls back.
         """
-        params, clip_idx = self._params, None
-        if clip is not None:
-            key = tuple(id(p) for p in clip)
-            plan = self._clip_plan
-            if plan is None or plan[0] != key:
-                index = {id(p): i for i, p in enumerate(self._params)}
-                extra = [p for p in clip if id(p) not in index]
-                for p in extra:
-                    index.setdefault(id(p), len(index))
-                plan = self._clip_plan = (key, self._params + extra, [index[id(p)] for p in clip])
-            _key, params, clip_idx = plan
-        grads: list[torch.Tensor] = []
-        present: list[bool] = []
-        for p in params:
-            g = getattr(p, "main_grad", None)
-            if g is None:
-                g = p.grad
-            present.append(g is not None)
-            if g is None:
-                if self._zero is None:
-                    self._zero = torch.zeros(1, device=self.device)
-                g = self._zero
-            grads.append(g)
+        if clip is None:
+            grads = []
+            for p in self._params:
+                g = getattr(p, "main_grad", None)
+                grads.append(p.grad if g is None else g)
+            return self._grad_norms(grads, None)
+        key = tuple(map(id, clip))
+        plan = self._clip_plan
+        if plan is None or plan[0] != key:
+            index = {id(p): i for i, p in enumerate(self._params)}
+            extra = [p for p in clip if id(p) not in index]
+            for p in extra:
+                index.setdefault(id(p), len(index))
+            every = self._params + extra
+            # Checked when the parameter list changes (megatron attaches main_grad once, at wrap time).
+            main = any(getattr(p, "main_grad", None) is not None for p in every)
+            plan = self._clip_plan = (key, every, [index[id(p)] for p in clip], main)
+        _key, params, clip_idx, main = plan
+        if main:
+            return None
+        grads = [p.grad for p in params]
+        if any(g is not None and type(g) is not torch.Tensor for g in grads):
+            return None
+        return self._grad_norms(grads, clip_idx)
+
+    def _grad_norms(self, grads: list[torch.Tensor | None], clip_idx: list[int] | None) -> torch.Tensor | None:
+        """One ``_foreach_norm`` over ``grads`` (None: no gradient, counts 0): the watched parameters'
+        (the first ``len(self._params)``) squared norms into ``grad_sq``; the total 2-norm of those at
+        ``clip_idx`` returned (None without ``clip_idx``)."""
         if not grads:
             return None
+        present = [g is not None for g in grads]
+        if not all(present):
+            if self._zero is None:
+                self._zero = torch.zeros(1, device=self.device)
+            grads = [self._zero if g is None else g for g in grads]
         with torch.no_grad():  # no graph is recorded, so the grads need no per-tensor detach()
-            norms = torch._foreach_norm(grads)
+            norms = torch._foreach_norm(grads)  # type: ignore[arg-type]
             n_own = len(self._params)
             if n_own:
                 own = norms[:n_own]

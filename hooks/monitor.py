@@ -362,18 +362,13 @@ class Monitor:
         """
         params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
         collector = self._collector
-        shared = (
-            collector is not None and collector.active and float(norm_type) == 2.0
-            and all(getattr(p, "main_grad", None) is None and (p.grad is None or type(p.grad) is torch.Tensor)
-                    for p in params)
-        )
-        if not shared:
+        total = None
+        if collector is not None and collector.active and float(norm_type) == 2.0 and params:
+            total = collector.after_backward(clip=params)  # None: not shareable, nothing recorded
+        if total is None:
             self.after_backward()
             return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type,
                                                   error_if_nonfinite=error_if_nonfinite, foreach=foreach)
-        total = collector.after_backward(clip=params)
-        if total is None:  # no parameters at all
-            total = torch.tensor(0.0)
         if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):  # the trainer's own sync
             raise RuntimeError(
                 f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "

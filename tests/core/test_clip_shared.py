@@ -91,7 +91,7 @@ def test_equals_torch_clip_and_records_the_norms_before_clipping(store_dir: Path
     assert got_blocks == [pytest.approx(e, rel=1e-5) for e in expected_block]
 
 
-@pytest.mark.parametrize("case", ["inf_norm", "unrecorded_step", "frozen_and_extra", "nonfinite"])
+@pytest.mark.parametrize("case", ["inf_norm", "unrecorded_step", "frozen_and_extra", "nonfinite", "main_grad"])
 def test_fallbacks_and_edges_still_equal_torch(store_dir: Path, case: str) -> None:
     ref, model = _pair()
     extra_ref = nn.Parameter(torch.randn(5))
@@ -119,6 +119,10 @@ def test_fallbacks_and_edges_still_equal_torch(store_dir: Path, case: str) -> No
                 assert _same(_grads(model), _grads(ref))  # nothing was scaled by either
                 mon.step(step, tokens=64 * (step + 1), loss=torch.tensor(1.0))
                 continue
+            if case == "main_grad":  # megatron keeps gradients in main_grad: not shared, torch clips p.grad
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.main_grad = p.grad.clone()
             norm_type = math.inf if case == "inf_norm" else 2.0
             params_ref = [*ref.parameters(), extra_ref]
             params = [*model.parameters(), extra]
