@@ -67,23 +67,24 @@ class MonitorConfig:
     signals: tuple[str, ...] = ("quant", "router", "mamba")
     """Signal families beyond the core five (docs/signals.md): ``quant`` (NVFP4 quantisation health),
     ``router`` (routing entropy, z-loss, max logit, expert-bias range), ``mamba`` (state decay, dt),
-    ``update`` (update norm and ratio after ``optimizer.step()``; off by default: at every step it
-    measured 0.7 / 1.0 percentage points of the overhead benchmark's NVFP4 / BF16 CPU step, over the
-    +0.5 pp budget; ``update_every=3`` keeps it at <= 0.34 pp). Each is a no-op on a model without such layers or a trainer that
-    never calls its hook. Costs: docs/signals.md, BENCHMARKS.md section 1."""
+    ``update`` (update norm and ratio after ``optimizer.step()``; off by default, ~0.6-1 percentage
+    points of the overhead benchmark's CPU step at every step, ``update_every=N`` divides it). Each is a
+    no-op on a model without such layers or a trainer that never calls its hook. Every family at every
+    step keeps the benchmark's whole figure within +0.5 pp of the five signals' figure before these
+    families existed, with the shared clip (``Monitor.clip_grad_norm_``). Costs per family:
+    docs/signals.md, BENCHMARKS.md section 1."""
 
     signals_every: int = 100
     """Activation-side statistics of the ``quant`` and ``router`` families and Mamba's ``dt`` are
-    computed on every N-th step (>= 1; the first step included). At every step they measured
-    4.0 percentage points of the overhead benchmark's NVFP4 CPU step (quant 3.63, router 0.24,
-    dt 0.13; docs/signals.md): any N >= 10 keeps them within the +0.5 pp budget, 100 costs ~0.04 pp.
-    Use a small N (e.g. 10) when rules must see NVFP4 or router faults within tens of steps.
+    computed on every N-th step (>= 1; the first step included). At every step they cost ~1.3
+    percentage points of the overhead benchmark's NVFP4 CPU step (quant most of it; docs/signals.md),
+    100 costs ~0.02 pp. Use N = 1 or a small N when rules must see NVFP4 or router faults at once.
     Parameter-side ones (``exp(A_log)``, expert-bias range: 0.06 pp) come with every logged step."""
 
     update_every: int = 1
     """Compute the update family on every N-th ``after_optimizer_step`` of recorded steps (>= 1):
-    0.7 / 1.0 pp of the benchmark's NVFP4 / BF16 CPU step when computed at every step, so N >= 3
-    keeps it at <= 0.34 pp (docs/signals.md)."""
+    ~0.6 / 1.0 pp of the benchmark's NVFP4 / BF16 CPU step when computed at every step, divided by N
+    (docs/signals.md)."""
 
     quant_sample_elems: int = 2048
     """Elements of each quantised operand the ``quant`` family reads for ``fp4_underflow``,
