@@ -51,19 +51,18 @@ if os.environ.get("OLD_TREE"):
     sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f)]
     sys.path.insert(0, pkg_root)
 
+# This tree's benchmark package (appended: an OLD_TREE's healthwatch, first on the path, still wins).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import torch  # noqa: E402
 
 import healthwatch as hw  # noqa: E402
+from benchmarks.bench_common import thread_cpu_seconds  # noqa: E402
+from benchmarks.bench_overhead import MODEL, OUTSIDE_METHODS  # noqa: E402
 from healthwatch.demo.data import SyntheticTokens  # noqa: E402
 from healthwatch.demo.model import HybridConfig, HybridLM  # noqa: E402
 
-#: benchmarks.bench_overhead.MODEL, repeated so that an old checkout's benchmark module is not needed.
-MODEL = {"vocab_size": 2048, "d_model": 256, "pattern": "M E * E M E M E * E M E", "n_heads": 8, "n_kv_heads": 4,
-         "headdim": 32, "chunk_size": 32, "num_experts": 16, "top_k": 4, "moe_latent_dim": 128, "moe_ffn": 256,
-         "shared_expert_ffn": 512, "mlp_ffn": 512}
 FAMILIES = ("quant", "router", "mamba", "update")
-#: Collector methods that run outside the bracketed forward hooks and outside step().
-OUTSIDE = ("quant_stats", "_dt_stats", "after_optimizer_step")
 
 
 def main(precision: str, variant: str, rounds: int, batch: int = 2, clip: float = 1.0) -> dict:
@@ -92,7 +91,7 @@ def main(precision: str, variant: str, rounds: int, batch: int = 2, clip: float 
     def add(k: str, ns: int) -> None:
         parts[k] = parts.get(k, 0) + ns
 
-    for meth in OUTSIDE:
+    for meth in OUTSIDE_METHODS:
         if hasattr(col, meth):
             orig = getattr(col, meth)
 
@@ -168,10 +167,7 @@ def main(precision: str, variant: str, rounds: int, batch: int = 2, clip: float 
         return clip_ns
 
     def writer_cpu() -> float | None:
-        try:
-            return time.clock_gettime(time.pthread_getcpuclockid(writer.ident)) if writer and writer.ident else None
-        except (AttributeError, OSError):
-            return None
+        return thread_cpu_seconds(writer) if writer is not None else None
 
     warm = 3
     w0 = None

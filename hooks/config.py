@@ -90,8 +90,8 @@ class MonitorConfig:
     """Elements of each quantised operand the ``quant`` family reads for ``fp4_underflow``,
     ``fp4_saturation`` and ``fp4_rel_mse`` (>= 16; whole rows, or 16-element blocks of rows wider
     than this; smaller operands whole). A ratio from 2,048 elements has a standard error below
-    1.1 percentage points (0.48 at 5 %); 4,096 halves the variance for ~2 ms more a step on the
-    overhead benchmark's 79 operand calls (docs/signals.md). ``fp4_amax`` is exact either way."""
+    1.1 percentage points (0.48 at 5 %); 4,096 halves the variance for 0.8-3.8 ms more a step
+    on the overhead benchmark's 79 operand calls (docs/signals.md). ``fp4_amax`` is exact either way."""
 
     def __post_init__(self) -> None:
         _int_at_least("log_every", self.log_every, 1)

@@ -313,6 +313,19 @@ _S3_COPY_BYTES = int(os.environ.get("HEALTHWATCH_S3_COPY_BYTES", 8 * 2**20))
 _QUERY_TRIES = 20
 
 
+def _side_by_side(fn: Callable[[Any], None], items: Sequence[Any], parallel: bool = True) -> None:
+    """``fn`` on every item: on up to 8 threads when ``parallel`` and there are several (object-storage
+    reads, each waiting on the network), else one after another."""
+    if parallel and len(items) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
+            list(pool.map(fn, items))
+    else:
+        for item in items:
+            fn(item)
+
+
 def _vanished_object(exc: OSError) -> bool:
     """Whether ``exc`` says a listed object is gone (retired by a merge), not that it is unreadable."""
     return isinstance(exc, FileNotFoundError) or "NOT_FOUND" in str(exc) or "NoSuchKey" in str(exc)
@@ -1025,8 +1038,6 @@ class Store:
         remote = [k for k in keys if _fs.is_remote(k) and k not in self._footers and k not in self._bad_files]
         if not remote:
             return
-        from concurrent.futures import ThreadPoolExecutor
-
         from healthwatch.objectstore import RangeFile
 
         cache = self._cache()
@@ -1047,11 +1058,7 @@ class Store:
             f.seek(-8, 2)
             f.read(8)
 
-        if len(big) == 1:
-            tail(big[0])
-        elif big:
-            with ThreadPoolExecutor(max_workers=min(8, len(big))) as pool:
-                list(pool.map(tail, big))
+        _side_by_side(tail, big)
 
     def _opened(self, key: str) -> Any:
         """A context manager giving ``key`` opened for ``pyarrow.parquet``: a memory map of a local
@@ -1140,15 +1147,8 @@ class Store:
                             pending.append((path, fo))
                             continue
                     out |= fo.attempts
-                if len(pending) > 1 and _fs.is_remote(str(pending[0][0])):
-                    # Object storage: each read waits on the network; read the files side by side.
-                    from concurrent.futures import ThreadPoolExecutor
-
-                    with ThreadPoolExecutor(max_workers=min(8, len(pending))) as pool:
-                        list(pool.map(read_attempts, pending))
-                else:
-                    for item in pending:
-                        read_attempts(item)
+                # Object storage: each read waits on the network; read the files side by side.
+                _side_by_side(read_attempts, pending, parallel=bool(pending) and _fs.is_remote(str(pending[0][0])))
                 for _path, fo in pending:
                     out |= fo.attempts or frozenset()
                 return frozenset(out)

@@ -38,18 +38,7 @@ def test_attributes_the_monitors_time(tmp_path: Path, old_tree: bool, variant: s
         assert {"_dt_stats", "after_optimizer_step"} <= set(parts)
     else:
         assert not {"quant_stats", "_dt_stats", "after_optimizer_step"} & set(parts)
-    # One round: the total is that step's parts summed (the shared clip's share may be negative).
-    assert got["monitor_ms"] == pytest.approx(sum(parts.values()), abs=1e-6)
+    # The Monitor's attributed time is part of the monitored step (not a tautology: the parts are
+    # timed by separate clocks around separate calls, the step by one clock around all of it).
+    assert 0 < got["monitor_ms"] < got["variant_step_cpu_ms"]
 
-
-def test_its_model_is_the_overhead_benchmarks() -> None:
-    """The tool repeats bench_overhead's MODEL (an old checkout may not have it): the two must agree."""
-    import importlib.util
-
-    from benchmarks.bench_overhead import MODEL
-
-    spec = importlib.util.spec_from_file_location("overhead_attribution", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.MODEL == {k: v for k, v in MODEL.items() if k != "precision"}
